@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from vmbatch import config
+from vmbatch.errors import ConfigError, Disposition
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "vmbatch.toml"
+
+
+def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
+    cfg = config.load(CONF)
+    assert cfg.libvirt == config.LibvirtConfig()
+    assert cfg.vm == config.VmConfig()
+    assert cfg.paths == config.PathsConfig()
+    assert cfg.tools == config.ToolsConfig()
+    assert cfg.ssh == config.SshConfig()
+
+
+def test_shipped_config_documents_every_key() -> None:
+    text = CONF.read_text()
+    for section, cls in config._SECTIONS.items():
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^#? ?{f.name} *=", text, re.M), f"[{section}].{f.name}"
+    for f in dataclasses.fields(config.ImageConfig):
+        if f.name != "name":
+            assert re.search(rf"^# {f.name} +=", text, re.M), f"[images.NAME].{f.name}"
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse({
+            "vm": {"memory": "lots", "accel": "xen", "bootimeout": 3},
+            "libvirt": {"timeout": -1},
+            "paths": {"job_dir": "relative/dir"},
+            "imgs": {},
+            "images": {"bad name!": {"source": "/x"}, "d": {"source": "rel.qcow2",
+                                                            "initrd": "/i"}},
+        })
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "[vm].memory: expected an integer, got 'lots'" in text
+    assert "[vm].accel: expected one of 'auto', 'kvm', 'tcg', got 'xen'" in text
+    assert "unknown key 'bootimeout' (did you mean 'boot_timeout'?)" in text
+    assert "[libvirt].timeout: must be > 0" in text
+    assert "[paths].job_dir: must be an absolute path" in text
+    assert "unknown section 'imgs' (did you mean 'images'?)" in text
+    assert "[images.bad name!]: invalid image name" in text
+    assert "[images.d].source: must be an absolute path" in text
+    assert "[images.d]: initrd given without kernel" in text
+    assert info.value.disposition is Disposition.OFFLINE_NODE
+
+
+def test_wrong_types_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"\[ssh\]\.port: expected an integer, got True"):
+        config.parse({"ssh": {"port": True}})
+    with pytest.raises(ConfigError, match=r"\[vm\] must be a table"):
+        config.parse({"vm": 3})
+
+
+def test_image_requires_source() -> None:
+    with pytest.raises(ConfigError, match=r"\[images.x\]: missing required key 'source'"):
+        config.parse({"images": {"x": {"format": "qcow2"}}})
+
+
+def test_dropins_override_in_lexical_order(tmp_path: Path) -> None:
+    main = tmp_path / "site.toml"
+    main.write_text('[vm]\nmemory = 512\nvcpus = 2\n[images.a]\nsource = "/a.qcow2"\n')
+    dropins = tmp_path / "site.d"
+    dropins.mkdir()
+    (dropins / "20-b.toml").write_text("[vm]\nmemory = 2048\n")
+    (dropins / "10-a.toml").write_text('[vm]\nmemory = 1024\n[images.a]\nmemory = 300\n')
+    (dropins / "ignored.txt").write_text("not toml")
+    cfg = config.load(main)
+    assert cfg.vm.memory == 2048 and cfg.vm.vcpus == 2
+    assert cfg.images["a"].memory == 300 and cfg.images["a"].source == Path("/a.qcow2")
+    assert cfg.files == (main, dropins / "10-a.toml", dropins / "20-b.toml")
+
+
+def test_env_var_selects_file_and_missing_explicit_file_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(config.ENV_VAR, str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match=r"nope\.toml: file not found"):
+        config.load()
+
+
+def test_bad_toml_names_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "x.toml"
+    f.write_text("[vm\n")
+    with pytest.raises(ConfigError, match=r"x\.toml: not valid TOML"):
+        config.load(f)
+
+
+def test_config_is_frozen() -> None:
+    cfg = config.parse({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vm.memory = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.images["x"] = None  # type: ignore[index]

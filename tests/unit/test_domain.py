@@ -1,0 +1,117 @@
+"""Domain XML: golden files, escaping, metadata, and acceptance by libvirt's test driver."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from vmbatch.libvirt.domain import (
+    DiskSpec,
+    DomainSpec,
+    JobMetadata,
+    build_xml,
+    domain_name,
+    read_metadata,
+    user_netdev_id,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+JOB = Path("/var/lib/vmbatch/jobs/42")
+
+
+def _spec(**kw: object) -> DomainSpec:
+    base: dict[str, object] = {
+        "name": "vmbatch-42",
+        "domain_type": "qemu",
+        "memory_mib": 256,
+        "vcpus": 2,
+        "machine": "q35",
+        "disks": (
+            DiskSpec(JOB / "overlay.qcow2", "qcow2", "vda"),
+            DiskSpec(JOB / "seed.iso", "raw", "vdb", readonly=True),
+        ),
+        "console_log": JOB / "console.log",
+        "metadata": JobMetadata("42", "alice", "slurm", "demo", "0.1.0"),
+        "emulator": Path("/usr/bin/qemu-system-x86_64"),
+    }
+    base.update(kw)
+    return DomainSpec(**base)  # type: ignore[arg-type]
+
+
+CASES = {
+    "tcg-direct-kernel": _spec(
+        kernel=Path("/var/cache/vmbatch/guests/tiny/vmlinux"),
+        initrd=Path("/var/cache/vmbatch/guests/tiny/initrd.cpio"),
+        cmdline="console=ttyS0 quiet",
+        firmware=Path("/usr/share/qemu/qboot.rom"),
+    ),
+    "kvm-disk-boot": _spec(domain_type="kvm", vcpus=4, memory_mib=4096),
+    "tcg-named-cpu": _spec(tcg_cpu_model="qemu64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str, request: pytest.FixtureRequest, test_uri: str) -> None:
+    xml = build_xml(CASES[case])
+    golden = GOLDEN / f"{case}.xml"
+    if request.config.getoption("--regenerate-golden"):
+        golden.write_text(xml)
+    assert xml == golden.read_text()
+    # The golden XML must also be acceptable to libvirt itself.
+    conn = libvirt.open(test_uri)
+    try:
+        dom = conn.createXML(xml, 0)
+        assert read_metadata(dom.XMLDesc(0)) == CASES[case].metadata
+        dom.destroy()
+    finally:
+        conn.close()
+
+
+def test_hostile_paths_are_escaped_and_survive_a_round_trip() -> None:
+    nasty = Path("/var/lib/vmbatch/jobs/a&b'c\"d<e>f/overlay.qcow2")
+    xml = build_xml(_spec(disks=(DiskSpec(nasty, "qcow2", "vda"),),
+                          cmdline="x", kernel=Path("/k&<'\">")))
+    assert "&amp;" in xml and "&lt;" in xml
+    root = ET.fromstring(xml)
+    assert root.find("devices/disk/source").get("file") == str(nasty)  # type: ignore[union-attr]
+    assert root.findtext("os/kernel") == "/k&<'\">"
+
+
+def test_metadata_with_markup_round_trips() -> None:
+    meta = JobMetadata("1<2>&3", "o'neil", "torque", 'img"x', "0.1")
+    assert read_metadata(build_xml(_spec(metadata=meta))) == meta
+
+
+def test_foreign_domain_has_no_metadata() -> None:
+    assert read_metadata("<domain type='qemu'><name>other</name></domain>") is None
+
+
+def test_cpu_per_accelerator() -> None:
+    kvm = ET.fromstring(build_xml(_spec(domain_type="kvm")))
+    assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    tcg = ET.fromstring(build_xml(_spec()))
+    assert tcg.find("cpu").get("mode") == "maximum"  # type: ignore[union-attr]
+
+
+def test_domain_name_is_safe() -> None:
+    assert domain_name("123.server.example.org") == "vmbatch-123.server.example.org"
+    assert domain_name("1/../x y") == "vmbatch-1_.._x_y"
+    assert len(domain_name("9" * 500)) == len("vmbatch-") + 100
+
+
+def test_user_netdev_id_from_live_xml() -> None:
+    live = "<domain><devices><interface type='user'><alias name='net0'/></interface></devices></domain>"
+    assert user_netdev_id(live) == "hostnet0"
+    assert user_netdev_id("<domain><devices/></domain>") is None
+
+
+def test_test_driver_rejects_garbage(test_uri: str) -> None:
+    conn = libvirt.open(test_uri)
+    try:
+        with pytest.raises(libvirt.libvirtError):
+            conn.createXML("<domain type='qemu'><name>x</name></domain>", 0)
+    finally:
+        conn.close()

@@ -1,0 +1,169 @@
+"""The ``vmbatch`` command line. Errors are caught in exactly one place: :func:`main`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from vmbatch import __version__, config, doctor, lifecycle
+from vmbatch.errors import ConfigError, JobInterruptedError, VmBatchError
+from vmbatch.hooks.exitcodes import CLI, CLI_INTERNAL_ERROR
+from vmbatch.job import interactive
+from vmbatch.libvirt.connection import Connection
+
+log = logging.getLogger("vmbatch")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(
+        level=level, format="vmbatch: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))
+
+
+def _load(ctx: click.Context) -> config.Config:
+    path: Path | None = ctx.obj["config"]
+    return config.load(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmbatch")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Configuration file (default: $VMBATCH_CONFIG or /etc/vmbatch/vmbatch.toml;"
+    " drop-ins from the sibling <name>.d/ directory).",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
+    """Run batch jobs in throw-away virtual machines."""
+    _setup_logging(verbose)
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_path
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "-i",
+    "--image",
+    required=True,
+    help="Catalog image name (root may also give a path to a local image file).",
+)
+@click.option("--memory", type=click.IntRange(min=64), help="Guest memory in MiB.")
+@click.option("--vcpus", type=click.IntRange(min=1), help="Number of guest CPUs.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def run(
+    ctx: click.Context, image: str, memory: int | None, vcpus: int | None, command: tuple[str, ...]
+) -> None:
+    """Run COMMAND in a fresh VM made from IMAGE, then destroy the VM.
+
+    The command's stdout and stderr stream back separately; vmbatch exits with the
+    command's status (128+N if it died of signal N). Put the command after `--`:
+
+        vmbatch run --image demo -- uname -a
+    """
+    cfg = _load(ctx)
+    job = interactive(
+        image, command, memory=memory, vcpus=vcpus, allow_image_path=os.geteuid() == 0
+    )
+    status = lifecycle.run_job(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+    ctx.exit(status)
+
+
+@cli.command("doctor")
+@click.option("--reprobe", is_flag=True, help="Probe KVM again instead of using the cached answer.")
+@click.pass_context
+def doctor_cmd(ctx: click.Context, reprobe: bool) -> None:
+    """Check libvirtd, QEMU tools, the accelerator, directories and images."""
+    try:
+        cfg = _load(ctx)
+    except ConfigError as exc:
+        click.echo(
+            f"FAIL configuration: {exc}\n     fix: `vmbatch config check` lists"
+            " every problem; correct the file(s)"
+        )
+        ctx.exit(CLI[exc.disposition])
+    checks = doctor.run_checks(cfg, reprobe=reprobe)
+    for check in checks:
+        click.echo(check.line())
+    ctx.exit(0 if all(c.ok for c in checks) else CLI[ConfigError.disposition])
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.pass_context
+def config_check(ctx: click.Context, file: Path | None) -> None:
+    """Validate the configuration (FILE, or the default) offline; list every problem."""
+    path = file or ctx.obj["config"]
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{len(exc.problems)} problem(s) found", err=True)
+        ctx.exit(CLI[exc.disposition])
+    files = ", ".join(str(f) for f in cfg.files) or "no file (all defaults)"
+    click.echo(
+        f"configuration OK: {files}; {len(cfg.images)} image(s): "
+        + (", ".join(sorted(cfg.images)) or "none")
+    )
+
+
+@cli.command("ps")
+@click.pass_context
+def ps(ctx: click.Context) -> None:
+    """List the VMs vmbatch runs on this node, with their job metadata."""
+    cfg = _load(ctx)
+    with Connection(cfg.libvirt) as conn:
+        doms = conn.list_vmbatch()
+    click.echo(f"{'DOMAIN':40} {'JOB':24} {'USER':12} {'IMAGE':16} SCHEDULER")
+    for d in doms:
+        m = d.metadata
+        if m is None:
+            click.echo(f"{d.name:40} (no vmbatch metadata)")
+        else:
+            click.echo(f"{d.name:40} {m.job_id:24} {m.user:12} {m.image:16} {m.scheduler}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: the one place VmBatchError becomes a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="vmbatch", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("vmbatch: aborted", err=True)
+        return 128 + 2
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except JobInterruptedError as exc:
+        click.echo(f"vmbatch: {exc}; the VM was destroyed", err=True)
+        return 128 + exc.signum
+    except VmBatchError as exc:
+        log.debug("error detail", exc_info=True)
+        click.echo(f"vmbatch: error: {exc}", err=True)
+        return CLI[exc.disposition]
+    except Exception:  # an unexpected error must never look like success
+        log.exception("internal error")
+        click.echo("vmbatch: internal error (see the log above); please report it", err=True)
+        return CLI_INTERNAL_ERROR
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

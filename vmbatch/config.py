@@ -1,0 +1,341 @@
+"""Site configuration: one TOML file plus drop-ins, validated into frozen dataclasses.
+
+Files: ``/etc/vmbatch/vmbatch.toml`` (or the file named by ``VMBATCH_CONFIG``), then every
+``*.toml`` in the sibling directory ``<stem>.d/`` (``/etc/vmbatch/vmbatch.d/``) in lexical
+order. Later files override earlier ones key by key; tables (such as one image) are merged.
+The result is checked as a whole and every problem is reported at once in one
+:class:`~vmbatch.errors.ConfigError`. The configuration is parsed once per process and passed
+explicitly; nothing reads it at import time. ``conf/vmbatch.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vmbatch.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/vmbatch/vmbatch.toml")
+ENV_VAR = "VMBATCH_CONFIG"
+
+Accel = Literal["auto", "kvm", "tcg"]
+ImageFormat = Literal["qcow2", "raw"]
+
+_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """How to reach libvirtd."""
+
+    uri: str = "qemu:///system"
+    timeout: float = 30.0
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """Defaults for every job's VM."""
+
+    accel: Accel = "auto"
+    accel_probe_timeout: float = 10.0
+    machine: str = "q35"
+    tcg_cpu_model: str = "max"
+    memory: int = 1024
+    vcpus: int = 1
+    boot_timeout: float = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    """Where vmbatch keeps per-job and cached files (world-traversable: QEMU runs unprivileged)."""
+
+    job_dir: Path = Path("/var/lib/vmbatch/jobs")
+    cache_dir: Path = Path("/var/cache/vmbatch")
+    console_log_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsConfig:
+    """External programs, by absolute path (hooks run without PATH)."""
+
+    qemu_img: Path = Path("/usr/bin/qemu-img")
+    qemu_system: Path = Path("/usr/bin/qemu-system-x86_64")
+    command_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SshConfig:
+    """How vmbatch logs in to the guest."""
+
+    user: str = "root"
+    port: int = 22
+    connect_timeout: float = 10.0
+    keepalive_interval: int = 15
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    """One catalog entry. ``source`` is an absolute path (downloads come with the images issue)."""
+
+    name: str
+    source: Path
+    format: ImageFormat | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    firmware: Path | None = None
+    memory: int | None = None
+    vcpus: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    ssh: SshConfig = field(default_factory=SshConfig)
+    images: Mapping[str, ImageConfig] = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "libvirt": LibvirtConfig,
+    "vm": VmConfig,
+    "paths": PathsConfig,
+    "tools": ToolsConfig,
+    "ssh": SshConfig,
+}
+
+
+def config_files(path: Path | None = None) -> list[Path]:
+    """The files that make up the configuration, in the order they are applied."""
+    main = path or Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    dropin_dir = main.with_name(main.stem + ".d")
+    files = [main]
+    if dropin_dir.is_dir():
+        files += sorted(p for p in dropin_dir.iterdir() if p.suffix == ".toml" and p.is_file())
+    return files
+
+
+def load(path: Path | None = None) -> Config:
+    """Read, merge and validate the configuration; raise one ConfigError listing all problems.
+
+    A missing default ``/etc/vmbatch/vmbatch.toml`` means "all defaults"; a missing file that
+    was asked for explicitly (argument or ``VMBATCH_CONFIG``) is an error.
+    """
+    explicit = path is not None or bool(os.environ.get(ENV_VAR))
+    files = config_files(path)
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    read: list[Path] = []
+    for i, f in enumerate(files):
+        try:
+            with f.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            if i == 0 and not explicit:
+                continue
+            problems.append(f"{f}: file not found")
+            continue
+        except PermissionError:
+            problems.append(f"{f}: not readable (run as root or fix the file's permissions)")
+            continue
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"{f}: not valid TOML: {exc}")
+            continue
+        read.append(f)
+        _merge(merged, data)
+    cfg = _build(merged, problems, tuple(read))
+    if problems or cfg is None:
+        raise ConfigError(problems, source=str(files[0]))
+    return cfg
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    """Validate an already-parsed TOML mapping (used by tests and ``config check``)."""
+    problems: list[str] = []
+    cfg = _build(dict(data), problems, ())
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -> Config | None:
+    known = [*_SECTIONS, "images"]
+    for key in data:
+        if key not in known:
+            problems.append(_unknown(key, known, "section"))
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            problems.append(f"[{name}] must be a table")
+            raw = {}
+        sections[name] = _make(cls, raw, f"[{name}]", problems)
+    images: dict[str, ImageConfig] = {}
+    raw_images = data.get("images", {})
+    if not isinstance(raw_images, dict):
+        problems.append("[images] must be a table of [images.NAME] tables")
+        raw_images = {}
+    for name, raw in raw_images.items():
+        where = f"[images.{name}]"
+        if not _IMAGE_NAME.match(name):
+            problems.append(
+                f"{where}: invalid image name (use letters, digits, '.', '_', '-'; max 64)"
+            )
+        if not isinstance(raw, dict):
+            problems.append(f"{where} must be a table")
+            continue
+        img = _make(ImageConfig, {"name": name, **raw}, where, problems)
+        if img is not None:
+            images[name] = img
+            _check_image(img, where, problems)
+    _check(sections, problems)
+    if any(v is None for v in sections.values()):
+        return None
+    return Config(images=types.MappingProxyType(images), files=files, **sections)
+
+
+def _unknown(key: str, known: list[str], what: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(known)
+    return f"unknown {what} {key!r} ({hint})"
+
+
+def _make(cls: type[Any], raw: Mapping[str, Any], where: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``raw``, converting and type-checking every field."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    before = len(problems)
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{where}: " + _unknown(key, list(fields), "key"))
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{where}: missing required key {name!r}")
+            continue
+        ok, value = _convert(raw[name], hints[name])
+        if not ok:
+            problems.append(f"{where}.{name}: expected {_describe(hints[name])}, got {raw[name]!r}")
+        else:
+            values[name] = value
+    if len(problems) != before:
+        return None
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            ok, conv = _convert(value, arg)
+            if ok:
+                return True, conv
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is Path:
+        if isinstance(value, str) and value:
+            return True, Path(value)
+        return False, None
+    raise TypeError(f"unsupported config type {hint!r}")  # a bug in this module, not input
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    names = {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        Path: "an absolute path",
+    }
+    return names.get(hint, str(hint))
+
+
+def _check_image(img: ImageConfig, where: str, problems: list[str]) -> None:
+    for key in ("source", "kernel", "initrd", "firmware"):
+        value = getattr(img, key)
+        if value is not None and not value.is_absolute():
+            problems.append(f"{where}.{key}: must be an absolute path, got {str(value)!r}")
+    if img.initrd is not None and img.kernel is None:
+        problems.append(f"{where}: initrd given without kernel (set kernel too, or drop initrd)")
+    if img.cmdline and img.kernel is None:
+        problems.append(f"{where}: cmdline given without kernel (set kernel too, or drop it)")
+    for key in ("memory", "vcpus"):
+        value = getattr(img, key)
+        if value is not None and value < 1:
+            problems.append(f"{where}.{key}: must be at least 1, got {value}")
+
+
+def _check(sections: Mapping[str, Any], problems: list[str]) -> None:
+    """Range checks on every section that could be built (others already have problems)."""
+    rules: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
+        "libvirt": [
+            ("timeout", lambda v: v > 0, "must be > 0 seconds"),
+            ("keepalive_interval", lambda v: v >= 0, "must be >= 0"),
+            ("keepalive_count", lambda v: v >= 0, "must be >= 0"),
+        ],
+        "vm": [
+            ("memory", lambda v: v >= 64, "must be at least 64 (MiB)"),
+            ("vcpus", lambda v: v >= 1, "must be at least 1"),
+            ("boot_timeout", lambda v: v > 0, "must be > 0 seconds"),
+            ("accel_probe_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ],
+        "tools": [("command_timeout", lambda v: v > 0, "must be > 0 seconds")],
+        "ssh": [
+            ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
+            ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ],
+    }
+    for section, obj in sections.items():
+        if obj is None:
+            continue
+        for key, ok, msg in rules.get(section, []):
+            if not ok(getattr(obj, key)):
+                problems.append(f"[{section}].{key}: {msg}, got {getattr(obj, key)!r}")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Path) and not value.is_absolute():
+                problems.append(
+                    f"[{section}].{f.name}: must be an absolute path, got {str(value)!r}"
+                )

@@ -1,0 +1,115 @@
+"""``vmbatch doctor``: check this node and say, line by line, how to fix what is wrong."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbatch import accel, process
+from vmbatch.config import Config
+from vmbatch.errors import VmBatchError
+from vmbatch.images.catalog import resolve
+from vmbatch.libvirt.connection import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report: ok, what was checked, and what to do if not ok."""
+
+    ok: bool
+    what: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        text = f"{mark} {self.what}: {self.detail}"
+        return text + (f"\n     fix: {self.fix}" if not self.ok and self.fix else "")
+
+
+def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
+    """Every check, in the order an admin would fix things."""
+    checks = [_libvirt(cfg)]
+    checks += [
+        _tool("qemu-img", cfg.tools.qemu_img, cfg),
+        _tool("qemu-system", cfg.tools.qemu_system, cfg),
+    ]
+    checks.append(_accel(cfg, reprobe))
+    checks += [
+        _directory("job directory", cfg.paths.job_dir),
+        _directory("cache directory", cfg.paths.cache_dir),
+    ]
+    if cfg.paths.console_log_dir is not None:
+        checks.append(_directory("console log directory", cfg.paths.console_log_dir))
+    for name in sorted(cfg.images):
+        checks.append(_image(cfg, name))
+    return checks
+
+
+def _libvirt(cfg: Config) -> Check:
+    try:
+        with Connection(cfg.libvirt) as conn:
+            lib, hv = conn.version()
+    except VmBatchError as exc:
+        return Check(
+            False,
+            "libvirtd",
+            str(exc),
+            "start it (`scripts/ensure-libvirtd`, or `systemctl start libvirtd`)"
+            " and check [libvirt].uri",
+        )
+    return Check(True, "libvirtd", f"libvirt {lib}, QEMU {hv} at {cfg.libvirt.uri}")
+
+
+def _tool(label: str, path: Path, cfg: Config) -> Check:
+    try:
+        res = process.run([str(path), "--version"], timeout=cfg.tools.command_timeout)
+    except VmBatchError as exc:
+        return Check(
+            False, label, str(exc), f"install qemu-utils/qemu-system-x86 or fix [tools] ({path})"
+        )
+    first = res.stdout.strip().splitlines()[0] if res.stdout.strip() else "runs"
+    return Check(True, label, f"{path}: {first}")
+
+
+def _accel(cfg: Config, reprobe: bool) -> Check:
+    try:
+        choice = accel.choose(cfg, use_cache=not reprobe)
+    except VmBatchError as exc:
+        return Check(False, "accelerator", str(exc), exc.hint or "")
+    return Check(True, "accelerator", f"{choice.accel.upper()}: {choice.reason}")
+
+
+def _directory(label: str, path: Path) -> Check:
+    """The directory must exist or be creatable, be writable, and be traversable by QEMU,
+    which runs as an unprivileged user (a parent with mode 0700, e.g. /root, breaks boot)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        return Check(False, label, f"{path} is not writable", f"create it: mkdir -p {path}")
+    for parent in [existing, *existing.parents]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return Check(
+                False,
+                label,
+                f"{parent} is not traversable by other users (mode {mode & 0o777:o}),"
+                " so QEMU cannot reach files below it",
+                f"chmod o+x {parent}, or move [paths] under /var/lib or /var/cache",
+            )
+    state = "exists" if path.exists() else "will be created"
+    return Check(True, label, f"{path} ({state})")
+
+
+def _image(cfg: Config, name: str) -> Check:
+    try:
+        img = resolve(cfg, name)
+    except VmBatchError as exc:
+        return Check(False, f"image {name}", str(exc), exc.hint or "")
+    kernel = f", kernel {img.kernel}" if img.kernel else ""
+    return Check(
+        True, f"image {name}", f"{img.path} ({img.format}, {img.virtual_size // 2**20} MiB{kernel})"
+    )

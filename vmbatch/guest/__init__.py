@@ -1,0 +1,1 @@
+"""Talking to the guest over SSH (paramiko) with a pinned host key."""

@@ -1,0 +1,1 @@
+"""Batch-system hooks (prologue, epilogue, job starter) and the exit-code table."""

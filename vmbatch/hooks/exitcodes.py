@@ -1,0 +1,37 @@
+"""The one table from error dispositions to exit codes.
+
+``vmbatch`` commands (``run``, ``doctor``, ...) exit with sysexits(3)-style codes so scripts
+can tell the cases apart; ``vmbatch run`` otherwise passes the guest command's own status
+through, and 128+N after a signal N, like a shell. The hook columns follow the schedulers'
+documented contracts (see ../shared/PLATFORM.md and docs/admin-guide.md) and are used by the
+batch-system hooks:
+
+- Torque prologue: 0 runs the job, 1 aborts it, any other non-zero requeues it.
+- Slurm Prolog: any non-zero drains the node and requeues+holds the job, so only node
+  problems may return non-zero; job problems are reported to the job and return 0.
+"""
+
+from __future__ import annotations
+
+from vmbatch.errors import Disposition
+
+#: Exit status of ``vmbatch`` commands per disposition (sysexits.h names in comments).
+CLI = {
+    Disposition.ABORT_JOB: 65,  # EX_DATAERR: the request itself is wrong
+    Disposition.REQUEUE: 75,  # EX_TEMPFAIL: try again later
+    Disposition.OFFLINE_NODE: 69,  # EX_UNAVAILABLE: this node needs an admin
+}
+#: An exception vmbatch did not expect: never success.
+CLI_INTERNAL_ERROR = 70  # EX_SOFTWARE
+
+TORQUE_PROLOGUE = {
+    Disposition.ABORT_JOB: 1,
+    Disposition.REQUEUE: 2,
+    Disposition.OFFLINE_NODE: 2,  # plus `pbsnodes -o`, or the job loops on this node
+}
+
+SLURM_PROLOG = {
+    Disposition.ABORT_JOB: 0,  # the job starter reports the error in the job's output
+    Disposition.REQUEUE: 1,
+    Disposition.OFFLINE_NODE: 1,
+}

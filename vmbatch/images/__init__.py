@@ -1,0 +1,1 @@
+"""Images: the catalog, inspection of base images, and per-job disks."""

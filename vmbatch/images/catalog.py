@@ -1,0 +1,115 @@
+"""The image catalog: names a job may ask for, resolved to inspected base images.
+
+Only catalog images are allowed for jobs. ``vmbatch run`` additionally accepts a path to a
+local image when run by root by hand (for testing images before adding them).
+
+Every base image is inspected with ``qemu-img info --output=json`` before use
+(https://www.qemu.org/docs/master/tools/qemu-img.html): its format must be qcow2 or raw and
+agree with the catalog, it must not have a backing file (a hostile qcow2 could otherwise make
+QEMU read host files), and a "raw" file must at least look like a disk (non-empty, whole
+512-byte sectors); anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from vmbatch import process
+from vmbatch.config import Config, ImageConfig
+from vmbatch.errors import CommandError, ImageError, UnknownImageError
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """A base image ready to be used for a job's VM."""
+
+    name: str
+    path: Path
+    format: Literal["qcow2", "raw"]
+    virtual_size: int
+    memory: int
+    vcpus: int
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    firmware: Path | None = None
+
+
+def resolve(cfg: Config, image: str, *, allow_path: bool = False) -> ImageSpec:
+    """Resolve a catalog name (or, with ``allow_path``, a local file) to an ImageSpec."""
+    entry = cfg.images.get(image)
+    if entry is None:
+        if allow_path and "/" in image:
+            entry = ImageConfig(name=Path(image).name, source=Path(image).absolute())
+        else:
+            known = ", ".join(sorted(cfg.images)) or "none configured"
+            raise UnknownImageError(
+                f"unknown image {image!r}",
+                hint=f"known images: {known}; add [images.{image}] to the configuration",
+            )
+    for key in ("kernel", "initrd", "firmware"):
+        p = cast(Path | None, getattr(entry, key))
+        if p is not None and not os.access(p, os.R_OK):
+            raise ImageError(
+                f"image {entry.name!r}: {key} {p} is missing or unreadable",
+                hint=f"fix [images.{entry.name}].{key} or rebuild the image",
+            )
+    fmt, size = inspect(cfg, entry)
+    return ImageSpec(
+        name=entry.name,
+        path=entry.source,
+        format=fmt,
+        virtual_size=size,
+        memory=entry.memory or cfg.vm.memory,
+        vcpus=entry.vcpus or cfg.vm.vcpus,
+        kernel=entry.kernel,
+        initrd=entry.initrd,
+        cmdline=entry.cmdline,
+        firmware=entry.firmware,
+    )
+
+
+def inspect(cfg: Config, entry: ImageConfig) -> tuple[Literal["qcow2", "raw"], int]:
+    """Check the base image with ``qemu-img info``; return (format, virtual size)."""
+    path = entry.source
+    where = f"image {entry.name!r} ({path})"
+    if not path.is_file():
+        raise ImageError(
+            f"{where}: file not found",
+            hint=f"fix [images.{entry.name}].source or build/copy the image there",
+        )
+    if not os.access(path, os.R_OK):
+        raise ImageError(f"{where}: not readable", hint="make it readable by root")
+    argv = [str(cfg.tools.qemu_img), "info", "--output=json"]
+    if entry.format is not None:
+        argv += ["-f", entry.format]
+    argv.append(str(path))
+    try:
+        res = process.run(argv, timeout=cfg.tools.command_timeout)
+        info = json.loads(res.stdout)
+    except CommandError as exc:
+        raise ImageError(f"{where}: not a usable disk image: {exc.message}") from exc
+    except ValueError as exc:
+        raise ImageError(f"{where}: qemu-img info gave unreadable output") from exc
+    fmt = info.get("format")
+    if fmt not in ("qcow2", "raw"):
+        raise ImageError(
+            f"{where}: format {fmt!r} is not supported",
+            hint="convert it with `qemu-img convert -O qcow2`",
+        )
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImageError(
+            f"{where}: has a backing file ({info.get('backing-filename')}); refused for safety",
+            hint="flatten it with `qemu-img convert -O qcow2 IN OUT`",
+        )
+    size = int(info.get("virtual-size", 0))
+    if fmt == "raw" and (size == 0 or size % 512 != 0):
+        raise ImageError(
+            f"{where}: does not look like a disk image "
+            f"(raw, {size} bytes, not whole 512-byte sectors)"
+        )
+    return cast(Literal["qcow2", "raw"], fmt), size

@@ -1,0 +1,1 @@
+"""Everything that talks to libvirt: the connection wrapper and the domain XML builder."""

@@ -1,0 +1,294 @@
+"""The only module that talks to libvirt.
+
+- A silent error handler is registered once, so libvirt does not print to stderr behind our
+  back; errors arrive as ``libvirtError`` and are mapped here, by named ``VIR_ERR_*``
+  constants, into the vmbatch tree.
+- The default event loop runs in a daemon thread so keepalive works: a dead libvirtd is
+  noticed within ``keepalive_interval * (keepalive_count + 1)`` seconds.
+- Every call is bounded by ``[libvirt].timeout``: it runs in a daemon thread, and if libvirtd
+  does not answer in time we raise :class:`LibvirtTimeoutError` and leave the stuck thread
+  behind (it cannot be cancelled; it dies with the process). A hung libvirtd therefore cannot
+  hang a hook.
+- Domains are transient (``createXML``): after a crash nothing stays defined.
+
+Tests inject a connection to libvirt's test driver (``test:///abs/path/node.xml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from vmbatch.config import LibvirtConfig
+from vmbatch.errors import (
+    DomainDefinitionError,
+    LibvirtError,
+    LibvirtTimeoutError,
+    LibvirtUnavailableError,
+    PortForwardError,
+)
+from vmbatch.libvirt.domain import DOMAIN_PREFIX, JobMetadata, read_metadata, user_netdev_id
+from vmbatch.retry import LIBVIRT_CONNECT_POLICY
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_EVENT_LOOP_LOCK = threading.Lock()
+_event_loop_started = False
+
+_UNAVAILABLE = frozenset(
+    {
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_AUTH_FAILED,
+    }
+)
+_DEFINITION = frozenset(
+    {
+        libvirt.VIR_ERR_XML_ERROR,
+        libvirt.VIR_ERR_XML_DETAIL,
+        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+        libvirt.VIR_ERR_XML_INVALID_SCHEMA,
+    }
+)
+_HINT_UNAVAILABLE = "is libvirtd running? start it, or check [libvirt].uri; `vmbatch doctor` helps"
+
+
+class DomainNotFound(LibvirtError):  # noqa: N818 - an expected outcome, used internally
+    """The domain does not exist (any more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainInfo:
+    """A running vmbatch domain, as libvirt reports it."""
+
+    name: str
+    metadata: JobMetadata | None
+
+
+def _silent(_ctx: object, _err: object) -> None:
+    """libvirt's default handler prints every error to stderr; we report them ourselves."""
+
+
+def _ensure_event_loop() -> None:
+    global _event_loop_started
+    with _EVENT_LOOP_LOCK:
+        if _event_loop_started:
+            return
+        libvirt.registerErrorHandler(_silent, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def map_error(exc: libvirt.libvirtError, what: str) -> LibvirtError:
+    """Translate a ``libvirtError`` into our tree (by named constants, never numbers)."""
+    code = exc.get_error_code()
+    msg = exc.get_error_message() or str(exc)
+    text = f"libvirt could not {what}: {msg}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(text)
+    if code in _UNAVAILABLE or (
+        code == libvirt.VIR_ERR_SYSTEM_ERROR and exc.get_error_domain() == libvirt.VIR_FROM_RPC
+    ):
+        return LibvirtUnavailableError(text, hint=_HINT_UNAVAILABLE)
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return LibvirtTimeoutError(text, hint="libvirtd is overloaded or hung")
+    if code in _DEFINITION:
+        return DomainDefinitionError(
+            text, hint="check the image entry and [vm] settings with `vmbatch config check`"
+        )
+    return LibvirtError(text)
+
+
+class Connection:
+    """A libvirt connection whose every call is bounded by a timeout."""
+
+    def __init__(self, cfg: LibvirtConfig) -> None:
+        self.cfg = cfg
+        self._conn: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _bounded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a daemon thread; give up after ``timeout`` seconds."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"libvirt: {what}", daemon=True)
+        worker.start()
+        worker.join(self.cfg.timeout)
+        if worker.is_alive():
+            raise LibvirtTimeoutError(
+                f"libvirt did not {what} within {self.cfg.timeout:.0f}s",
+                hint="libvirtd looks hung: check it with `vmbatch doctor` and restart it",
+            )
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, libvirt.libvirtError):
+                raise map_error(err, what) from err
+            raise err
+        return box["value"]  # type: ignore[no-any-return]
+
+    def open(self) -> Connection:
+        """Open the configured URI (retried briefly: libvirtd may be restarting)."""
+        _ensure_event_loop()
+        for attempt in LIBVIRT_CONNECT_POLICY.retrying():
+            with attempt:
+                self._conn = self._open_once()
+        return self
+
+    def _open_once(self) -> Any:
+        try:
+            conn = self._bounded(f"connect to {self.cfg.uri}", libvirt.open, self.cfg.uri)
+        except (LibvirtTimeoutError, LibvirtUnavailableError):
+            raise
+        except LibvirtError as exc:
+            # Any other failure to open (bad URI, permissions) means libvirt is unusable.
+            raise LibvirtUnavailableError(exc.message, hint=_HINT_UNAVAILABLE) from exc
+        if self.cfg.keepalive_interval > 0 and not self.cfg.uri.startswith("test:"):
+            self._bounded(
+                "set keepalive",
+                conn.setKeepAlive,
+                self.cfg.keepalive_interval,
+                self.cfg.keepalive_count,
+            )
+        return conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                self._bounded("close the connection", conn.close)
+            except LibvirtError as exc:
+                log.debug("closing libvirt connection: %s", exc)
+
+    def __enter__(self) -> Connection:
+        return self.open() if self._conn is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def raw(self) -> Any:
+        if self._conn is None:
+            raise LibvirtUnavailableError("not connected to libvirt", hint=_HINT_UNAVAILABLE)
+        return self._conn
+
+    def _lookup(self, name: str) -> Any:
+        return self._bounded(f"find domain {name}", self.raw.lookupByName, name)
+
+    # -- operations -----------------------------------------------------------------------
+
+    def version(self) -> tuple[str, str]:
+        """(libvirt library version, hypervisor version) as dotted strings."""
+        lib = self._bounded("read the libvirt version", self.raw.getLibVersion)
+        hv = self._bounded("read the hypervisor version", self.raw.getVersion)
+        return _dotted(lib), _dotted(hv)
+
+    def create(self, xml: str) -> str:
+        """Start a transient domain from ``xml``; return its name."""
+        dom = self._bounded("start the domain", self.raw.createXML, xml, 0)
+        return str(dom.name())
+
+    def is_running(self, name: str) -> bool:
+        """True while the domain exists and runs (transient domains vanish when stopped)."""
+        try:
+            dom = self._lookup(name)
+            return bool(self._bounded(f"query domain {name}", dom.isActive))
+        except DomainNotFound:
+            return False
+
+    def destroy(self, name: str) -> bool:
+        """Hard-stop the domain. Returns False if it was already gone (that counts as done)."""
+        try:
+            dom = self._lookup(name)
+            self._bounded(f"destroy domain {name}", dom.destroy)
+        except DomainNotFound:
+            return False
+        except LibvirtError as exc:
+            # "domain is not running" after it stopped between lookup and destroy: done.
+            cause = exc.__cause__
+            if isinstance(cause, libvirt.libvirtError) and (
+                cause.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+            ):
+                return False
+            raise
+        return True
+
+    def domain_xml(self, name: str) -> str:
+        dom = self._lookup(name)
+        return str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
+
+    def monitor(self, name: str, command: str) -> str:
+        """Run a human-monitor (HMP) command in the domain's QEMU."""
+        dom = self._lookup(name)
+        flags = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        return str(
+            self._bounded(
+                f"send {command.split()[0]} to {name}",
+                libvirt_qemu.qemuMonitorCommand,
+                dom,
+                command,
+                flags,
+            )
+        )
+
+    def forward_port(self, name: str, guest_port: int) -> int:
+        """Forward a kernel-chosen free port on 127.0.0.1 to ``guest_port`` in the guest.
+
+        ``hostfwd_add ... tcp:127.0.0.1:0-:22`` lets the host kernel pick the port at bind
+        time, so concurrent jobs can never race for one; ``info usernet`` tells which port.
+        """
+        netdev = user_netdev_id(self.domain_xml(name))
+        if netdev is None:
+            raise PortForwardError(f"domain {name} has no user-mode network interface")
+        out = self.monitor(name, f"hostfwd_add {netdev} tcp:127.0.0.1:0-:{guest_port}").strip()
+        if out:
+            raise PortForwardError(f"QEMU refused the SSH port forward for {name}: {out}")
+        table = self.monitor(name, "info usernet")
+        ports = [int(m.group(1)) for m in _HOSTFWD.finditer(table) if int(m.group(2)) == guest_port]
+        if not ports:
+            raise PortForwardError(f"QEMU shows no SSH port forward for {name}: {table!r}")
+        return ports[-1]
+
+    def list_vmbatch(self) -> list[DomainInfo]:
+        """Every running domain whose name has our prefix, with its job metadata."""
+        doms = self._bounded("list domains", self.raw.listAllDomains, 0)
+        result = []
+        for dom in doms:
+            name = str(dom.name())
+            if not name.startswith(DOMAIN_PREFIX):
+                continue
+            try:
+                xml = str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
+            except DomainNotFound:
+                continue
+            result.append(DomainInfo(name, read_metadata(xml)))
+        return result
+
+
+_HOSTFWD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)")
+
+
+def _dotted(version: int) -> str:
+    return f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"

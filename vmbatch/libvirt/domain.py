@@ -1,0 +1,194 @@
+"""DomainSpec -> libvirt domain XML. The only place vmbatch produces XML.
+
+Format: https://libvirt.org/formatdomain.html (libvirt 9.0). Built with ElementTree
+``SubElement`` in a fixed child order and indented with ``ET.indent``, so the output is stable
+(golden files) and every path or value is escaped by the serializer, never by hand.
+
+Choices worth knowing:
+- ``<cpu mode='host-passthrough'/>`` on KVM; on TCG ``mode='maximum'`` (QEMU's ``max`` model,
+  which emulates RDRAND so the guest's ``getrandom()`` does not block) unless the site names a
+  CPU model. A virtio-rng device is added as well.
+- Networking is QEMU's user-mode stack (``<interface type='user'>``): no bridge, no host
+  addresses. libvirt 9.0 rejects ``<portForward>``/passt (9.2+), so the SSH forward to
+  127.0.0.1 is added through the monitor right after start (see ``connection.py``).
+- The serial console goes through virtlogd (``<log file=...>``), which writes the file as root
+  with rollover, instead of QEMU writing it directly.
+- ``on_poweroff``/``on_crash`` destroy: a guest that stops ends the job's VM.
+- Identity (job id, user, scheduler, image, vmbatch version) lives in ``<metadata>`` under our
+  namespace, so ``vmbatch ps`` and orphan clean-up can read it back from libvirt alone.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+METADATA_NS = "https://vmbatch.dev/xmlns/job/1"
+METADATA_PREFIX = "vmbatch"
+DOMAIN_PREFIX = "vmbatch-"
+
+DomainType = Literal["kvm", "qemu"]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """One virtio disk attached to the guest."""
+
+    path: Path
+    format: Literal["qcow2", "raw"]
+    target: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobMetadata:
+    """Who the VM belongs to; stored in the domain's ``<metadata>``."""
+
+    job_id: str
+    user: str
+    scheduler: str
+    image: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSpec:
+    """Everything needed to describe one job's VM to libvirt."""
+
+    name: str
+    domain_type: DomainType
+    memory_mib: int
+    vcpus: int
+    machine: str
+    disks: tuple[DiskSpec, ...]
+    console_log: Path
+    metadata: JobMetadata
+    emulator: Path
+    tcg_cpu_model: str = "max"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    firmware: Path | None = None
+
+
+def domain_name(job_id: str) -> str:
+    """The libvirt domain name for a job: ``vmbatch-`` plus the id with odd characters
+    replaced (libvirt names end up in file names and log lines)."""
+    return DOMAIN_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:100]
+
+
+def build_xml(spec: DomainSpec) -> str:
+    """Serialize ``spec`` to libvirt domain XML (a ``str``)."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    dom = ET.Element("domain", type=spec.domain_type)
+    _text(dom, "name", spec.name)
+    _metadata(dom, spec.metadata)
+    _text(dom, "memory", str(spec.memory_mib), unit="MiB")
+    _text(dom, "vcpu", str(spec.vcpus))
+    _os(dom, spec)
+    features = ET.SubElement(dom, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    _cpu(dom, spec)
+    ET.SubElement(dom, "clock", offset="utc")
+    _text(dom, "on_poweroff", "destroy")
+    _text(dom, "on_reboot", "restart")
+    _text(dom, "on_crash", "destroy")
+    _devices(dom, spec)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _text(parent: ET.Element, tag: str, text: str, **attrib: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrib)
+    el.text = text
+    return el
+
+
+def _metadata(dom: ET.Element, meta: JobMetadata) -> None:
+    md = ET.SubElement(dom, "metadata")
+    job = ET.SubElement(md, f"{{{METADATA_NS}}}job")
+    for tag, value in (
+        ("id", meta.job_id),
+        ("user", meta.user),
+        ("scheduler", meta.scheduler),
+        ("image", meta.image),
+        ("version", meta.version),
+    ):
+        _text(job, f"{{{METADATA_NS}}}{tag}", value)
+
+
+def _os(dom: ET.Element, spec: DomainSpec) -> None:
+    os_el = ET.SubElement(dom, "os")
+    _text(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
+    if spec.firmware is not None:
+        _text(os_el, "loader", str(spec.firmware), readonly="yes", type="rom")
+    if spec.kernel is not None:
+        _text(os_el, "kernel", str(spec.kernel))
+        if spec.initrd is not None:
+            _text(os_el, "initrd", str(spec.initrd))
+        if spec.cmdline:
+            _text(os_el, "cmdline", spec.cmdline)
+    else:
+        ET.SubElement(os_el, "boot", dev="hd")
+
+
+def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
+    if spec.domain_type == "kvm":
+        ET.SubElement(dom, "cpu", mode="host-passthrough")
+    elif spec.tcg_cpu_model == "max":
+        ET.SubElement(dom, "cpu", mode="maximum")
+    else:
+        cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact")
+        _text(cpu, "model", spec.tcg_cpu_model, fallback="forbid")
+
+
+def _devices(dom: ET.Element, spec: DomainSpec) -> None:
+    dev = ET.SubElement(dom, "devices")
+    _text(dev, "emulator", str(spec.emulator))
+    for disk in spec.disks:
+        d = ET.SubElement(dev, "disk", type="file", device="disk")
+        ET.SubElement(d, "driver", name="qemu", type=disk.format)
+        ET.SubElement(d, "source", file=str(disk.path))
+        ET.SubElement(d, "target", dev=disk.target, bus="virtio")
+        if disk.readonly:
+            ET.SubElement(d, "readonly")
+    ET.SubElement(dev, "controller", type="usb", model="none")
+    net = ET.SubElement(dev, "interface", type="user")
+    ET.SubElement(net, "model", type="virtio")
+    ET.SubElement(net, "rom", enabled="no")
+    serial = ET.SubElement(dev, "serial", type="pty")
+    ET.SubElement(serial, "log", file=str(spec.console_log), append="off")
+    ET.SubElement(serial, "target", port="0")
+    rng = ET.SubElement(dev, "rng", model="virtio")
+    _text(rng, "backend", "/dev/urandom", model="random")
+    ET.SubElement(dev, "memballoon", model="none")
+
+
+def read_metadata(xml: str) -> JobMetadata | None:
+    """Parse our ``<metadata>`` back out of a domain's XML; None if it is not ours."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+    if job is None:
+        return None
+
+    def get(tag: str) -> str:
+        return job.findtext(f"{{{METADATA_NS}}}{tag}", default="")
+
+    return JobMetadata(get("id"), get("user"), get("scheduler"), get("image"), get("version"))
+
+
+def user_netdev_id(live_xml: str) -> str | None:
+    """QEMU's netdev id of the domain's user-mode NIC, read from the *live* XML.
+
+    libvirt names the netdev ``host`` + the device alias (``hostnet0`` for alias ``net0``);
+    the monitor's ``hostfwd_add`` needs that id.
+    """
+    root = ET.fromstring(live_xml)  # noqa: S314 - XML comes from our own libvirtd
+    alias = root.find("devices/interface[@type='user']/alias")
+    if alias is None or not alias.get("name"):
+        return None
+    return "host" + str(alias.get("name"))

@@ -1,0 +1,182 @@
+"""The pipeline of one job's VM: overlay -> seed -> create -> wait for SSH -> run -> teardown.
+
+Teardown always runs (success, error, SIGINT/SIGTERM at any stage, boot included) and is
+idempotent: destroy the domain (already gone counts as done), then remove the job directory
+with the overlay, seed and keys; the console log is kept only if ``[paths].console_log_dir``
+is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import BinaryIO
+
+import paramiko
+
+from vmbatch import __version__, accel, signals
+from vmbatch.config import Config
+from vmbatch.contextualize import ContextSpec, get_method
+from vmbatch.contextualize.keys import generate
+from vmbatch.errors import VmBatchError
+from vmbatch.guest import ssh
+from vmbatch.images.catalog import resolve
+from vmbatch.images.overlay import create_overlay
+from vmbatch.job import JobSpec
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import DiskSpec, DomainSpec, JobMetadata, build_xml, domain_name
+from vmbatch.state import JobDir
+
+log = logging.getLogger(__name__)
+
+#: Phases in the order they happen; ``bench/boot.py`` prints them in this order.
+PHASES = ("overlay", "seed", "create", "wait_ssh", "command", "teardown")
+
+
+class PhaseTimer:
+    """Records how long each phase took into a caller-supplied mapping."""
+
+    def __init__(self, sink: MutableMapping[str, float] | None) -> None:
+        self.sink: MutableMapping[str, float] = sink if sink is not None else {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.sink[phase] = time.monotonic() - start
+            log.info("phase %s took %.3fs", phase, self.sink[phase])
+
+
+def console_tail(jobdir: JobDir, lines: int = 15) -> str:
+    """The last lines of the guest's serial console, for error messages."""
+    try:
+        text = jobdir.console_log.read_bytes()[-8192:].decode("utf-8", "replace")
+    except OSError:
+        return "  (no console output)"
+    tail = [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return "\n".join("  | " + ln for ln in tail) or "  (no console output)"
+
+
+def run_job(
+    cfg: Config,
+    job: JobSpec,
+    out: BinaryIO,
+    err: BinaryIO,
+    *,
+    conn: Connection | None = None,
+    timings: MutableMapping[str, float] | None = None,
+) -> int:
+    """Boot a fresh VM for ``job``, run its command, tear everything down; return the status."""
+    timer = PhaseTimer(timings)
+    image = resolve(cfg, job.image, allow_path=job.allow_image_path)
+    choice = accel.choose(cfg)
+    log.info("accelerator: %s (%s)", choice.accel, choice.reason)
+    jobdir = JobDir(cfg.paths.job_dir, job.job_id)
+    name = domain_name(job.job_id)
+    own_conn = conn is None
+    created = False
+    client: paramiko.SSHClient | None = None
+    with signals.interruptible():
+        try:
+            with signals.deferred():
+                jobdir.create()
+                created = True
+            if conn is None:
+                conn = Connection(cfg.libvirt).open()
+            with timer("overlay"):
+                overlay = create_overlay(cfg, image, jobdir.overlay)
+            with timer("seed"):
+                client_key = generate(f"vmbatch-{job.job_id}")
+                host_key = generate(f"vmbatch-host-{job.job_id}")
+                ctx = ContextSpec(
+                    instance_id=f"vmbatch-{job.job_id}",
+                    hostname=name[:63],
+                    login_user=cfg.ssh.user,
+                    authorized_keys=(client_key.public_openssh,),
+                    host_key=host_key,
+                )
+                seed_disks = get_method("nocloud").prepare(ctx, jobdir)
+            spec = DomainSpec(
+                name=name,
+                domain_type=choice.domain_type,
+                memory_mib=job.memory or image.memory,
+                vcpus=job.vcpus or image.vcpus,
+                machine=cfg.vm.machine,
+                disks=(DiskSpec(overlay, "qcow2", "vda"), *seed_disks),
+                console_log=jobdir.console_log,
+                metadata=JobMetadata(job.job_id, job.user, job.scheduler, image.name, __version__),
+                emulator=cfg.tools.qemu_system,
+                tcg_cpu_model=cfg.vm.tcg_cpu_model,
+                kernel=image.kernel,
+                initrd=image.initrd,
+                cmdline=image.cmdline,
+                firmware=image.firmware,
+            )
+            with timer("create"):
+                with signals.deferred():  # a VM started must be known to teardown
+                    conn.create(build_xml(spec))
+                port = conn.forward_port(name, cfg.ssh.port)
+            log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
+            endpoint = ssh.Endpoint(
+                port=port,
+                user=cfg.ssh.user,
+                client_key=client_key,
+                host_key=host_key,
+                connect_timeout=cfg.ssh.connect_timeout,
+                keepalive_interval=cfg.ssh.keepalive_interval,
+            )
+            live = conn
+            with timer("wait_ssh"):
+                client = ssh.wait_for_ssh(
+                    endpoint,
+                    cfg.vm.boot_timeout,
+                    is_alive=lambda: live.is_running(name),
+                    console_tail=lambda: console_tail(jobdir),
+                )
+            with timer("command"):
+                return ssh.run(client, job.argv, out, err)
+        finally:
+            with timer("teardown"), signals.deferred():
+                teardown(cfg, conn, name, jobdir if created else None, client)
+                if own_conn and conn is not None:
+                    conn.close()
+
+
+def teardown(
+    cfg: Config,
+    conn: Connection | None,
+    name: str,
+    jobdir: JobDir | None,
+    client: paramiko.SSHClient | None = None,
+) -> None:
+    """Destroy the VM and remove its files. Safe to call twice and after partial set-up.
+
+    Files are removed even if the destroy fails (QEMU keeps its open files); the destroy
+    error is raised afterwards so the caller reports it.
+    """
+    failure: VmBatchError | None = None
+    if client is not None:
+        client.close()
+    if conn is not None:
+        try:
+            if conn.destroy(name):
+                log.info("destroyed VM %s", name)
+        except VmBatchError as exc:
+            log.error("could not destroy VM %s: %s", name, exc)
+            failure = exc
+    if jobdir is not None:
+        keep = cfg.paths.console_log_dir
+        if keep is not None and jobdir.console_log.exists():
+            try:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(jobdir.console_log, keep / f"{jobdir.path.name}.log")
+            except OSError as exc:
+                log.warning("could not keep the console log in %s: %s", keep, exc)
+        jobdir.remove()
+    if failure is not None:
+        raise failure

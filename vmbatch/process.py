@@ -1,0 +1,102 @@
+"""The one way vmbatch runs an external command.
+
+Hooks run with no ``PATH``, so every program is given by absolute path (from the config).
+Every call has a timeout; a command that overruns is killed with its whole process group so
+nothing it started lingers. Failures become :class:`~vmbatch.errors.CommandError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbatch.errors import CommandError, CommandTimeoutError
+
+log = logging.getLogger(__name__)
+
+#: Environment for child processes: hooks inherit almost nothing, so give a sane minimum.
+_BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a finished command returned."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+) -> Result:
+    """Run ``argv`` (``argv[0]`` absolute) and return its result.
+
+    Raises :class:`CommandTimeoutError` after ``timeout`` seconds (the process group is
+    killed), and :class:`CommandError` when the program is missing or, with ``check``, exits
+    non-zero. The error message carries the last line of stderr, which is usually the cause.
+    """
+    args = tuple(str(a) for a in argv)
+    if not Path(args[0]).is_absolute():
+        raise CommandError(
+            f"refusing to run {args[0]!r}: programs must be given by absolute path",
+            hint="set the full path in the [tools] section of the configuration",
+        )
+    child_env = dict(_BASE_ENV)
+    if env:
+        child_env.update(env)
+    log.debug("running %s (timeout %.0fs)", " ".join(args), timeout)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv is a list from our own code, no shell
+            args,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise CommandError(
+            f"cannot run {args[0]}: {exc.strerror}",
+            hint="install it or fix its path in the [tools] section of the configuration",
+        ) from exc
+    try:
+        out, err = proc.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
+        raise CommandTimeoutError(
+            f"{Path(args[0]).name} did not finish within {timeout:.0f}s and was killed",
+            hint="the host may be overloaded or the file system hung",
+        ) from exc
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if check and proc.returncode != 0:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
+        raise CommandError(
+            f"{Path(args[0]).name} failed: {last}",
+            returncode=proc.returncode,
+            stderr=err,
+        )
+    return Result(args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """Kill the command and everything it started (it leads its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()

@@ -1,0 +1,119 @@
+"""Named retry policies: the only place vmbatch decides what to retry, how often, how long.
+
+Every policy has an explicit stop condition, an explicit wait, and re-raises the last error
+(``reraise=True``) so callers see our own exception, not ``tenacity.RetryError``. Each retry
+is logged with the policy name, attempt number and cause. Waits whose deadline depends on the
+job (the boot timeout) take it as an argument to :meth:`RetryPolicy.retrying`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import tenacity
+
+from vmbatch.errors import (
+    GuestConnectionError,
+    LibvirtUnavailableError,
+    PortForwardError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GuestNotReady(Exception):  # noqa: N818 - a polling signal, not an error users see
+    """Raised inside the SSH wait loop while the guest does not answer yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """A named retry policy. ``max_delay`` or ``max_attempts`` (or both) bound it."""
+
+    name: str
+    retry_on: tuple[type[BaseException], ...]
+    wait_seconds: float
+    wait_max: float | None = None
+    max_attempts: int | None = None
+    max_delay: float | None = None
+    #: Polls (waiting for something to appear) log at DEBUG: one line per 0.1 s poll would
+    #: drown the log. Real retries of a failed operation log at WARNING.
+    log_level: int = logging.WARNING
+
+    def retrying(self, *, max_delay: float | None = None) -> tenacity.Retrying:
+        """A fresh ``tenacity.Retrying`` for one use of this policy."""
+        delay = max_delay if max_delay is not None else self.max_delay
+        stops: list[tenacity.stop.stop_base] = []
+        if self.max_attempts is not None:
+            stops.append(tenacity.stop_after_attempt(self.max_attempts))
+        if delay is not None:
+            stops.append(tenacity.stop_after_delay(delay))
+        if not stops:
+            raise ValueError(f"retry policy {self.name} has no stop condition")
+        stop = stops[0]
+        for s in stops[1:]:
+            stop = stop | s
+        wait: tenacity.wait.wait_base
+        if self.wait_max is None:
+            wait = tenacity.wait_fixed(self.wait_seconds)
+        else:
+            wait = tenacity.wait_exponential(multiplier=self.wait_seconds, max=self.wait_max)
+        return tenacity.Retrying(
+            stop=stop,
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(self.retry_on),
+            reraise=True,
+            before_sleep=self._log,
+        )
+
+    def _log(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.log(
+            self.log_level,
+            "%s: attempt %d failed (%s), retrying",
+            self.name,
+            state.attempt_number,
+            exc,
+        )
+
+
+#: Waiting for the guest's SSH server: poll for the banner every 0.1 s (the user-mode network
+#: accepts connections before the guest listens, see PLATFORM.md) until ``boot_timeout``.
+SSH_READY_POLICY = RetryPolicy(
+    name="SshReadyPolicy",
+    retry_on=(GuestNotReady,),
+    wait_seconds=0.1,
+    max_delay=180.0,
+    log_level=logging.DEBUG,
+)
+
+#: An SSH handshake or authentication that fails after the banner appeared (sshd restarting
+#: during cloud-init, keys not yet installed): a few real retries.
+SSH_CONNECT_POLICY = RetryPolicy(
+    name="SshConnectPolicy",
+    retry_on=(GuestConnectionError,),
+    wait_seconds=0.5,
+    wait_max=4.0,
+    max_attempts=8,
+    max_delay=60.0,
+)
+
+#: Opening the libvirt connection: libvirtd may be restarting (socket briefly missing).
+LIBVIRT_CONNECT_POLICY = RetryPolicy(
+    name="LibvirtConnectPolicy",
+    retry_on=(LibvirtUnavailableError,),
+    wait_seconds=1.0,
+    wait_max=4.0,
+    max_attempts=3,
+)
+
+#: Adding the loopback port forward: another process may take the port between QEMU's
+#: bind and ours; a new kernel-chosen port is tried at once.
+PORT_FORWARD_POLICY = RetryPolicy(
+    name="PortForwardPolicy",
+    retry_on=(PortForwardError,),
+    wait_seconds=0.0,
+    max_attempts=5,
+)
+
+ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY, PORT_FORWARD_POLICY)

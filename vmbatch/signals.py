@@ -1,0 +1,61 @@
+"""SIGINT/SIGTERM/SIGHUP as exceptions, with sections where they must wait.
+
+While a job's VM is being prepared or used, a termination signal raises
+:class:`~vmbatch.errors.JobInterruptedError` in the main thread, which unwinds into teardown.
+Some steps must not be cut in half: between ``createXML`` returning and us recording the
+domain name, an exception would leak a running VM. Inside :func:`deferred` a signal is only
+noted and raised when the section ends. Teardown runs inside ``deferred`` as a whole, so a
+second Ctrl-C cannot interrupt the clean-up of the first.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from vmbatch.errors import JobInterruptedError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _State:
+    defer = 0
+    pending: int | None = None
+
+
+_STATE = _State()
+
+
+def _handler(signum: int, _frame: FrameType | None) -> None:
+    if _STATE.defer > 0:
+        _STATE.pending = signum
+        return
+    raise JobInterruptedError(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn termination signals into JobInterruptedError for the duration of the block."""
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold termination signals until the block ends, then raise the one that came."""
+    _STATE.defer += 1
+    try:
+        yield
+    finally:
+        _STATE.defer -= 1
+    if _STATE.defer == 0 and _STATE.pending is not None:
+        signum, _STATE.pending = _STATE.pending, None
+        raise JobInterruptedError(signum)

@@ -1,0 +1,99 @@
+"""The per-job directory on the host: what one job's VM is made of, and nothing else.
+
+Layout (``[paths].job_dir/<job>/``, mode 0711 so QEMU, running as an unprivileged user, can
+reach the files libvirt hands it but cannot list the directory)::
+
+    overlay.qcow2   the job's copy-on-write disk on top of the base image
+    seed.iso        the contextualization volume
+    console.log     the guest's serial console (written by virtlogd)
+    keys/           0700: the per-job SSH client key and the pinned guest host key
+
+Every file is written atomically (temp file, fsync, rename) so a crash never leaves a
+half-written file that a later clean-up would misread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from vmbatch.errors import HostError
+
+
+def safe_job_id(job_id: str) -> str:
+    """A job id usable as a single path component (scheduler ids may contain anything)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", job_id).lstrip(".")
+    return cleaned[:100] or "job"
+
+
+class JobDir:
+    """One job's directory under ``[paths].job_dir``."""
+
+    def __init__(self, base: Path, job_id: str) -> None:
+        self.path = base / safe_job_id(job_id)
+
+    @property
+    def overlay(self) -> Path:
+        return self.path / "overlay.qcow2"
+
+    @property
+    def seed(self) -> Path:
+        return self.path / "seed.iso"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def keys(self) -> Path:
+        return self.path / "keys"
+
+    def create(self) -> JobDir:
+        """Create the directory; it must not exist yet (one job, one directory)."""
+        try:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o711)
+            # mkdir's mode is filtered by the umask. 0711: QEMU (another user) must reach
+            # the files libvirt hands it, but not list the directory.
+            self.path.chmod(0o711)
+            self.keys.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise HostError(
+                f"job directory {self.path} already exists",
+                hint="another run uses this job id, or `vmbatch cleanup` has not run yet",
+            ) from exc
+        except OSError as exc:
+            raise HostError(
+                f"cannot create job directory {self.path}: {exc.strerror}",
+                hint="check [paths].job_dir and free space (`vmbatch doctor`)",
+            ) from exc
+        return self
+
+    def write(self, path: Path, data: bytes, mode: int = 0o600) -> Path:
+        """Atomically write ``data`` to ``path`` inside this directory with ``mode``."""
+        if self.path not in path.parents:
+            raise ValueError(f"{path} is outside {self.path}")
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.chmod(mode)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def remove(self) -> None:
+        """Delete the directory and everything in it; a missing directory is fine."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            raise HostError(
+                f"could not remove job directory {self.path}",
+                hint="remove it by hand; check for immutable files or a full disk",
+            )
