@@ -142,7 +142,7 @@ def ps(ctx: click.Context) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: the one place VmBatchError becomes a message and an exit code."""
     try:
-        cli.main(args=argv, prog_name="vmbatch", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="vmbatch", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("internal error")
         click.echo("vmbatch: internal error (see the log above); please report it", err=True)
         return CLI_INTERNAL_ERROR
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 def entry() -> None:

@@ -193,7 +193,7 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
         if not isinstance(raw, dict):
             problems.append(f"[{name}] must be a table")
             raw = {}
-        sections[name] = _make(cls, raw, f"[{name}]", problems)
+        sections[name] = _make(cls, raw, f"[{name}]", problems, rules=_RULES.get(name, ()))
     images: dict[str, ImageConfig] = {}
     raw_images = data.get("images", {})
     if not isinstance(raw_images, dict):
@@ -208,11 +208,10 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
         if not isinstance(raw, dict):
             problems.append(f"{where} must be a table")
             continue
-        img = _make(ImageConfig, {"name": name, **raw}, where, problems)
+        img = _make(ImageConfig, {"name": name, **raw}, where, problems, rules=_RULES["image"])
+        _check_image(raw, where, problems)
         if img is not None:
             images[name] = img
-            _check_image(img, where, problems)
-    _check(sections, problems)
     if any(v is None for v in sections.values()):
         return None
     return Config(images=types.MappingProxyType(images), files=files, **sections)
@@ -224,8 +223,15 @@ def _unknown(key: str, known: list[str], what: str) -> str:
     return f"unknown {what} {key!r} ({hint})"
 
 
-def _make(cls: type[Any], raw: Mapping[str, Any], where: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from ``raw``, converting and type-checking every field."""
+def _make(
+    cls: type[Any],
+    raw: Mapping[str, Any],
+    where: str,
+    problems: list[str],
+    rules: tuple[tuple[str, Callable[[Any], bool], str], ...] = (),
+) -> Any:
+    """Build dataclass ``cls`` from ``raw``: convert and type-check every field, then apply
+    the range ``rules`` to every value that converted (so all problems show at once)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     before = len(problems)
@@ -243,6 +249,11 @@ def _make(cls: type[Any], raw: Mapping[str, Any], where: str, problems: list[str
             problems.append(f"{where}.{name}: expected {_describe(hints[name])}, got {raw[name]!r}")
         else:
             values[name] = value
+            if isinstance(value, Path) and not value.is_absolute():
+                problems.append(f"{where}.{name}: must be an absolute path, got {str(value)!r}")
+    for key, check, msg in rules:
+        if key in values and not check(values[key]):
+            problems.append(f"{where}.{key}: {msg}, got {values[key]!r}")
     if len(problems) != before:
         return None
     return cls(**values)
@@ -292,50 +303,33 @@ def _describe(hint: Any) -> str:
     return names.get(hint, str(hint))
 
 
-def _check_image(img: ImageConfig, where: str, problems: list[str]) -> None:
-    for key in ("source", "kernel", "initrd", "firmware"):
-        value = getattr(img, key)
-        if value is not None and not value.is_absolute():
-            problems.append(f"{where}.{key}: must be an absolute path, got {str(value)!r}")
-    if img.initrd is not None and img.kernel is None:
+def _check_image(raw: Mapping[str, Any], where: str, problems: list[str]) -> None:
+    if "initrd" in raw and "kernel" not in raw:
         problems.append(f"{where}: initrd given without kernel (set kernel too, or drop initrd)")
-    if img.cmdline and img.kernel is None:
+    if raw.get("cmdline") and "kernel" not in raw:
         problems.append(f"{where}: cmdline given without kernel (set kernel too, or drop it)")
-    for key in ("memory", "vcpus"):
-        value = getattr(img, key)
-        if value is not None and value < 1:
-            problems.append(f"{where}.{key}: must be at least 1, got {value}")
 
 
-def _check(sections: Mapping[str, Any], problems: list[str]) -> None:
-    """Range checks on every section that could be built (others already have problems)."""
-    rules: dict[str, list[tuple[str, Callable[[Any], bool], str]]] = {
-        "libvirt": [
-            ("timeout", lambda v: v > 0, "must be > 0 seconds"),
-            ("keepalive_interval", lambda v: v >= 0, "must be >= 0"),
-            ("keepalive_count", lambda v: v >= 0, "must be >= 0"),
-        ],
-        "vm": [
-            ("memory", lambda v: v >= 64, "must be at least 64 (MiB)"),
-            ("vcpus", lambda v: v >= 1, "must be at least 1"),
-            ("boot_timeout", lambda v: v > 0, "must be > 0 seconds"),
-            ("accel_probe_timeout", lambda v: v > 0, "must be > 0 seconds"),
-        ],
-        "tools": [("command_timeout", lambda v: v > 0, "must be > 0 seconds")],
-        "ssh": [
-            ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
-            ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
-        ],
-    }
-    for section, obj in sections.items():
-        if obj is None:
-            continue
-        for key, ok, msg in rules.get(section, []):
-            if not ok(getattr(obj, key)):
-                problems.append(f"[{section}].{key}: {msg}, got {getattr(obj, key)!r}")
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if isinstance(value, Path) and not value.is_absolute():
-                problems.append(
-                    f"[{section}].{f.name}: must be an absolute path, got {str(value)!r}"
-                )
+_Rule = tuple[str, Callable[[Any], bool], str]
+_RULES: dict[str, tuple[_Rule, ...]] = {
+    "libvirt": (
+        ("timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ("keepalive_interval", lambda v: v >= 0, "must be >= 0"),
+        ("keepalive_count", lambda v: v >= 0, "must be >= 0"),
+    ),
+    "vm": (
+        ("memory", lambda v: v >= 64, "must be at least 64 (MiB)"),
+        ("vcpus", lambda v: v >= 1, "must be at least 1"),
+        ("boot_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ("accel_probe_timeout", lambda v: v > 0, "must be > 0 seconds"),
+    ),
+    "tools": (("command_timeout", lambda v: v > 0, "must be > 0 seconds"),),
+    "ssh": (
+        ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
+        ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
+    ),
+    "image": (
+        ("memory", lambda v: v is None or v >= 64, "must be at least 64 (MiB)"),
+        ("vcpus", lambda v: v is None or v >= 1, "must be at least 1"),
+    ),
+}

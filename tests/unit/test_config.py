@@ -34,14 +34,18 @@ def test_shipped_config_documents_every_key() -> None:
 
 def test_every_problem_is_listed_at_once() -> None:
     with pytest.raises(ConfigError) as info:
-        config.parse({
-            "vm": {"memory": "lots", "accel": "xen", "bootimeout": 3},
-            "libvirt": {"timeout": -1},
-            "paths": {"job_dir": "relative/dir"},
-            "imgs": {},
-            "images": {"bad name!": {"source": "/x"}, "d": {"source": "rel.qcow2",
-                                                            "initrd": "/i"}},
-        })
+        config.parse(
+            {
+                "vm": {"memory": "lots", "accel": "xen", "bootimeout": 3},
+                "libvirt": {"timeout": -1},
+                "paths": {"job_dir": "relative/dir"},
+                "imgs": {},
+                "images": {
+                    "bad name!": {"source": "/x"},
+                    "d": {"source": "rel.qcow2", "initrd": "/i"},
+                },
+            }
+        )
     problems = info.value.problems
     text = "\n".join(problems)
     assert "[vm].memory: expected an integer, got 'lots'" in text
@@ -74,7 +78,7 @@ def test_dropins_override_in_lexical_order(tmp_path: Path) -> None:
     dropins = tmp_path / "site.d"
     dropins.mkdir()
     (dropins / "20-b.toml").write_text("[vm]\nmemory = 2048\n")
-    (dropins / "10-a.toml").write_text('[vm]\nmemory = 1024\n[images.a]\nmemory = 300\n')
+    (dropins / "10-a.toml").write_text("[vm]\nmemory = 1024\n[images.a]\nmemory = 300\n")
     (dropins / "ignored.txt").write_text("not toml")
     cfg = config.load(main)
     assert cfg.vm.memory == 2048 and cfg.vm.vcpus == 2

@@ -72,8 +72,9 @@ def test_golden(case: str, request: pytest.FixtureRequest, test_uri: str) -> Non
 
 def test_hostile_paths_are_escaped_and_survive_a_round_trip() -> None:
     nasty = Path("/var/lib/vmbatch/jobs/a&b'c\"d<e>f/overlay.qcow2")
-    xml = build_xml(_spec(disks=(DiskSpec(nasty, "qcow2", "vda"),),
-                          cmdline="x", kernel=Path("/k&<'\">")))
+    xml = build_xml(
+        _spec(disks=(DiskSpec(nasty, "qcow2", "vda"),), cmdline="x", kernel=Path("/k&<'\">"))
+    )
     assert "&amp;" in xml and "&lt;" in xml
     root = ET.fromstring(xml)
     assert root.find("devices/disk/source").get("file") == str(nasty)  # type: ignore[union-attr]
@@ -103,7 +104,10 @@ def test_domain_name_is_safe() -> None:
 
 
 def test_user_netdev_id_from_live_xml() -> None:
-    live = "<domain><devices><interface type='user'><alias name='net0'/></interface></devices></domain>"
+    live = (
+        "<domain><devices><interface type='user'><alias name='net0'/></interface>"
+        "</devices></domain>"
+    )
     assert user_netdev_id(live) == "hostnet0"
     assert user_netdev_id("<domain><devices/></domain>") is None
 
