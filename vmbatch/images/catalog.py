@@ -47,10 +47,11 @@ def resolve(cfg: Config, image: str, *, allow_path: bool = False) -> ImageSpec:
             entry = ImageConfig(name=Path(image).name, source=Path(image).absolute())
         else:
             known = ", ".join(sorted(cfg.images)) or "none configured"
-            raise UnknownImageError(
-                f"unknown image {image!r}",
-                hint=f"known images: {known}; add [images.{image}] to the configuration",
-            )
+            if "/" in image:
+                hint = f"jobs may only use catalog images ({known}); add the file as an image"
+            else:
+                hint = f"known images: {known}; add [images.{image}] to the configuration"
+            raise UnknownImageError(f"unknown image {image!r}", hint=hint)
     for key in ("kernel", "initrd", "firmware"):
         p = cast(Path | None, getattr(entry, key))
         if p is not None and not os.access(p, os.R_OK):
@@ -107,9 +108,12 @@ def inspect(cfg: Config, entry: ImageConfig) -> tuple[Literal["qcow2", "raw"], i
             hint="flatten it with `qemu-img convert -O qcow2 IN OUT`",
         )
     size = int(info.get("virtual-size", 0))
-    if fmt == "raw" and (size == 0 or size % 512 != 0):
+    # qemu-img rounds a raw file's size up to whole sectors; a real disk has whole sectors.
+    length = path.stat().st_size
+    if fmt == "raw" and (length == 0 or length % 512 != 0):
         raise ImageError(
             f"{where}: does not look like a disk image "
-            f"(raw, {size} bytes, not whole 512-byte sectors)"
+            f"(raw, {length} bytes, not whole 512-byte sectors)",
+            hint="point the catalog at a qcow2 or raw disk image",
         )
     return cast(Literal["qcow2", "raw"], fmt), size

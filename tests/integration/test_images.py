@@ -1,0 +1,91 @@
+"""Base-image inspection and per-job overlays with the real qemu-img."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmbatch import config
+from vmbatch.errors import ImageError, UnknownImageError
+from vmbatch.images.catalog import resolve
+from vmbatch.images.overlay import create_overlay
+
+QEMU_IMG = "/usr/bin/qemu-img"
+
+
+def _cfg(**images: dict[str, str]) -> config.Config:
+    return config.parse({"images": images})
+
+
+def _img(path: Path, fmt: str, size: str) -> Path:
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", fmt, str(path), size], check=True)
+    return path
+
+
+def test_qcow2_and_raw_are_accepted_and_format_detected(tmp_path: Path) -> None:
+    q = _img(tmp_path / "a.qcow2", "qcow2", "1G")
+    r = _img(tmp_path / "b.img", "raw", "16M")
+    cfg = _cfg(a={"source": str(q)}, b={"source": str(r), "memory": 300})
+    a, b = resolve(cfg, "a"), resolve(cfg, "b")
+    assert (a.format, a.virtual_size) == ("qcow2", 2**30)
+    assert (b.format, b.memory, b.vcpus) == ("raw", 300, 1)
+
+
+def test_backing_file_is_refused(tmp_path: Path) -> None:
+    base = _img(tmp_path / "base.qcow2", "qcow2", "64M")
+    top = tmp_path / "top.qcow2"
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)],
+        check=True,
+    )
+    with pytest.raises(ImageError, match="has a backing file .*refused for safety"):
+        resolve(_cfg(t={"source": str(top)}), "t")
+
+
+def test_non_image_file_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a disk\n")
+    with pytest.raises(ImageError, match="does not look like a disk image"):
+        resolve(_cfg(t={"source": str(text)}), "t")
+    with pytest.raises(ImageError, match="not a usable disk image"):
+        resolve(_cfg(t={"source": str(text), "format": "qcow2"}), "t")
+
+
+def test_declared_format_must_match(tmp_path: Path) -> None:
+    raw = _img(tmp_path / "r.img", "raw", "16M")
+    with pytest.raises(ImageError, match="not a usable disk image"):
+        resolve(_cfg(r={"source": str(raw), "format": "qcow2"}), "r")
+
+
+def test_root_may_name_a_local_file_but_jobs_may_not(tmp_path: Path) -> None:
+    q = _img(tmp_path / "local.qcow2", "qcow2", "64M")
+    assert resolve(_cfg(), str(q), allow_path=True).name == "local.qcow2"
+    with pytest.raises(UnknownImageError, match="jobs may only use catalog images"):
+        resolve(_cfg(), str(q))
+
+
+def test_overlay_is_metadata_only_and_never_writes_the_base(tmp_path: Path) -> None:
+    base = _img(tmp_path / "huge.qcow2", "qcow2", "200G")
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    cfg = _cfg(h={"source": str(base)})
+    img = resolve(cfg, "h")
+    overlay = create_overlay(cfg, img, tmp_path / "overlay.qcow2")
+    # Size independent of the base's virtual size: only qcow2 headers are written.
+    assert overlay.stat().st_size < 1024 * 1024
+    assert overlay.stat().st_mode & 0o777 == 0o600
+    subprocess.run(
+        ["/usr/bin/qemu-io", "-c", "write -P 0xab 0 1M", str(overlay)],
+        check=True,
+        capture_output=True,
+    )
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+    info = subprocess.run(
+        [QEMU_IMG, "info", "--output=json", str(overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert str(base) in info
