@@ -25,8 +25,8 @@ $(VENV)/.installed: pyproject.toml | deps
 
 venv: deps $(VENV)/.installed
 
-daemons: deps
-	scripts/ensure-libvirtd
+daemons: venv
+	scripts/ensure-libvirtd $(VENV)/bin/python
 
 guest-tiny: deps
 	guests/tiny/build.sh $(GUESTS) >/dev/null

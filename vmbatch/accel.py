@@ -151,3 +151,22 @@ def _write_cache(boot_id: str, choice: AccelChoice) -> None:
         tmp.replace(CACHE_FILE)
     except OSError as exc:  # not fatal: we simply probe again next time
         log.warning("cannot cache the accelerator probe in %s: %s", CACHE_FILE, exc)
+
+
+def _main() -> int:
+    """``python -m vmbatch.accel``: print ``kvm`` or ``tcg`` (the reason on stderr).
+
+    Used by ``scripts/ensure-libvirtd`` before any configuration exists, with defaults.
+    """
+    import sys
+
+    from vmbatch.config import parse
+
+    choice = probe(parse({}))
+    sys.stderr.write(choice.reason + "\n")
+    sys.stdout.write(choice.accel + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

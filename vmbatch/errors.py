@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import signal
+import threading
 
 
 class Disposition(enum.Enum):
@@ -139,6 +140,9 @@ class LibvirtUnavailableError(LibvirtError):
 
 class LibvirtTimeoutError(LibvirtError):
     """libvirtd did not answer within the configured timeout: it is probably hung."""
+
+    #: The thread still blocked in the libvirt call (it cannot be cancelled).
+    worker: threading.Thread | None = None
 
 
 class DomainDefinitionError(LibvirtError):

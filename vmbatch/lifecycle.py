@@ -119,7 +119,7 @@ def run_job(
             )
             with timer("create"):
                 with signals.deferred():  # a VM started must be known to teardown
-                    conn.create(build_xml(spec))
+                    conn.create(name, build_xml(spec))
                 port = conn.forward_port(name, cfg.ssh.port)
             log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
             endpoint = ssh.Endpoint(

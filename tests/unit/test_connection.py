@@ -37,7 +37,7 @@ def _xml(name: str, job: str) -> str:
 
 def test_create_list_destroy_is_idempotent(test_uri: str) -> None:
     with Connection(LibvirtConfig(uri=test_uri)) as conn:
-        assert conn.create(_xml("vmbatch-7", "7")) == "vmbatch-7"
+        conn.create("vmbatch-7", _xml("vmbatch-7", "7"))
         assert conn.is_running("vmbatch-7")
         [info] = [d for d in conn.list_vmbatch() if d.name == "vmbatch-7"]
         assert info.metadata is not None and info.metadata.job_id == "7"
@@ -48,14 +48,14 @@ def test_create_list_destroy_is_idempotent(test_uri: str) -> None:
 
 def test_other_domains_are_not_listed(test_uri: str) -> None:
     with Connection(LibvirtConfig(uri=test_uri)) as conn:
-        conn.create(_xml("someone-else", "1"))
+        conn.create("someone-else", _xml("someone-else", "1"))
         assert all(d.name != "someone-else" for d in conn.list_vmbatch())
 
 
 def test_invalid_xml_maps_to_definition_error(test_uri: str) -> None:
     with Connection(LibvirtConfig(uri=test_uri)) as conn, pytest.raises(LibvirtError) as info:
-        conn.create("<domain type='qemu'><name>x</name><memory>nope</memory></domain>")
-    assert "libvirt could not start the domain" in str(info.value)
+        conn.create("x", "<domain type='qemu'><name>x</name><memory>nope</memory></domain>")
+    assert "libvirt could not start domain x" in str(info.value)
 
 
 def test_unreachable_libvirtd_is_a_clear_requeue_error() -> None:
@@ -89,3 +89,24 @@ def test_errors_map_by_named_code() -> None:
     )
     plain = map_error(err(libvirt.VIR_ERR_INTERNAL_ERROR), "start it")
     assert type(plain) is LibvirtError and str(plain) == "libvirt could not start it: boom"
+
+
+def test_destroy_waits_for_a_create_that_timed_out(test_uri: str) -> None:
+    """A createXML that outlives our timeout may still start the VM: destroy must see it."""
+    with Connection(LibvirtConfig(uri=test_uri, timeout=0.3)) as conn:
+        real = conn._conn
+        slow = type(
+            "Slow",
+            (),
+            {
+                "createXML": lambda self, xml, flags: (time.sleep(0.6), real.createXML(xml, flags))[
+                    1
+                ]
+            },
+        )()
+        conn._conn = slow
+        with pytest.raises(LibvirtTimeoutError):
+            conn.create("vmbatch-slow", _xml("vmbatch-slow", "9"))
+        conn._conn = real
+        assert conn.destroy("vmbatch-slow") is True
+        assert not conn.is_running("vmbatch-slow")

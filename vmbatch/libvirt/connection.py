@@ -121,6 +121,8 @@ class Connection:
     def __init__(self, cfg: LibvirtConfig) -> None:
         self.cfg = cfg
         self._conn: Any = None
+        #: createXML calls that timed out but may still succeed inside libvirtd.
+        self._pending_creates: dict[str, threading.Thread] = {}
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -138,10 +140,12 @@ class Connection:
         worker.start()
         worker.join(self.cfg.timeout)
         if worker.is_alive():
-            raise LibvirtTimeoutError(
+            exc = LibvirtTimeoutError(
                 f"libvirt did not {what} within {self.cfg.timeout:.0f}s",
                 hint="libvirtd looks hung: check it with `vmbatch doctor` and restart it",
             )
+            exc.worker = worker
+            raise exc
         if "error" in box:
             err = box["error"]
             if isinstance(err, libvirt.libvirtError):
@@ -205,10 +209,19 @@ class Connection:
         hv = self._bounded("read the hypervisor version", self.raw.getVersion)
         return _dotted(lib), _dotted(hv)
 
-    def create(self, xml: str) -> str:
-        """Start a transient domain from ``xml``; return its name."""
-        dom = self._bounded("start the domain", self.raw.createXML, xml, 0)
-        return str(dom.name())
+    def create(self, name: str, xml: str) -> None:
+        """Start the transient domain ``name`` from ``xml``.
+
+        If libvirtd does not answer in time the call may still succeed later inside
+        libvirtd; :meth:`destroy` then waits for it once more before deciding the domain
+        is gone, so a slow start cannot leak a running VM.
+        """
+        try:
+            self._bounded(f"start domain {name}", self.raw.createXML, xml, 0)
+        except LibvirtTimeoutError as exc:
+            if exc.worker is not None:
+                self._pending_creates[name] = exc.worker
+            raise
 
     def is_running(self, name: str) -> bool:
         """True while the domain exists and runs (transient domains vanish when stopped)."""
@@ -220,6 +233,14 @@ class Connection:
 
     def destroy(self, name: str) -> bool:
         """Hard-stop the domain. Returns False if it was already gone (that counts as done)."""
+        pending = self._pending_creates.pop(name, None)
+        if pending is not None:
+            log.warning(
+                "waiting up to %.0fs for the slow start of %s to end", self.cfg.timeout, name
+            )
+            pending.join(self.cfg.timeout)
+            if pending.is_alive():
+                log.error("libvirtd is still starting %s; `vmbatch cleanup` must reap it", name)
         try:
             dom = self._lookup(name)
             self._bounded(f"destroy domain {name}", dom.destroy)
