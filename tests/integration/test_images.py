@@ -41,7 +41,7 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
         [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)],
         check=True,
     )
-    with pytest.raises(ImageError, match="has a backing file .*refused for safety"):
+    with pytest.raises(ImageError, match=r"has a backing file .*refused for safety"):
         resolve(_cfg(t={"source": str(top)}), "t")
 
 

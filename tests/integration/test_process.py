@@ -35,10 +35,10 @@ def test_relative_and_missing_programs_are_refused() -> None:
 
 
 def test_environment_is_minimal() -> None:
-    os.environ["VMBATCH_SECRET_TEST"] = "x"
+    os.environ["VMBATCH_PRIVATE_VAR"] = "x"
     try:
         res = process.run(["/usr/bin/env"], timeout=5)
     finally:
-        del os.environ["VMBATCH_SECRET_TEST"]
-    assert "VMBATCH_SECRET_TEST" not in res.stdout
+        del os.environ["VMBATCH_PRIVATE_VAR"]
+    assert "VMBATCH_PRIVATE_VAR" not in res.stdout
     assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin" in res.stdout

@@ -1,0 +1,120 @@
+"""System-test fixtures: a real libvirtd (started by `make test` via scripts/ensure-libvirtd),
+real QEMU guests under TCG, the tiny guest built by guests/tiny/build.sh.
+
+Per-test files live under /var/lib/vmbatch/test-jobs (QEMU runs as libvirt-qemu and cannot
+reach a mode-0700 home or pytest's tmp_path below it). Every test checks afterwards that it
+left no domain and no job directory behind, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmbatch.config import LibvirtConfig
+from vmbatch.libvirt.connection import Connection
+
+ROOT = Path(__file__).resolve().parents[2]
+VMBATCH = ROOT / ".venv" / "bin" / "vmbatch"
+TEST_BASE = Path("/var/lib/vmbatch/test-jobs")
+
+
+@pytest.fixture(scope="session")
+def guest_dir() -> Path:
+    d = Path(os.environ.get("VMBATCH_TEST_GUESTS", "/var/cache/vmbatch/guests")) / "tiny"
+    if not (d / "disk.qcow2").is_file():
+        pytest.fail(f"tiny guest missing in {d}: build it with `make guest-tiny` (make test does)")
+    return d.resolve()
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn() -> Iterator[Connection]:
+    conn = Connection(LibvirtConfig())
+    try:
+        conn.open()
+    except Exception as exc:  # noqa: BLE001 - turned into a clear failure
+        pytest.fail(f"libvirtd not reachable ({exc}); run scripts/ensure-libvirtd")
+    yield conn
+    conn.close()
+
+
+@dataclass
+class Site:
+    """A throw-away vmbatch configuration for one test."""
+
+    root: Path
+    config: Path
+    job_dir: Path
+    console_dir: Path
+    base_image: Path
+
+    def write(self, extra: str = "") -> Path:
+        text = self.config.read_text()
+        self.config.write_text(text + extra)
+        return self.config
+
+    def vmbatch(self, *args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(VMBATCH), "-c", str(self.config), *args],
+            capture_output=True,
+            timeout=300,
+            check=False,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(VMBATCH), "-v", "-c", str(self.config), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+
+def site_config(guest: Path, job_dir: Path, console_dir: Path, boot_timeout: int = 90) -> str:
+    cmdline = (guest / "cmdline").read_text().strip()
+    return f"""
+[vm]
+boot_timeout = {boot_timeout}
+[paths]
+job_dir = "{job_dir}"
+console_log_dir = "{console_dir}"
+[images.demo]
+source = "{guest / "disk.qcow2"}"
+format = "qcow2"
+kernel = "{guest / "vmlinux"}"
+initrd = "{guest / "initrd.cpio"}"
+cmdline = "{cmdline}"
+firmware = "/usr/share/qemu/qboot.rom"
+memory = 256
+"""
+
+
+@pytest.fixture
+def site(guest_dir: Path, libvirt_conn: Connection) -> Iterator[Site]:
+    TEST_BASE.mkdir(parents=True, exist_ok=True)
+    TEST_BASE.chmod(0o755)
+    root = TEST_BASE / uuid.uuid4().hex[:8]
+    root.mkdir(mode=0o755)
+    job_dir, console_dir = root / "jobs", root / "console"
+    config = root / "vmbatch.toml"
+    config.write_text(site_config(guest_dir, job_dir, console_dir))
+    before = {d.name for d in libvirt_conn.list_vmbatch()}
+    try:
+        yield Site(root, config, job_dir, console_dir, guest_dir / "disk.qcow2")
+        left = [d.name for d in libvirt_conn.list_vmbatch() if d.name not in before]
+        assert not left, f"test left domains behind: {left}"
+        assert not job_dir.exists() or not any(job_dir.iterdir()), (
+            f"test left job files behind: {list(job_dir.iterdir())}"
+        )
+    finally:
+        for d in libvirt_conn.list_vmbatch():
+            if d.name not in before:
+                libvirt_conn.destroy(d.name)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""`vmbatch run` end to end: real libvirtd, real QEMU guests (TCG), the tiny guest.
+
+One boot per behaviour; every test also gets the leftover check of the `site` fixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import Site
+from vmbatch import config, lifecycle
+from vmbatch.contextualize import nocloud
+from vmbatch.contextualize.keys import generate
+from vmbatch.errors import GuestBootTimeoutError, GuestDiedError, HostKeyMismatchError
+from vmbatch.job import interactive
+from vmbatch.libvirt.connection import Connection
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_streams_status_and_base_image_untouched(site: Site) -> None:
+    before = _sha(site.base_image)
+    res = site.vmbatch(
+        "run",
+        "--image",
+        "demo",
+        "--",
+        "sh",
+        "-c",
+        "echo to-stdout; echo to-stderr >&2; uname -r;"
+        " dd if=/dev/urandom of=/dev/vda bs=64k count=16 2>/dev/null; sync; exit 7",
+    )
+    assert res.returncode == 7, res.stderr.decode()
+    out = res.stdout.decode().splitlines()
+    assert out[0] == "to-stdout" and out[1].endswith("-amd64")  # the guest's kernel
+    assert b"to-stderr\n" in res.stderr and b"to-stdout" not in res.stderr
+    assert _sha(site.base_image) == before
+
+
+def test_death_by_signal_is_128_plus_n_and_console_log_kept(site: Site) -> None:
+    res = site.vmbatch("run", "--image", "demo", "--", "sh", "-c", "kill -9 $$")
+    assert res.returncode == 128 + 9, res.stderr.decode()
+    logs = list(site.console_dir.glob("*.log"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0
+
+
+def _wait_for_domain(conn: Connection, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doms = conn.list_vmbatch()
+        if doms:
+            return doms[0].name
+        time.sleep(0.05)
+    raise AssertionError("no vmbatch domain appeared")
+
+
+def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection) -> None:
+    proc = site.popen("run", "--image", "demo", "--", "true")
+    try:
+        _wait_for_domain(libvirt_conn)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert b"interrupted by SIGTERM; the VM was destroyed" in err
+    assert b"phase command" not in err  # it really was stopped before the command ran
+
+
+def test_sigterm_during_command_leaves_nothing(site: Site) -> None:
+    proc = site.popen("run", "--image", "demo", "--", "sh", "-c", "echo started; sleep 600")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert b"destroyed VM" in err
+
+
+def test_wrong_host_key_is_refused(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest serves a host key other than the pinned one: no login, nothing left."""
+    real = nocloud.user_data
+
+    def other_host_key(spec: nocloud.ContextSpec) -> str:
+        return real(
+            type(spec)(
+                **{
+                    **{f: getattr(spec, f) for f in spec.__slots__},
+                    "host_key": generate("impostor"),
+                }
+            )
+        )
+
+    monkeypatch.setattr(nocloud, "user_data", other_host_key)
+    cfg = config.load(site.config)
+    with pytest.raises(HostKeyMismatchError, match="other than the pinned one"):
+        lifecycle.run_job(cfg, interactive("demo", ("true",)), _Sink(), _Sink())
+
+
+def test_guest_that_never_answers_times_out_with_console(site: Site) -> None:
+    site.write(
+        '\n[images.silent]\nsource = "{0}"\nkernel = "{1}"\ninitrd = "{2}"\n'
+        'cmdline = "console=ttyS0 rdinit=/bin/sleep 3600"\nmemory = 256\n'.format(
+            site.base_image,
+            site.base_image.with_name("vmlinux"),
+            site.base_image.with_name("initrd.cpio"),
+        )
+    )
+    cfg = config.parse({**_raw(site.config), "vm": {"boot_timeout": 8}})
+    with pytest.raises(GuestBootTimeoutError, match="did not answer SSH within 8s") as info:
+        lifecycle.run_job(cfg, interactive("silent", ("true",)), _Sink(), _Sink())
+    assert "last console lines" in str(info.value)
+
+
+def test_guest_that_powers_off_during_boot_is_reported_at_once(site: Site) -> None:
+    site.write(
+        '\n[images.off]\nsource = "{0}"\nkernel = "{1}"\ninitrd = "{2}"\n'
+        'cmdline = "console=ttyS0 rdinit=/sbin/poweroff -f"\nmemory = 256\n'.format(
+            site.base_image,
+            site.base_image.with_name("vmlinux"),
+            site.base_image.with_name("initrd.cpio"),
+        )
+    )
+    cfg = config.load(site.config)
+    with pytest.raises(GuestDiedError, match="stopped before its SSH server answered"):
+        lifecycle.run_job(cfg, interactive("off", ("true",)), _Sink(), _Sink())
+
+
+def test_doctor_reports_the_accelerator(site: Site) -> None:
+    res = site.vmbatch("doctor")
+    out = res.stdout.decode()
+    assert res.returncode == 0, out
+    assert "ok   libvirtd: libvirt 9." in out
+    assert "ok   accelerator: TCG: auto:" in out or "ok   accelerator: KVM: auto:" in out
+    assert "ok   image demo:" in out
+
+
+class _Sink:
+    """A binary stream that keeps what it is given (for in-process runs)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, b: bytes) -> int:
+        self.data += b
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def _raw(path: Path) -> dict[str, object]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
