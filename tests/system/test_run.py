@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -107,15 +108,17 @@ def test_wrong_host_key_is_refused(site: Site, monkeypatch: pytest.MonkeyPatch) 
         lifecycle.run_job(cfg, interactive("demo", ("true",)), _Sink(), _Sink())
 
 
-def test_guest_that_never_answers_times_out_with_console(site: Site) -> None:
+def _add_image(site: Site, name: str, cmdline: str) -> None:
+    """A catalog entry booting the tiny guest's kernel with another command line."""
+    base = site.base_image
     site.write(
-        '\n[images.silent]\nsource = "{0}"\nkernel = "{1}"\ninitrd = "{2}"\n'
-        'cmdline = "console=ttyS0 rdinit=/bin/sleep 3600"\nmemory = 256\n'.format(
-            site.base_image,
-            site.base_image.with_name("vmlinux"),
-            site.base_image.with_name("initrd.cpio"),
-        )
+        f'\n[images.{name}]\nsource = "{base}"\nkernel = "{base.with_name("vmlinux")}"\n'
+        f'initrd = "{base.with_name("initrd.cpio")}"\ncmdline = "{cmdline}"\nmemory = 256\n'
     )
+
+
+def test_guest_that_never_answers_times_out_with_console(site: Site) -> None:
+    _add_image(site, "silent", "console=ttyS0 rdinit=/bin/sleep 3600")
     cfg = config.parse({**_raw(site.config), "vm": {"boot_timeout": 8}})
     with pytest.raises(GuestBootTimeoutError, match="did not answer SSH within 8s") as info:
         lifecycle.run_job(cfg, interactive("silent", ("true",)), _Sink(), _Sink())
@@ -123,14 +126,7 @@ def test_guest_that_never_answers_times_out_with_console(site: Site) -> None:
 
 
 def test_guest_that_powers_off_during_boot_is_reported_at_once(site: Site) -> None:
-    site.write(
-        '\n[images.off]\nsource = "{0}"\nkernel = "{1}"\ninitrd = "{2}"\n'
-        'cmdline = "console=ttyS0 rdinit=/sbin/poweroff -f"\nmemory = 256\n'.format(
-            site.base_image,
-            site.base_image.with_name("vmlinux"),
-            site.base_image.with_name("initrd.cpio"),
-        )
-    )
+    _add_image(site, "off", "console=ttyS0 rdinit=/sbin/poweroff -f")
     cfg = config.load(site.config)
     with pytest.raises(GuestDiedError, match="stopped before its SSH server answered"):
         lifecycle.run_job(cfg, interactive("off", ("true",)), _Sink(), _Sink())
@@ -160,6 +156,4 @@ class _Sink:
 
 
 def _raw(path: Path) -> dict[str, object]:
-    import tomllib
-
     return tomllib.loads(path.read_text())
