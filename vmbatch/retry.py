@@ -16,7 +16,6 @@ import tenacity
 from vmbatch.errors import (
     GuestConnectionError,
     LibvirtUnavailableError,
-    PortForwardError,
 )
 
 log = logging.getLogger(__name__)
@@ -107,13 +106,4 @@ LIBVIRT_CONNECT_POLICY = RetryPolicy(
     max_attempts=3,
 )
 
-#: Adding the loopback port forward: another process may take the port between QEMU's
-#: bind and ours; a new kernel-chosen port is tried at once.
-PORT_FORWARD_POLICY = RetryPolicy(
-    name="PortForwardPolicy",
-    retry_on=(PortForwardError,),
-    wait_seconds=0.0,
-    max_attempts=5,
-)
-
-ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY, PORT_FORWARD_POLICY)
+ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY)
