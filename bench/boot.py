@@ -33,6 +33,8 @@ from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, meta_data, user_data
 from vmbatch.errors import GuestConnectionError
 from vmbatch.guest import ssh
+from vmbatch.images.catalog import resolve
+from vmbatch.images.overlay import create_overlay
 from vmbatch.job import interactive
 
 WORK = Path("/var/lib/vmbatch/bench")
@@ -49,22 +51,7 @@ def raw_boot(cfg: config.Config, guest: Path, domain_type: str) -> float:
     img = cfg.images["demo"]
     work = Path(tempfile.mkdtemp(dir=WORK))
     try:
-        overlay = work / "overlay.qcow2"
-        subprocess.run(
-            [
-                str(cfg.tools.qemu_img),
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                str(img.source),
-                str(overlay),
-            ],
-            check=True,
-        )
+        overlay = create_overlay(cfg, resolve(cfg, "demo"), work / "overlay.qcow2")
         client, host = generate("bench"), generate("bench-host")
         spec = ContextSpec("bench", "bench", "root", (client.public_openssh,), host)
         seed = work / "seed.iso"
