@@ -77,22 +77,20 @@ class Site:
         )
 
 
+def register(name: str, guest: Path) -> str:
+    """The catalog entry for a built guest, from the same script `make config` uses."""
+    return subprocess.run([str(ROOT / "scripts" / "register-guest"), name, str(guest)],
+                          check=True, capture_output=True, text=True).stdout
+
+
 def site_config(guest: Path, job_dir: Path, console_dir: Path, boot_timeout: int = 90) -> str:
-    cmdline = (guest / "cmdline").read_text().strip()
     return f"""
 [vm]
 boot_timeout = {boot_timeout}
 [paths]
 job_dir = "{job_dir}"
 console_log_dir = "{console_dir}"
-[images.demo]
-source = "{guest / "disk.qcow2"}"
-format = "qcow2"
-kernel = "{guest / "vmlinux"}"
-initrd = "{guest / "initrd.cpio"}"
-cmdline = "{cmdline}"
-firmware = "/usr/share/qemu/qboot.rom"
-memory = 256
+{register("demo", guest)}
 """
 
 
