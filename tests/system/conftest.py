@@ -79,8 +79,12 @@ class Site:
 
 def register(name: str, guest: Path) -> str:
     """The catalog entry for a built guest, from the same script `make config` uses."""
-    return subprocess.run([str(ROOT / "scripts" / "register-guest"), name, str(guest)],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [str(ROOT / "scripts" / "register-guest"), name, str(guest)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def site_config(guest: Path, job_dir: Path, console_dir: Path, boot_timeout: int = 90) -> str:
