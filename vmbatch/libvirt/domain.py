@@ -146,25 +146,50 @@ def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
         _text(cpu, "model", spec.tcg_cpu_model, fallback="forbid")
 
 
+#: PCI slots on the root bus: the NIC first, then the RNG, then the disks in order.
+_NET_SLOT, _RNG_SLOT, _FIRST_DISK_SLOT = 2, 3, 4
+
+
+def _pci(parent: ET.Element, slot: int) -> None:
+    """Put a device directly on the root bus (on q35: an integrated endpoint).
+
+    Without an address libvirt puts every device behind its own pcie-root-port and adds a
+    spare one for hot-plug, which a throw-away VM never uses; each bridge is one more thing
+    for firmware and guest to enumerate.
+    """
+    ET.SubElement(
+        parent,
+        "address",
+        type="pci",
+        domain="0x0000",
+        bus="0x00",
+        slot=f"0x{slot:02x}",
+        function="0x0",
+    )
+
+
 def _devices(dom: ET.Element, spec: DomainSpec) -> None:
     dev = ET.SubElement(dom, "devices")
     _text(dev, "emulator", str(spec.emulator))
-    for disk in spec.disks:
+    for i, disk in enumerate(spec.disks):
         d = ET.SubElement(dev, "disk", type="file", device="disk")
         ET.SubElement(d, "driver", name="qemu", type=disk.format)
         ET.SubElement(d, "source", file=str(disk.path))
         ET.SubElement(d, "target", dev=disk.target, bus="virtio")
         if disk.readonly:
             ET.SubElement(d, "readonly")
+        _pci(d, _FIRST_DISK_SLOT + i)
     ET.SubElement(dev, "controller", type="usb", model="none")
     net = ET.SubElement(dev, "interface", type="user")
     ET.SubElement(net, "model", type="virtio")
     ET.SubElement(net, "rom", enabled="no")
+    _pci(net, _NET_SLOT)
     serial = ET.SubElement(dev, "serial", type="pty")
     ET.SubElement(serial, "log", file=str(spec.console_log), append="off")
     ET.SubElement(serial, "target", port="0")
     rng = ET.SubElement(dev, "rng", model="virtio")
     _text(rng, "backend", "/dev/urandom", model="random")
+    _pci(rng, _RNG_SLOT)
     ET.SubElement(dev, "memballoon", model="none")
 
 
