@@ -65,7 +65,10 @@ def _wait_for_domain(conn: Connection, timeout: float = 60) -> str:
 def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection) -> None:
     proc = site.popen("run", "--image", "demo", "--", "true")
     try:
-        _wait_for_domain(libvirt_conn)
+        name = _wait_for_domain(libvirt_conn)
+        ps = site.vmbatch("ps").stdout.decode()  # the job is visible while it boots
+        row = next(line for line in ps.splitlines() if line.startswith(name))
+        assert row.split()[1].startswith("run-") and row.split()[3] == "demo"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
