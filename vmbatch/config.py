@@ -54,6 +54,7 @@ class VmConfig:
     memory: int = 1024
     vcpus: int = 1
     boot_timeout: float = 180.0
+    outbound_network: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,7 @@ def run_job(
                 initrd=image.initrd,
                 cmdline=image.cmdline,
                 firmware=image.firmware,
+                outbound_network=cfg.vm.outbound_network,
             )
             with timer("create"):
                 with signals.deferred():  # a VM started must be known to teardown

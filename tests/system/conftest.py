@@ -87,10 +87,12 @@ def register(name: str, guest: Path) -> str:
     ).stdout
 
 
-def site_config(guest: Path, job_dir: Path, console_dir: Path, boot_timeout: int = 90) -> str:
+def site_config(guest: Path, job_dir: Path, console_dir: Path, boot_timeout: int = 300) -> str:
     return f"""
 [vm]
 boot_timeout = {boot_timeout}
+# The host's resolver is a private address here: guests must not reach it (network rule).
+outbound_network = false
 [paths]
 job_dir = "{job_dir}"
 console_log_dir = "{console_dir}"

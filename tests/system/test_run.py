@@ -5,8 +5,11 @@ One boot per behaviour; every test also gets the leftover check of the `site` fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
+import socket
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -133,6 +136,33 @@ def test_guest_that_powers_off_during_boot_is_reported_at_once(site: Site) -> No
     cfg = config.load(site.config)
     with pytest.raises(GuestDiedError, match="stopped before its SSH server answered"):
         lifecycle.run_job(cfg, interactive("off", ("true",)), _Sink(), _Sink())
+
+
+@pytest.mark.parametrize("outbound", [False, True], ids=["restricted", "outbound"])
+def test_outbound_network_switch(site: Site, outbound: bool) -> None:
+    """With outbound_network = false the guest cannot even reach the host's loopback
+    (10.0.2.2 is the host's 127.0.0.1 on QEMU's user network); with true it can."""
+    connections: list[object] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def accept() -> None:  # close at once, so the guest's nc ends
+            with contextlib.suppress(OSError):
+                conn, peer = listener.accept()
+                connections.append(peer)
+                conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        raw = _raw(site.config)
+        vm = {**raw["vm"], "outbound_network": outbound}  # type: ignore[dict-item]
+        cfg = config.parse({**raw, "vm": vm})
+        out = _Sink()
+        cmd = f"nc -w 3 10.0.2.2 {port} </dev/null; echo nc=$?"
+        assert lifecycle.run_job(cfg, interactive("demo", ("sh", "-c", cmd)), out, _Sink()) == 0
+    assert bool(connections) is outbound, out.data
+    assert (b"nc=0" in out.data) is outbound, out.data
 
 
 def test_doctor_reports_the_accelerator(site: Site) -> None:

@@ -15,7 +15,6 @@ from vmbatch.libvirt.domain import (
     build_xml,
     domain_name,
     read_metadata,
-    user_netdev_id,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -48,7 +47,7 @@ CASES = {
         cmdline="console=ttyS0 quiet",
         firmware=Path("/usr/share/qemu/qboot.rom"),
     ),
-    "kvm-disk-boot": _spec(domain_type="kvm", vcpus=4, memory_mib=4096),
+    "kvm-disk-boot": _spec(domain_type="kvm", vcpus=4, memory_mib=4096, outbound_network=False),
     "tcg-named-cpu": _spec(tcg_cpu_model="qemu64"),
 }
 
@@ -103,13 +102,16 @@ def test_domain_name_is_safe() -> None:
     assert len(domain_name("9" * 500)) == len("vmbatch-") + 100
 
 
-def test_user_netdev_id_from_live_xml() -> None:
-    live = (
-        "<domain><devices><interface type='user'><alias name='net0'/></interface>"
-        "</devices></domain>"
-    )
-    assert user_netdev_id(live) == "hostnet0"
-    assert user_netdev_id("<domain><devices/></domain>") is None
+def test_network_is_user_mode_and_restricted_on_request() -> None:
+    def args(spec: DomainSpec) -> list[str]:
+        root = ET.fromstring(build_xml(spec))
+        q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+        return [str(a.get("value")) for a in root.iter(f"{q}arg")]
+
+    assert args(_spec())[:2] == ["-netdev", "user,id=vmbnet0,restrict=off"]
+    assert args(_spec(outbound_network=False))[1] == "user,id=vmbnet0,restrict=on"
+    assert args(_spec())[3] == "virtio-net-pci,netdev=vmbnet0,addr=0x10,romfile="
+    assert ET.fromstring(build_xml(_spec())).find("devices/interface") is None
 
 
 def test_test_driver_rejects_garbage(test_uri: str) -> None:

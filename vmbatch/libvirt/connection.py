@@ -34,7 +34,7 @@ from vmbatch.errors import (
     LibvirtUnavailableError,
     PortForwardError,
 )
-from vmbatch.libvirt.domain import DOMAIN_PREFIX, JobMetadata, read_metadata, user_netdev_id
+from vmbatch.libvirt.domain import DOMAIN_PREFIX, NETDEV_ID, JobMetadata, read_metadata
 from vmbatch.retry import LIBVIRT_CONNECT_POLICY
 
 log = logging.getLogger(__name__)
@@ -256,10 +256,6 @@ class Connection:
             raise
         return True
 
-    def domain_xml(self, name: str) -> str:
-        dom = self._lookup(name)
-        return str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
-
     def monitor(self, name: str, command: str) -> str:
         """Run a human-monitor (HMP) command in the domain's QEMU."""
         dom = self._lookup(name)
@@ -280,12 +276,9 @@ class Connection:
         ``hostfwd_add ... tcp:127.0.0.1:0-:22`` lets the host kernel pick the port at bind
         time, so concurrent jobs can never race for one; ``info usernet`` tells which port.
         """
-        netdev = user_netdev_id(self.domain_xml(name))
-        if netdev is None:
-            raise PortForwardError(f"domain {name} has no user-mode network interface")
-        out = self.monitor(name, f"hostfwd_add {netdev} tcp:127.0.0.1:0-:{guest_port}").strip()
-        if out:
-            raise PortForwardError(f"QEMU refused the SSH port forward for {name}: {out}")
+        out = self.monitor(name, f"hostfwd_add {NETDEV_ID} tcp:127.0.0.1:0-:{guest_port}")
+        if out.strip():
+            raise PortForwardError(f"QEMU refused the SSH port forward for {name}: {out.strip()}")
         table = self.monitor(name, "info usernet")
         ports = [int(m.group(1)) for m in _HOSTFWD.finditer(table) if int(m.group(2)) == guest_port]
         if not ports:

@@ -28,6 +28,11 @@ from typing import Literal
 
 METADATA_NS = "https://vmbatch.dev/xmlns/job/1"
 METADATA_PREFIX = "vmbatch"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+#: QEMU's id of the guest's user-mode network; the monitor's ``hostfwd_add`` names it.
+NETDEV_ID = "vmbnet0"
+#: PCI slot of the NIC, outside the range libvirt assigns automatically (PLATFORM.md).
+_NET_ADDR = "0x10"
 DOMAIN_PREFIX = "vmbatch-"
 
 DomainType = Literal["kvm", "qemu"]
@@ -72,6 +77,9 @@ class DomainSpec:
     initrd: Path | None = None
     cmdline: str = ""
     firmware: Path | None = None
+    #: False: QEMU's ``restrict=on``, the guest reaches nothing outside, only the forwarded
+    #: SSH port reaches it.
+    outbound_network: bool = True
 
 
 def domain_name(job_id: str) -> str:
@@ -83,6 +91,7 @@ def domain_name(job_id: str) -> str:
 def build_xml(spec: DomainSpec) -> str:
     """Serialize ``spec`` to libvirt domain XML (a ``str``)."""
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", type=spec.domain_type)
     _text(dom, "name", spec.name)
     _metadata(dom, spec.metadata)
@@ -98,6 +107,7 @@ def build_xml(spec: DomainSpec) -> str:
     _text(dom, "on_reboot", "restart")
     _text(dom, "on_crash", "destroy")
     _devices(dom, spec)
+    _network(dom, spec)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -146,8 +156,8 @@ def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
         _text(cpu, "model", spec.tcg_cpu_model, fallback="forbid")
 
 
-#: PCI slots on the root bus: the NIC first, then the RNG, then the disks in order.
-_NET_SLOT, _RNG_SLOT, _FIRST_DISK_SLOT = 2, 3, 4
+#: PCI slots on the root bus: the RNG, then the disks in order.
+_RNG_SLOT, _FIRST_DISK_SLOT = 3, 4
 
 
 def _pci(parent: ET.Element, slot: int) -> None:
@@ -180,10 +190,6 @@ def _devices(dom: ET.Element, spec: DomainSpec) -> None:
             ET.SubElement(d, "readonly")
         _pci(d, _FIRST_DISK_SLOT + i)
     ET.SubElement(dev, "controller", type="usb", model="none")
-    net = ET.SubElement(dev, "interface", type="user")
-    ET.SubElement(net, "model", type="virtio")
-    ET.SubElement(net, "rom", enabled="no")
-    _pci(net, _NET_SLOT)
     serial = ET.SubElement(dev, "serial", type="pty")
     ET.SubElement(serial, "log", file=str(spec.console_log), append="off")
     ET.SubElement(serial, "target", port="0")
@@ -191,6 +197,26 @@ def _devices(dom: ET.Element, spec: DomainSpec) -> None:
     _text(rng, "backend", "/dev/urandom", model="random")
     _pci(rng, _RNG_SLOT)
     ET.SubElement(dev, "memballoon", model="none")
+
+
+def _network(dom: ET.Element, spec: DomainSpec) -> None:
+    """QEMU's user-mode network, given on QEMU's command line.
+
+    libvirt 9.0's ``<interface type='user'>`` cannot set ``restrict``, and passt with
+    ``<portForward>`` needs libvirt 9.2. With ``restrict=on`` the guest cannot send anything
+    beyond QEMU (no DNS relay, no outbound connections): where the host's resolver or peers
+    are private addresses, that keeps a guest from touching them. The SSH forward is added
+    by ``hostfwd_add`` after start, which ``restrict`` allows.
+    """
+    restrict = "off" if spec.outbound_network else "on"
+    cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for arg in (
+        "-netdev",
+        f"user,id={NETDEV_ID},restrict={restrict}",
+        "-device",
+        f"virtio-net-pci,netdev={NETDEV_ID},addr={_NET_ADDR},romfile=",
+    ):
+        ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=arg)
 
 
 def read_metadata(xml: str) -> JobMetadata | None:
@@ -204,16 +230,3 @@ def read_metadata(xml: str) -> JobMetadata | None:
         return job.findtext(f"{{{METADATA_NS}}}{tag}", default="")
 
     return JobMetadata(get("id"), get("user"), get("scheduler"), get("image"), get("version"))
-
-
-def user_netdev_id(live_xml: str) -> str | None:
-    """QEMU's netdev id of the domain's user-mode NIC, read from the *live* XML.
-
-    libvirt names the netdev ``host`` + the device alias (``hostnet0`` for alias ``net0``);
-    the monitor's ``hostfwd_add`` needs that id.
-    """
-    root = ET.fromstring(live_xml)  # noqa: S314 - XML comes from our own libvirtd
-    alias = root.find("devices/interface[@type='user']/alias")
-    if alias is None or not alias.get("name"):
-        return None
-    return "host" + str(alias.get("name"))
