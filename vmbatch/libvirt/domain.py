@@ -8,9 +8,11 @@ Choices worth knowing:
 - ``<cpu mode='host-passthrough'/>`` on KVM; on TCG ``mode='maximum'`` (QEMU's ``max`` model,
   which emulates RDRAND so the guest's ``getrandom()`` does not block) unless the site names a
   CPU model. A virtio-rng device is added as well.
-- Networking is QEMU's user-mode stack (``<interface type='user'>``): no bridge, no host
-  addresses. libvirt 9.0 rejects ``<portForward>``/passt (9.2+), so the SSH forward to
-  127.0.0.1 is added through the monitor right after start (see ``connection.py``).
+- Networking is QEMU's user-mode stack, given as ``<qemu:commandline>`` arguments (see
+  :func:`_network`): no bridge, no host addresses, optionally ``restrict=on``. libvirt 9.0
+  rejects ``<portForward>``/passt (9.2+), so the SSH forward to 127.0.0.1 is added through
+  the monitor right after start (see ``connection.py``).
+- Devices sit on the root PCI bus at fixed slots (no pcie-root-ports).
 - The serial console goes through virtlogd (``<log file=...>``), which writes the file as root
   with rollover, instead of QEMU writing it directly.
 - ``on_poweroff``/``on_crash`` destroy: a guest that stops ends the job's VM.
