@@ -54,7 +54,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
 
-test: venv daemons guest-tiny lint
+test: venv daemons guest-tiny guest-debian lint
 	VMBATCH_TEST_GUESTS=$(GUESTS) $(VENV)/bin/pytest -v tests $(PYTEST_ARGS)
 
 bench: venv daemons guest-tiny

@@ -40,7 +40,7 @@ def test_user_data_is_cloud_config_with_pinned_host_key() -> None:
     assert data["ssh_authorized_keys"] == list(spec.authorized_keys)
     assert data["ssh_keys"]["ed25519_private"] == spec.host_key.private_openssh
     assert data["ssh_keys"]["ed25519_public"] == spec.host_key.public_openssh
-    assert data["ssh_pwauth"] is False and data["ssh_genkeytypes"] == []
+    assert data["ssh_pwauth"] is False and data["ssh_genkeytypes"] == ["ed25519"]
     assert data["disable_root"] is False  # vmbatch logs in as root in this version
     # The tiny guest's init parses this layout: the private key as a literal block.
     assert "  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n" in text

@@ -7,7 +7,8 @@ labelled ``cidata`` holding ``meta-data`` (``instance-id``, ``local-hostname``) 
 (https://cloudinit.readthedocs.io/en/latest/reference/modules.html):
 ``ssh_authorized_keys`` (default user; with ``disable_root: false`` root gets them too),
 ``ssh_keys`` with ``ed25519_private``/``ed25519_public`` (the host key sshd serves, pinned by
-vmbatch), ``ssh_deletekeys``/``ssh_genkeytypes`` so no other host key is generated,
+vmbatch), ``ssh_deletekeys``, ``ssh_genkeytypes: [ed25519]`` (the schema wants at least
+one type; with ``ssh_keys`` given cloud-init generates none anyway),
 ``ssh_pwauth: false``.
 
 Generated from Python data with a YAML dumper (multi-line strings as literal blocks), never
@@ -61,7 +62,7 @@ def user_data(spec: ContextSpec) -> str:
         "disable_root": spec.login_user != "root",
         "ssh_pwauth": False,
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
+        "ssh_genkeytypes": ["ed25519"],
         "ssh_authorized_keys": list(spec.authorized_keys),
         "ssh_keys": {
             "ed25519_private": spec.host_key.private_openssh,

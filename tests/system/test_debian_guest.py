@@ -1,0 +1,45 @@
+"""The Debian bookworm guest with the real cloud-init: our NoCloud seed, for real.
+
+One boot (about a minute under TCG): cloud-init must install the per-job authorized key and
+the pinned Ed25519 host key from the seed, and set the hostname.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import Site, register
+
+
+@pytest.fixture(scope="module")
+def debian_dir() -> Path:
+    d = Path(os.environ.get("VMBATCH_TEST_GUESTS", "/var/cache/vmbatch/guests")) / "debian"
+    if not (d / "disk.qcow2").is_file():
+        pytest.fail(f"Debian guest missing in {d}: build it with `make guest-debian`")
+    return d.resolve()
+
+
+def test_cloud_init_guest_takes_keys_and_hostname_from_the_seed(
+    site: Site, debian_dir: Path
+) -> None:
+    site.write(register("debian", debian_dir))
+    res = site.vmbatch(
+        "run",
+        "--image",
+        "debian",
+        "--",
+        "sh",
+        "-c",
+        "hostname; id -u; cloud-init status --wait | tail -n 1",
+    )
+    out = res.stdout.decode().split()
+    assert res.returncode == 0, res.stderr.decode()
+    assert out[0].startswith("vmbatch-run-")
+    assert out[1:] == ["0", "status:", "done"]  # cloud-init finished without errors
+    [console] = site.console_dir.glob("*.log")
+    log = console.read_text(errors="replace")
+    assert "Datasource DataSourceNoCloud" in log
+    assert "Invalid cloud-config" not in log  # our user-data passes cloud-init's schema
