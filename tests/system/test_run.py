@@ -6,6 +6,7 @@ One boot per behaviour; every test also gets the leftover check of the `site` fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import signal
 import socket
@@ -18,7 +19,7 @@ import pytest
 
 from tests.system.conftest import Site
 from vmbatch import config, lifecycle
-from vmbatch.contextualize import nocloud
+from vmbatch.contextualize import ContextSpec, nocloud
 from vmbatch.contextualize.keys import generate
 from vmbatch.errors import GuestBootTimeoutError, GuestDiedError, HostKeyMismatchError
 from vmbatch.job import interactive
@@ -98,15 +99,8 @@ def test_wrong_host_key_is_refused(site: Site, monkeypatch: pytest.MonkeyPatch) 
     """The guest serves a host key other than the pinned one: no login, nothing left."""
     real = nocloud.user_data
 
-    def other_host_key(spec: nocloud.ContextSpec) -> str:
-        return real(
-            type(spec)(
-                **{
-                    **{f: getattr(spec, f) for f in spec.__slots__},
-                    "host_key": generate("impostor"),
-                }
-            )
-        )
+    def other_host_key(spec: ContextSpec) -> str:
+        return real(dataclasses.replace(spec, host_key=generate("impostor")))
 
     monkeypatch.setattr(nocloud, "user_data", other_host_key)
     cfg = config.load(site.config)

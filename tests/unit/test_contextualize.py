@@ -8,7 +8,7 @@ import paramiko
 import pycdlib
 import yaml
 
-from vmbatch.contextualize import REGISTRY_NAMES, ContextSpec, get_method
+from vmbatch.contextualize import REGISTRY, ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, meta_data, user_data
 from vmbatch.state import JobDir
@@ -68,7 +68,8 @@ def test_iso_has_cidata_label_and_rock_ridge_names() -> None:
 
 
 def test_every_registered_method_prepares_a_seed(tmp_path: Path) -> None:
-    for name in REGISTRY_NAMES:
+    assert REGISTRY
+    for name in REGISTRY:
         method = get_method(name)
         assert method.name == name
         jobdir = JobDir(tmp_path, f"job-{name}").create()

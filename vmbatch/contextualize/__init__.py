@@ -1,47 +1,23 @@
 """Contextualization: how the per-job identity and keys get into the guest.
 
 Each method is a class behind the small :class:`ContextMethod` protocol, listed in
-:data:`REGISTRY`; the catalog chooses one per image. This issue ships NoCloud only; the
-contextualization issue adds CernVM/HEPiX and offline injection.
+:data:`REGISTRY` (explicit, so grep and mypy see every one; a unit test instantiates each);
+the catalog chooses one per image. This version ships NoCloud only; the contextualization
+issue adds CernVM/HEPiX and offline injection.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from vmbatch.contextualize.base import ContextMethod, ContextSpec
+from vmbatch.contextualize.nocloud import NoCloud
 
-from vmbatch.contextualize.keys import KeyPair
-from vmbatch.libvirt.domain import DiskSpec
-from vmbatch.state import JobDir
+REGISTRY: dict[str, type[ContextMethod]] = {
+    NoCloud.name: NoCloud,
+}
 
-
-@dataclass(frozen=True, slots=True)
-class ContextSpec:
-    """What every method must get into the guest."""
-
-    instance_id: str
-    hostname: str
-    login_user: str
-    authorized_keys: tuple[str, ...]
-    host_key: KeyPair
-
-
-class ContextMethod(Protocol):
-    """Turns a ContextSpec into what is attached to the VM."""
-
-    name: str
-
-    def prepare(self, spec: ContextSpec, jobdir: JobDir) -> tuple[DiskSpec, ...]:
-        """Write the method's artefacts into ``jobdir``; return disks to attach."""
-        ...
+__all__ = ["REGISTRY", "ContextMethod", "ContextSpec", "get_method"]
 
 
 def get_method(name: str) -> ContextMethod:
-    from vmbatch.contextualize.nocloud import NoCloud
-
-    registry: dict[str, type[ContextMethod]] = {"nocloud": NoCloud}
-    return registry[name]()
-
-
-#: Names of every contextualization method (a unit test instantiates each).
-REGISTRY_NAMES = ("nocloud",)
+    """A fresh instance of the method registered as ``name``."""
+    return REGISTRY[name]()

@@ -25,7 +25,7 @@ from typing import Any
 import pycdlib
 import yaml
 
-from vmbatch.contextualize import ContextSpec
+from vmbatch.contextualize.base import ContextSpec
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
 
