@@ -26,12 +26,17 @@ VMBATCH = ROOT / ".venv" / "bin" / "vmbatch"
 TEST_BASE = Path("/var/lib/vmbatch/test-jobs")
 
 
+def built_guest(name: str) -> Path:
+    """The directory of a guest built by guests/NAME/build.sh (make test builds them)."""
+    d = Path(os.environ.get("VMBATCH_TEST_GUESTS", "/var/cache/vmbatch/guests")) / name
+    if not (d / "disk.qcow2").is_file():
+        pytest.fail(f"{name} guest missing in {d}: build it with `make guest-{name}`")
+    return d.resolve()
+
+
 @pytest.fixture(scope="session")
 def guest_dir() -> Path:
-    d = Path(os.environ.get("VMBATCH_TEST_GUESTS", "/var/cache/vmbatch/guests")) / "tiny"
-    if not (d / "disk.qcow2").is_file():
-        pytest.fail(f"tiny guest missing in {d}: build it with `make guest-tiny` (make test does)")
-    return d.resolve()
+    return built_guest("tiny")
 
 
 @pytest.fixture(scope="session")

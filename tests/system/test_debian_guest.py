@@ -6,20 +6,16 @@ the pinned Ed25519 host key from the seed, and set the hostname.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import Site, register
+from tests.system.conftest import Site, built_guest, register
 
 
 @pytest.fixture(scope="module")
 def debian_dir() -> Path:
-    d = Path(os.environ.get("VMBATCH_TEST_GUESTS", "/var/cache/vmbatch/guests")) / "debian"
-    if not (d / "disk.qcow2").is_file():
-        pytest.fail(f"Debian guest missing in {d}: build it with `make guest-debian`")
-    return d.resolve()
+    return built_guest("debian")
 
 
 def test_cloud_init_guest_takes_keys_and_hostname_from_the_seed(

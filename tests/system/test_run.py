@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import signal
 import socket
+import subprocess
 import threading
 import time
 import tomllib
@@ -66,6 +67,14 @@ def _wait_for_domain(conn: Connection, timeout: float = 60) -> str:
     raise AssertionError("no vmbatch domain appeared")
 
 
+def _terminate(proc: subprocess.Popen[bytes]) -> bytes:
+    """SIGTERM `vmbatch run`; it must exit 128+15 like a shell; return its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    return err
+
+
 def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection) -> None:
     proc = site.popen("run", "--image", "demo", "--", "true")
     try:
@@ -73,11 +82,9 @@ def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection
         ps = site.vmbatch("ps").stdout.decode()  # the job is visible while it boots
         row = next(line for line in ps.splitlines() if line.startswith(name))
         assert row.split()[1].startswith("run-") and row.split()[3] == "demo"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = _terminate(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert b"interrupted by SIGTERM; the VM was destroyed" in err
     assert b"phase command" not in err  # it really was stopped before the command ran
 
@@ -87,11 +94,9 @@ def test_sigterm_during_command_leaves_nothing(site: Site) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"started\n"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = _terminate(proc)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
     assert b"destroyed VM" in err
 
 
