@@ -67,7 +67,10 @@ def run(
     """Run COMMAND in a fresh VM made from IMAGE, then destroy the VM.
 
     The command's stdout and stderr stream back separately; vmbatch exits with the
-    command's status (128+N if it died of signal N). Put the command after `--`:
+    command's status (128+N if it died of signal N). vmbatch's own failures print one
+    line and exit 65 (the request is wrong), 75 (temporary, try again) or 69 (the node
+    needs its admin); SIGINT/SIGTERM destroy the VM and exit 128+N. Put the command
+    after `--`:
 
         vmbatch run --image demo -- uname -a
     """
