@@ -20,11 +20,13 @@ catch ``VmBatchError`` in exactly one place each.
     ├── ConfigError                 OFFLINE_NODE  site config invalid (lists every problem)
     ├── JobError                    ABORT_JOB     the job asked for something impossible
     │   ├── UnknownImageError                     image name not in the catalog
-    │   └── ImageError                            image missing, unreadable, not a disk image
+    │   ├── ImageError                            image missing, unreadable, not a disk image
+    │   └── ImageVerifyError                      download fails its checksum / will not unpack
     ├── HostError                   REQUEUE       this host could not do it right now
     │   ├── CommandError                          an external command failed
     │   │   └── CommandTimeoutError               ... or did not finish in time
     │   ├── PortForwardError                      no loopback port for the guest's SSH
+    │   ├── ImageDownloadError                    fetching an image failed (.transient: retry)
     │   ├── LibvirtError                          libvirt refused an operation
     │   │   ├── LibvirtUnavailableError           cannot reach libvirtd
     │   │   ├── LibvirtTimeoutError               libvirtd did not answer in time (hung)
@@ -100,6 +102,10 @@ class ImageError(JobError):
     """The image exists in the catalog but cannot be used (missing, unreadable, not an image)."""
 
 
+class ImageVerifyError(ImageError):
+    """A downloaded image does not match its catalog checksum, or does not unpack."""
+
+
 class HostError(VmBatchError):
     """This host could not do it right now; another try (or another node) may work."""
 
@@ -124,6 +130,14 @@ class CommandError(HostError):
 
 class CommandTimeoutError(CommandError):
     """An external command did not finish within its timeout and was killed."""
+
+
+class ImageDownloadError(HostError):
+    """Fetching an image failed. ``transient`` errors (connection, 5xx, stall) are retried."""
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
 
 
 class PortForwardError(HostError):

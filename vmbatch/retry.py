@@ -9,12 +9,14 @@ job (the boot timeout) take it as an argument to :meth:`RetryPolicy.retrying`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tenacity
 
 from vmbatch.errors import (
     GuestConnectionError,
+    ImageDownloadError,
     LibvirtUnavailableError,
 )
 
@@ -35,6 +37,8 @@ class RetryPolicy:
     wait_max: float | None = None
     max_attempts: int | None = None
     max_delay: float | None = None
+    #: Optional finer test on an exception of a ``retry_on`` type (e.g. only transient ones).
+    retry_if: Callable[[BaseException], bool] | None = None
     #: Polls (waiting for something to appear) log at DEBUG: one line per 0.1 s poll would
     #: drown the log. Real retries of a failed operation log at WARNING.
     log_level: int = logging.WARNING
@@ -60,10 +64,15 @@ class RetryPolicy:
         return tenacity.Retrying(
             stop=stop,
             wait=wait,
-            retry=tenacity.retry_if_exception_type(self.retry_on),
+            retry=tenacity.retry_if_exception(self._should_retry),
             reraise=True,
             before_sleep=self._log,
         )
+
+    def _should_retry(self, exc: BaseException) -> bool:
+        if not isinstance(exc, self.retry_on):
+            return False
+        return self.retry_if is None or self.retry_if(exc)
 
     def _log(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -106,4 +115,14 @@ LIBVIRT_CONNECT_POLICY = RetryPolicy(
     max_attempts=3,
 )
 
-ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY)
+#: Image downloads: connection errors, read stalls and 5xx answers, resumed each time.
+DOWNLOAD_POLICY = RetryPolicy(
+    name="DownloadPolicy",
+    retry_on=(ImageDownloadError,),
+    retry_if=lambda exc: getattr(exc, "transient", False),
+    wait_seconds=0.5,
+    wait_max=8.0,
+    max_attempts=6,
+)
+
+ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY, DOWNLOAD_POLICY)
