@@ -86,11 +86,35 @@ class SshConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The image cache: remote and file:// sources are fetched into ``[paths].cache_dir``."""
+
+    #: Evict least-recently-used images beyond this many GiB (0: no cap).
+    max_size_gib: float = 50.0
+    #: A download whose partial file has not grown for this long is taken over.
+    stall_timeout: float = 300.0
+    #: Refuse images whose virtual disk size exceeds this (GiB).
+    max_virtual_size_gib: float = 500.0
+    #: ``file://`` sources must lie below one of these directories.
+    image_dirs: tuple[Path, ...] = (Path("/var/lib/vmbatch/images"),)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
-    """One catalog entry. ``source`` is an absolute path (downloads come with the images issue)."""
+    """One catalog entry.
+
+    ``source``: an absolute path (used in place), ``file:///abs/path`` (copied into the cache,
+    only below ``[cache].image_dirs``), or an ``http(s)://`` URL (downloaded into the cache).
+    Remote and file:// sources need ``sha256`` or ``sha512`` unless ``verify = false``.
+    """
 
     name: str
-    source: Path
+    source: str
+    sha256: str | None = None
+    sha512: str | None = None
+    verify: bool = True
     format: ImageFormat | None = None
     kernel: Path | None = None
     initrd: Path | None = None
@@ -109,6 +133,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
@@ -119,6 +144,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "paths": PathsConfig,
     "tools": ToolsConfig,
     "ssh": SshConfig,
+    "cache": CacheConfig,
 }
 
 
@@ -250,8 +276,10 @@ def _make(
             problems.append(f"{where}.{name}: expected {_describe(hints[name])}, got {raw[name]!r}")
         else:
             values[name] = value
-            if isinstance(value, Path) and not value.is_absolute():
-                problems.append(f"{where}.{name}: must be an absolute path, got {str(value)!r}")
+            paths = value if isinstance(value, tuple) else (value,)
+            for p in paths:
+                if isinstance(p, Path) and not p.is_absolute():
+                    problems.append(f"{where}.{name}: must be an absolute path, got {str(p)!r}")
     for key, check, msg in rules:
         if key in values and not check(values[key]):
             problems.append(f"{where}.{key}: {msg}, got {values[key]!r}")
@@ -262,6 +290,12 @@ def _make(
 
 def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
     origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list):
+            return False, None
+        items = [_convert(v, item) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
     if origin in (types.UnionType, typing.Union):
         for arg in typing.get_args(hint):
             if arg is type(None):
@@ -294,6 +328,12 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return (
+            "a list of "
+            + _describe(typing.get_args(hint)[0]).removeprefix("an ").removeprefix("a ")
+            + "s"
+        )
     names = {
         bool: "true/false",
         int: "an integer",
@@ -304,7 +344,32 @@ def _describe(hint: Any) -> str:
     return names.get(hint, str(hint))
 
 
+_HEX = {"sha256": 64, "sha512": 128}
+
+
 def _check_image(raw: Mapping[str, Any], where: str, problems: list[str]) -> None:
+    source = raw.get("source")
+    remote = isinstance(source, str) and source.startswith(("http://", "https://"))
+    local_url = isinstance(source, str) and source.startswith("file://")
+    if isinstance(source, str) and not (remote or local_url or source.startswith("/")):
+        problems.append(
+            f"{where}.source: must be an absolute path, file:///path or http(s):// URL,"
+            f" got {source!r}"
+        )
+    if local_url and not str(source)[len("file://") :].startswith("/"):
+        problems.append(f"{where}.source: file:// URLs need an absolute path (file:///...)")
+    for algo, length in _HEX.items():
+        value = raw.get(algo)
+        if isinstance(value, str) and not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
+            problems.append(f"{where}.{algo}: must be {length} hex digits")
+    if "sha256" in raw and "sha512" in raw:
+        problems.append(f"{where}: give sha256 or sha512, not both")
+    has_sum = "sha256" in raw or "sha512" in raw
+    if (remote or local_url) and not has_sum and raw.get("verify", True) is not False:
+        problems.append(
+            f"{where}: a downloaded image needs sha256 or sha512 (or verify = false to"
+            " accept it unchecked, at your own risk)"
+        )
     if "initrd" in raw and "kernel" not in raw:
         problems.append(f"{where}: initrd given without kernel (set kernel too, or drop initrd)")
     if raw.get("cmdline") and "kernel" not in raw:
@@ -328,6 +393,13 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
     "ssh": (
         ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
         ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
+    ),
+    "cache": (
+        ("max_size_gib", lambda v: v >= 0, "must be >= 0 (0: no cap)"),
+        ("stall_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ("max_virtual_size_gib", lambda v: v > 0, "must be > 0"),
+        ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ("read_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),
     "image": (
         ("memory", lambda v: v is None or v >= 64, "must be at least 64 (MiB)"),

@@ -8,6 +8,7 @@ is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at I
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -23,6 +24,7 @@ from vmbatch.contextualize import ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
 from vmbatch.errors import VmBatchError
 from vmbatch.guest import ssh
+from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
 from vmbatch.images.overlay import create_overlay
 from vmbatch.job import JobSpec
@@ -81,7 +83,11 @@ def run_job(
     own_conn = conn is None
     created = False
     client: paramiko.SSHClient | None = None
-    with signals.interruptible():
+    cache = ImageCache(cfg)
+    with signals.interruptible(), contextlib.ExitStack() as stack:
+        if image.path.is_relative_to(cache.dir):
+            # Never evicted while this job runs; its use also counts for LRU.
+            stack.enter_context(cache.in_use(image.path, job.job_id))
         try:
             with signals.deferred():
                 jobdir.create()

@@ -55,7 +55,7 @@ def test_every_problem_is_listed_at_once() -> None:
     assert "[paths].job_dir: must be an absolute path" in text
     assert "unknown section 'imgs' (did you mean 'images'?)" in text
     assert "[images.bad name!]: invalid image name" in text
-    assert "[images.d].source: must be an absolute path" in text
+    assert "[images.d].source: must be an absolute path, file:///path or http(s)" in text
     assert "[images.d]: initrd given without kernel" in text
     assert info.value.disposition is Disposition.OFFLINE_NODE
 
@@ -82,7 +82,7 @@ def test_dropins_override_in_lexical_order(tmp_path: Path) -> None:
     (dropins / "ignored.txt").write_text("not toml")
     cfg = config.load(main)
     assert cfg.vm.memory == 2048 and cfg.vm.vcpus == 2
-    assert cfg.images["a"].memory == 300 and cfg.images["a"].source == Path("/a.qcow2")
+    assert cfg.images["a"].memory == 300 and cfg.images["a"].source == "/a.qcow2"
     assert cfg.files == (main, dropins / "10-a.toml", dropins / "20-b.toml")
 
 
@@ -107,3 +107,33 @@ def test_config_is_frozen() -> None:
         cfg.vm.memory = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         cfg.images["x"] = None  # type: ignore[index]
+
+
+def test_remote_sources_need_a_checksum_unless_explicitly_unverified() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(
+            {
+                "images": {
+                    "a": {"source": "https://example.invalid/a.qcow2"},
+                    "b": {"source": "file://relative/b.qcow2", "sha256": "ab"},
+                    "c": {"source": "ftp://x/c", "sha256": "0" * 64, "sha512": "0" * 128},
+                }
+            }
+        )
+    text = "\n".join(info.value.problems)
+    assert "[images.a]: a downloaded image needs sha256 or sha512" in text
+    assert "[images.b].source: file:// URLs need an absolute path" in text
+    assert "[images.b].sha256: must be 64 hex digits" in text
+    assert "[images.c].source: must be an absolute path, file:///path or http(s)" in text
+    assert "[images.c]: give sha256 or sha512, not both" in text
+    cfg = config.parse(
+        {
+            "images": {"u": {"source": "http://127.0.0.1/u.img", "verify": False}},
+            "cache": {"image_dirs": ["/srv/images", "/mnt/nfs/images"]},
+        }
+    )
+    assert cfg.cache.image_dirs == (Path("/srv/images"), Path("/mnt/nfs/images"))
+    with pytest.raises(ConfigError, match=r"\[cache\]\.image_dirs: expected a list of"):
+        config.parse({"cache": {"image_dirs": "/srv"}})
+    with pytest.raises(ConfigError, match=r"\[cache\]\.image_dirs: must be an absolute path"):
+        config.parse({"cache": {"image_dirs": ["srv"]}})

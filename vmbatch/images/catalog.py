@@ -13,6 +13,7 @@ QEMU read host files), and a "raw" file must at least look like a disk (non-empt
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from typing import Literal, cast
 from vmbatch import process
 from vmbatch.config import Config, ImageConfig
 from vmbatch.errors import CommandError, ImageError, UnknownImageError
+from vmbatch.images.cache import ImageCache, is_cached_source
+from vmbatch.images.download import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +44,22 @@ class ImageSpec:
     firmware: Path | None = None
 
 
-def resolve(cfg: Config, image: str, *, allow_path: bool = False) -> ImageSpec:
-    """Resolve a catalog name (or, with ``allow_path``, a local file) to an ImageSpec."""
+def resolve(
+    cfg: Config,
+    image: str,
+    *,
+    allow_path: bool = False,
+    progress: Progress | None = None,
+) -> ImageSpec:
+    """Resolve a catalog name (or, with ``allow_path``, a local file) to an ImageSpec.
+
+    Remote and ``file://`` sources are fetched into the cache first (single flight). A
+    cached copy that ``qemu-img`` cannot read is removed and fetched once more.
+    """
     entry = cfg.images.get(image)
     if entry is None:
         if allow_path and "/" in image:
-            entry = ImageConfig(name=Path(image).name, source=Path(image).absolute())
+            entry = ImageConfig(name=Path(image).name, source=str(Path(image).absolute()))
         else:
             known = ", ".join(sorted(cfg.images)) or "none configured"
             if "/" in image:
@@ -59,10 +74,22 @@ def resolve(cfg: Config, image: str, *, allow_path: bool = False) -> ImageSpec:
                 f"image {entry.name!r}: {key} {p} is missing or unreadable",
                 hint=f"fix [images.{entry.name}].{key} or rebuild the image",
             )
-    fmt, size = inspect(cfg, entry)
+    if is_cached_source(entry):
+        cache = ImageCache(cfg)
+        path = cache.ensure(entry, progress)
+        try:
+            fmt, size = inspect(cfg, entry, path)
+        except ImageError as exc:
+            log.warning("image %s: cached copy unusable (%s); fetching it again", entry.name, exc)
+            cache.remove(path, force=True)
+            path = cache.ensure(entry, progress)
+            fmt, size = inspect(cfg, entry, path)
+    else:
+        path = Path(entry.source)
+        fmt, size = inspect(cfg, entry, path)
     return ImageSpec(
         name=entry.name,
-        path=entry.source,
+        path=path,
         format=fmt,
         virtual_size=size,
         memory=entry.memory or cfg.vm.memory,
@@ -74,9 +101,8 @@ def resolve(cfg: Config, image: str, *, allow_path: bool = False) -> ImageSpec:
     )
 
 
-def inspect(cfg: Config, entry: ImageConfig) -> tuple[Literal["qcow2", "raw"], int]:
-    """Check the base image with ``qemu-img info``; return (format, virtual size)."""
-    path = entry.source
+def inspect(cfg: Config, entry: ImageConfig, path: Path) -> tuple[Literal["qcow2", "raw"], int]:
+    """Check the image file with ``qemu-img info``; return (format, virtual size)."""
     where = f"image {entry.name!r} ({path})"
     if not path.is_file():
         raise ImageError(
@@ -115,5 +141,12 @@ def inspect(cfg: Config, entry: ImageConfig) -> tuple[Literal["qcow2", "raw"], i
             f"{where}: does not look like a disk image "
             f"(raw, {length} bytes, not whole 512-byte sectors)",
             hint="point the catalog at a qcow2 or raw disk image",
+        )
+    limit = cfg.cache.max_virtual_size_gib * 2**30
+    if size > limit:
+        raise ImageError(
+            f"{where}: virtual size {size / 2**30:.1f} GiB exceeds the limit of"
+            f" {cfg.cache.max_virtual_size_gib:g} GiB",
+            hint="raise [cache].max_virtual_size_gib if this image is trusted",
         )
     return cast(Literal["qcow2", "raw"], fmt), size

@@ -84,21 +84,32 @@ def fetch(
     read_timeout: float = 30.0,
     progress: Progress | None = None,
     session: requests.Session | None = None,
+    part: Path | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest`` (verified, decompressed, atomically renamed)."""
+    """Fetch ``url`` (http, https or file) to ``dest``: verified, unpacked, renamed atomically.
+
+    ``part`` is the partial file to write and resume (default ``.<dest name>.part``).
+    """
     scheme = urlsplit(url).scheme
-    if scheme not in ("http", "https"):
-        raise ImageDownloadError(f"image {name!r}: {url} is not an http(s) URL")
-    part = dest.with_name(f".{dest.name}.part")
-    own = session is None
-    sess = session or requests.Session()
-    try:
-        for attempt in DOWNLOAD_POLICY.retrying():
-            with attempt:
-                _transfer(name, url, part, sess, (connect_timeout, read_timeout), progress)
-    finally:
-        if own:
-            sess.close()
+    part = part or dest.with_name(f".{dest.name}.part")
+    if scheme == "file":
+        _copy_local(name, Path(urlsplit(url).path), part, progress)
+    elif scheme in ("http", "https"):
+        own = session is None
+        sess = session or requests.Session()
+        try:
+            for attempt in DOWNLOAD_POLICY.retrying():
+                with attempt:
+                    _transfer(name, url, part, sess, (connect_timeout, read_timeout), progress)
+        finally:
+            if own:
+                sess.close()
+    else:
+        raise ImageDownloadError(f"image {name!r}: {url} is not an http(s) or file URL")
+    return _finish(name, url, part, dest, checksum)
+
+
+def _finish(name: str, url: str, part: Path, dest: Path, checksum: Checksum | None) -> Path:
     if checksum is not None:
         got = file_digest(part, checksum.algorithm)
         if got != checksum.hexdigest.lower():
@@ -112,7 +123,7 @@ def fetch(
     comp = compression(url)
     ready = part
     if comp is not None:
-        ready = dest.with_name(f".{dest.name}.unpacked")
+        ready = part.with_name(part.name + ".unpacked")
         try:
             _decompress(name, part, ready, comp)
         finally:
@@ -120,6 +131,27 @@ def fetch(
     ready.chmod(0o644)
     ready.replace(dest)
     return dest
+
+
+def _copy_local(name: str, src: Path, part: Path, progress: Progress | None) -> None:
+    """Copy a local (e.g. NFS-mounted) file into ``part``; a local copy is never resumed."""
+    try:
+        total = src.stat().st_size
+        with src.open("rb") as inp, part.open("wb") as out:
+            done = 0
+            while chunk := inp.read(CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise ImageDownloadError(
+            f"image {name!r}: cannot copy {src}: {exc.strerror}",
+            hint="check that the file exists and its file system is mounted",
+        ) from exc
 
 
 def _transfer(
