@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from vmbatch import __version__, config, doctor, lifecycle
-from vmbatch.errors import ConfigError, JobInterruptedError, VmBatchError
+from vmbatch.errors import (
+    ConfigError,
+    HostError,
+    ImageError,
+    JobInterruptedError,
+    UnknownImageError,
+    VmBatchError,
+)
 from vmbatch.hooks.exitcodes import CLI, CLI_INTERNAL_ERROR
+from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.job import interactive
 from vmbatch.libvirt.connection import Connection
 
@@ -140,6 +149,118 @@ def ps(ctx: click.Context) -> None:
             click.echo(f"{d.name:40} (no vmbatch metadata)")
         else:
             click.echo(f"{d.name:40} {m.job_id:24} {m.user:12} {m.image:16} {m.scheduler}")
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Manage the node's image cache (remote and file:// catalog images)."""
+
+
+def _entry(cfg: config.Config, name: str) -> config.ImageConfig:
+    entry = cfg.images.get(name)
+    if entry is None:
+        raise UnknownImageError(
+            f"unknown image {name!r}",
+            hint="known images: " + (", ".join(sorted(cfg.images)) or "none"),
+        )
+    return entry
+
+
+@image_group.command("list")
+@click.pass_context
+def image_list(ctx: click.Context) -> None:
+    """Catalog images: source, whether cached, size, last use, jobs using it."""
+    cfg = _load(ctx)
+    cache = ImageCache(cfg)
+    cached = {e.path: e for e in cache.entries()}
+    click.echo(f"{'NAME':16} {'CACHED':7} {'SIZE':>10} {'LAST USED':20} {'JOBS':6} SOURCE")
+    for name in sorted(cfg.images):
+        entry = cfg.images[name]
+        if not is_cached_source(entry):
+            click.echo(f"{name:16} {'local':7} {'':>10} {'':20} {'':6} {entry.source}")
+            continue
+        e = cached.get(cache.path_for(entry))
+        used = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+            if (e and e.last_used)
+            else "-"
+        )
+        size = f"{e.size / 2**20:.1f}M" if e else "-"
+        jobs = str(len(e.jobs)) if e else "-"
+        click.echo(
+            f"{name:16} {'yes' if e else 'no':7} {size:>10} {used:20} {jobs:6} {entry.source}"
+        )
+
+
+@image_group.command("pull")
+@click.argument("name")
+@click.pass_context
+def image_pull(ctx: click.Context, name: str) -> None:
+    """Fetch and verify image NAME into the cache now (waits if another job fetches it)."""
+    cfg = _load(ctx)
+    entry = _entry(cfg, name)
+    if not is_cached_source(entry):
+        click.echo(f"{name}: local image {entry.source}, nothing to pull")
+        return
+    if sys.stderr.isatty():
+        with click.progressbar(length=0, label=f"pulling {name}", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int | None) -> None:
+                bar.length = total or 0
+                bar.update(done - bar.pos)
+
+            path = ImageCache(cfg).ensure(entry, progress)
+    else:
+        path = ImageCache(cfg).ensure(entry)
+    click.echo(f"{name}: {path}")
+
+
+@image_group.command("verify")
+@click.argument("name", required=False)
+@click.pass_context
+def image_verify(ctx: click.Context, name: str | None) -> None:
+    """Re-hash cached images (NAME, or all); a corrupt copy is removed and refetched on use."""
+    cfg = _load(ctx)
+    cache = ImageCache(cfg)
+    bad = 0
+    for n in [name] if name else sorted(cfg.images):
+        entry = _entry(cfg, n)
+        ok = cache.verify(entry) if is_cached_source(entry) else None
+        bad += ok is False
+        click.echo(
+            f"{n}: "
+            + {
+                True: "ok",
+                False: "CORRUPT, removed",
+                None: "not checked (not cached, local, or compressed source)",
+            }[ok]
+        )
+    ctx.exit(CLI[ImageError.disposition] if bad else 0)
+
+
+@image_group.command("rm")
+@click.argument("name")
+@click.pass_context
+def image_rm(ctx: click.Context, name: str) -> None:
+    """Remove image NAME from the cache (refused while a job uses it)."""
+    cfg = _load(ctx)
+    cache = ImageCache(cfg)
+    path = cache.path_for(_entry(cfg, name))
+    if not path.exists():
+        click.echo(f"{name}: not cached")
+    elif cache.remove(path):
+        click.echo(f"{name}: removed {path}")
+    else:
+        raise HostError(f"image {name!r} is in use by a job or being fetched; not removed")
+
+
+@image_group.command("prune")
+@click.pass_context
+def image_prune(ctx: click.Context) -> None:
+    """Evict least-recently-used cached images not in use down to [cache].max_size_gib."""
+    cfg = _load(ctx)
+    for path in ImageCache(cfg).prune():
+        click.echo(f"evicted {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

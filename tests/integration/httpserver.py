@@ -40,6 +40,8 @@ class Server:
     port: int = 0
     resources: dict[str, Resource] = field(default_factory=dict)
     hits: list[Hit] = field(default_factory=list)
+    #: (path, Range header) of every request as it arrives, before it is answered.
+    starts: list[tuple[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     idle: threading.Condition = field(default_factory=threading.Condition)
     in_flight: int = 0
@@ -81,6 +83,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
         def _get(self) -> None:
             res = server.resources.get(self.path)
             rng = self.headers.get("Range")
+            with server.lock:
+                server.starts.append((self.path, rng))
             if res is None:
                 return self._plain(404, rng)
             if res.redirect:

@@ -1,0 +1,5 @@
+"""``python -m vmbatch``: the same as the ``vmbatch`` command."""
+
+from vmbatch.cli import entry
+
+entry()
