@@ -10,7 +10,8 @@ from pathlib import Path
 from vmbatch import accel, process
 from vmbatch.config import Config
 from vmbatch.errors import VmBatchError
-from vmbatch.images.catalog import resolve
+from vmbatch.images.cache import ImageCache, is_cached_source
+from vmbatch.images.catalog import inspect
 from vmbatch.libvirt.connection import Connection
 
 
@@ -105,11 +106,24 @@ def _directory(label: str, path: Path) -> Check:
 
 
 def _image(cfg: Config, name: str) -> Check:
+    """Check a catalog image without fetching anything: a remote image that is not cached
+    yet is reported as such (doctor must not start downloads)."""
+    entry = cfg.images[name]
+    if is_cached_source(entry):
+        cached = ImageCache(cfg).path_for(entry)
+        if not cached.exists():
+            return Check(
+                True,
+                f"image {name}",
+                f"{entry.source}: not cached yet (fetched on first use, or now with"
+                f" `vmbatch image pull {name}`)",
+            )
+        path = cached
+    else:
+        path = Path(entry.source)
     try:
-        img = resolve(cfg, name)
+        fmt, size = inspect(cfg, entry, path)
     except VmBatchError as exc:
         return Check(False, f"image {name}", str(exc), exc.hint or "")
-    kernel = f", kernel {img.kernel}" if img.kernel else ""
-    return Check(
-        True, f"image {name}", f"{img.path} ({img.format}, {img.virtual_size // 2**20} MiB{kernel})"
-    )
+    kernel = f", kernel {entry.kernel}" if entry.kernel else ""
+    return Check(True, f"image {name}", f"{path} ({fmt}, {size // 2**20} MiB{kernel})")

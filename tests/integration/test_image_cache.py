@@ -46,8 +46,9 @@ def _pull(conf: Path) -> subprocess.Popen[bytes]:
 
 
 def test_eight_concurrent_pulls_download_once(server: Server, tmp_path: Path) -> None:
-    # Slow enough that all eight start while the first is still downloading.
-    server.resources["/img.raw"] = Resource(BODY, stall_after=65536, stall_seconds=2)
+    # The first download pauses long enough that the other seven start (Python start-up
+    # of eight processes on two cores takes a few seconds) and must wait for it.
+    server.resources["/img.raw"] = Resource(BODY, stall_after=65536, stall_seconds=5)
     conf = _site(tmp_path, server)
     procs = [_pull(conf) for _ in range(8)]
     results = [p.communicate(timeout=120) for p in procs]
@@ -104,3 +105,14 @@ def test_prune_evicts_least_recently_used_but_never_an_image_in_use(tmp_path: Pa
     os.utime(paths[1].with_name(paths[1].name + ".used"), (999, 999))  # oldest of all
     assert cache.prune() == [paths[0]]  # 3 MiB > 2.5 MiB: evict "old", skip busy "busy"
     assert paths[1].exists() and paths[2].exists()
+
+
+def test_doctor_reports_an_uncached_image_without_downloading_it(
+    server: Server, tmp_path: Path
+) -> None:
+    from vmbatch.doctor import _image
+
+    server.resources["/img.raw"] = Resource(BODY)
+    check = _image(config.load(_site(tmp_path, server)), "img")
+    assert check.ok and "not cached yet" in check.detail
+    assert server.starts == []

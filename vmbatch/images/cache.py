@@ -33,7 +33,7 @@ from typing import IO
 
 from vmbatch.config import Config, ImageConfig
 from vmbatch.errors import ImageError
-from vmbatch.images.download import Checksum, Progress, fetch, file_digest
+from vmbatch.images.download import Checksum, Progress, compression, fetch, file_digest
 from vmbatch.state import safe_job_id
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ _POLL = 0.5
 def is_cached_source(entry: ImageConfig) -> bool:
     """True for sources fetched into the cache (http, https, file URLs)."""
     return entry.source.startswith(("http://", "https://", "file://"))
+
+
+def _side(path: Path, suffix: str) -> Path:
+    """A sidecar of a cached image: ``.lock``, ``.used`` or ``.jobs`` (see the layout)."""
+    return path.with_name(path.name + suffix)
 
 
 def checksum_of(entry: ImageConfig) -> Checksum | None:
@@ -88,7 +93,7 @@ class ImageCache:
             return final
         self._check_file_url(entry)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        lock_path = final.with_name(final.name + ".lock")
+        lock_path = _side(final, ".lock")
         part = final.with_name(f".{final.name}.part")
         with lock_path.open("a") as lock:
             if not self._acquire(lock, part, entry):
@@ -167,11 +172,11 @@ class ImageCache:
             marker.unlink(missing_ok=True)
 
     def mark_used(self, path: Path, job_id: str) -> Path:
-        jobs = path.with_name(path.name + ".jobs")
+        jobs = _side(path, ".jobs")
         jobs.mkdir(mode=0o755, exist_ok=True)
         marker = jobs / safe_job_id(job_id)
         marker.touch()
-        stamp = path.with_name(path.name + ".used")
+        stamp = _side(path, ".used")
         stamp.touch()
         return marker
 
@@ -180,8 +185,8 @@ class ImageCache:
             return []
         result = []
         for p in sorted(self.dir.glob("*.img")):
-            stamp = p.with_name(p.name + ".used")
-            jobs = p.with_name(p.name + ".jobs")
+            stamp = _side(p, ".used")
+            jobs = _side(p, ".jobs")
             result.append(
                 CacheEntry(
                     p,
@@ -194,17 +199,17 @@ class ImageCache:
 
     def remove(self, path: Path, *, force: bool = False) -> bool:
         """Delete one cached image unless a job uses it; True if it was removed."""
-        jobs = path.with_name(path.name + ".jobs")
+        jobs = _side(path, ".jobs")
         if not force and jobs.is_dir() and any(jobs.iterdir()):
             return False
-        lock_path = path.with_name(path.name + ".lock")
+        lock_path = _side(path, ".lock")
         with lock_path.open("a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # being fetched right now: leave it alone
             path.unlink(missing_ok=True)
-            path.with_name(path.name + ".used").unlink(missing_ok=True)
+            _side(path, ".used").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 jobs.rmdir()
             lock_path.unlink(missing_ok=True)
@@ -233,7 +238,7 @@ class ImageCache:
         None if it is not cached or has no checksum to compare."""
         path = self.path_for(entry)
         sums = checksum_of(entry)
-        if not path.exists() or sums is None or entry.source.endswith((".gz", ".xz", ".bz2")):
+        if not path.exists() or sums is None or compression(entry.source) is not None:
             return None
         if file_digest(path, sums.algorithm) == sums.hexdigest:
             return True
