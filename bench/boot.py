@@ -34,7 +34,7 @@ from vmbatch.contextualize.nocloud import build_iso, meta_data, user_data
 from vmbatch.errors import GuestConnectionError
 from vmbatch.guest import ssh
 from vmbatch.images.catalog import resolve
-from vmbatch.images.overlay import create_overlay
+from vmbatch.images.disks import create_overlay
 from vmbatch.job import interactive
 
 WORK = Path("/var/lib/vmbatch/bench")

@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmbatch import process
+from vmbatch import process, state
 from vmbatch.config import Config
 from vmbatch.errors import AcceleratorError, CommandError, CommandTimeoutError
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = Path("/run/vmbatch/accel.json")
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 KVM_DEVICE = Path("/dev/kvm")
 
 #: ``isa-debug-exit`` turns a write of V into QEMU exit status (V << 1) | 1.
@@ -69,7 +68,7 @@ def choose(cfg: Config, *, use_cache: bool = True) -> AccelChoice:
                 hint='load the kvm module, or set [vm].accel = "auto" or "tcg"',
             )
         return AccelChoice("kvm", 'configured: [vm].accel = "kvm"')
-    boot_id = _boot_id()
+    boot_id = state.boot_id()
     if use_cache:
         cached = _read_cache(boot_id)
         if cached is not None:
@@ -124,13 +123,6 @@ def probe(cfg: Config) -> AccelChoice:
         f"auto: a KVM test guest failed (exit {res.returncode}{': ' + last if last else ''}),"
         " using TCG",
     )
-
-
-def _boot_id() -> str:
-    try:
-        return BOOT_ID.read_text().strip()
-    except OSError:
-        return "unknown"
 
 
 def _read_cache(boot_id: str) -> AccelChoice | None:

@@ -102,6 +102,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DisksConfig:
+    """Per-job extra disks and the host's free-space guard."""
+
+    #: No job starts (it is requeued) while ``job_dir`` or ``cache_dir`` has less free space.
+    reserve_gib: float = 5.0
+    #: Size of the empty CernVM-FS cache disk per job (GiB; 0: none). Images may override.
+    cvmfs_cache_gib: float = 0.0
+    #: Size of the empty scratch disk per job (GiB; 0: none). Images may override.
+    scratch_gib: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -122,6 +134,11 @@ class ImageConfig:
     firmware: Path | None = None
     memory: int | None = None
     vcpus: int | None = None
+    cvmfs_cache_gib: float | None = None
+    scratch_gib: float | None = None
+    #: Seconds after which a cached copy of an unverified http(s) image is revalidated with
+    #: a conditional request (0: never).
+    refresh_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +151,7 @@ class Config:
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    disks: DisksConfig = field(default_factory=DisksConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
@@ -145,6 +163,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "tools": ToolsConfig,
     "ssh": SshConfig,
     "cache": CacheConfig,
+    "disks": DisksConfig,
 }
 
 
@@ -370,6 +389,11 @@ def _check_image(raw: Mapping[str, Any], where: str, problems: list[str]) -> Non
             f"{where}: a downloaded image needs sha256 or sha512 (or verify = false to"
             " accept it unchecked, at your own risk)"
         )
+    if raw.get("refresh_interval", 0) and (has_sum or not remote):
+        problems.append(
+            f"{where}.refresh_interval: only unverified http(s) images can change (a checksum"
+            " pins the content); drop refresh_interval, or the checksum and set verify = false"
+        )
     if "initrd" in raw and "kernel" not in raw:
         problems.append(f"{where}: initrd given without kernel (set kernel too, or drop initrd)")
     if raw.get("cmdline") and "kernel" not in raw:
@@ -401,8 +425,16 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
         ("read_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),
+    "disks": (
+        ("reserve_gib", lambda v: v >= 0, "must be >= 0"),
+        ("cvmfs_cache_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
+        ("scratch_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
+    ),
     "image": (
         ("memory", lambda v: v is None or v >= 64, "must be at least 64 (MiB)"),
         ("vcpus", lambda v: v is None or v >= 1, "must be at least 1"),
+        ("cvmfs_cache_gib", lambda v: v is None or v >= 0, "must be >= 0 (0: no disk)"),
+        ("scratch_gib", lambda v: v is None or v >= 0, "must be >= 0 (0: no disk)"),
+        ("refresh_interval", lambda v: v >= 0, "must be >= 0 seconds (0: never)"),
     ),
 }

@@ -21,12 +21,14 @@ catch ``VmBatchError`` in exactly one place each.
     ├── JobError                    ABORT_JOB     the job asked for something impossible
     │   ├── UnknownImageError                     image name not in the catalog
     │   ├── ImageError                            image missing, unreadable, not a disk image
-    │   └── ImageVerifyError                      download fails its checksum / will not unpack
+    │   ├── ImageVerifyError                      download fails its checksum / will not unpack
+    │   └── ImageSourceError                      the image server refuses it (404, 403, ...)
     ├── HostError                   REQUEUE       this host could not do it right now
     │   ├── CommandError                          an external command failed
     │   │   └── CommandTimeoutError               ... or did not finish in time
     │   ├── PortForwardError                      no loopback port for the guest's SSH
     │   ├── ImageDownloadError                    fetching an image failed (.transient: retry)
+    │   ├── DiskSpaceError                        job or cache file system below the reserve
     │   ├── LibvirtError                          libvirt refused an operation
     │   │   ├── LibvirtUnavailableError           cannot reach libvirtd
     │   │   ├── LibvirtTimeoutError               libvirtd did not answer in time (hung)
@@ -106,6 +108,14 @@ class ImageVerifyError(ImageError):
     """A downloaded image does not match its catalog checksum, or does not unpack."""
 
 
+class ImageSourceError(ImageError):
+    """The image server answered with a permanent client error (404, 403, 410, ...).
+
+    Requeueing cannot help (every node gets the same answer) and the node is fine for other
+    images, so the job is aborted with a message naming the image and the URL to fix.
+    """
+
+
 class HostError(VmBatchError):
     """This host could not do it right now; another try (or another node) may work."""
 
@@ -138,6 +148,10 @@ class ImageDownloadError(HostError):
     def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
         super().__init__(message, hint=hint)
         self.transient = transient
+
+
+class DiskSpaceError(HostError):
+    """A file system vmbatch writes to has less free space than ``[disks].reserve_gib``."""
 
 
 class PortForwardError(HostError):

@@ -1,4 +1,8 @@
-"""The pipeline of one job's VM: overlay -> seed -> create -> wait for SSH -> run -> teardown.
+"""The pipeline of one job's VM: image -> disks -> seed -> create -> wait for SSH -> run ->
+teardown.
+
+The image is resolved (fetched into the node cache if needed) and marked in use by the job
+until teardown; the free-space guard runs before any per-job disk is created.
 
 Teardown always runs (success, error, SIGINT/SIGTERM at any stage, boot included) and is
 idempotent: destroy the domain (already gone counts as done), then remove the job directory
@@ -26,16 +30,16 @@ from vmbatch.errors import VmBatchError
 from vmbatch.guest import ssh
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
-from vmbatch.images.overlay import create_overlay
+from vmbatch.images.disks import check_free_space, job_disks
 from vmbatch.job import JobSpec
 from vmbatch.libvirt.connection import Connection
-from vmbatch.libvirt.domain import DiskSpec, DomainSpec, JobMetadata, build_xml, domain_name
+from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
 from vmbatch.state import JobDir
 
 log = logging.getLogger(__name__)
 
 #: Phases in the order they happen; ``bench/boot.py`` prints them in this order.
-PHASES = ("overlay", "seed", "create", "wait_ssh", "command", "teardown")
+PHASES = ("image", "disks", "seed", "create", "wait_ssh", "command", "teardown")
 
 
 class PhaseTimer:
@@ -75,7 +79,6 @@ def run_job(
 ) -> int:
     """Boot a fresh VM for ``job``, run its command, tear everything down; return the status."""
     timer = PhaseTimer(timings)
-    image = resolve(cfg, job.image, allow_path=job.allow_image_path)
     choice = accel.choose(cfg)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     jobdir = JobDir(cfg.paths.job_dir, job.job_id)
@@ -83,19 +86,21 @@ def run_job(
     own_conn = conn is None
     created = False
     client: paramiko.SSHClient | None = None
-    cache = ImageCache(cfg)
     with signals.interruptible(), contextlib.ExitStack() as stack:
-        if image.path.is_relative_to(cache.dir):
-            # Never evicted while this job runs; its use also counts for LRU.
-            stack.enter_context(cache.in_use(image.path, job.job_id))
+        with timer("image"):
+            image = resolve(cfg, job.image, allow_path=job.allow_image_path, job_id=job.job_id)
+        if image.cached:
+            # Never evicted while this job runs (marked by resolve); released at the end.
+            stack.callback(ImageCache(cfg).release, image.path, job.job_id)
         try:
+            check_free_space(cfg)
             with signals.deferred():
                 jobdir.create()
                 created = True
             if conn is None:
                 conn = Connection(cfg.libvirt).open()
-            with timer("overlay"):
-                overlay = create_overlay(cfg, image, jobdir.overlay)
+            with timer("disks"):
+                disks = job_disks(cfg, image, jobdir)
             with timer("seed"):
                 client_key = generate(f"vmbatch-{job.job_id}")
                 host_key = generate(f"vmbatch-host-{job.job_id}")
@@ -113,7 +118,7 @@ def run_job(
                 memory_mib=job.memory or image.memory,
                 vcpus=job.vcpus or image.vcpus,
                 machine=cfg.vm.machine,
-                disks=(DiskSpec(overlay, "qcow2", "vda"), *seed_disks),
+                disks=(*disks, *seed_disks),
                 console_log=jobdir.console_log,
                 metadata=JobMetadata(job.job_id, job.user, job.scheduler, image.name, __version__),
                 emulator=cfg.tools.qemu_system,

@@ -4,6 +4,8 @@ Layout (``[paths].job_dir/<job>/``, mode 0711 so QEMU, running as an unprivilege
 reach the files libvirt hands it but cannot list the directory)::
 
     overlay.qcow2   the job's copy-on-write disk on top of the base image
+    cvmfs-cache.qcow2, scratch.qcow2
+                    the job's empty extra disks, if configured ([disks])
     seed.iso        the contextualization volume
     console.log     the guest's serial console (written by virtlogd)
     keys/           0700: the per-job SSH client key and the pinned guest host key
@@ -21,6 +23,16 @@ from pathlib import Path
 
 from vmbatch.errors import HostError
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    """This host boot's random id (proc(5)): tells state from before a reboot apart."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return "unknown"
+
 
 def safe_job_id(job_id: str) -> str:
     """A job id usable as a single path component (scheduler ids may contain anything)."""
@@ -37,6 +49,14 @@ class JobDir:
     @property
     def overlay(self) -> Path:
         return self.path / "overlay.qcow2"
+
+    @property
+    def cvmfs_cache(self) -> Path:
+        return self.path / "cvmfs-cache.qcow2"
+
+    @property
+    def scratch(self) -> Path:
+        return self.path / "scratch.qcow2"
 
     @property
     def seed(self) -> Path:

@@ -1,14 +1,18 @@
 """A real HTTP server on 127.0.0.1 for download tests, with faults on demand.
 
 Per path it can refuse or honour ``Range``, answer 5xx a number of times first, drop the
-connection after N bytes (once), stall for a while (once), or redirect. Every request is
-recorded (path, Range header, status, body bytes sent) so tests can count what was served.
+connection after N bytes (once, optionally replacing the file right then), stall for a while
+(once), or redirect. It sends a strong ``ETag`` and a ``Last-Modified`` and honours
+``If-None-Match`` (304) and ``If-Range`` (a stale validator gets the whole new file), as
+RFC 9110 describes. Every request is recorded (path, Range and conditional headers, status,
+body bytes sent) so tests can count what was served.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +29,13 @@ class Resource:
     stall_seconds: float = 0.0
     redirect: str | None = None
     status: int = 200
+    #: After the dropped connection, serve this body instead (the file changed upstream).
+    replace_after_drop: bytes | None = None
+    last_modified: str = "Sat, 21 Nov 2026 00:00:00 GMT"
+
+    @property
+    def etag(self) -> str:
+        return f'"{len(self.body):x}-{zlib.crc32(self.body):08x}"'
 
 
 @dataclass
@@ -33,6 +44,8 @@ class Hit:
     range: str | None
     status: int
     sent: int
+    if_none_match: str | None = None
+    if_range: str | None = None
 
 
 @dataclass
@@ -101,8 +114,13 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 return self._plain(500, rng)
             if res.status != 200:
                 return self._plain(res.status, rng)
+            etag = res.etag
+            if self.headers.get("If-None-Match") == etag:
+                return self._plain(304, rng)
+            if_range = self.headers.get("If-Range")
+            fresh = if_range is None or if_range in (etag, res.last_modified)
             start = 0
-            if rng and res.ranges and rng.startswith("bytes=") and rng.endswith("-"):
+            if rng and fresh and res.ranges and rng.startswith("bytes=") and rng.endswith("-"):
                 start = int(rng[len("bytes=") : -1])
                 if start >= len(res.body):
                     self.send_response(416)
@@ -119,6 +137,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             body = res.body[start:]
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes" if res.ranges else "none")
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", res.last_modified)
             self.end_headers()
             sent = 0
             with server.lock:
@@ -132,6 +152,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                     sent += len(piece)
                     self.wfile.flush()
                     self.close_connection = True
+                    if res.replace_after_drop is not None:
+                        res.body, res.replace_after_drop = res.replace_after_drop, None
                     return self._record(206 if start else 200, rng, sent)
                 if stall is not None and sent >= stall:
                     self.wfile.flush()
@@ -151,8 +173,16 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             self._record(status, rng, 0)
 
         def _record(self, status: int, rng: str | None, sent: int) -> None:
+            hit = Hit(
+                self.path,
+                rng,
+                status,
+                sent,
+                self.headers.get("If-None-Match"),
+                self.headers.get("If-Range"),
+            )
             with server.lock:
-                server.hits.append(Hit(self.path, rng, status, sent))
+                server.hits.append(hit)
 
     return Handler
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 
 from tests.integration.httpserver import Resource, Server, serve
 from vmbatch import config
+from vmbatch.errors import ImageSourceError
 from vmbatch.images.cache import ImageCache
 
 VMBATCH = [sys.executable, "-m", "vmbatch"]
@@ -116,3 +119,141 @@ def test_doctor_reports_an_uncached_image_without_downloading_it(
     check = _image(config.load(_site(tmp_path, server)), "img")
     assert check.ok and "not cached yet" in check.detail
     assert server.starts == []
+
+
+def _cache(tmp_path: Path, server: Server, **image: object) -> tuple[ImageCache, config.Config]:
+    cfg = config.parse(
+        {
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "disks": {"reserve_gib": 0},
+            "images": {"img": {"source": server.url("/img.raw"), **image}},
+        }
+    )
+    return ImageCache(cfg), cfg
+
+
+def test_unpacked_copy_of_a_compressed_source_is_verified(server: Server, tmp_path: Path) -> None:
+    packed = gzip.compress(BODY)
+    server.resources["/img.raw.gz"] = Resource(packed)
+    cfg = config.parse(
+        {
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "images": {
+                "img": {
+                    "source": server.url("/img.raw.gz"),
+                    "sha256": hashlib.sha256(packed).hexdigest(),
+                }
+            },
+        }
+    )
+    cache = ImageCache(cfg)
+    entry = cfg.images["img"]
+    path = cache.ensure(entry)
+    assert path.read_bytes() == BODY
+    assert cache.meta(path)["sha256"] == SHA  # recorded when it was unpacked
+    assert cache.verify(entry) is True
+    with path.open("r+b") as fh:  # bit rot in the cached, unpacked copy
+        fh.seek(4096)
+        fh.write(b"\xff")
+    assert cache.verify(entry) is False
+    assert not path.exists()
+    assert cache.ensure(entry).read_bytes() == BODY  # fetched again on next use
+
+
+def test_refresh_revalidates_and_replaces_only_a_changed_image(
+    server: Server, tmp_path: Path
+) -> None:
+    res = server.resources["/img.raw"] = Resource(BODY)
+    cache, cfg = _cache(tmp_path, server, verify=False, refresh_interval=3600)
+    entry = cfg.images["img"]
+    path = cache.ensure(entry)
+    assert cache.ensure(entry) == path  # fresh: no request at all
+    assert len(server.wait_idle()) == 1
+
+    def age() -> None:  # pretend the last fetch was long ago
+        meta = json.loads(path.with_name(path.name + ".meta").read_text())
+        meta["fetched_at"] -= 7200
+        path.with_name(path.name + ".meta").write_text(json.dumps(meta))
+
+    age()
+    assert cache.ensure(entry).read_bytes() == BODY
+    hit = server.wait_idle()[-1]
+    assert (hit.status, hit.if_none_match) == (304, res.etag)
+    new = os.urandom(len(BODY))
+    res.body = new  # a new version upstream
+    age()
+    assert cache.ensure(entry).read_bytes() == new
+    assert server.wait_idle()[-1].status == 200
+    assert cache.meta(path)["sha256"] == hashlib.sha256(new).hexdigest()
+    # The server goes away: the cached copy is still used.
+    del server.resources["/img.raw"]
+    age()
+    assert cache.ensure(entry).read_bytes() == new
+
+
+def test_pull_evicts_unused_images_to_stay_under_the_cap(server: Server, tmp_path: Path) -> None:
+    bodies = {n: os.urandom(2**20) for n in ("a", "b", "c")}
+    images = {}
+    for n, body in bodies.items():
+        server.resources[f"/{n}.raw"] = Resource(body)
+        images[n] = {"source": server.url(f"/{n}.raw"), "sha256": hashlib.sha256(body).hexdigest()}
+    cfg = config.parse(
+        {
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "cache": {"max_size_gib": 2.5 / 1024},  # room for two of the three
+            "disks": {"reserve_gib": 0},
+            "images": images,
+        }
+    )
+    cache = ImageCache(cfg)
+    a = cache.ensure(cfg.images["a"], job_id="job-a")  # in use by a running job
+    b = cache.ensure(cfg.images["b"])
+    c = cache.ensure(cfg.images["c"])  # needs room: b goes, a is in use
+    assert a.exists() and c.exists() and not b.exists()
+    cache.release(a, "job-a")
+    assert cache.ensure(cfg.images["b"]).exists()  # now a (least recently used) goes
+    assert not a.exists()
+
+
+def test_reserve_refuses_a_download_that_does_not_fit(server: Server, tmp_path: Path) -> None:
+    server.resources["/img.raw"] = Resource(BODY)
+    conf = tmp_path / "vmbatch.toml"
+    conf.write_text(
+        f'[paths]\ncache_dir = "{tmp_path / "cache"}"\n'
+        "[disks]\nreserve_gib = 1000000\n"
+        f'[images.img]\nsource = "{server.url("/img.raw")}"\nsha256 = "{SHA}"\n'
+    )
+    proc = _pull(conf)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err.decode()  # requeue: the node is short of space
+    assert "reserve_gib" in err.decode() and "img" in err.decode()
+    assert [p.name for p in (tmp_path / "cache" / "images").iterdir()] == []
+
+
+def test_in_use_markers_block_eviction_until_released_or_rebooted(
+    server: Server, tmp_path: Path
+) -> None:
+    server.resources["/img.raw"] = Resource(BODY)
+    cache, cfg = _cache(tmp_path, server, sha256=SHA)
+    path = cache.ensure(cfg.images["img"], job_id="job/1")
+    assert cache.entries()[0].jobs == ("job_1",)
+    assert not cache.remove(path)
+    cache.release(path, "job/1")
+    cache.release(path, "job/1")  # idempotent
+    marker = path.with_name(path.name + ".jobs") / "crashed-job"
+    marker.write_text("a-boot-id-from-before-the-reboot\n")
+    assert cache.entries()[0].jobs == ()  # a stale marker does not pin the image
+    assert not marker.exists()
+    assert cache.remove(path)
+    assert sorted(p.name for p in cache.dir.iterdir()) == []
+
+
+def test_failed_fetch_leaves_no_in_use_marker(server: Server, tmp_path: Path) -> None:
+    server.resources["/img.raw"] = Resource(BODY, status=404)
+    cache, cfg = _cache(tmp_path, server, sha256=SHA)
+    with pytest.raises(ImageSourceError):
+        cache.ensure(cfg.images["img"], job_id="job-1")
+    jobs = cache.path_for(cfg.images["img"]).with_name(
+        cache.path_for(cfg.images["img"]).name + ".jobs"
+    )
+    assert not jobs.exists() or list(jobs.iterdir()) == []

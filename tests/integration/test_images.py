@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from vmbatch import config
-from vmbatch.errors import ImageError, UnknownImageError
+from vmbatch.errors import DiskSpaceError, Disposition, ImageError, UnknownImageError
 from vmbatch.images.catalog import resolve
-from vmbatch.images.overlay import create_overlay
+from vmbatch.images.disks import check_free_space, create_overlay, job_disks
+from vmbatch.state import JobDir
 
 QEMU_IMG = "/usr/bin/qemu-img"
 
@@ -89,3 +91,50 @@ def test_overlay_is_metadata_only_and_never_writes_the_base(tmp_path: Path) -> N
         text=True,
     ).stdout
     assert str(base) in info
+
+
+def test_job_disks_are_sparse_sized_and_in_guest_order(tmp_path: Path) -> None:
+    base = _img(tmp_path / "base.qcow2", "qcow2", "64M")
+    cfg = config.parse(
+        {
+            "disks": {"cvmfs_cache_gib": 20},
+            "images": {
+                "c": {"source": str(base), "scratch_gib": 100},
+                "plain": {"source": str(base), "cvmfs_cache_gib": 0},
+            },
+        }
+    )
+    jobdir = JobDir(tmp_path / "jobs", "7").create()
+    disks = job_disks(cfg, resolve(cfg, "c"), jobdir)
+    assert [d.path for d in disks] == [jobdir.overlay, jobdir.cvmfs_cache, jobdir.scratch]
+    assert [d.serial for d in disks] == [None, "vmbatch-cvmfs", "vmbatch-scratch"]
+    for disk, gib in zip(disks[1:], (20, 100), strict=True):
+        info = json.loads(
+            subprocess.run(
+                [QEMU_IMG, "info", "--output=json", str(disk.path)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        assert (info["format"], info["virtual-size"]) == ("qcow2", gib * 2**30)
+        assert disk.path.stat().st_blocks * 512 < 2**20  # sparse: created, not allocated
+        assert disk.path.stat().st_mode & 0o777 == 0o600
+    other = JobDir(tmp_path / "jobs", "8").create()
+    assert len(job_disks(cfg, resolve(cfg, "plain"), other)) == 1  # image opted out
+    jobdir.remove()
+    assert not jobdir.path.exists()
+
+
+def test_free_space_guard_requeues(tmp_path: Path) -> None:
+    ok = config.parse({"paths": {"job_dir": str(tmp_path / "j"), "cache_dir": str(tmp_path)}})
+    check_free_space(ok)  # default reserve (5 GiB) on this machine's disk
+    short = config.parse(
+        {
+            "paths": {"job_dir": str(tmp_path / "not" / "yet"), "cache_dir": str(tmp_path)},
+            "disks": {"reserve_gib": 10**9},
+        }
+    )
+    with pytest.raises(DiskSpaceError, match=r"job_dir.*\[disks\]\.reserve_gib") as info:
+        check_free_space(short)
+    assert info.value.disposition is Disposition.REQUEUE

@@ -137,3 +137,42 @@ def test_remote_sources_need_a_checksum_unless_explicitly_unverified() -> None:
         config.parse({"cache": {"image_dirs": "/srv"}})
     with pytest.raises(ConfigError, match=r"\[cache\]\.image_dirs: must be an absolute path"):
         config.parse({"cache": {"image_dirs": ["srv"]}})
+
+
+def test_extra_disks_and_refresh_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(
+            {
+                "disks": {"reserve_gib": -1, "scratch_gib": -2},
+                "images": {
+                    "pinned": {
+                        "source": "https://example.invalid/a.img",
+                        "sha256": "0" * 64,
+                        "refresh_interval": 3600,
+                    },
+                    "local": {"source": "/srv/a.img", "refresh_interval": 60},
+                    "neg": {"source": "/srv/b.img", "cvmfs_cache_gib": -1},
+                },
+            }
+        )
+    text = "\n".join(info.value.problems)
+    assert "[disks].reserve_gib: must be >= 0" in text
+    assert "[disks].scratch_gib: must be >= 0 (0: no disk)" in text
+    assert "[images.pinned].refresh_interval: only unverified http(s) images" in text
+    assert "[images.local].refresh_interval: only unverified http(s) images" in text
+    assert "[images.neg].cvmfs_cache_gib: must be >= 0" in text
+    cfg = config.parse(
+        {
+            "disks": {"cvmfs_cache_gib": 20},
+            "images": {
+                "latest": {
+                    "source": "https://example.invalid/l.img",
+                    "verify": False,
+                    "refresh_interval": 86400,
+                    "scratch_gib": 5,
+                }
+            },
+        }
+    )
+    assert cfg.images["latest"].refresh_interval == 86400.0
+    assert (cfg.disks.cvmfs_cache_gib, cfg.images["latest"].scratch_gib) == (20.0, 5.0)

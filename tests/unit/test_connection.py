@@ -27,7 +27,7 @@ def _xml(name: str, job: str) -> str:
             memory_mib=128,
             vcpus=1,
             machine="q35",
-            disks=(DiskSpec(Path("/x/overlay.qcow2"), "qcow2", "vda"),),
+            disks=(DiskSpec(Path("/x/overlay.qcow2"), "qcow2"),),
             console_log=Path("/x/console.log"),
             metadata=JobMetadata(job, "alice", "none", "demo", "0.1.0"),
             emulator=Path("/usr/bin/qemu-system-x86_64"),

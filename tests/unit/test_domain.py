@@ -29,8 +29,8 @@ def _spec(**kw: object) -> DomainSpec:
         "vcpus": 2,
         "machine": "q35",
         "disks": (
-            DiskSpec(JOB / "overlay.qcow2", "qcow2", "vda"),
-            DiskSpec(JOB / "seed.iso", "raw", "vdb", readonly=True),
+            DiskSpec(JOB / "overlay.qcow2", "qcow2"),
+            DiskSpec(JOB / "seed.iso", "raw", readonly=True),
         ),
         "console_log": JOB / "console.log",
         "metadata": JobMetadata("42", "alice", "slurm", "demo", "0.1.0"),
@@ -49,6 +49,14 @@ CASES = {
     ),
     "kvm-disk-boot": _spec(domain_type="kvm", vcpus=4, memory_mib=4096, outbound_network=False),
     "tcg-named-cpu": _spec(tcg_cpu_model="qemu64"),
+    "extra-disks": _spec(
+        disks=(
+            DiskSpec(JOB / "overlay.qcow2", "qcow2"),
+            DiskSpec(JOB / "cvmfs-cache.qcow2", "qcow2", serial="vmbatch-cvmfs"),
+            DiskSpec(JOB / "scratch.qcow2", "qcow2", serial="vmbatch-scratch"),
+            DiskSpec(JOB / "seed.iso", "raw", readonly=True),
+        )
+    ),
 }
 
 
@@ -71,9 +79,7 @@ def test_golden(case: str, request: pytest.FixtureRequest, test_uri: str) -> Non
 
 def test_hostile_paths_are_escaped_and_survive_a_round_trip() -> None:
     nasty = Path("/var/lib/vmbatch/jobs/a&b'c\"d<e>f/overlay.qcow2")
-    xml = build_xml(
-        _spec(disks=(DiskSpec(nasty, "qcow2", "vda"),), cmdline="x", kernel=Path("/k&<'\">"))
-    )
+    xml = build_xml(_spec(disks=(DiskSpec(nasty, "qcow2"),), cmdline="x", kernel=Path("/k&<'\">")))
     assert "&amp;" in xml and "&lt;" in xml
     root = ET.fromstring(xml)
     assert root.find("devices/disk/source").get("file") == str(nasty)  # type: ignore[union-attr]
@@ -121,3 +127,16 @@ def test_test_driver_rejects_garbage(test_uri: str) -> None:
             conn.createXML("<domain type='qemu'><name>x</name></domain>", 0)
     finally:
         conn.close()
+
+
+def test_disks_get_targets_and_slots_in_order_and_serials_are_checked() -> None:
+    xml = ET.fromstring(build_xml(CASES["extra-disks"]))
+    disks = xml.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb", "vdc", "vdd"]  # type: ignore[union-attr]
+    assert [d.findtext("serial") for d in disks] == [None, "vmbatch-cvmfs", "vmbatch-scratch", None]
+    slots = [int(d.find("address").get("slot"), 16) for d in disks]  # type: ignore[union-attr, arg-type]
+    assert slots == sorted(slots) and len(set(slots)) == 4
+    with pytest.raises(ValueError, match="serial"):
+        build_xml(_spec(disks=(DiskSpec(JOB / "x", "qcow2", serial="a" * 21),)))
+    with pytest.raises(ValueError, match="serial"):
+        build_xml(_spec(disks=(DiskSpec(JOB / "x", "qcow2", serial="a b"),)))

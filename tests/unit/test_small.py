@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tenacity
 
-from vmbatch import accel, config, retry, signals
+from vmbatch import accel, config, retry, signals, state
 from vmbatch.errors import (
     AcceleratorError,
     ConfigError,
@@ -46,7 +46,7 @@ def test_auto_uses_the_cache_of_this_boot_only(
     boot = tmp_path / "boot_id"
     boot.write_text("boot-1\n")
     monkeypatch.setattr(accel, "CACHE_FILE", cache)
-    monkeypatch.setattr(accel, "BOOT_ID", boot)
+    monkeypatch.setattr(state, "BOOT_ID", boot)
     monkeypatch.setattr(accel, "KVM_DEVICE", Path("/nonexistent/kvm"))
     cfg = config.parse({})
     first = accel.choose(cfg)  # no /dev/kvm: decided without starting QEMU

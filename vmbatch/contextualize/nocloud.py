@@ -110,4 +110,4 @@ class NoCloud:
         )
         # 0600 root: it holds the guest's private host key; libvirt re-owns it for QEMU.
         jobdir.write(jobdir.seed, image, mode=0o600)
-        return (DiskSpec(jobdir.seed, "raw", "vdb", readonly=True),)
+        return (DiskSpec(jobdir.seed, "raw", readonly=True),)

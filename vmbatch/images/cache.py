@@ -5,10 +5,14 @@ place)::
 
     NAME-KEY.img          a verified image (KEY: first 16 hex digits of its checksum, or
                           of its URL when the admin disabled verification)
-    NAME-KEY.img.lock     flock(2) held by the one process fetching it (single flight)
+    NAME-KEY.img.lock     flock(2): shared by a job checking the image is there, exclusive
+                          for the one process fetching or removing it
     .NAME-KEY.img.part    the partial download, resumed by whoever fetches next
+    NAME-KEY.img.meta     JSON: SHA-256 of the file as stored (also for unpacked copies of
+                          compressed sources), the server's ETag/Last-Modified, fetch time
     NAME-KEY.img.used     its mtime is the image's last use (LRU eviction)
-    NAME-KEY.img.jobs/    one empty file per job using it: never evicted while non-empty
+    NAME-KEY.img.jobs/    one file per job using it, holding the host's boot id: an image
+                          is never evicted while it has a marker from this boot
 
 Single flight: the fetching process holds an exclusive ``flock`` on the lock file; others
 block on it and find the image in place when they get it. A fetcher that dies loses the
@@ -16,6 +20,14 @@ lock with its life (the kernel releases it) and the next process resumes its par
 A fetcher that hangs is noticed because its partial file stops growing for
 ``[cache].stall_timeout``: a waiter then fetches on its own into a separate partial file;
 both end in an atomic rename of identical, verified content.
+
+No eviction race: a job writes its in-use marker *before* it looks for the image under the
+shared lock, and eviction checks the markers only while it holds the exclusive lock. Either
+the evictor sees the marker and skips the image, or the job waits for the lock and then finds
+the image gone and fetches it again. Markers left by a crash or a reboot are recognized by
+their boot id and ignored. Eviction happens when a download needs room (LRU images not in
+use go first, until the new image fits under ``[cache].max_size_gib`` and leaves
+``[disks].reserve_gib`` free) and on ``vmbatch image prune``.
 """
 
 from __future__ import annotations
@@ -23,17 +35,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from vmbatch import state
 from vmbatch.config import Config, ImageConfig
-from vmbatch.errors import ImageError
-from vmbatch.images.download import Checksum, Progress, compression, fetch, file_digest
+from vmbatch.errors import DiskSpaceError, ImageError, VmBatchError
+from vmbatch.images.download import (
+    Checksum,
+    FetchResult,
+    Progress,
+    Validators,
+    compression,
+    fetch,
+    file_digest,
+)
 from vmbatch.state import safe_job_id
 
 log = logging.getLogger(__name__)
@@ -48,8 +70,41 @@ def is_cached_source(entry: ImageConfig) -> bool:
 
 
 def _side(path: Path, suffix: str) -> Path:
-    """A sidecar of a cached image: ``.lock``, ``.used`` or ``.jobs`` (see the layout)."""
+    """A sidecar of a cached image: ``.lock``, ``.meta``, ``.used``, ``.jobs`` (the layout)."""
     return path.with_name(path.name + suffix)
+
+
+def _try_lock(path: Path, operation: int) -> IO[str] | None:
+    """Open and ``flock`` the lock file without blocking; None if someone else holds it.
+
+    A remover unlinks the lock file while holding it; whoever then gets the lock on the old,
+    unlinked file retries with the new one (the inode check), so two processes can never
+    both believe they hold "the" lock.
+    """
+    while True:
+        fh = path.open("a")
+        try:
+            fcntl.flock(fh, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            same = path.stat().st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()
+
+
+def free_bytes(path: Path) -> int:
+    """Space available to unprivileged writers on ``path``'s file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def checksum_of(entry: ImageConfig) -> Checksum | None:
@@ -86,40 +141,73 @@ class ImageCache:
 
     # -- fetching ---------------------------------------------------------------------
 
-    def ensure(self, entry: ImageConfig, progress: Progress | None = None) -> Path:
-        """The cached path of ``entry``, fetching it first if needed (single flight)."""
+    def ensure(
+        self, entry: ImageConfig, progress: Progress | None = None, *, job_id: str | None = None
+    ) -> Path:
+        """The cached path of ``entry``, fetching it first if needed (single flight).
+
+        With ``job_id`` the image is marked in use by that job before it is looked up, so
+        no eviction can remove it until :meth:`release`.
+        """
         final = self.path_for(entry)
-        if final.exists():
-            return final
         self._check_file_url(entry)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        lock_path = _side(final, ".lock")
-        part = final.with_name(f".{final.name}.part")
-        with lock_path.open("a") as lock:
-            if not self._acquire(lock, part, entry):
-                # The holder stalled: fetch beside it, into our own partial file.
-                own = final.with_name(f".{final.name}.part.{os.getpid()}")
-                try:
-                    return self._fetch(entry, final, own, progress)
-                finally:
-                    own.unlink(missing_ok=True)
-            try:
-                if final.exists():  # another process fetched it while we waited
-                    return final
-                return self._fetch(entry, final, part, progress)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        marker = self._marker(final, job_id) if job_id is not None else None
+        try:
+            held = _try_lock(_side(final, ".lock"), fcntl.LOCK_SH)
+            if held is not None:
+                with held:
+                    if final.exists() and not self._due_for_refresh(entry, final):
+                        _side(final, ".used").touch()
+                        return final
+            path = self._fetch_locked(entry, final, progress)
+            _side(path, ".used").touch()
+            return path
+        except BaseException:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+            raise
 
-    def _acquire(self, lock: IO[str], part: Path, entry: ImageConfig) -> bool:
-        """Take the fetch lock; False if its holder made no progress for stall_timeout."""
-        fd = lock.fileno()
+    def _fetch_locked(self, entry: ImageConfig, final: Path, progress: Progress | None) -> Path:
+        part = final.with_name(f".{final.name}.part")
+        lock = self._acquire(final, part, entry)
+        if lock is None:
+            # The holder stalled: fetch beside it, into our own partial file.
+            own = final.with_name(f".{final.name}.part.{os.getpid()}")
+            try:
+                self._fetch(entry, final, own, progress)
+                return final
+            finally:
+                own.unlink(missing_ok=True)
+        with lock:
+            if final.exists():
+                if self._due_for_refresh(entry, final):
+                    self._refresh(entry, final, part)
+                return final  # in place: fetched by another process while we waited
+            try:
+                self._fetch(entry, final, part, progress)
+            except BaseException:
+                self._tidy(final, part)
+                raise
+        self.prune(keep=final)
+        return final
+
+    def _tidy(self, final: Path, part: Path) -> None:
+        """After a failed fetch, under the exclusive lock: drop sidecars that serve nothing
+        (a partial file stays, for the next try to resume)."""
+        if final.exists() or part.exists():
+            return
+        with contextlib.suppress(OSError):
+            _side(final, ".jobs").rmdir()  # only if empty
+        _side(final, ".lock").unlink(missing_ok=True)
+
+    def _acquire(self, final: Path, part: Path, entry: ImageConfig) -> IO[str] | None:
+        """Take the fetch lock; None if its holder made no progress for stall_timeout."""
         last_size, last_change = -1, time.monotonic()
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                pass
+            lock = _try_lock(_side(final, ".lock"), fcntl.LOCK_EX)
+            if lock is not None:
+                return lock
             size = part.stat().st_size if part.exists() else 0
             if size != last_size:
                 last_size, last_change = size, time.monotonic()
@@ -130,12 +218,17 @@ class ImageCache:
                     entry.name,
                     self.cfg.cache.stall_timeout,
                 )
-                return False
+                return None
             time.sleep(_POLL)
 
     def _fetch(
-        self, entry: ImageConfig, final: Path, part: Path, progress: Progress | None
-    ) -> Path:
+        self,
+        entry: ImageConfig,
+        final: Path,
+        part: Path,
+        progress: Progress | None,
+        validators: Validators | None = None,
+    ) -> FetchResult:
         log.info("image %s: fetching %s", entry.name, entry.source)
         return fetch(
             entry.name,
@@ -146,6 +239,9 @@ class ImageCache:
             read_timeout=self.cfg.cache.read_timeout,
             progress=progress,
             part=part,
+            validators=validators,
+            room=lambda need: self.make_room(entry.name, need, keep=final),
+            before_rename=lambda result: self._write_meta(entry, final, result),
         )
 
     def _check_file_url(self, entry: ImageConfig) -> None:
@@ -160,25 +256,110 @@ class ImageCache:
                 hint="move the file there or add its directory to [cache].image_dirs",
             )
 
+    # -- metadata and conditional refresh ----------------------------------------------
+
+    def meta(self, path: Path) -> dict[str, Any] | None:
+        """What was recorded when ``path`` was fetched (None if nothing readable)."""
+        try:
+            data = json.loads(_side(path, ".meta").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write_meta(self, entry: ImageConfig, final: Path, result: FetchResult) -> None:
+        meta = _side(final, ".meta")
+        data = {
+            "source": entry.source,
+            "sha256": result.sha256,
+            "size": result.size,
+            "etag": result.validators.etag,
+            "last_modified": result.validators.last_modified,
+            "fetched_at": time.time(),
+        }
+        tmp = meta.with_name(f".{meta.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.chmod(0o644)
+        tmp.replace(meta)
+
+    def _due_for_refresh(self, entry: ImageConfig, final: Path) -> bool:
+        if entry.refresh_interval <= 0:
+            return False
+        fetched = (self.meta(final) or {}).get("fetched_at")
+        return not isinstance(fetched, int | float) or (
+            time.time() - fetched > entry.refresh_interval
+        )
+
+    def _refresh(self, entry: ImageConfig, final: Path, part: Path) -> None:
+        """Revalidate a cached unverified image; keep the cached copy if that fails."""
+        meta = self.meta(final) or {}
+        validators = Validators(meta.get("etag"), meta.get("last_modified"))
+        try:
+            result = self._fetch(entry, final, part, None, validators=validators)
+        except VmBatchError as exc:
+            log.warning("image %s: refresh failed (%s); using the cached copy", entry.name, exc)
+            return
+        if result.not_modified:
+            log.info("image %s: not modified on the server; cached copy kept", entry.name)
+            self._write_meta(
+                entry, final, FetchResult(meta.get("sha256"), meta.get("size", 0), validators)
+            )
+        else:
+            log.info("image %s: the server has a new version; cached copy replaced", entry.name)
+
     # -- use tracking and eviction ----------------------------------------------------
 
     @contextlib.contextmanager
     def in_use(self, path: Path, job_id: str) -> Iterator[None]:
         """Mark ``path`` as used by ``job_id`` for the duration of the block."""
-        marker = self.mark_used(path, job_id)
+        self.mark_used(path, job_id)
         try:
             yield
         finally:
-            marker.unlink(missing_ok=True)
+            self.release(path, job_id)
+
+    def _marker(self, path: Path, job_id: str) -> Path:
+        jobs = _side(path, ".jobs")
+        marker = jobs / safe_job_id(job_id)
+        while True:
+            jobs.mkdir(mode=0o755, exist_ok=True)
+            try:
+                marker.write_text(state.boot_id() + "\n")
+                return marker
+            except FileNotFoundError:
+                continue  # a remover took the empty directory away just now
 
     def mark_used(self, path: Path, job_id: str) -> Path:
-        jobs = _side(path, ".jobs")
-        jobs.mkdir(mode=0o755, exist_ok=True)
-        marker = jobs / safe_job_id(job_id)
-        marker.touch()
-        stamp = _side(path, ".used")
-        stamp.touch()
+        """Record that ``job_id`` uses ``path`` (and that it was used now)."""
+        marker = self._marker(path, job_id)
+        _side(path, ".used").touch()
         return marker
+
+    def release(self, path: Path, job_id: str) -> None:
+        """The job no longer uses ``path``; idempotent."""
+        (_side(path, ".jobs") / safe_job_id(job_id)).unlink(missing_ok=True)
+
+    def _jobs(self, path: Path) -> tuple[str, ...]:
+        """Jobs of this boot using ``path``; markers from before a reboot are removed."""
+        jobs = _side(path, ".jobs")
+        if not jobs.is_dir():
+            return ()
+        boot = state.boot_id()
+        live = []
+        for marker in jobs.iterdir():
+            try:
+                owner = marker.read_text().strip()
+            except OSError:
+                continue
+            if owner and owner != boot:
+                log.info(
+                    "image %s: dropping marker of job %s from an earlier boot",
+                    path.name,
+                    marker.name,
+                )
+                marker.unlink(missing_ok=True)
+            else:
+                live.append(marker.name)  # empty: being written right now, counts as live
+        return tuple(sorted(live))
 
     def entries(self) -> list[CacheEntry]:
         if not self.dir.is_dir():
@@ -186,37 +367,66 @@ class ImageCache:
         result = []
         for p in sorted(self.dir.glob("*.img")):
             stamp = _side(p, ".used")
-            jobs = _side(p, ".jobs")
-            result.append(
-                CacheEntry(
-                    p,
-                    p.stat().st_size,
-                    stamp.stat().st_mtime if stamp.exists() else None,
-                    tuple(sorted(j.name for j in jobs.iterdir())) if jobs.is_dir() else (),
-                )
-            )
+            try:
+                size = p.stat().st_size
+                used = stamp.stat().st_mtime if stamp.exists() else None
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            result.append(CacheEntry(p, size, used, self._jobs(p)))
         return result
 
     def remove(self, path: Path, *, force: bool = False) -> bool:
-        """Delete one cached image unless a job uses it; True if it was removed."""
-        jobs = _side(path, ".jobs")
-        if not force and jobs.is_dir() and any(jobs.iterdir()):
-            return False
+        """Delete one cached image unless a job uses it; True if it was removed.
+
+        ``force`` removes it even while jobs use it (a corrupt copy); their VMs keep the
+        open file, and their markers stay so the refetched copy counts as in use.
+        """
         lock_path = _side(path, ".lock")
-        with lock_path.open("a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # being fetched right now: leave it alone
+        lock = _try_lock(lock_path, fcntl.LOCK_EX)
+        if lock is None:
+            return False  # being fetched or looked up right now: leave it alone
+        with lock:
+            if not force and self._jobs(path):
+                return False
             path.unlink(missing_ok=True)
             _side(path, ".used").unlink(missing_ok=True)
+            _side(path, ".meta").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                jobs.rmdir()
+                _side(path, ".jobs").rmdir()
             lock_path.unlink(missing_ok=True)
-            fcntl.flock(lock, fcntl.LOCK_UN)
         return True
 
-    def prune(self) -> list[Path]:
+    def make_room(self, name: str, need: int, *, keep: Path | None = None) -> None:
+        """Evict LRU images not in use until ``need`` more bytes fit under the cap and above
+        ``[disks].reserve_gib`` of free space; raise DiskSpaceError if they cannot."""
+        reserve = int(self.cfg.disks.reserve_gib * 2**30)
+        cap = int(self.cfg.cache.max_size_gib * 2**30)
+        others = [e for e in self.entries() if e.path != keep]
+        total = sum(e.size for e in others)
+        for e in sorted(others, key=lambda e: e.last_used or 0.0):
+            over_cap = cap > 0 and total + need > cap
+            if not over_cap and free_bytes(self.dir) - need >= reserve:
+                break
+            if not e.jobs and self.remove(e.path):
+                log.info("image %s: evicted %s (%s) to make room", name, e.path.name, _gib(e.size))
+                total -= e.size
+        free = free_bytes(self.dir)
+        if free - need < reserve:
+            raise DiskSpaceError(
+                f"image {name!r}: needs {_gib(need)} in {self.dir}, which has {_gib(free)} free"
+                f" and must keep {_gib(reserve)} ([disks].reserve_gib); the other cached"
+                " images are in use",
+                hint="free space on that file system or move [paths].cache_dir",
+            )
+        if cap > 0 and total + need > cap:
+            log.warning(
+                "image %s: the cache will exceed [cache].max_size_gib (%s) because the"
+                " other images are in use",
+                name,
+                _gib(cap),
+            )
+
+    def prune(self, *, keep: Path | None = None) -> list[Path]:
         """Evict least recently used images not in use until under ``max_size_gib``."""
         cap = self.cfg.cache.max_size_gib * 2**30
         if cap <= 0:
@@ -227,7 +437,7 @@ class ImageCache:
         for e in sorted(entries, key=lambda e: e.last_used or 0.0):
             if total <= cap:
                 break
-            if not e.jobs and self.remove(e.path):
+            if e.path != keep and not e.jobs and self.remove(e.path):
                 total -= e.size
                 removed.append(e.path)
         return removed
@@ -235,10 +445,18 @@ class ImageCache:
     def verify(self, entry: ImageConfig) -> bool | None:
         """Re-hash the cached copy; a mismatch deletes it (the next use fetches it again).
 
-        None if it is not cached or has no checksum to compare."""
+        The catalog checksum is used where it describes the stored file; for unpacked
+        copies of compressed sources and for unverified images, the SHA-256 recorded when
+        the file was stored. None if it is not cached or nothing is known to compare with.
+        """
         path = self.path_for(entry)
+        if not path.exists():
+            return None
         sums = checksum_of(entry)
-        if not path.exists() or sums is None or compression(entry.source) is not None:
+        if sums is None or compression(entry.source) is not None:
+            recorded = (self.meta(path) or {}).get("sha256")
+            sums = Checksum("sha256", recorded) if isinstance(recorded, str) else None
+        if sums is None:
             return None
         if file_digest(path, sums.algorithm) == sums.hexdigest:
             return True

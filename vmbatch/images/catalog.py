@@ -42,6 +42,11 @@ class ImageSpec:
     initrd: Path | None = None
     cmdline: str = ""
     firmware: Path | None = None
+    #: Sizes of the per-job empty disks in GiB (0: none).
+    cvmfs_cache_gib: float = 0.0
+    scratch_gib: float = 0.0
+    #: True if ``path`` lies in the node cache (then it is marked in use per job).
+    cached: bool = False
 
 
 def resolve(
@@ -50,11 +55,13 @@ def resolve(
     *,
     allow_path: bool = False,
     progress: Progress | None = None,
+    job_id: str | None = None,
 ) -> ImageSpec:
     """Resolve a catalog name (or, with ``allow_path``, a local file) to an ImageSpec.
 
     Remote and ``file://`` sources are fetched into the cache first (single flight). A
-    cached copy that ``qemu-img`` cannot read is removed and fetched once more.
+    cached copy that ``qemu-img`` cannot read is removed and fetched once more. With
+    ``job_id`` a cached image is marked in use by the job (see ``ImageCache.release``).
     """
     entry = cfg.images.get(image)
     if entry is None:
@@ -76,14 +83,21 @@ def resolve(
             )
     if is_cached_source(entry):
         cache = ImageCache(cfg)
-        path = cache.ensure(entry, progress)
+        path = cache.ensure(entry, progress, job_id=job_id)
         try:
-            fmt, size = inspect(cfg, entry, path)
-        except ImageError as exc:
-            log.warning("image %s: cached copy unusable (%s); fetching it again", entry.name, exc)
-            cache.remove(path, force=True)
-            path = cache.ensure(entry, progress)
-            fmt, size = inspect(cfg, entry, path)
+            try:
+                fmt, size = inspect(cfg, entry, path)
+            except ImageError as exc:
+                log.warning(
+                    "image %s: cached copy unusable (%s); fetching it again", entry.name, exc
+                )
+                cache.remove(path, force=True)
+                path = cache.ensure(entry, progress, job_id=job_id)
+                fmt, size = inspect(cfg, entry, path)
+        except BaseException:
+            if job_id is not None:
+                cache.release(path, job_id)
+            raise
     else:
         path = Path(entry.source)
         fmt, size = inspect(cfg, entry, path)
@@ -98,6 +112,11 @@ def resolve(
         initrd=entry.initrd,
         cmdline=entry.cmdline,
         firmware=entry.firmware,
+        cvmfs_cache_gib=(
+            cfg.disks.cvmfs_cache_gib if entry.cvmfs_cache_gib is None else entry.cvmfs_cache_gib
+        ),
+        scratch_gib=cfg.disks.scratch_gib if entry.scratch_gib is None else entry.scratch_gib,
+        cached=is_cached_source(entry),
     )
 
 

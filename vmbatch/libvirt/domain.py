@@ -42,12 +42,18 @@ DomainType = Literal["kvm", "qemu"]
 
 @dataclass(frozen=True, slots=True)
 class DiskSpec:
-    """One virtio disk attached to the guest."""
+    """One virtio disk attached to the guest.
+
+    Disks get targets vda, vdb, ... in the order given, on consecutive PCI slots, so the
+    guest enumerates them in that order too. ``serial`` (at most 20 characters, the
+    virtio-blk limit) shows in the guest as ``/dev/disk/by-id/virtio-<serial>`` and
+    ``/sys/block/vdX/serial``, for guests that look disks up by role.
+    """
 
     path: Path
     format: Literal["qcow2", "raw"]
-    target: str
     readonly: bool = False
+    serial: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,12 @@ def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
 
 #: PCI slots on the root bus: the RNG, then the disks in order.
 _RNG_SLOT, _FIRST_DISK_SLOT = 3, 4
+#: Disk slots end below the NIC's slot.
+MAX_DISKS = int(_NET_ADDR, 16) - _FIRST_DISK_SLOT
+
+
+def _disk_target(index: int) -> str:
+    return "vd" + "abcdefghijklmnopqrstuvwxyz"[index]
 
 
 def _pci(parent: ET.Element, slot: int) -> None:
@@ -181,15 +193,23 @@ def _pci(parent: ET.Element, slot: int) -> None:
 
 
 def _devices(dom: ET.Element, spec: DomainSpec) -> None:
+    if len(spec.disks) > MAX_DISKS:
+        raise ValueError(f"at most {MAX_DISKS} disks fit on the root bus")
+    if any(
+        d.serial is not None and not re.fullmatch(r"[\w.-]{1,20}", d.serial) for d in spec.disks
+    ):
+        raise ValueError("a disk serial must be 1-20 letters, digits, '.', '_' or '-'")
     dev = ET.SubElement(dom, "devices")
     _text(dev, "emulator", str(spec.emulator))
     for i, disk in enumerate(spec.disks):
         d = ET.SubElement(dev, "disk", type="file", device="disk")
         ET.SubElement(d, "driver", name="qemu", type=disk.format)
         ET.SubElement(d, "source", file=str(disk.path))
-        ET.SubElement(d, "target", dev=disk.target, bus="virtio")
+        ET.SubElement(d, "target", dev=_disk_target(i), bus="virtio")
         if disk.readonly:
             ET.SubElement(d, "readonly")
+        if disk.serial is not None:
+            _text(d, "serial", disk.serial)
         _pci(d, _FIRST_DISK_SLOT + i)
     ET.SubElement(dev, "controller", type="usb", model="none")
     serial = ET.SubElement(dev, "serial", type="pty")

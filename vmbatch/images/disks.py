@@ -1,0 +1,94 @@
+"""A job's disks on the host: the overlay on the base image, the empty extra disks, and the
+free-space guard that runs before any of them is created.
+
+- The overlay: ``qemu-img create -f qcow2 -F <fmt> -b <base> <overlay>`` writes only qcow2
+  metadata, so the time does not grow with the base image's size, and the guest's writes land
+  in the overlay: the base image is never written.
+- The CernVM-FS cache disk and the scratch disk: empty qcow2 files of the configured virtual
+  size. qcow2 allocates clusters on first write, so creating one is instant and costs a few
+  hundred KiB whatever its size. µCernVM needs such an empty disk and formats it itself on
+  first boot ("this hard disk is initially empty and can be created instantaneously",
+  CernVM 3 release notes, github.com/cernvm/doc-cernvm RELEASE.md).
+- The guard: a job starts only if ``[paths].job_dir`` and ``[paths].cache_dir`` each keep
+  ``[disks].reserve_gib`` free; otherwise :class:`~vmbatch.errors.DiskSpaceError` requeues
+  it (the node is short of space, not the job at fault).
+
+All of them live in the job directory and go with it at teardown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmbatch import process
+from vmbatch.config import Config
+from vmbatch.errors import DiskSpaceError
+from vmbatch.images.cache import free_bytes
+from vmbatch.images.catalog import ImageSpec
+from vmbatch.libvirt.domain import DiskSpec
+from vmbatch.state import JobDir
+
+#: Serials of the extra disks, as the guest sees them (``/dev/disk/by-id/virtio-<serial>``).
+CVMFS_SERIAL = "vmbatch-cvmfs"
+SCRATCH_SERIAL = "vmbatch-scratch"
+
+
+def check_free_space(cfg: Config) -> None:
+    """Raise DiskSpaceError if the job or cache directory is below the reserve."""
+    reserve = cfg.disks.reserve_gib * 2**30
+    for what, path in (("job_dir", cfg.paths.job_dir), ("cache_dir", cfg.paths.cache_dir)):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent  # not created yet: the file system it will be on
+        free = free_bytes(probe)
+        if free < reserve:
+            raise DiskSpaceError(
+                f"only {free / 2**30:.1f} GiB free in {path} ([paths].{what}), less than the"
+                f" {cfg.disks.reserve_gib:g} GiB reserve ([disks].reserve_gib)",
+                hint="free space there; the job is requeued",
+            )
+
+
+def create_overlay(cfg: Config, image: ImageSpec, dest: Path) -> Path:
+    """Create ``dest`` as a qcow2 overlay on ``image`` (mode 0600; libvirt re-owns it)."""
+    process.run(
+        [
+            str(cfg.tools.qemu_img),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            image.format,
+            "-b",
+            str(image.path),
+            str(dest),
+        ],
+        timeout=cfg.tools.command_timeout,
+    )
+    dest.chmod(0o600)
+    return dest
+
+
+def create_blank(cfg: Config, dest: Path, size_gib: float) -> Path:
+    """Create ``dest`` as an empty, sparse qcow2 disk of ``size_gib`` (rounded to MiB)."""
+    mib = max(1, round(size_gib * 1024))
+    process.run(
+        [str(cfg.tools.qemu_img), "create", "-q", "-f", "qcow2", str(dest), f"{mib}M"],
+        timeout=cfg.tools.command_timeout,
+    )
+    dest.chmod(0o600)
+    return dest
+
+
+def job_disks(cfg: Config, image: ImageSpec, jobdir: JobDir) -> tuple[DiskSpec, ...]:
+    """Create the job's overlay and extra disks in ``jobdir``; return them in guest order:
+    root (vda), then the CernVM-FS cache disk, then the scratch disk, each if configured."""
+    disks = [DiskSpec(create_overlay(cfg, image, jobdir.overlay), "qcow2")]
+    for size, path, serial in (
+        (image.cvmfs_cache_gib, jobdir.cvmfs_cache, CVMFS_SERIAL),
+        (image.scratch_gib, jobdir.scratch, SCRATCH_SERIAL),
+    ):
+        if size > 0:
+            disks.append(DiskSpec(create_blank(cfg, path, size), "qcow2", serial=serial))
+    return tuple(disks)
