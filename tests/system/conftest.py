@@ -101,6 +101,7 @@ outbound_network = false
 [paths]
 job_dir = "{job_dir}"
 console_log_dir = "{console_dir}"
+cache_dir = "{job_dir.with_name("cache")}"
 {register("demo", guest)}
 """
 
