@@ -59,6 +59,7 @@ test: venv daemons guest-tiny guest-debian lint
 
 bench: venv daemons guest-tiny
 	$(VENV)/bin/python bench/boot.py --guest $(GUESTS)/tiny
+	$(VENV)/bin/python bench/images.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

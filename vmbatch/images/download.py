@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 #: Network reads: a connection that breaks loses at most the chunk being read (urllib3
-#: discards a partial read), so keep it small; 64 KiB costs nothing measurable.
-NET_CHUNK = 64 * 1024
+#: discards a partial read). 256 KiB measured ~30% faster than 64 KiB on loopback (per-read
+#: overhead in requests/urllib3) and loses little on a break (bench/images.py).
+NET_CHUNK = 256 * 1024
 #: Called with (bytes so far, total bytes or None) as data arrives.
 Progress = Callable[[int, int | None], None]
 #: Told the number of bytes about to be written; raises to refuse.
