@@ -232,7 +232,7 @@ def image_verify(ctx: click.Context, name: str | None) -> None:
             + {
                 True: "ok",
                 False: "CORRUPT, removed",
-                None: "not checked (not cached, local, or compressed source)",
+                None: "not checked (not cached, local, or nothing recorded to compare with)",
             }[ok]
         )
     ctx.exit(CLI[ImageError.disposition] if bad else 0)

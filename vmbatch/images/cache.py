@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -307,15 +306,6 @@ class ImageCache:
             log.info("image %s: the server has a new version; cached copy replaced", entry.name)
 
     # -- use tracking and eviction ----------------------------------------------------
-
-    @contextlib.contextmanager
-    def in_use(self, path: Path, job_id: str) -> Iterator[None]:
-        """Mark ``path`` as used by ``job_id`` for the duration of the block."""
-        self.mark_used(path, job_id)
-        try:
-            yield
-        finally:
-            self.release(path, job_id)
 
     def _marker(self, path: Path, job_id: str) -> Path:
         jobs = _side(path, ".jobs")
