@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import sys
 import time
 from pathlib import Path
@@ -15,13 +16,14 @@ from vmbatch.errors import (
     ConfigError,
     HostError,
     ImageError,
+    JobError,
     JobInterruptedError,
     UnknownImageError,
     VmBatchError,
 )
 from vmbatch.hooks.exitcodes import CLI, CLI_INTERNAL_ERROR
 from vmbatch.images.cache import ImageCache, is_cached_source
-from vmbatch.job import interactive
+from vmbatch.job import JobUser, interactive
 from vmbatch.libvirt.connection import Connection
 
 log = logging.getLogger("vmbatch")
@@ -68,10 +70,22 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
 )
 @click.option("--memory", type=click.IntRange(min=64), help="Guest memory in MiB.")
 @click.option("--vcpus", type=click.IntRange(min=1), help="Number of guest CPUs.")
+@click.option(
+    "--user",
+    "user",
+    metavar="NAME",
+    help="Run as this node user (same name, uid, gid, groups) inside the VM; root only."
+    " Default: the calling user; for root, log in as [ssh].user (debugging images).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run(
-    ctx: click.Context, image: str, memory: int | None, vcpus: int | None, command: tuple[str, ...]
+    ctx: click.Context,
+    image: str,
+    memory: int | None,
+    vcpus: int | None,
+    user: str | None,
+    command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh VM made from IMAGE, then destroy the VM.
 
@@ -84,8 +98,18 @@ def run(
         vmbatch run --image demo -- uname -a
     """
     cfg = _load(ctx)
+    root = os.geteuid() == 0
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if user is not None and not root and user != me:
+        raise JobError(f"only root may run as another user ({user!r})")
+    name = user if user is not None else (None if root else me)
     job = interactive(
-        image, command, memory=memory, vcpus=vcpus, allow_image_path=os.geteuid() == 0
+        image,
+        command,
+        memory=memory,
+        vcpus=vcpus,
+        allow_image_path=root,
+        identity=JobUser.from_host(name) if name is not None else None,
     )
     status = lifecycle.run_job(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
     ctx.exit(status)

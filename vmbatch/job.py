@@ -1,10 +1,101 @@
-"""JobSpec: what one job asks for. The hooks issue adds parsing from Torque and Slurm."""
+"""JobSpec: what one job asks for. The hooks issue adds parsing from Torque and Slurm.
+
+:class:`JobUser` is the identity the job runs as inside the guest. Every field ends up in
+contextualization files (YAML, ini, shell, passwd lines), so it is validated here, once, and
+strictly: a name that does not match :data:`USER_NAME` or a uid/gid of 0 is refused with
+a :class:`~vmbatch.errors.JobError` that says why, never escaped and passed on.
+"""
 
 from __future__ import annotations
 
 import getpass
+import grp
+import pwd
+import re
 import uuid
 from dataclasses import dataclass
+
+from vmbatch.errors import JobError
+
+#: User and group names: the portable set (POSIX 3.437) with a leading letter or '_',
+#: at most 32 characters (useradd's limit); no '$' (Samba machine accounts), no spaces.
+USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}")
+#: Absolute home path from a conservative character set: it is written into passwd lines
+#: and shell commands.
+HOME_PATH = re.compile(r"/[A-Za-z0-9._+@-]+(/[A-Za-z0-9._+@-]+)*")
+_MAX_ID = 2**32 - 2  # (uid_t)-1 is "no id"
+
+
+def _check_id(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError(f"job {what} {value!r} is not a number")
+    if value == 0:
+        raise JobError(
+            f"job {what} 0 (root) refused: jobs never run as root inside the VM",
+            hint="submit the job as an ordinary user",
+        )
+    if not 0 < value <= _MAX_ID:
+        raise JobError(f"job {what} {value} is out of range (1-{_MAX_ID})")
+
+
+def _check_name(what: str, value: str) -> None:
+    if not USER_NAME.fullmatch(value):
+        raise JobError(
+            f"job {what} {value!r} is not a valid name",
+            hint="names must start with a letter or '_' and use only letters, digits,"
+            " '.', '_' and '-' (at most 32)",
+        )
+    if value == "root":
+        raise JobError(f"job {what} 'root' refused: jobs never run as root inside the VM")
+
+
+@dataclass(frozen=True, slots=True)
+class JobUser:
+    """Who the job runs as inside the guest: the same name, uid and gid as on the node.
+
+    ``groups`` are supplementary groups as (name, gid).
+    """
+
+    name: str
+    uid: int
+    gid: int
+    group: str
+    home: str
+    groups: tuple[tuple[str, int], ...] = ()
+    shell: str = "/bin/bash"
+
+    def __post_init__(self) -> None:
+        _check_name("user", self.name)
+        _check_id("uid", self.uid)
+        _check_id("gid", self.gid)
+        _check_name("group", self.group)
+        for name, gid in self.groups:
+            _check_name("group", name)
+            _check_id("gid", gid)
+        for what, path in (("home", self.home), ("shell", self.shell)):
+            if not HOME_PATH.fullmatch(path) or "/../" in path + "/" or "/./" in path + "/":
+                raise JobError(
+                    f"job {what} {path!r} is not a plain absolute path",
+                    hint="use letters, digits and . _ + @ - between slashes",
+                )
+
+    @classmethod
+    def from_host(cls, name: str) -> JobUser:
+        """The identity of ``name`` in the node's user database."""
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise JobError(f"user {name!r} does not exist on this node") from None
+        try:
+            primary = grp.getgrgid(pw.pw_gid).gr_name
+        except KeyError:
+            raise JobError(f"user {name!r}: primary gid {pw.pw_gid} has no group") from None
+        groups = tuple(
+            (g.gr_name, g.gr_gid)
+            for g in grp.getgrall()
+            if name in g.gr_mem and g.gr_gid != pw.pw_gid
+        )
+        return cls(name, pw.pw_uid, pw.pw_gid, primary, pw.pw_dir, groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +111,9 @@ class JobSpec:
     vcpus: int | None = None
     #: ``vmbatch run`` by root may name a local image file instead of a catalog entry.
     allow_image_path: bool = False
+    #: Who the job runs as in the guest; None only for root's ``vmbatch run`` without
+    #: ``--user``, which logs in as ``[ssh].user`` (a debugging aid).
+    identity: JobUser | None = None
 
 
 def interactive(
@@ -29,14 +123,16 @@ def interactive(
     memory: int | None = None,
     vcpus: int | None = None,
     allow_image_path: bool = False,
+    identity: JobUser | None = None,
 ) -> JobSpec:
     """A JobSpec for ``vmbatch run`` from a shell: a fresh id, the calling user."""
     return JobSpec(
         job_id=f"run-{uuid.uuid4().hex[:12]}",
-        user=getpass.getuser(),
+        user=identity.name if identity else getpass.getuser(),
         image=image,
         argv=argv,
         memory=memory,
         vcpus=vcpus,
         allow_image_path=allow_image_path,
+        identity=identity,
     )

@@ -13,6 +13,7 @@ is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at I
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import time
@@ -26,12 +27,12 @@ from vmbatch import __version__, accel, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
-from vmbatch.errors import VmBatchError
+from vmbatch.errors import ImageError, VmBatchError
 from vmbatch.guest import ssh
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
 from vmbatch.images.disks import check_free_space, job_disks
-from vmbatch.job import JobSpec
+from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
 from vmbatch.state import JobDir
@@ -107,7 +108,7 @@ def run_job(
                 ctx = ContextSpec(
                     instance_id=f"vmbatch-{job.job_id}",
                     hostname=name[:63],
-                    login_user=cfg.ssh.user,
+                    user=job.identity,
                     authorized_keys=(client_key.public_openssh,),
                     host_key=host_key,
                 )
@@ -136,7 +137,7 @@ def run_job(
             log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
             endpoint = ssh.Endpoint(
                 port=port,
-                user=cfg.ssh.user,
+                user=job.identity.name if job.identity else cfg.ssh.user,
                 client_key=client_key,
                 host_key=host_key,
                 connect_timeout=cfg.ssh.connect_timeout,
@@ -150,6 +151,8 @@ def run_job(
                     is_alive=lambda: live.is_running(name),
                     console_tail=lambda: console_tail(jobdir),
                 )
+            if job.identity is not None:
+                verify_identity(client, job.identity, image.name)
             with timer("command"):
                 return ssh.run(client, job.argv, out, err)
         finally:
@@ -157,6 +160,27 @@ def run_job(
                 teardown(cfg, conn, name, jobdir if created else None, client)
                 if own_conn and conn is not None:
                     conn.close()
+
+
+def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> None:
+    """Refuse to run the job unless the guest account has exactly the job's uid and gid.
+
+    Contextualization cannot always enforce it (cloud-init skips an account that already
+    exists in the image), so it is checked, fail-closed, before the job's command runs.
+    """
+    out, err = io.BytesIO(), io.BytesIO()
+    status = ssh.run(client, ("id", "-u"), out, err)
+    uid = out.getvalue().strip()
+    out2 = io.BytesIO()
+    status |= ssh.run(client, ("id", "-g"), out2, err)
+    gid = out2.getvalue().strip()
+    if status != 0 or (uid, gid) != (str(user.uid).encode(), str(user.gid).encode()):
+        raise ImageError(
+            f"image {image!r}: the guest account {user.name!r} has uid/gid"
+            f" {uid.decode(errors='replace')}/{gid.decode(errors='replace')}, expected"
+            f" {user.uid}/{user.gid}; the job was not started",
+            hint="the image has a conflicting account of that name; remove it from the image",
+        )
 
 
 def teardown(

@@ -1,24 +1,30 @@
 from __future__ import annotations
 
 import io
+import re
 import stat
 from pathlib import Path
 
 import paramiko
 import pycdlib
+import pytest
 import yaml
 
 from vmbatch.contextualize import REGISTRY, ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, meta_data, user_data
+from vmbatch.errors import Disposition, JobError
+from vmbatch.job import JobUser
 from vmbatch.state import JobDir
 
+ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
 
-def _spec(hostname: str = "vmbatch-42") -> ContextSpec:
+
+def _spec(hostname: str = "vmbatch-42", user: JobUser | None = None) -> ContextSpec:
     return ContextSpec(
         instance_id="vmbatch-42",
         hostname=hostname,
-        login_user="root",
+        user=user,
         authorized_keys=(generate("client").public_openssh,),
         host_key=generate("host"),
     )
@@ -41,7 +47,7 @@ def test_user_data_is_cloud_config_with_pinned_host_key() -> None:
     assert data["ssh_keys"]["ed25519_private"] == spec.host_key.private_openssh
     assert data["ssh_keys"]["ed25519_public"] == spec.host_key.public_openssh
     assert data["ssh_pwauth"] is False and data["ssh_genkeytypes"] == ["ed25519"]
-    assert data["disable_root"] is False  # vmbatch logs in as root in this version
+    assert data["disable_root"] is False  # no job user: root's debugging login
     # The tiny guest's init parses this layout: the private key as a literal block.
     assert "  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n" in text
 
@@ -78,3 +84,76 @@ def test_every_registered_method_prepares_a_seed(tmp_path: Path) -> None:
         for d in disks:
             assert d.readonly
             assert stat.S_IMODE(d.path.stat().st_mode) == 0o600
+
+
+def test_user_data_creates_the_job_user_with_exact_ids_and_no_root_access() -> None:
+    spec = _spec(user=ALICE)
+    data = yaml.safe_load(user_data(spec))
+    [entry] = data["users"]  # no "default": the image's default user gets no key
+    assert entry == {
+        "name": "alice",
+        "uid": 4242,
+        "primary_group": "4343",
+        "create_groups": False,
+        "homedir": "/home/alice",
+        "shell": "/bin/bash",
+        "lock_passwd": True,
+        "ssh_authorized_keys": list(spec.authorized_keys),
+        "groups": "5000",
+    }
+    assert "ssh_authorized_keys" not in data  # nothing for root or the default user
+    assert data["disable_root"] is True and data["ssh_pwauth"] is False
+    assert data["bootcmd"] == [
+        "getent group 4343 >/dev/null || groupadd -g 4343 physics || groupadd -g 4343"
+        " vmbatch-g4343",
+        "getent group 5000 >/dev/null || groupadd -g 5000 atlas || groupadd -g 5000 vmbatch-g5000",
+    ]
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("name", "al ice", "not a valid name"),
+        ("name", "alice\nssh_pwauth: true", "not a valid name"),
+        ("name", "$(reboot)", "not a valid name"),
+        ("name", "-rf", "not a valid name"),
+        ("name", "root", "'root' refused"),
+        ("name", "a" * 33, "not a valid name"),
+        ("uid", 0, "uid 0 (root) refused"),
+        ("gid", 0, "gid 0 (root) refused"),
+        ("uid", -5, "out of range"),
+        ("uid", 2**32, "out of range"),
+        ("uid", True, "not a number"),
+        ("group", "wheel;id", "not a valid name"),
+        ("home", "home/alice", "not a plain absolute path"),
+        ("home", "/home/../etc", "not a plain absolute path"),
+        ("home", "/home/al ice", "not a plain absolute path"),
+        ("home", "/home/a\n- b", "not a plain absolute path"),
+        ("groups", (("ok", 0),), "gid 0 (root) refused"),
+        ("groups", (("x'y", 7),), "not a valid name"),
+    ],
+)
+def test_hostile_identities_are_refused_with_a_reason(
+    field: str, value: object, message: str
+) -> None:
+    fields = {
+        "name": "alice",
+        "uid": 4242,
+        "gid": 4343,
+        "group": "physics",
+        "home": "/home/alice",
+        "groups": (),
+    }
+    fields[field] = value
+    with pytest.raises(JobError, match=re.escape(message)) as info:
+        JobUser(**fields)  # type: ignore[arg-type]
+    assert info.value.disposition is Disposition.ABORT_JOB
+
+
+def test_host_user_lookup() -> None:
+    with pytest.raises(JobError, match="does not exist on this node"):
+        JobUser.from_host("no-such-user-here")
+    with pytest.raises(JobError, match="'root' refused"):
+        JobUser.from_host("root")
+    nobody = JobUser.from_host("nobody")
+    assert (nobody.uid, nobody.name) == (65534, "nobody")

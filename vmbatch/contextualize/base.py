@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmbatch.contextualize.keys import KeyPair
+from vmbatch.job import JobUser
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
 
@@ -16,9 +17,15 @@ class ContextSpec:
 
     instance_id: str
     hostname: str
-    login_user: str
+    #: The job's user (validated in :class:`~vmbatch.job.JobUser`); None: root logs in
+    #: (root's ``vmbatch run`` without ``--user``, for debugging images).
+    user: JobUser | None
     authorized_keys: tuple[str, ...]
     host_key: KeyPair
+
+    @property
+    def login_user(self) -> str:
+        return self.user.name if self.user else "root"
 
 
 class ContextMethod(Protocol):

@@ -11,6 +11,18 @@ vmbatch), ``ssh_deletekeys``, ``ssh_genkeytypes: [ed25519]`` (the schema wants a
 one type; with ``ssh_keys`` given cloud-init generates none anyway),
 ``ssh_pwauth: false``.
 
+The job's user (``users``, cloud-init's users-groups module, 22.4 as in Debian 12): name,
+``uid``, ``primary_group`` and ``groups`` by *number*, ``homedir``, ``shell``,
+``lock_passwd: true`` (no password login) and the per-job key in ``ssh_authorized_keys``;
+no ``default`` entry, so the image's default user gets no key; ``create_groups: false``,
+because cloud-init would otherwise create a group *named* "4242" for a numeric group.
+The groups themselves are made with their exact gids by a ``bootcmd`` (which runs before
+users-groups): for each, ``groupadd -g GID NAME`` unless a group with that gid exists,
+falling back to the name ``vmbatch-gGID`` if NAME is taken by another gid. All values are
+validated by :class:`~vmbatch.job.JobUser` and quoted with ``shlex.quote`` as well.
+Root gets no key and ``disable_root: true``. A pre-existing account of the same name keeps
+its uid (cloud-init skips existing users); vmbatch checks ``id`` after login and refuses.
+
 Generated from Python data with a YAML dumper (multi-line strings as literal blocks), never
 from text templates. The ISO is built in-process with pycdlib, with Rock Ridge and Joliet
 names so every reader sees ``user-data``/``meta-data``. The tiny test guest's init parses the
@@ -20,6 +32,7 @@ same files, relying on this exact layout (see ``guests/tiny/init``).
 from __future__ import annotations
 
 import io
+import shlex
 from typing import Any
 
 import pycdlib
@@ -55,19 +68,43 @@ def _dump(data: dict[str, Any]) -> str:
     )
 
 
+def _group_command(name: str, gid: int) -> str:
+    """Shell command making sure a group with ``gid`` exists (see the module doc)."""
+    g, n, alt = shlex.quote(str(gid)), shlex.quote(name), shlex.quote(f"vmbatch-g{gid}")
+    return f"getent group {g} >/dev/null || groupadd -g {g} {n} || groupadd -g {g} {alt}"
+
+
 def user_data(spec: ContextSpec) -> str:
     """The ``#cloud-config`` document for ``spec``."""
     data: dict[str, Any] = {
         "hostname": spec.hostname,
-        "disable_root": spec.login_user != "root",
+        "disable_root": spec.user is not None,
         "ssh_pwauth": False,
         "ssh_deletekeys": True,
         "ssh_genkeytypes": ["ed25519"],
-        "ssh_authorized_keys": list(spec.authorized_keys),
-        "ssh_keys": {
-            "ed25519_private": spec.host_key.private_openssh,
-            "ed25519_public": spec.host_key.public_openssh,
-        },
+    }
+    user = spec.user
+    if user is None:
+        data["ssh_authorized_keys"] = list(spec.authorized_keys)
+    else:
+        groups = [(user.group, user.gid), *user.groups]
+        data["bootcmd"] = [_group_command(name, gid) for name, gid in groups]
+        entry: dict[str, Any] = {
+            "name": user.name,
+            "uid": user.uid,
+            "primary_group": str(user.gid),
+            "create_groups": False,
+            "homedir": user.home,
+            "shell": user.shell,
+            "lock_passwd": True,
+            "ssh_authorized_keys": list(spec.authorized_keys),
+        }
+        if user.groups:
+            entry["groups"] = ",".join(str(gid) for _, gid in user.groups)
+        data["users"] = [entry]
+    data["ssh_keys"] = {
+        "ed25519_private": spec.host_key.private_openssh,
+        "ed25519_public": spec.host_key.public_openssh,
     }
     return "#cloud-config\n" + _dump(data)
 
