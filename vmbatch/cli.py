@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from vmbatch import __version__, config, doctor, lifecycle
+from vmbatch.contextualize import nocloud
 from vmbatch.errors import (
     ConfigError,
     HostError,
@@ -143,10 +144,14 @@ def config_group() -> None:
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.pass_context
 def config_check(ctx: click.Context, file: Path | None) -> None:
-    """Validate the configuration (FILE, or the default) offline; list every problem."""
+    """Validate the configuration (FILE, or the default) offline; list every problem.
+
+    Also checks the site's cloud-config snippet ([context].site_user_data)."""
     path = file or ctx.obj["config"]
     try:
         cfg = config.load(path)
+        if cfg.context.site_user_data is not None:
+            nocloud.load_site_user_data(cfg.context.site_user_data)
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)

@@ -114,6 +114,16 @@ class DisksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ContextConfig:
+    """Site additions to every guest's contextualization."""
+
+    #: A YAML file of cloud-config keys merged into every NoCloud user-data (packages,
+    #: runcmd, write_files, timezone, ...). Keys that touch accounts, keys, passwords or
+    #: the hostname are refused: vmbatch owns those.
+    site_user_data: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -152,6 +162,7 @@ class Config:
     ssh: SshConfig = field(default_factory=SshConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     disks: DisksConfig = field(default_factory=DisksConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
@@ -164,6 +175,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ssh": SshConfig,
     "cache": CacheConfig,
     "disks": DisksConfig,
+    "context": ContextConfig,
 }
 
 

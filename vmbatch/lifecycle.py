@@ -25,7 +25,7 @@ import paramiko
 
 from vmbatch import __version__, accel, signals
 from vmbatch.config import Config
-from vmbatch.contextualize import ContextSpec, get_method
+from vmbatch.contextualize import ContextSpec, get_method, nocloud
 from vmbatch.contextualize.keys import generate
 from vmbatch.errors import ImageError, VmBatchError
 from vmbatch.guest import ssh
@@ -109,6 +109,11 @@ def run_job(
                     instance_id=f"vmbatch-{job.job_id}",
                     hostname=name[:63],
                     user=job.identity,
+                    site_user_data=(
+                        nocloud.load_site_user_data(cfg.context.site_user_data)
+                        if cfg.context.site_user_data
+                        else {}
+                    ),
                     authorized_keys=(client_key.public_openssh,),
                     host_key=host_key,
                 )

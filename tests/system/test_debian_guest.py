@@ -2,8 +2,8 @@
 
 One boot (about one to two minutes under TCG): cloud-init must create the job's user with
 the job's uid, gid and supplementary group, give it the per-job key, serve the pinned
-Ed25519 host key, set the hostname and refuse password logins; the base image stays as it
-was.
+Ed25519 host key, set the hostname, refuse password logins and apply the site's merged
+cloud-config snippet; the base image stays as it was.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ def _sha(path: Path) -> str:
 
 
 def test_cloud_init_creates_the_job_user_from_the_seed(site: Site, debian_dir: Path) -> None:
-    site.write(register("debian", debian_dir))
+    snippet = site.root / "site-user-data.yaml"
+    snippet.write_text(
+        "write_files:\n- path: /etc/vmbatch-site\n  content: site snippet applied\n"
+        "  permissions: '0644'\n"
+    )
+    site.write(f'\n[context]\nsite_user_data = "{snippet}"\n' + register("debian", debian_dir))
     before = _sha(debian_dir / "disk.qcow2")
     alice = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
     script = (
@@ -43,7 +48,8 @@ def test_cloud_init_creates_the_job_user_from_the_seed(site: Site, debian_dir: P
         " ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
         " -o PreferredAuthentications=password,keyboard-interactive localhost true 2>&1"
         " | tail -n 1;"
-        " cloud-init status --wait | tail -n 1"
+        " cloud-init status --wait | tail -n 1;"
+        " cat /etc/vmbatch-site"
     )
     job = interactive("debian", ("sh", "-c", script), identity=alice)
     out, err = io.BytesIO(), io.BytesIO()
@@ -55,6 +61,7 @@ def test_cloud_init_creates_the_job_user_from_the_seed(site: Site, debian_dir: P
     assert lines[2] == "home=/home/alice owner=4242:4343"
     assert "Permission denied (publickey)" in lines[3]  # no password login offered
     assert lines[4] == "status: done"  # cloud-init finished without errors
+    assert lines[5] == "site snippet applied"  # the site's snippet was merged
     [console] = site.console_dir.glob("*.log")
     log = console.read_text(errors="replace")
     assert "Datasource DataSourceNoCloud" in log

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import stat
@@ -12,8 +13,8 @@ import yaml
 
 from vmbatch.contextualize import REGISTRY, ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
-from vmbatch.contextualize.nocloud import build_iso, meta_data, user_data
-from vmbatch.errors import Disposition, JobError
+from vmbatch.contextualize.nocloud import build_iso, load_site_user_data, meta_data, user_data
+from vmbatch.errors import ConfigError, Disposition, JobError
 from vmbatch.job import JobUser
 from vmbatch.state import JobDir
 
@@ -157,3 +158,46 @@ def test_host_user_lookup() -> None:
         JobUser.from_host("root")
     nobody = JobUser.from_host("nobody")
     assert (nobody.uid, nobody.name) == (65534, "nobody")
+
+
+def test_site_snippet_is_merged_after_ours() -> None:
+    site = {"bootcmd": ["echo site"], "packages": ["htop"], "timezone": "Europe/Zurich"}
+    spec = dataclasses.replace(_spec(user=ALICE), site_user_data=site)
+    data = yaml.safe_load(user_data(spec))
+    assert data["bootcmd"][:2] == yaml.safe_load(user_data(_spec(user=ALICE)))["bootcmd"]
+    assert data["bootcmd"][2:] == ["echo site"]  # after the groups exist
+    assert (data["packages"], data["timezone"]) == (["htop"], "Europe/Zurich")
+    assert [u["name"] for u in data["users"]] == ["alice"]
+
+
+@pytest.mark.parametrize(
+    "snippet,message",
+    [
+        ({"users": [{"name": "eve", "ssh_authorized_keys": ["ssh-ed25519 AAAA eve"]}]}, "'users'"),
+        ({"ssh_authorized_keys": ["ssh-ed25519 AAAA eve"]}, "'ssh_authorized_keys'"),
+        ({"ssh_pwauth": True}, "'ssh_pwauth'"),
+        ({"chpasswd": {"list": "root:x"}}, "'chpasswd'"),
+        ({"disable_root": False}, "'disable_root'"),
+        ({"hostname": "other"}, "'hostname'"),
+        ({"write_files": [{"path": "/root/.ssh/authorized_keys", "content": "k"}]}, ".ssh"),
+        ({"write_files": [{"path": "/etc/ssh/sshd_config.d/x.conf"}]}, "sshd"),
+        ({"write_files": [{"path": "/etc//./passwd"}]}, "passwd"),
+        ({"write_files": [{"path": "/tmp/../etc/shadow"}]}, "shadow"),
+        (["not", "a", "mapping"], "must be a YAML mapping"),
+    ],
+)
+def test_site_snippet_cannot_touch_access(snippet: object, message: str, tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text(yaml.safe_dump(snippet))
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_site_user_data(f)
+    assert info.value.disposition is Disposition.OFFLINE_NODE
+
+
+def test_site_snippet_file_errors_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_site_user_data(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("packages: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_site_user_data(bad)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.job import JobUser
@@ -22,6 +23,8 @@ class ContextSpec:
     user: JobUser | None
     authorized_keys: tuple[str, ...]
     host_key: KeyPair
+    #: The site's cloud-config additions (``[context].site_user_data``), already checked.
+    site_user_data: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def login_user(self) -> str:

@@ -20,8 +20,15 @@ The groups themselves are made with their exact gids by a ``bootcmd`` (which run
 users-groups): for each, ``groupadd -g GID NAME`` unless a group with that gid exists,
 falling back to the name ``vmbatch-gGID`` if NAME is taken by another gid. All values are
 validated by :class:`~vmbatch.job.JobUser` and quoted with ``shlex.quote`` as well.
-Root gets no key and ``disable_root: true``. A pre-existing account of the same name keeps
-its uid (cloud-init skips existing users); vmbatch checks ``id`` after login and refuses.
+Root gets no key and ``disable_root: true``.
+
+The site's snippet (``[context].site_user_data``) is merged, not concatenated: its lists are
+appended after ours, its other keys added; keys that would change who can log in (see
+:data:`RESERVED_KEYS`) and ``write_files`` into SSH or account files are refused with a
+ConfigError naming the key, because a mistake there would open the guest to others.
+
+A pre-existing account of the same name keeps its uid (cloud-init skips existing users);
+vmbatch checks ``id`` after login and refuses.
 
 Generated from Python data with a YAML dumper (multi-line strings as literal blocks), never
 from text templates. The ISO is built in-process with pycdlib, with Rock Ridge and Joliet
@@ -33,16 +40,57 @@ from __future__ import annotations
 
 import io
 import shlex
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pycdlib
 import yaml
 
 from vmbatch.contextualize.base import ContextSpec
+from vmbatch.errors import ConfigError
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
 
 VOLUME_ID = "cidata"
+
+#: cloud-config keys vmbatch sets itself or that change who can log in; a site snippet
+#: may not contain them (cloud-config module docs: users-groups, ssh, set-passwords,
+#: set-hostname, update-hostname, ssh-import-id).
+RESERVED_KEYS = frozenset(
+    {
+        "users",
+        "user",
+        "groups",
+        "ssh_authorized_keys",
+        "ssh_keys",
+        "ssh_pwauth",
+        "disable_root",
+        "disable_root_opts",
+        "allow_public_ssh_keys",
+        "ssh_deletekeys",
+        "ssh_genkeytypes",
+        "ssh_import_id",
+        "ssh_publish_hostkeys",
+        "chpasswd",
+        "password",
+        "hostname",
+        "fqdn",
+        "preserve_hostname",
+        "prefer_fqdn_over_hostname",
+        "create_hostname_file",
+    }
+)
+#: write_files may not touch these (paths compared after normalisation).
+_PROTECTED_PATHS = (
+    ".ssh/",
+    "/etc/ssh/",
+    "/etc/passwd",
+    "/etc/shadow",
+    "/etc/group",
+    "/etc/gshadow",
+    "/etc/sudoers",
+)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -106,7 +154,51 @@ def user_data(spec: ContextSpec) -> str:
         "ed25519_private": spec.host_key.private_openssh,
         "ed25519_public": spec.host_key.public_openssh,
     }
+    if spec.site_user_data:
+        check_site_user_data(dict(spec.site_user_data), "site user-data")
+        _merge_site(data, spec.site_user_data)
     return "#cloud-config\n" + _dump(data)
+
+
+def check_site_user_data(data: Any, source: str) -> dict[str, Any]:
+    """Validate a site snippet; return it as a dict or raise ConfigError listing problems."""
+    if not isinstance(data, dict):
+        raise ConfigError(["must be a YAML mapping of cloud-config keys"], source=source)
+    problems = [
+        f"key {key!r} is reserved: vmbatch sets accounts, SSH keys, passwords and the"
+        " hostname itself; remove it"
+        for key in sorted(data, key=str)
+        if key in RESERVED_KEYS
+    ]
+    for item in data.get("write_files") or []:
+        path = str(item.get("path", "")) if isinstance(item, dict) else ""
+        norm = "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
+        if ".." in norm.split("/") or any(m in norm + "/" for m in _PROTECTED_PATHS):
+            problems.append(f"write_files path {path!r} touches SSH or account files; refused")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return data
+
+
+def load_site_user_data(path: Path) -> dict[str, Any]:
+    """Read and check ``[context].site_user_data``."""
+    where = f"[context].site_user_data {path}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError([f"cannot read it: {exc.strerror}"], source=where) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=where) from exc
+    return check_site_user_data(data, where)
+
+
+def _merge_site(data: dict[str, Any], site: Mapping[str, Any]) -> None:
+    for key, value in site.items():
+        mine = data.get(key)
+        if isinstance(mine, list) and isinstance(value, list):
+            data[key] = [*mine, *value]  # ours first: e.g. groups exist before site bootcmd
+        elif key not in data:
+            data[key] = value
 
 
 def meta_data(spec: ContextSpec) -> str:
