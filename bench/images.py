@@ -5,9 +5,8 @@
    100 MiB and on a 10 GiB sparse raw base: the median of N runs each and their ratio
    (metadata only, so the ratio should be about 1).
 2. Download throughput on loopback: the same file fetched by ``curl -o`` and by vmbatch's
-   ``images.download.fetch`` (each in a fresh process, as in a job's prologue: a long-lived
-   process that had written much was measured throttled by the kernel's dirty-page
-   accounting), from one server process that answers with ``sendfile(2)``
+   ``images.download.fetch`` (each in a fresh process, as in a job's prologue), from one
+   server process that answers with ``sendfile(2)``
    (so the server is not the bottleneck), each run after ``sync`` so neither pays for the
    other's dirty pages. vmbatch is reported twice: transfer only (until
    the last byte is on disk, comparable to curl) and complete (plus fsync and the SHA-256
@@ -112,8 +111,7 @@ def serve_files(directory: Path) -> None:
 
 def _drop(path: Path) -> None:
     """Delete a downloaded copy and let the file system finish freeing it, so the next run
-    does not pay for it (measured: without this, whichever tool ran after vmbatch's fsynced
-    copy was deleted looked ~35% slower)."""
+    does not pay for it."""
     path.unlink(missing_ok=True)
     os.sync()
 
@@ -123,8 +121,7 @@ def bench_download(work: Path, size_mib: int, rounds: int) -> None:
     src.mkdir()
     body = src / "image.raw"
     with body.open("wb") as fh:
-        # Unique data throughout: with a repeated block, this machine's virtual disk made
-        # the figures depend on the content (measured: curl +30%, vmbatch -35%).
+        # Unique data throughout, like a real image (no repeated block).
         for _ in range(size_mib):
             fh.write(os.urandom(2**20))
     digest = hashlib.sha256(body.read_bytes()).hexdigest()

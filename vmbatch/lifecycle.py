@@ -174,11 +174,8 @@ def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> No
     exists in the image), so it is checked, fail-closed, before the job's command runs.
     """
     out, err = io.BytesIO(), io.BytesIO()
-    status = ssh.run(client, ("id", "-u"), out, err)
-    uid = out.getvalue().strip()
-    out2 = io.BytesIO()
-    status |= ssh.run(client, ("id", "-g"), out2, err)
-    gid = out2.getvalue().strip()
+    status = ssh.run(client, ("sh", "-c", "id -u; id -g"), out, err)
+    uid, gid = ([*out.getvalue().split(), b"?", b"?"])[:2]
     if status != 0 or (uid, gid) != (str(user.uid).encode(), str(user.gid).encode()):
         raise ImageError(
             f"image {image!r}: the guest account {user.name!r} has uid/gid"

@@ -104,7 +104,7 @@ def test_prune_evicts_least_recently_used_but_never_an_image_in_use(tmp_path: Pa
         stamp.touch()
         os.utime(stamp, (1000 + i, 1000 + i))
         paths.append(p)
-    cache.mark_used(paths[1], "job-1")  # busy: in use (and now most recently used)
+    cache.mark_used(paths[1], "job-1")  # busy: in use by a job of this boot
     os.utime(paths[1].with_name(paths[1].name + ".used"), (999, 999))  # oldest of all
     assert cache.prune() == [paths[0]]  # 3 MiB > 2.5 MiB: evict "old", skip busy "busy"
     assert paths[1].exists() and paths[2].exists()

@@ -154,9 +154,7 @@ def user_data(spec: ContextSpec) -> str:
         "ed25519_private": spec.host_key.private_openssh,
         "ed25519_public": spec.host_key.public_openssh,
     }
-    if spec.site_user_data:
-        check_site_user_data(dict(spec.site_user_data), "site user-data")
-        _merge_site(data, spec.site_user_data)
+    _merge_site(data, spec.site_user_data)  # checked by load_site_user_data
     return "#cloud-config\n" + _dump(data)
 
 

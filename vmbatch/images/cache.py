@@ -151,7 +151,7 @@ class ImageCache:
         final = self.path_for(entry)
         self._check_file_url(entry)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        marker = self._marker(final, job_id) if job_id is not None else None
+        marker = self.mark_used(final, job_id) if job_id is not None else None
         try:
             held = _try_lock(_side(final, ".lock"), fcntl.LOCK_SH)
             if held is not None:
@@ -307,7 +307,8 @@ class ImageCache:
 
     # -- use tracking and eviction ----------------------------------------------------
 
-    def _marker(self, path: Path, job_id: str) -> Path:
+    def mark_used(self, path: Path, job_id: str) -> Path:
+        """Record that ``job_id`` uses ``path``: its marker holds this boot's id."""
         jobs = _side(path, ".jobs")
         marker = jobs / safe_job_id(job_id)
         while True:
@@ -317,12 +318,6 @@ class ImageCache:
                 return marker
             except FileNotFoundError:
                 continue  # a remover took the empty directory away just now
-
-    def mark_used(self, path: Path, job_id: str) -> Path:
-        """Record that ``job_id`` uses ``path`` (and that it was used now)."""
-        marker = self._marker(path, job_id)
-        _side(path, ".used").touch()
-        return marker
 
     def release(self, path: Path, job_id: str) -> None:
         """The job no longer uses ``path``; idempotent."""
