@@ -29,8 +29,14 @@ ENV_VAR = "VMBATCH_CONFIG"
 
 Accel = Literal["auto", "kvm", "tcg"]
 ImageFormat = Literal["qcow2", "raw"]
+#: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
+ContextName = Literal["nocloud", "cernvm", "inject"]
 
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# They end up in amiconfig ini lines and a shell-sourced µCernVM block: no separators
+# (',' ' ' newline) and nothing a shell or ini parser would interpret.
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PROXY = re.compile(r"[A-Za-z0-9.:/;|@_+%=-]{0,1024}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,8 @@ class ToolsConfig:
 
     qemu_img: Path = Path("/usr/bin/qemu-img")
     qemu_system: Path = Path("/usr/bin/qemu-system-x86_64")
+    #: libguestfs's shell, for images with ``context = "inject"`` (libguestfs-tools).
+    guestfish: Path = Path("/usr/bin/guestfish")
     command_timeout: float = 60.0
 
 
@@ -121,6 +129,16 @@ class ContextConfig:
     #: runcmd, write_files, timezone, ...). Keys that touch accounts, keys, passwords or
     #: the hostname are refused: vmbatch owns those.
     site_user_data: Path | None = None
+    #: For images with ``context = "cernvm"``: CernVM-FS repositories to mount
+    #: (amiconfig ``[cernvm] repositories``), the CernVM-FS proxy in CernVM-FS notation
+    #: (``[cernvm] proxy`` and µCernVM ``cvmfs_http_proxy``; e.g. ``http://squid:3128;DIRECT``)
+    #: and the experiment organisations (``[cernvm] organisations``).
+    cvmfs_repositories: tuple[str, ...] = ()
+    cvmfs_http_proxy: str = ""
+    cernvm_organisations: tuple[str, ...] = ()
+    #: For ``context = "inject"``: how long the libguestfs appliance may take to start
+    #: (and to flush at the end); ~17 s under TCG, a few seconds with KVM.
+    inject_timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +167,9 @@ class ImageConfig:
     #: Seconds after which a cached copy of an unverified http(s) image is revalidated with
     #: a conditional request (0: never).
     refresh_interval: float = 0.0
+    #: How the job's identity gets into the guest: ``nocloud`` (cloud-init), ``cernvm``
+    #: (CernVM/HEPiX context CD-ROM) or ``inject`` (written into the overlay before boot).
+    context: ContextName = "nocloud"
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +462,25 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("reserve_gib", lambda v: v >= 0, "must be >= 0"),
         ("cvmfs_cache_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
         ("scratch_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
+    ),
+    "context": (
+        ("inject_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        (
+            "cvmfs_repositories",
+            lambda v: all(_REPO.fullmatch(r) for r in v),
+            "each must be a repository name such as atlas.cern.ch (letters, digits, '.', '_', '-')",
+        ),
+        (
+            "cvmfs_http_proxy",
+            lambda v: _PROXY.fullmatch(v) is not None,
+            "must be CernVM-FS proxy notation (URLs or DIRECT joined by ';' and '|', no"
+            " spaces or quotes)",
+        ),
+        (
+            "cernvm_organisations",
+            lambda v: all(_REPO.fullmatch(o) for o in v),
+            "each must be a plain name (letters, digits, '.', '_', '-')",
+        ),
     ),
     "image": (
         ("memory", lambda v: v is None or v >= 64, "must be at least 64 (MiB)"),

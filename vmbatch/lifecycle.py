@@ -117,7 +117,7 @@ def run_job(
                     authorized_keys=(client_key.public_openssh,),
                     host_key=host_key,
                 )
-                seed_disks = get_method("nocloud").prepare(ctx, jobdir)
+                seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
             spec = DomainSpec(
                 name=name,
                 domain_type=choice.domain_type,

@@ -7,6 +7,7 @@ nothing it started lingers. Failures become :class:`~vmbatch.errors.CommandError
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -40,12 +41,15 @@ def run(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     input_text: str | None = None,
+    stderr_path: Path | None = None,
 ) -> Result:
     """Run ``argv`` (``argv[0]`` absolute) and return its result.
 
     Raises :class:`CommandTimeoutError` after ``timeout`` seconds (the process group is
     killed), and :class:`CommandError` when the program is missing or, with ``check``, exits
     non-zero. The error message carries the last line of stderr, which is usually the cause.
+    With ``stderr_path`` stderr goes to that file instead of a pipe (for programs that leave
+    a daemon behind holding it, such as ``guestfish --listen``) and is read back from it.
     """
     args = tuple(str(a) for a in argv)
     if not Path(args[0]).is_absolute():
@@ -58,15 +62,19 @@ def run(
         child_env.update(env)
     log.debug("running %s (timeout %.0fs)", " ".join(args), timeout)
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv is a list from our own code, no shell
-            args,
-            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env,
-            start_new_session=True,
-        )
+        with contextlib.ExitStack() as stack:
+            errfile = (
+                stack.enter_context(stderr_path.open("w")) if stderr_path is not None else None
+            )
+            proc = subprocess.Popen(  # noqa: S603 - argv is a list from our own code, no shell
+                args,
+                stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errfile if errfile is not None else subprocess.PIPE,
+                text=True,
+                env=child_env,
+                start_new_session=True,
+            )
     except OSError as exc:
         raise CommandError(
             f"cannot run {args[0]}: {exc.strerror}",
@@ -83,6 +91,8 @@ def run(
     except BaseException:
         _kill_group(proc)
         raise
+    if stderr_path is not None:
+        err = stderr_path.read_text(errors="replace")
     if check and proc.returncode != 0:
         last = err.strip().splitlines()[-1] if err.strip() else f"exit status {proc.returncode}"
         raise CommandError(

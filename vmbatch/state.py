@@ -63,6 +63,10 @@ class JobDir:
         return self.path / "seed.iso"
 
     @property
+    def context_iso(self) -> Path:
+        return self.path / "context.iso"
+
+    @property
     def console_log(self) -> Path:
         return self.path / "console.log"
 

@@ -5,6 +5,12 @@
 #
 # Result: $CACHE_ROOT/debian-<key>/ with
 #   disk.qcow2   qcow2 of a bare ext4 root filesystem (no partition table), 3 GiB virtual, sparse
+#   disk-plain.qcow2  the same system without cloud-init, as a stock image with no
+#                contextualization agent: cloud-init purged, sshd with Debian's defaults
+#                (password logins allowed, host keys of every type generated at build time)
+#   disk-hepix.qcow2  the plain system plus guests/debian/hepix-context, a boot service
+#                playing the guest's side of the HEPiX context CD contract (test image for
+#                vmbatch's context = "cernvm"; no CernVM image can be downloaded here)
 #   vmlinuz      kernel for direct kernel boot
 #   initrd.img   initramfs (uncompressed cpio when possible: faster under TCG)
 #   cmdline      one line of kernel arguments (root=/dev/vda ...)
@@ -43,7 +49,7 @@ PACKAGES=(
 # blacklist skip crypto self-tests and kprobe tracing set-up.
 CMDLINE="root=/dev/vda rootfstype=ext4 rw console=ttyS0,115200 net.ifnames=0 tsc=reliable"
 CMDLINE+=" cryptomgr.notests initcall_blacklist=init_kprobe_trace,crypto_kdf108_init"
-OUTPUTS=(disk.qcow2 vmlinuz initrd.img cmdline manifest.txt)
+OUTPUTS=(disk.qcow2 disk-plain.qcow2 disk-hepix.qcow2 vmlinuz initrd.img cmdline manifest.txt)
 
 log() { printf '[debian-guest] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -54,7 +60,8 @@ CACHE_ROOT=${1:-/var/cache/vmbatch/guests}
 CACHE_ROOT=${CACHE_ROOT%/}
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-KEY=$({ cat "$SELF"; printf '%s\n' "${PACKAGES[@]}"; } | sha256sum | cut -c1-16)
+HEPIX=$(dirname "$SELF")/hepix-context
+KEY=$({ cat "$SELF" "$HEPIX"; printf '%s\n' "${PACKAGES[@]}"; } | sha256sum | cut -c1-16)
 NAME="debian-$KEY"
 FINAL="$CACHE_ROOT/$NAME"
 LINK="$CACHE_ROOT/debian"
@@ -383,12 +390,54 @@ kernel=$KVER
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 EOF
 
+make_disk() { # make_disk OUT.qcow2: the tree $ROOT as a bare ext4 filesystem
+    truncate -s "$DISK_SIZE" "$WORK/root.ext4"
+    mkfs.ext4 -q -F -L vmbatch-root -m 1 -d "$ROOT" "$WORK/root.ext4" >&2
+    qemu-img convert -f raw -O qcow2 "$WORK/root.ext4" "$1"
+    rm -f "$WORK/root.ext4"
+}
 SECONDS=0
-truncate -s "$DISK_SIZE" "$WORK/root.ext4"
-mkfs.ext4 -q -F -L vmbatch-root -m 1 -d "$ROOT" "$WORK/root.ext4" >&2
-qemu-img convert -f raw -O qcow2 "$WORK/root.ext4" "$OUT/disk.qcow2"
-rm -f "$WORK/root.ext4"
+make_disk "$OUT/disk.qcow2"
 log "disk image done in ${SECONDS}s"
+
+# The "plain" variant: what a stock image with no contextualization agent looks like, for
+# vmbatch's offline injection (context = "inject"). cloud-init goes, and with it vmbatch's
+# sshd settings: Debian's defaults come back (password logins allowed) and sshd gets host
+# keys of every type, as after a normal install. Injection has to undo all of that.
+SECONDS=0
+in_root dpkg --purge cloud-init >&2
+rm -rf "$ROOT/etc/cloud" "$ROOT/var/lib/cloud" "$ROOT/etc/systemd/system/ssh.service.d"
+rm -f "$ROOT/etc/ssh/sshd_config.d/10-vmbatch.conf" "$ROOT/etc/ssh/sshd_config.d/50-cloud-init.conf"
+printf '# vmbatch test image: no reverse DNS lookups at login (slow without a resolver).\nUseDNS no\n' \
+    >"$ROOT/etc/ssh/sshd_config.d/10-plain.conf"
+in_root ssh-keygen -A >&2
+COLUMNS=200 dpkg-query --admindir="$ROOT/var/lib/dpkg" -l >"$OUT/manifest-plain.txt"
+make_disk "$OUT/disk-plain.qcow2"
+log "plain disk image done in ${SECONDS}s"
+
+SECONDS=0
+install -m 0755 "$HEPIX" "$ROOT/usr/local/sbin/hepix-context"
+cat >"$ROOT/etc/systemd/system/hepix-context.service" <<'EOF'
+[Unit]
+Description=HEPiX contextualization CD (vmbatch test image)
+DefaultDependencies=no
+After=local-fs.target systemd-udevd.service
+Before=ssh.service systemd-user-sessions.service network.target
+ConditionPathExists=!/var/lib/hepix/context
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/hepix-context
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+EOF
+in_root systemctl enable hepix-context.service >&2
+make_disk "$OUT/disk-hepix.qcow2"
+log "hepix disk image done in ${SECONDS}s"
 
 chmod 0644 "$OUT"/*
 chmod 0755 "$OUT"

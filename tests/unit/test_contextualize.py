@@ -4,6 +4,7 @@ import dataclasses
 import io
 import re
 import stat
+import typing
 from pathlib import Path
 
 import paramiko
@@ -11,6 +12,8 @@ import pycdlib
 import pytest
 import yaml
 
+from vmbatch import config
+from vmbatch.config import ContextName
 from vmbatch.contextualize import REGISTRY, ContextSpec, get_method
 from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, load_site_user_data, meta_data, user_data
@@ -74,11 +77,16 @@ def test_iso_has_cidata_label_and_rock_ridge_names() -> None:
         iso.close()
 
 
-def test_every_registered_method_prepares_a_seed(tmp_path: Path) -> None:
-    assert REGISTRY
-    for name in REGISTRY:
-        method = get_method(name)
-        assert method.name == name
+def test_registry_matches_the_config_choices() -> None:
+    assert set(REGISTRY) == set(typing.get_args(ContextName))
+    cfg = config.parse({})
+    assert {name: get_method(name, cfg).name for name in REGISTRY} == {n: n for n in REGISTRY}
+
+
+def test_every_seed_method_attaches_read_only_volumes(tmp_path: Path) -> None:
+    # "inject" writes into the overlay instead (tests/integration/test_inject.py).
+    for name in ("nocloud", "cernvm"):
+        method = get_method(name, config.parse({}))
         jobdir = JobDir(tmp_path, f"job-{name}").create()
         disks = method.prepare(_spec(), jobdir)
         assert disks and all(d.path.parent == jobdir.path for d in disks)

@@ -32,7 +32,11 @@ class ContextSpec:
 
 
 class ContextMethod(Protocol):
-    """Turns a ContextSpec into what is attached to the VM."""
+    """Turns a ContextSpec into what is attached to the VM or written into its overlay.
+
+    ``prepare`` runs after the job's disks exist (``jobdir.overlay`` is the guest's root
+    disk) and before the domain is created; whatever it writes lives in ``jobdir``.
+    """
 
     name: str
 

@@ -47,6 +47,7 @@ from typing import Any
 import pycdlib
 import yaml
 
+from vmbatch.config import Config
 from vmbatch.contextualize.base import ContextSpec
 from vmbatch.errors import ConfigError
 from vmbatch.libvirt.domain import DiskSpec
@@ -203,10 +204,10 @@ def meta_data(spec: ContextSpec) -> str:
     return _dump({"instance-id": spec.instance_id, "local-hostname": spec.hostname})
 
 
-def build_iso(files: dict[str, bytes]) -> bytes:
-    """An ISO9660 image labelled ``cidata`` holding ``files`` (name -> content)."""
+def build_iso(files: dict[str, bytes], label: str = VOLUME_ID) -> bytes:
+    """An ISO9660 image labelled ``label`` holding ``files`` (name -> content)."""
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, vol_ident=VOLUME_ID, joliet=3, rock_ridge="1.09")
+    iso.new(interchange_level=3, vol_ident=label, joliet=3, rock_ridge="1.09")
     try:
         for i, (name, content) in enumerate(sorted(files.items())):
             iso.add_fp(
@@ -227,6 +228,9 @@ class NoCloud:
     """cloud-init NoCloud seed as a read-only virtio disk (faster than a CD-ROM here)."""
 
     name = "nocloud"
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        del cfg  # nothing site-specific beyond the snippet, which comes in the spec
 
     def prepare(self, spec: ContextSpec, jobdir: JobDir) -> tuple[DiskSpec, ...]:
         image = build_iso(

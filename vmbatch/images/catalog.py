@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from vmbatch import process
-from vmbatch.config import Config, ImageConfig
+from vmbatch.config import Config, ContextName, ImageConfig
 from vmbatch.errors import CommandError, ImageError, UnknownImageError
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.download import Progress
@@ -47,6 +47,8 @@ class ImageSpec:
     scratch_gib: float = 0.0
     #: True if ``path`` lies in the node cache (then it is marked in use per job).
     cached: bool = False
+    #: The contextualization method (a key of ``vmbatch.contextualize.REGISTRY``).
+    context: ContextName = "nocloud"
 
 
 def resolve(
@@ -117,6 +119,7 @@ def resolve(
         ),
         scratch_gib=cfg.disks.scratch_gib if entry.scratch_gib is None else entry.scratch_gib,
         cached=is_cached_source(entry),
+        context=entry.context,
     )
 
 
