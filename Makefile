@@ -57,9 +57,10 @@ unit: venv
 test: venv daemons guest-tiny guest-debian lint
 	VMBATCH_TEST_GUESTS=$(GUESTS) $(VENV)/bin/pytest -v tests $(PYTEST_ARGS)
 
-bench: venv daemons guest-tiny
+bench: venv daemons guest-tiny guest-debian
 	$(VENV)/bin/python bench/boot.py --guest $(GUESTS)/tiny
 	$(VENV)/bin/python bench/images.py
+	$(VENV)/bin/python bench/context.py --guest $(GUESTS)/debian
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -179,6 +179,12 @@ class DomainDefinitionError(LibvirtError):
     disposition = Disposition.OFFLINE_NODE
 
 
+class InjectionToolError(HostError):
+    """libguestfs, needed for offline injection, is missing or cannot start on this node."""
+
+    disposition = Disposition.OFFLINE_NODE
+
+
 class AcceleratorError(HostError):
     """The configured accelerator cannot be used on this host."""
 

@@ -82,10 +82,10 @@ class Site:
         )
 
 
-def register(name: str, guest: Path) -> str:
+def register(name: str, guest: Path, disk: str = "disk.qcow2", context: str = "") -> str:
     """The catalog entry for a built guest, from the same script `make config` uses."""
     return subprocess.run(
-        [str(ROOT / "scripts" / "register-guest"), name, str(guest)],
+        [str(ROOT / "scripts" / "register-guest"), name, str(guest), disk, context],
         check=True,
         capture_output=True,
         text=True,

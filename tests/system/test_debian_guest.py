@@ -1,9 +1,15 @@
-"""The Debian bookworm guest with the real cloud-init: our NoCloud seed, for real.
+"""The Debian bookworm guests, one boot per contextualization method, for real.
 
-One boot (about one to two minutes under TCG): cloud-init must create the job's user with
-the job's uid, gid and supplementary group, give it the per-job key, serve the pinned
-Ed25519 host key, set the hostname, refuse password logins and apply the site's merged
-cloud-config snippet; the base image stays as it was.
+Each boot (about one to two minutes under TCG) must give the job's user its uid, gid and
+supplementary group, the per-job key, the pinned Ed25519 host key (vmbatch refuses any
+other), the hostname, a home owned by the user, and no password logins; the base image
+stays as it was. The guests (guests/debian/build.sh) are:
+
+- ``disk.qcow2`` with the real cloud-init: ``nocloud`` and ``cernvm`` (whose multipart
+  user-data reaches cloud-init through the NoCloud volume);
+- ``disk-hepix.qcow2``, no cloud-init, with a reader of the HEPiX context CD
+  (guests/debian/hepix-context): ``cernvm`` through the ``CONTEXT`` CD and ``context.sh``;
+- ``disk-plain.qcow2``, no contextualization agent at all: ``inject``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,18 @@ import pytest
 
 from tests.system.conftest import Site, built_guest, register
 from vmbatch import config, lifecycle
-from vmbatch.job import JobUser, interactive
+from vmbatch.job import JobSpec, JobUser, interactive
+
+ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
+#: What the job prints: its identity, host, home, and how a password login attempt ends.
+IDENTITY_SCRIPT = (
+    "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) user=$(id -un);"
+    " echo host=$(hostname);"
+    ' echo home=$HOME owner=$(stat -c %u:%g "$HOME");'
+    " ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+    " -o PreferredAuthentications=password,keyboard-interactive localhost true 2>&1"
+    " | tail -n 1;"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,38 +49,69 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_cloud_init_creates_the_job_user_from_the_seed(site: Site, debian_dir: Path) -> None:
+def _run(site: Site, image: str, extra: str) -> tuple[JobSpec, list[str], str]:
+    """Run IDENTITY_SCRIPT + ``extra`` as alice; return the job, its lines, the console."""
+    job = interactive(image, ("sh", "-c", IDENTITY_SCRIPT + extra), identity=ALICE)
+    out, err = io.BytesIO(), io.BytesIO()
+    status = lifecycle.run_job(config.load(site.config), job, out, err)
+    assert status == 0, err.getvalue().decode()
+    [console] = site.console_dir.glob("*.log")
+    return job, out.getvalue().decode().splitlines(), console.read_text(errors="replace")
+
+
+def _assert_identity(job: JobSpec, lines: list[str]) -> None:
+    assert lines[0] == "uid=4242 gid=4343 groups=4343,5000 user=alice"
+    assert lines[1] == f"host=vmbatch-{job.job_id}"
+    assert lines[2] == "home=/home/alice owner=4242:4343"
+    assert "Permission denied (publickey)" in lines[3]  # no password login offered
+
+
+@pytest.mark.parametrize("method", ["nocloud", "cernvm"])
+def test_cloud_init_creates_the_job_user(site: Site, debian_dir: Path, method: str) -> None:
     snippet = site.root / "site-user-data.yaml"
     snippet.write_text(
         "write_files:\n- path: /etc/vmbatch-site\n  content: site snippet applied\n"
         "  permissions: '0644'\n"
     )
-    site.write(f'\n[context]\nsite_user_data = "{snippet}"\n' + register("debian", debian_dir))
-    before = _sha(debian_dir / "disk.qcow2")
-    alice = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
-    script = (
-        "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) user=$(id -un);"
-        " echo host=$(hostname);"
-        ' echo home=$HOME owner=$(stat -c %u:%g "$HOME");'
-        " ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-        " -o PreferredAuthentications=password,keyboard-interactive localhost true 2>&1"
-        " | tail -n 1;"
-        " cloud-init status --wait | tail -n 1;"
-        " cat /etc/vmbatch-site"
+    site.write(
+        f'\n[context]\nsite_user_data = "{snippet}"\ncvmfs_repositories = ["atlas.cern.ch"]\n'
+        + register("debian", debian_dir, context=method)
     )
-    job = interactive("debian", ("sh", "-c", script), identity=alice)
-    out, err = io.BytesIO(), io.BytesIO()
-    status = lifecycle.run_job(config.load(site.config), job, out, err)
-    assert status == 0, err.getvalue().decode()
-    lines = out.getvalue().decode().splitlines()
-    assert lines[0] == "uid=4242 gid=4343 groups=4343,5000 user=alice"
-    assert lines[1] == f"host=vmbatch-{job.job_id}"
-    assert lines[2] == "home=/home/alice owner=4242:4343"
-    assert "Permission denied (publickey)" in lines[3]  # no password login offered
+    before = _sha(debian_dir / "disk.qcow2")
+    job, lines, console = _run(
+        site, "debian", " cloud-init status --wait | tail -n 1; cat /etc/vmbatch-site"
+    )
+    _assert_identity(job, lines)
     assert lines[4] == "status: done"  # cloud-init finished without errors
     assert lines[5] == "site snippet applied"  # the site's snippet was merged
-    [console] = site.console_dir.glob("*.log")
-    log = console.read_text(errors="replace")
-    assert "Datasource DataSourceNoCloud" in log
-    assert "Invalid cloud-config" not in log  # our user-data passes cloud-init's schema
+    assert "Datasource DataSourceNoCloud" in console
+    assert "Invalid cloud-config" not in console  # our user-data passes cloud-init's schema
     assert _sha(debian_dir / "disk.qcow2") == before
+
+
+def test_hepix_context_cd(site: Site, debian_dir: Path) -> None:
+    site.write(
+        '\n[context]\ncvmfs_repositories = ["atlas.cern.ch", "sft.cern.ch"]\n'
+        'cvmfs_http_proxy = "http://127.0.0.1:3128;DIRECT"\n'
+        + register("hepix", debian_dir, "disk-hepix.qcow2", "cernvm")
+    )
+    before = _sha(debian_dir / "disk-hepix.qcow2")
+    job, lines, console = _run(site, "hepix", " dpkg-query -W cloud-init 2>&1 | tail -n 1")
+    _assert_identity(job, lines)
+    assert "no packages found matching cloud-init" in lines[4]  # only the HEPiX reader ran
+    assert "hepix-context: context from /dev/vd" in console
+    assert "hepix-context: user alice uid 4242 gid 4343" in console
+    assert _sha(debian_dir / "disk-hepix.qcow2") == before
+
+
+def test_offline_injection_into_an_image_without_agent(site: Site, debian_dir: Path) -> None:
+    site.write(register("plain", debian_dir, "disk-plain.qcow2", "inject"))
+    before = _sha(debian_dir / "disk-plain.qcow2")
+    job, lines, _ = _run(
+        site, "plain", " dpkg-query -W cloud-init 2>&1 | tail -n 1; ls /etc/ssh | grep host"
+    )
+    _assert_identity(job, lines)
+    assert "no packages found matching cloud-init" in lines[4]
+    # The image had keys of every type: only the pinned one is left.
+    assert lines[5:] == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    assert _sha(debian_dir / "disk-plain.qcow2") == before

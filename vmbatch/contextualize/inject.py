@@ -48,7 +48,13 @@ from pathlib import Path
 from vmbatch import accel, process
 from vmbatch.config import Config
 from vmbatch.contextualize.base import ContextSpec
-from vmbatch.errors import CommandError, ImageError, VmBatchError
+from vmbatch.errors import (
+    CommandError,
+    CommandTimeoutError,
+    ImageError,
+    InjectionToolError,
+    VmBatchError,
+)
 from vmbatch.job import JobUser
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
@@ -219,9 +225,23 @@ class Guestfish:
 
 @contextlib.contextmanager
 def appliance(cfg: Config, disk: Path, workdir: Path) -> Iterator[Guestfish]:
+    """A running appliance with ``disk`` attached, always stopped afterwards.
+
+    A failure to start it is the node's (libguestfs missing or broken): InjectionToolError.
+    """
     gf = Guestfish(cfg, disk, workdir)
     try:
-        gf.start()
+        try:
+            gf.start()
+            gf("run", timeout=cfg.context.inject_timeout)
+        except CommandTimeoutError:
+            raise
+        except CommandError as exc:
+            raise InjectionToolError(
+                f"libguestfs could not start its appliance: {exc.message}",
+                hint="run `libguestfs-test-tool` as root; the appliance needs a kernel in"
+                " /boot (e.g. apt-get install linux-image-cloud-amd64)",
+            ) from exc
         yield gf
     finally:
         gf.close()
@@ -238,11 +258,20 @@ class Inject:
     def prepare(self, spec: ContextSpec, jobdir: JobDir) -> tuple[DiskSpec, ...]:
         if spec.site_user_data:
             log.warning("[context].site_user_data is cloud-config: not applied by injection")
+        tool = self.cfg.tools.guestfish
+        if not os.access(tool, os.X_OK):
+            raise InjectionToolError(
+                f"offline injection needs {tool}, which is missing",
+                hint="install libguestfs-tools (and a kernel for its appliance, e.g."
+                " linux-image-cloud-amd64), or fix [tools].guestfish",
+            )
         work = Path(tempfile.mkdtemp(prefix="inject-", dir=jobdir.path))
         try:
             (self.cfg.paths.cache_dir / "libguestfs").mkdir(mode=0o700, exist_ok=True)
             with appliance(self.cfg, jobdir.overlay, work) as gf:
                 self._inject(gf, spec, work)
+        except (CommandTimeoutError, InjectionToolError):
+            raise
         except CommandError as exc:
             raise ImageError(
                 f"offline injection into the job's overlay failed: {exc.message}",
@@ -256,7 +285,6 @@ class Inject:
         return ()
 
     def _inject(self, gf: Guestfish, spec: ContextSpec, work: Path) -> None:
-        gf("run", timeout=self.cfg.context.inject_timeout)
         roots = gf("inspect-os").split()
         if len(roots) != 1:
             fs = gf("list-filesystems").strip().replace("\n", ", ") or "none"
