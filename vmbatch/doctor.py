@@ -37,6 +37,8 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
         _tool("qemu-img", cfg.tools.qemu_img, cfg),
         _tool("qemu-system", cfg.tools.qemu_system, cfg),
     ]
+    if any(img.context == "inject" for img in cfg.images.values()):
+        checks.append(_guestfish(cfg))
     checks.append(_accel(cfg, reprobe))
     checks += [
         _directory("job directory", cfg.paths.job_dir),
@@ -73,6 +75,22 @@ def _tool(label: str, path: Path, cfg: Config) -> Check:
         )
     first = res.stdout.strip().splitlines()[0] if res.stdout.strip() else "runs"
     return Check(True, label, f"{path}: {first}")
+
+
+def _guestfish(cfg: Config) -> Check:
+    """libguestfs for ``context = "inject"`` images: the tool, and a kernel for its appliance
+    (supermin builds the appliance from the host's /boot/vmlinuz-*; launching it is left to
+    ``libguestfs-test-tool``, which takes ~20 s under TCG)."""
+    label, path = "guestfish (inject)", cfg.tools.guestfish
+    fix = "apt-get install libguestfs-tools linux-image-cloud-amd64, or fix [tools].guestfish"
+    try:
+        res = process.run([str(path), "--version"], timeout=cfg.tools.command_timeout)
+    except VmBatchError as exc:
+        return Check(False, label, str(exc), fix)
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        return Check(False, label, "no kernel in /boot for the libguestfs appliance", fix)
+    return Check(True, label, f"{res.stdout.strip()}; appliance kernel {kernels[-1].name}")
 
 
 def _accel(cfg: Config, reprobe: bool) -> Check:

@@ -267,7 +267,7 @@ class Inject:
             )
         work = Path(tempfile.mkdtemp(prefix="inject-", dir=jobdir.path))
         try:
-            (self.cfg.paths.cache_dir / "libguestfs").mkdir(mode=0o700, exist_ok=True)
+            (self.cfg.paths.cache_dir / "libguestfs").mkdir(mode=0o700, parents=True, exist_ok=True)
             with appliance(self.cfg, jobdir.overlay, work) as gf:
                 self._inject(gf, spec, work)
         except (CommandTimeoutError, InjectionToolError):
