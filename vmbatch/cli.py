@@ -157,6 +157,13 @@ def config_check(ctx: click.Context, file: Path | None) -> None:
             click.echo(f"error: {problem}", err=True)
         click.echo(f"{len(exc.problems)} problem(s) found", err=True)
         ctx.exit(CLI[exc.disposition])
+    injected = sorted(n for n, img in cfg.images.items() if img.context == "inject")
+    if cfg.context.site_user_data is not None and injected:
+        click.echo(
+            "warning: [context].site_user_data is cloud-config and is not applied to images"
+            f' with context = "inject" ({", ".join(injected)})',
+            err=True,
+        )
     files = ", ".join(str(f) for f in cfg.files) or "no file (all defaults)"
     click.echo(
         f"configuration OK: {files}; {len(cfg.images)} image(s): "

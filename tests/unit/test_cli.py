@@ -31,6 +31,33 @@ def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "configuration OK" in capsys.readouterr().out
 
 
+def test_config_check_warns_that_injection_ignores_the_snippet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    snippet = tmp_path / "site.yaml"
+    snippet.write_text("packages: [htop]\n")
+    f = _write(
+        tmp_path,
+        f'[context]\nsite_user_data = "{snippet}"\n'
+        '[images.stock]\nsource = "/x.qcow2"\ncontext = "inject"\n'
+        '[images.cloud]\nsource = "/y.qcow2"\n',
+    )
+    assert cli.main(["config", "check", str(f)]) == 0
+    out = capsys.readouterr()
+    assert 'not applied to images with context = "inject" (stock)' in out.err
+    assert "configuration OK" in out.out
+
+
+def test_config_check_names_an_unknown_context_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = _write(tmp_path, '[images.x]\nsource = "/x.qcow2"\ncontext = "amiconfig"\n')
+    assert cli.main(["config", "check", str(f)]) == 69
+    assert "[images.x].context: expected one of 'nocloud', 'cernvm', 'inject'" in (
+        capsys.readouterr().err
+    )
+
+
 def test_run_unknown_image_is_one_clear_line_and_leaves_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
