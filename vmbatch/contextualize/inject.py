@@ -29,8 +29,8 @@ What is written (paths in the guest):
 
 Supported: Linux guests whose root filesystem is ext2/3/4 or xfs, with OpenSSH's sshd.
 Anything else is refused with an :class:`~vmbatch.errors.ImageError` naming the reason
-(the job is aborted: another node cannot do better). SELinux-enforcing images are not
-relabelled (files get default contexts); see docs/admin-guide.md.
+(the job is aborted: another node cannot do better). SELinux-enforcing images are refused:
+files written offline carry no label. Files that exist keep their mode and owner.
 """
 
 from __future__ import annotations
@@ -322,12 +322,23 @@ class Inject:
             return local.read_text(errors="surrogateescape")
 
         def write(path: str, text: str, mode: int, owner: tuple[int, int] = (0, 0)) -> None:
+            """Write ``path``; a file that exists keeps its own mode and owner."""
+            if gf("is-file", path).strip() == "true":
+                st = dict(ln.split(": ", 1) for ln in gf("statns", path).splitlines() if ": " in ln)
+                mode, owner = int(st["st_mode"]) & 0o7777, (int(st["st_uid"]), int(st["st_gid"]))
             local = work / "write"
             local.write_text(text, errors="surrogateescape")
             gf("upload", str(local), path)
             gf("chown", str(owner[0]), str(owner[1]), path)
             gf("chmod", f"0{mode:o}", path)
 
+        selinux = read("/etc/selinux/config") or ""
+        if re.search(r"^\s*SELINUX\s*=\s*enforcing\s*$", selinux, re.M):
+            raise ImageError(
+                "offline injection: the image runs SELinux enforcing, and files written"
+                " offline carry no SELinux label (sshd would refuse the job's key)",
+                hint='use context = "nocloud" for this image, or set SELINUX=permissive in it',
+            )
         user = spec.user
         if user is not None:
             passwd, group = read("/etc/passwd"), read("/etc/group")
@@ -338,11 +349,9 @@ class Inject:
             write("/etc/passwd", new[0], 0o644)
             write("/etc/group", new[1], 0o644)
             if new[2] is not None:
-                write("/etc/shadow", new[2], 0o640 if _gid_of(group, "shadow") else 0o600,
-                      (0, _gid_of(group, "shadow") or 0))  # fmt: skip
+                write("/etc/shadow", new[2], 0o600)
             if new[3] is not None:
-                write("/etc/gshadow", new[3], 0o640 if _gid_of(group, "shadow") else 0o600,
-                      (0, _gid_of(group, "shadow") or 0))  # fmt: skip
+                write("/etc/gshadow", new[3], 0o600)
             home, owner = user.home, (user.uid, user.gid)
         else:
             home, owner = "/root", (0, 0)
@@ -362,10 +371,3 @@ class Inject:
         write("/etc/hosts", hosts_file(read("/etc/hosts") or "", spec.hostname), 0o644)
         gf("umount-all")
         gf("shutdown", timeout=self.cfg.context.inject_timeout)
-
-
-def _gid_of(group: str, name: str) -> int | None:
-    for e in _entries(group):
-        if e[0] == name and len(e) >= 3 and e[2].isdigit():
-            return int(e[2])
-    return None
