@@ -78,6 +78,19 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     help="Run as this node user (same name, uid, gid, groups) inside the VM; root only."
     " Default: the calling user; for root, log in as [ssh].user (debugging images).",
 )
+@click.option(
+    "--workdir",
+    metavar="DIR",
+    help="Working directory in the guest (it must exist there). Default: the user's home.",
+)
+@click.option(
+    "--walltime",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="End the command (SIGTERM, then SIGKILL after [job].kill_grace) after this long;"
+    " 0: no limit.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def run(
@@ -86,15 +99,20 @@ def run(
     memory: int | None,
     vcpus: int | None,
     user: str | None,
+    workdir: str | None,
+    walltime: int,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in a fresh VM made from IMAGE, then destroy the VM.
 
-    The command's stdout and stderr stream back separately; vmbatch exits with the
-    command's status (128+N if it died of signal N). vmbatch's own failures print one
-    line and exit 65 (the request is wrong), 75 (temporary, try again) or 69 (the node
-    needs its admin); SIGINT/SIGTERM destroy the VM and exit 128+N. Put the command
-    after `--`:
+    The command gets the caller's environment (minus host-only variables) and runs
+    detached in the guest: its stdout and stderr stream back separately, resumed without
+    loss after a dropped connection; vmbatch exits with the command's status (128+N if it
+    died of signal N). SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 are passed on to the
+    command while it runs (SIGKILL follows a terminating one after [job].kill_grace);
+    during boot, SIGINT/SIGTERM destroy the VM and exit 128+N. vmbatch's own failures
+    print one line and exit 65 (the request is wrong), 75 (temporary, try again) or 69
+    (the node needs its admin). Put the command after `--`:
 
         vmbatch run --image demo -- uname -a
     """
@@ -111,6 +129,9 @@ def run(
         vcpus=vcpus,
         allow_image_path=root,
         identity=JobUser.from_host(name) if name is not None else None,
+        environment=dict(os.environ),
+        workdir=workdir,
+        walltime=walltime,
     )
     status = lifecycle.run_job(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
     ctx.exit(status)

@@ -91,6 +91,9 @@ class SshConfig:
     port: int = 22
     connect_timeout: float = 10.0
     keepalive_interval: int = 15
+    #: After the connection to a running job's guest drops, keep trying to log in again
+    #: for this long (the job goes on in the guest meanwhile).
+    reconnect_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,18 @@ class ContextConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JobConfig:
+    """How jobs run inside their guests."""
+
+    #: Seconds between a terminating signal forwarded to the job (SIGTERM, SIGINT, SIGHUP)
+    #: and SIGKILL to its process group, and between the walltime's SIGTERM and SIGKILL.
+    kill_grace: float = 30.0
+    #: Names removed from the job's environment on top of the built-in list (host-only
+    #: variables such as SSH_AUTH_SOCK, DISPLAY, XDG_RUNTIME_DIR, TMPDIR, KRB5CCNAME).
+    env_deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -184,6 +199,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     disks: DisksConfig = field(default_factory=DisksConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    job: JobConfig = field(default_factory=JobConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
@@ -197,6 +213,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "cache": CacheConfig,
     "disks": DisksConfig,
     "context": ContextConfig,
+    "job": JobConfig,
 }
 
 
@@ -447,7 +464,9 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("accel_probe_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),
     "tools": (("command_timeout", lambda v: v > 0, "must be > 0 seconds"),),
+    "job": (("kill_grace", lambda v: v >= 0, "must be >= 0 seconds"),),
     "ssh": (
+        ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
         ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
         ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),

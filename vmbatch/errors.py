@@ -213,6 +213,13 @@ class GuestConnectionError(GuestError):
     """The SSH connection to a guest that had answered failed."""
 
 
+class GuestLostError(GuestError):
+    """The guest stopped (crash, poweroff) while the job ran: the job failed; not requeued,
+    because it may have done part of its work (and a job that powers the VM off would loop)."""
+
+    disposition = Disposition.ABORT_JOB
+
+
 class JobInterruptedError(VmBatchError):
     """vmbatch was told to stop (SIGINT/SIGTERM) before the job finished."""
 

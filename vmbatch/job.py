@@ -13,7 +13,8 @@ import grp
 import pwd
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from vmbatch.errors import JobError
 
@@ -114,6 +115,14 @@ class JobSpec:
     #: Who the job runs as in the guest; None only for root's ``vmbatch run`` without
     #: ``--user``, which logs in as ``[ssh].user`` (a debugging aid).
     identity: JobUser | None = None
+    #: The job's script (None: ``argv`` is run exactly, see guest.session.command_script).
+    script: bytes | None = None
+    #: The job's environment as the scheduler gave it (filtered by guest.session).
+    environment: Mapping[str, str] = field(default_factory=dict)
+    #: Working directory in the guest (None: the user's home).
+    workdir: str | None = None
+    #: Wall-clock limit in seconds enforced inside the guest (0: none).
+    walltime: int = 0
 
 
 def interactive(
@@ -124,6 +133,9 @@ def interactive(
     vcpus: int | None = None,
     allow_image_path: bool = False,
     identity: JobUser | None = None,
+    environment: Mapping[str, str] | None = None,
+    workdir: str | None = None,
+    walltime: int = 0,
 ) -> JobSpec:
     """A JobSpec for ``vmbatch run`` from a shell: a fresh id, the calling user."""
     return JobSpec(
@@ -135,4 +147,7 @@ def interactive(
         vcpus=vcpus,
         allow_image_path=allow_image_path,
         identity=identity,
+        environment=dict(environment or {}),
+        workdir=workdir,
+        walltime=walltime,
     )

@@ -29,6 +29,7 @@ from vmbatch.contextualize import ContextSpec, get_method, nocloud
 from vmbatch.contextualize.keys import generate
 from vmbatch.errors import ImageError, VmBatchError
 from vmbatch.guest import ssh
+from vmbatch.guest.session import ENV_DENY, GuestJob, Session, command_script, job_environment
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
 from vmbatch.images.disks import check_free_space, job_disks
@@ -40,7 +41,7 @@ from vmbatch.state import JobDir
 log = logging.getLogger(__name__)
 
 #: Phases in the order they happen; ``bench/boot.py`` prints them in this order.
-PHASES = ("image", "disks", "seed", "create", "wait_ssh", "command", "teardown")
+PHASES = ("image", "disks", "seed", "create", "wait_ssh", "start", "command", "teardown")
 
 
 class PhaseTimer:
@@ -158,8 +159,29 @@ def run_job(
                 )
             if job.identity is not None:
                 verify_identity(client, job.identity, image.name)
+            session = Session(
+                connect=lambda: ssh.connect(endpoint),
+                is_alive=lambda: live.is_running(name),
+                job=GuestJob(
+                    job_id=job.job_id,
+                    script=job.script if job.script is not None else command_script(job.argv),
+                    environment=job_environment(
+                        job.environment, ENV_DENY | frozenset(cfg.job.env_deny)
+                    ),
+                    workdir=job.workdir,
+                    walltime=job.walltime,
+                    kill_grace=cfg.job.kill_grace,
+                ),
+                reconnect_timeout=cfg.ssh.reconnect_timeout,
+                client=client,
+            )
+            with timer("start"):
+                session.start()
             with timer("command"):
-                return ssh.run(client, job.argv, out, err)
+                try:
+                    return session.follow(out, err)
+                finally:
+                    client = session.client
         finally:
             with timer("teardown"), signals.deferred():
                 teardown(cfg, conn, name, jobdir if created else None, client)

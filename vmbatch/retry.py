@@ -125,4 +125,21 @@ DOWNLOAD_POLICY = RetryPolicy(
     max_attempts=6,
 )
 
-ALL_POLICIES = (SSH_READY_POLICY, SSH_CONNECT_POLICY, LIBVIRT_CONNECT_POLICY, DOWNLOAD_POLICY)
+#: Logging in again after the connection to a running job's guest dropped: the job goes on
+#: in the guest, so keep trying (backing off to 10 s) until ``[ssh].reconnect_timeout``
+#: (the caller's ``max_delay``); each attempt first checks that the domain still runs.
+SSH_RECONNECT_POLICY = RetryPolicy(
+    name="SshReconnectPolicy",
+    retry_on=(GuestConnectionError,),
+    wait_seconds=0.5,
+    wait_max=10.0,
+    max_delay=600.0,
+)
+
+ALL_POLICIES = (
+    SSH_READY_POLICY,
+    SSH_CONNECT_POLICY,
+    SSH_RECONNECT_POLICY,
+    LIBVIRT_CONNECT_POLICY,
+    DOWNLOAD_POLICY,
+)

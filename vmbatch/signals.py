@@ -11,7 +11,7 @@ second Ctrl-C cannot interrupt the clean-up of the first.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -59,3 +59,35 @@ def deferred() -> Iterator[None]:
     if _STATE.defer == 0 and _STATE.pending is not None:
         signum, _STATE.pending = _STATE.pending, None
         raise JobInterruptedError(signum)
+
+
+class Pending:
+    """Signals received inside :func:`forwarded`, in order, until taken."""
+
+    def __init__(self) -> None:
+        self._signals: list[int] = []
+
+    def add(self, signum: int) -> None:
+        self._signals.append(signum)
+
+    def take(self) -> list[int]:
+        taken, self._signals = self._signals, []
+        return taken
+
+
+@contextmanager
+def forwarded(which: Iterable[int]) -> Iterator[Pending]:
+    """Record ``which`` signals instead of acting on them, for the caller to forward.
+
+    Used while a job runs in its guest: the job, not vmbatch, decides what SIGTERM means;
+    the caller polls :meth:`Pending.take`. Previous handlers come back afterwards.
+    """
+    pending = Pending()
+    previous = {s: signal.getsignal(s) for s in which}
+    for s in which:
+        signal.signal(s, lambda signum, _frame: pending.add(signum))
+    try:
+        yield pending
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

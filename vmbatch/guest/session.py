@@ -1,0 +1,352 @@
+"""Run a job in the guest detached from the SSH connection, and follow it until it ends.
+
+Why detached: a job may run for hours over a connection that can drop (busy node, guest
+network hiccup, keepalive timeout). The job must go on meanwhile and its output must come
+back whole, once. So the connection is only a window onto files in the guest:
+
+1. **Upload** (one exec channel per file, content on stdin, never on a command line):
+   ``supervisor.sh`` (:file:`vmbatch/guest/supervisor.sh`), ``start`` (the environment as
+   ``export NAME='value'`` lines, quoted with :func:`shlex.quote`, then ``cd`` to the working
+   directory and ``exec`` the job), ``job`` (the script, 0700) and an empty ``stdin``, into
+   ``/tmp/vmbatch-<job>`` (0700, the job user's).
+2. **Start**: ``sh supervisor.sh DIR WALLTIME GRACE`` starts the job with ``setsid`` (its
+   own process group), redirects its stdout/stderr to files, writes its status when it ends
+   and returns at once.
+3. **Follow**: one channel runs ``tail -c +N -f`` on both files (stdout on the channel's
+   stdout, stderr on its stderr) until the status file exists. The host counts the bytes it
+   has written to its own outputs; after a drop it reconnects (``SSH_RECONNECT_POLICY``,
+   as long as the domain runs) and follows again from those counts, so nothing is lost or
+   repeated. Then a last channel sends what is left after the counts and exits with the
+   job's status.
+4. **Signals**: SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 received by the host side are
+   sent to the job's process group (``kill -SIG -- -PGID`` as the job's user). After a
+   terminating one, the group gets SIGKILL if it is still there ``kill_grace`` seconds later.
+
+The status is the shell's: the exit code, or 128+N after death by signal N. A guest that
+stops while the job runs (crash, poweroff) ends the job with :class:`GuestLostError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import re
+import select
+import shlex
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import paramiko
+
+from vmbatch import signals
+from vmbatch.errors import GuestConnectionError, GuestLostError, JobError
+from vmbatch.retry import SSH_RECONNECT_POLICY
+
+log = logging.getLogger(__name__)
+
+#: Variables of the host side's environment never passed to the job: they describe the
+#: host's session (agent socket, display, runtime dirs, per-job temp dir, Kerberos cache
+#: file), which does not exist in the guest, or are set by the guest's own shell.
+ENV_DENY = frozenset(
+    {
+        "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
+        "SSH_ORIGINAL_COMMAND", "DISPLAY", "XAUTHORITY", "WAYLAND_DISPLAY",
+        "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "XDG_SESSION_ID", "XDG_SESSION_TYPE",
+        "XDG_SESSION_CLASS", "XDG_SEAT", "XDG_VTNR", "HOSTNAME", "PWD", "OLDPWD", "SHLVL",
+        "_", "TMPDIR", "KRB5CCNAME", "MAIL", "VMBATCH_CONFIG",
+    }
+)  # fmt: skip
+#: Linux's limit for one "NAME=value" string at exec (MAX_ARG_STRLEN) and a safe total.
+MAX_ENV_ENTRY = 128 * 1024
+MAX_ENV_TOTAL = 1024 * 1024
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class GuestJob:
+    """What to run in the guest."""
+
+    job_id: str
+    script: bytes
+    environment: Mapping[str, str] = field(default_factory=dict)
+    #: Working directory in the guest; None: the user's home (the login directory).
+    workdir: str | None = None
+    #: Seconds (0: no limit), enforced inside the guest.
+    walltime: int = 0
+    kill_grace: float = 30.0
+
+
+def command_script(argv: tuple[str, ...]) -> bytes:
+    """A job script that runs ``argv`` exactly (for ``vmbatch run -- ARGV``)."""
+    return ("#!/bin/sh\nexec " + shlex.join(argv) + "\n").encode()
+
+
+def job_environment(env: Mapping[str, str], deny: frozenset[str] = ENV_DENY) -> dict[str, str]:
+    """``env`` without the deny list and names sh cannot export; refuse what exec cannot take."""
+    kept: dict[str, str] = {}
+    for name, value in env.items():
+        if name in deny:
+            continue
+        if not _NAME.fullmatch(name):
+            log.warning("environment variable %r is not a shell name; not passed", name)
+            continue
+        if len(name) + len(value) + 1 > MAX_ENV_ENTRY:
+            raise JobError(
+                f"environment variable {name} is {len(value)} bytes; a Linux guest cannot"
+                f" start a program with a variable over {MAX_ENV_ENTRY} bytes",
+                hint=f"unset {name} or pass the data in a file",
+            )
+        kept[name] = value
+    total = sum(len(k) + len(v) + 2 for k, v in kept.items())
+    if total > MAX_ENV_TOTAL:
+        raise JobError(
+            f"the job's environment is {total} bytes, over the {MAX_ENV_TOTAL} bytes vmbatch"
+            " passes to the guest",
+            hint="unset large variables or pass the data in a file",
+        )
+    return kept
+
+
+def start_script(env: Mapping[str, str], workdir: str | None) -> str:
+    """The generated ``start``: every value quoted, so no content can become a command."""
+    lines = ["# generated by vmbatch: the job's environment and working directory"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    if workdir is not None:
+        q = shlex.quote(workdir)
+        lines.append(
+            f"cd -- {q} || {{ printf 'vmbatch: the working directory %s does not exist in"
+            f" the guest\\n' {q} >&2; exit 1; }}"
+        )
+    lines.append('exec "$1/job"')
+    return "\n".join(lines) + "\n"
+
+
+def _sh(command: str) -> str:
+    """Run ``command`` with /bin/sh whatever the user's login shell is (csh, fish, ...)."""
+    return "exec /bin/sh -c " + shlex.quote(command)
+
+
+def guest_dir(job_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:64]
+    return f"/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
+
+
+class Session:
+    """One job in one guest. ``connect`` returns a fresh logged-in client."""
+
+    def __init__(
+        self,
+        connect: Callable[[], paramiko.SSHClient],
+        is_alive: Callable[[], bool],
+        job: GuestJob,
+        *,
+        reconnect_timeout: float = 600.0,
+        client: paramiko.SSHClient | None = None,
+    ) -> None:
+        self._connect = connect
+        self._is_alive = is_alive
+        self.job = job
+        self.dir = guest_dir(job.job_id)
+        self.reconnect_timeout = reconnect_timeout
+        self.client = client
+        self.out_bytes = 0
+        self.err_bytes = 0
+        self.reconnects = 0
+        self._kill_at: float | None = None
+
+    # -- connection -------------------------------------------------------------------
+    def _transport(self) -> paramiko.Transport:
+        if self.client is None:
+            self.client = self._connect()
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestConnectionError("the SSH connection to the guest is closed")
+        return transport
+
+    def _reconnect(self) -> None:
+        """Drop the old client; log in again while the domain runs (SSH_RECONNECT_POLICY)."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
+
+        def attempt() -> paramiko.SSHClient:
+            if not self._is_alive():
+                raise GuestLostError(
+                    "the VM stopped while the job was running (the guest crashed, or"
+                    " shut itself down); the job's output so far was delivered",
+                    hint="see the VM's console log; the job did not finish",
+                )
+            return self._connect()
+
+        for a in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
+            with a:
+                self.client = attempt()
+        self.reconnects += 1
+        log.warning("reconnected to the guest (%d so far)", self.reconnects)
+
+    def _exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        """Run a short command; return (status, stdout, stderr)."""
+        chan = self._transport().open_session()
+        try:
+            chan.exec_command(_sh(command))
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out = chan.makefile("rb").read()
+            err = chan.makefile_stderr("rb").read()
+            return chan.recv_exit_status(), out, err
+        finally:
+            chan.close()
+
+    def _robust_exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        while True:
+            try:
+                return self._exec(command, stdin)
+            except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
+                log.warning("guest command interrupted (%s); reconnecting", exc)
+                self._reconnect()
+
+    # -- the job ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Upload the files and start the job (detached)."""
+        d = shlex.quote(self.dir)
+        supervisor = importlib.resources.files("vmbatch.guest").joinpath("supervisor.sh")
+        files = {
+            "supervisor.sh": supervisor.read_bytes(),
+            "start": start_script(self.job.environment, self.job.workdir).encode(),
+            "job": self.job.script,
+            "stdin": b"",
+        }
+        status, _, err = self._robust_exec(f"umask 077 && mkdir -p {d} && chmod 0700 {d}")
+        self._check(status, err, "create the job's directory")
+        for name, content in files.items():
+            status, _, err = self._robust_exec(f"umask 077 && cat > {d}/{name}", content)
+            self._check(status, err, f"upload {name}")
+        status, _, err = self._robust_exec(
+            f"chmod 0700 {d}/job && sh {d}/supervisor.sh {d} {int(self.job.walltime)}"
+            f" {int(self.job.kill_grace)}"
+        )
+        self._check(status, err, "start the job")
+
+    def _check(self, status: int, err: bytes, what: str) -> None:
+        if status != 0:
+            raise GuestConnectionError(
+                f"could not {what} in the guest (status {status}):"
+                f" {err.decode(errors='replace').strip()[-300:]}"
+            )
+
+    def follow(self, out: BinaryIO, err: BinaryIO) -> int:
+        """Copy the job's output until it ends; return its status. Signals are forwarded."""
+        with signals.forwarded(FORWARDED) as pending:
+            while True:
+                try:
+                    if self._follow_once(out, err, pending):
+                        break
+                except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
+                    log.warning("lost the guest while following the job (%s)", exc)
+                    self._reconnect()
+            while True:
+                try:
+                    return self._drain(out, err)
+                except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
+                    log.warning("lost the guest while collecting the job's output (%s)", exc)
+                    self._reconnect()
+
+    def _follow_command(self) -> str:
+        d = shlex.quote(self.dir)
+        return (
+            f'D={d}; tail -c +{self.out_bytes + 1} -f "$D/stdout" & a=$!;'
+            f' tail -c +{self.err_bytes + 1} -f "$D/stderr" >&2 & b=$!;'
+            ' while [ ! -e "$D/status" ]; do sleep 0.2 2>/dev/null || sleep 1; done;'
+            " kill $a $b; wait; exit 0"
+        )
+
+    def _follow_once(self, out: BinaryIO, err: BinaryIO, pending: signals.Pending) -> bool:
+        """One follow channel, until the job's status file exists (then True)."""
+        transport = self._transport()
+        chan = transport.open_session()
+        try:
+            chan.exec_command(_sh(self._follow_command()))
+            while True:
+                self._handle_signals(pending)
+                moved = self._pump(chan, out, err)
+                if moved:
+                    continue
+                if chan.exit_status_ready() and not (chan.recv_ready() or chan.recv_stderr_ready()):
+                    status = chan.recv_exit_status()
+                    if status != 0:
+                        raise GuestLostError(
+                            f"following the job's output in the guest failed (status {status});"
+                            f" its files in {self.dir} are gone or unreadable"
+                        )
+                    return True
+                if not transport.is_active() or chan.closed:
+                    raise GuestConnectionError("the SSH connection to the guest dropped")
+                select.select([chan], [], [], 0.2)
+        finally:
+            chan.close()
+
+    def _pump(self, chan: paramiko.Channel, out: BinaryIO, err: BinaryIO) -> bool:
+        moved = False
+        if chan.recv_ready():
+            data = chan.recv(65536)
+            out.write(data)
+            out.flush()
+            self.out_bytes += len(data)
+            moved = bool(data)
+        if chan.recv_stderr_ready():
+            data = chan.recv_stderr(65536)
+            err.write(data)
+            err.flush()
+            self.err_bytes += len(data)
+            moved = moved or bool(data)
+        return moved
+
+    def _drain(self, out: BinaryIO, err: BinaryIO) -> int:
+        d = shlex.quote(self.dir)
+        chan = self._transport().open_session()
+        try:
+            chan.exec_command(
+                _sh(
+                    f'D={d}; tail -c +{self.out_bytes + 1} "$D/stdout";'
+                    f' tail -c +{self.err_bytes + 1} "$D/stderr" >&2;'
+                    ' read -r st <"$D/status"; exit "$st"'
+                )
+            )
+            while not (chan.exit_status_ready() and not chan.recv_ready()
+                       and not chan.recv_stderr_ready()):  # fmt: skip
+                if not self._pump(chan, out, err):
+                    if chan.closed and not chan.exit_status_ready():
+                        raise GuestConnectionError("the SSH connection to the guest dropped")
+                    select.select([chan], [], [], 0.2)
+            return chan.recv_exit_status()
+        finally:
+            chan.close()
+
+    def _handle_signals(self, pending: signals.Pending) -> None:
+        for signum in pending.take():
+            self.send_signal(signum)
+            if signum in TERMINATING and self._kill_at is None:
+                self._kill_at = time.monotonic() + self.job.kill_grace
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            self._kill_at = float("inf")  # once
+            log.warning("the job did not end %.0fs after the signal: SIGKILL", self.job.kill_grace)
+            self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the job's process group in the guest."""
+        name = signal.Signals(signum).name.removeprefix("SIG")
+        d = shlex.quote(self.dir)
+        log.info("forwarding SIG%s to the job", name)
+        status, _, err = self._robust_exec(
+            f'read -r p <{d}/pid && kill -s {name} -- "-$p" 2>/dev/null; true'
+        )
+        if status != 0:
+            log.warning("could not signal the job: %s", err.decode(errors="replace").strip())

@@ -1,0 +1,52 @@
+# vmbatch guest-side supervisor: starts one job detached from the SSH connection.
+#
+#   sh supervisor.sh DIR WALLTIME GRACE
+#
+# Uploaded into the job's guest directory DIR (mode 0700, owned by the job's user) by
+# vmbatch/guest/session.py together with `start` (the job's environment and working
+# directory, generated with every value shell-quoted) and `job` (the job script, 0700).
+# POSIX sh only: it runs under busybox as well as bash/dash.
+#
+# Contract with the host:
+# - the job runs as `setsid sh DIR/start DIR`: its own session and process group, whose id
+#   is written to DIR/pid before anything else can ask for it (written to DIR/pid.new,
+#   then renamed); stdin is /dev/null, stdout and stderr go to DIR/stdout and DIR/stderr;
+# - when it ends, its status as the shell reports it (exit code, or 128+N after signal N)
+#   is written to DIR/status (via rename, so a reader sees all of it or nothing);
+# - WALLTIME > 0: after that many seconds the process group gets SIGTERM, GRACE seconds
+#   later SIGKILL, and DIR/walltime records it;
+# - this script returns at once; the supervising subshell keeps no descriptor of the SSH
+#   session and ignores SIGHUP, so the job goes on when the connection drops.
+set -u
+D=$1
+WALL=${2:-0}
+GRACE=${3:-30}
+umask 077
+(
+    trap '' HUP
+    setsid sh "$D/start" "$D" <"$D/stdin" >"$D/stdout" 2>"$D/stderr" &
+    pid=$!
+    echo "$pid" >"$D/pid.new" && mv "$D/pid.new" "$D/pid"
+    dog=
+    if [ "$WALL" -gt 0 ]; then
+        (
+            sleep "$WALL"
+            echo "$WALL" >"$D/walltime"
+            kill -TERM -"$pid"
+            sleep "$GRACE"
+            kill -KILL -"$pid"
+        ) 2>/dev/null &
+        dog=$!
+    fi
+    wait "$pid"
+    st=$?
+    [ -z "$dog" ] || kill "$dog" 2>/dev/null
+    echo "$st" >"$D/status.new" && mv "$D/status.new" "$D/status"
+) </dev/null >>"$D/supervisor.log" 2>&1 &
+# Wait until the job's pid is known, so that a signal forwarded right after start finds it.
+i=0
+while [ ! -e "$D/pid" ] && [ $i -lt 100 ]; do
+    sleep 0.1 2>/dev/null || sleep 1
+    i=$((i + 1))
+done
+[ -e "$D/pid" ]
