@@ -17,8 +17,9 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import paramiko
@@ -70,6 +71,50 @@ def console_tail(jobdir: JobDir, lines: int = 15) -> str:
     return "\n".join("  | " + ln for ln in tail) or "  (no console output)"
 
 
+@dataclass
+class Guest:
+    """A booted job VM, logged in as the job's user (see :func:`booted`)."""
+
+    cfg: Config
+    job: JobSpec
+    name: str
+    endpoint: ssh.Endpoint
+    client: paramiko.SSHClient
+    is_alive: Callable[[], bool]
+    sessions: list[Session] = field(default_factory=list)
+
+    def session(self, gjob: GuestJob) -> Session:
+        """A :class:`Session` for ``gjob`` in this guest (reconnecting with the same keys)."""
+        session = Session(
+            connect=lambda: ssh.connect(self.endpoint),
+            is_alive=self.is_alive,
+            job=gjob,
+            reconnect_timeout=self.cfg.ssh.reconnect_timeout,
+            client=self.client if not self.sessions else None,
+        )
+        self.sessions.append(session)
+        return session
+
+    def guest_job(self) -> GuestJob:
+        """The job's own script, environment, working directory and walltime."""
+        job = self.job
+        return GuestJob(
+            job_id=job.job_id,
+            script=job.script if job.script is not None else command_script(job.argv),
+            environment=job_environment(
+                job.environment, ENV_DENY | frozenset(self.cfg.job.env_deny)
+            ),
+            workdir=job.workdir,
+            walltime=job.walltime,
+            kill_grace=self.cfg.job.kill_grace,
+        )
+
+    def close(self) -> None:
+        for client in {id(c): c for c in [self.client, *(s.client for s in self.sessions)]
+                       if c is not None}.values():  # fmt: skip
+            client.close()
+
+
 def run_job(
     cfg: Config,
     job: JobSpec,
@@ -81,12 +126,35 @@ def run_job(
 ) -> int:
     """Boot a fresh VM for ``job``, run its command, tear everything down; return the status."""
     timer = PhaseTimer(timings)
+    with booted(cfg, job, conn=conn, timer=timer) as guest:
+        session = guest.session(guest.guest_job())
+        with timer("start"):
+            session.start()
+        with timer("command"):
+            return session.follow(out, err)
+
+
+@contextmanager
+def booted(
+    cfg: Config,
+    job: JobSpec,
+    *,
+    conn: Connection | None = None,
+    timer: PhaseTimer | None = None,
+) -> Iterator[Guest]:
+    """Boot a fresh VM for ``job`` and log in; tear everything down when the block ends.
+
+    Termination signals raise JobInterruptedError (except while a Session forwards them to
+    the job); teardown always runs.
+    """
+    timer = timer or PhaseTimer(None)
     choice = accel.choose(cfg)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     jobdir = JobDir(cfg.paths.job_dir, job.job_id)
     name = domain_name(job.job_id)
     own_conn = conn is None
     created = False
+    guest: Guest | None = None
     client: paramiko.SSHClient | None = None
     with signals.interruptible(), contextlib.ExitStack() as stack:
         with timer("image"):
@@ -159,31 +227,12 @@ def run_job(
                 )
             if job.identity is not None:
                 verify_identity(client, job.identity, image.name)
-            session = Session(
-                connect=lambda: ssh.connect(endpoint),
-                is_alive=lambda: live.is_running(name),
-                job=GuestJob(
-                    job_id=job.job_id,
-                    script=job.script if job.script is not None else command_script(job.argv),
-                    environment=job_environment(
-                        job.environment, ENV_DENY | frozenset(cfg.job.env_deny)
-                    ),
-                    workdir=job.workdir,
-                    walltime=job.walltime,
-                    kill_grace=cfg.job.kill_grace,
-                ),
-                reconnect_timeout=cfg.ssh.reconnect_timeout,
-                client=client,
-            )
-            with timer("start"):
-                session.start()
-            with timer("command"):
-                try:
-                    return session.follow(out, err)
-                finally:
-                    client = session.client
+            guest = Guest(cfg, job, name, endpoint, client, lambda: live.is_running(name))
+            yield guest
         finally:
             with timer("teardown"), signals.deferred():
+                if guest is not None:
+                    guest.close()
                 teardown(cfg, conn, name, jobdir if created else None, client)
                 if own_conn and conn is not None:
                     conn.close()

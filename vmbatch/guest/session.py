@@ -201,7 +201,10 @@ class Session:
             chan.shutdown_write()
             out = chan.makefile("rb").read()
             err = chan.makefile_stderr("rb").read()
-            return chan.recv_exit_status(), out, err
+            status = chan.recv_exit_status()
+            if status < 0:
+                raise GuestConnectionError("the SSH connection to the guest dropped")
+            return status, out, err
         finally:
             chan.close()
 
@@ -281,6 +284,8 @@ class Session:
                     continue
                 if chan.exit_status_ready() and not (chan.recv_ready() or chan.recv_stderr_ready()):
                     status = chan.recv_exit_status()
+                    if status < 0 or not transport.is_active():  # closed without a status
+                        raise GuestConnectionError("the SSH connection to the guest dropped")
                     if status != 0:
                         raise GuestLostError(
                             f"following the job's output in the guest failed (status {status});"
@@ -326,7 +331,10 @@ class Session:
                     if chan.closed and not chan.exit_status_ready():
                         raise GuestConnectionError("the SSH connection to the guest dropped")
                     select.select([chan], [], [], 0.2)
-            return chan.recv_exit_status()
+            status = chan.recv_exit_status()
+            if status < 0:
+                raise GuestConnectionError("the SSH connection to the guest dropped")
+            return status
         finally:
             chan.close()
 
