@@ -53,7 +53,7 @@ def raw_boot(cfg: config.Config, guest: Path, domain_type: str) -> float:
     try:
         overlay = create_overlay(cfg, resolve(cfg, "demo"), work / "overlay.qcow2")
         client, host = generate("bench"), generate("bench-host")
-        spec = ContextSpec("bench", "bench", "root", (client.public_openssh,), host)
+        spec = ContextSpec("bench", "bench", None, (client.public_openssh,), host)
         seed = work / "seed.iso"
         seed.write_bytes(
             build_iso(
@@ -132,30 +132,36 @@ def vmbatch_run(cfg: config.Config) -> tuple[float, dict[str, float]]:
     return total, timings
 
 
+def tiny_config(guest: Path) -> config.Config:
+    """A configuration with a built guest (tiny or debian) as image "demo", files in WORK."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    WORK.chmod(0o755)
+    tiny = (guest / "vmlinux").is_file()
+    image = {
+        "source": str(guest / "disk.qcow2"),
+        "format": "qcow2",
+        "kernel": str(guest / ("vmlinux" if tiny else "vmlinuz")),
+        "initrd": str(guest / ("initrd.cpio" if tiny else "initrd.img")),
+        "cmdline": (guest / "cmdline").read_text().strip(),
+    }
+    if tiny:
+        image |= {"firmware": "/usr/share/qemu/qboot.rom", "memory": 256}
+    return config.parse(
+        {
+            "paths": {"job_dir": str(WORK / "jobs"), "cache_dir": str(WORK / "cache")},
+            "vm": {"outbound_network": False, "boot_timeout": 600},
+            "images": {"demo": image},
+        }
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guest", type=Path, default=Path("/var/cache/vmbatch/guests/tiny"))
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     guest = args.guest.resolve()
-    WORK.mkdir(parents=True, exist_ok=True)
-    WORK.chmod(0o755)
-    cfg = config.parse(
-        {
-            "paths": {"job_dir": str(WORK / "jobs")},
-            "images": {
-                "demo": {
-                    "source": str(guest / "disk.qcow2"),
-                    "format": "qcow2",
-                    "kernel": str(guest / "vmlinux"),
-                    "initrd": str(guest / "initrd.cpio"),
-                    "cmdline": (guest / "cmdline").read_text().strip(),
-                    "firmware": "/usr/share/qemu/qboot.rom",
-                    "memory": 256,
-                }
-            },
-        }
-    )
+    cfg = tiny_config(guest)
     choice = accel.choose(cfg)
     print(f"guest {guest}; accelerator {choice.accel} ({choice.reason}); {args.rounds} rounds")
     raw: list[float] = []

@@ -110,9 +110,10 @@ class Guest:
         )
 
     def close(self) -> None:
-        for client in {id(c): c for c in [self.client, *(s.client for s in self.sessions)]
-                       if c is not None}.values():  # fmt: skip
-            client.close()
+        """Close the first login and every session's current connection."""
+        for client in (self.client, *(s.client for s in self.sessions)):
+            if client is not None:
+                client.close()  # paramiko: closing twice is harmless
 
 
 def run_job(

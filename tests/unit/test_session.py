@@ -74,6 +74,6 @@ def test_command_script_runs_argv_exactly() -> None:
 
 
 def test_guest_dir_is_one_plain_path_component() -> None:
-    assert guest_dir("123.server") == "/tmp/vmbatch-123.server"
+    assert guest_dir("123.server") == "/var/tmp/vmbatch-123.server"
     for hostile in ("x'; rm -rf /; '/..", "a/b", "$(id)", "a\nb"):
-        assert re.fullmatch(r"/tmp/vmbatch-[A-Za-z0-9._-]+", guest_dir(hostile))
+        assert re.fullmatch(r"/var/tmp/vmbatch-[A-Za-z0-9._-]+", guest_dir(hostile))

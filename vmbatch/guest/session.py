@@ -8,7 +8,8 @@ back whole, once. So the connection is only a window onto files in the guest:
    ``supervisor.sh`` (:file:`vmbatch/guest/supervisor.sh`), ``start`` (the environment as
    ``export NAME='value'`` lines, quoted with :func:`shlex.quote`, then ``cd`` to the working
    directory and ``exec`` the job), ``job`` (the script, 0700) and an empty ``stdin``, into
-   ``/tmp/vmbatch-<job>`` (0700, the job user's).
+   ``/var/tmp/vmbatch-<job>`` (0700, the job user's; /var/tmp, not /tmp, which is a RAM
+   tmpfs on some distributions and would hold all of the job's output in memory).
 2. **Start**: ``sh supervisor.sh DIR WALLTIME GRACE`` starts the job with ``setsid`` (its
    own process group), redirects its stdout/stderr to files, writes its status when it ends
    and returns at once.
@@ -134,7 +135,7 @@ def _sh(command: str) -> str:
 
 def guest_dir(job_id: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:64]
-    return f"/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
+    return f"/var/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
 
 
 class Session:
