@@ -39,7 +39,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import paramiko
 
@@ -67,6 +67,9 @@ MAX_ENV_TOTAL = 1024 * 1024
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: What a dropped connection looks like from paramiko (and our own check).
+_DROPS = (GuestConnectionError, paramiko.SSHException, OSError, EOFError)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,13 +212,17 @@ class Session:
         finally:
             chan.close()
 
-    def _robust_exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    def _until_done(self, what: str, step: Callable[[], _T]) -> _T:
+        """Run ``step``; after a dropped connection, reconnect and run it again."""
         while True:
             try:
-                return self._exec(command, stdin)
-            except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
-                log.warning("guest command interrupted (%s); reconnecting", exc)
+                return step()
+            except _DROPS as exc:
+                log.warning("lost the guest while %s (%s); reconnecting", what, exc)
                 self._reconnect()
+
+    def _robust_exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        return self._until_done("running a command", lambda: self._exec(command, stdin))
 
     # -- the job ----------------------------------------------------------------------
     def start(self) -> None:
@@ -249,19 +256,8 @@ class Session:
     def follow(self, out: BinaryIO, err: BinaryIO) -> int:
         """Copy the job's output until it ends; return its status. Signals are forwarded."""
         with signals.forwarded(FORWARDED) as pending:
-            while True:
-                try:
-                    if self._follow_once(out, err, pending):
-                        break
-                except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
-                    log.warning("lost the guest while following the job (%s)", exc)
-                    self._reconnect()
-            while True:
-                try:
-                    return self._drain(out, err)
-                except (GuestConnectionError, paramiko.SSHException, OSError, EOFError) as exc:
-                    log.warning("lost the guest while collecting the job's output (%s)", exc)
-                    self._reconnect()
+            self._until_done("following the job", lambda: self._follow_once(out, err, pending))
+            return self._until_done("collecting the job's output", lambda: self._drain(out, err))
 
     def _follow_command(self) -> str:
         d = shlex.quote(self.dir)

@@ -22,27 +22,31 @@ D=$1
 WALL=${2:-0}
 GRACE=${3:-30}
 umask 077
-(
-    trap '' HUP
-    setsid sh "$D/start" "$D" <"$D/stdin" >"$D/stdout" 2>"$D/stderr" &
-    pid=$!
-    echo "$pid" >"$D/pid.new" && mv "$D/pid.new" "$D/pid"
-    dog=
-    if [ "$WALL" -gt 0 ]; then
-        (
-            sleep "$WALL"
-            echo "$WALL" >"$D/walltime"
-            kill -TERM -"$pid"
-            sleep "$GRACE"
-            kill -KILL -"$pid"
-        ) 2>/dev/null &
-        dog=$!
-    fi
-    wait "$pid"
-    st=$?
-    [ -z "$dog" ] || kill "$dog" 2>/dev/null
-    echo "$st" >"$D/status.new" && mv "$D/status.new" "$D/status"
-) </dev/null >>"$D/supervisor.log" 2>&1 &
+# Started already (the host repeats this command if the connection dropped before it got
+# the answer): do not start a second copy; just wait for the pid below.
+if mkdir "$D/started" 2>/dev/null; then
+    (
+        trap '' HUP
+        setsid sh "$D/start" "$D" <"$D/stdin" >"$D/stdout" 2>"$D/stderr" &
+        pid=$!
+        echo "$pid" >"$D/pid.new" && mv "$D/pid.new" "$D/pid"
+        dog=
+        if [ "$WALL" -gt 0 ]; then
+            (
+                sleep "$WALL"
+                echo "$WALL" >"$D/walltime"
+                kill -TERM -"$pid"
+                sleep "$GRACE"
+                kill -KILL -"$pid"
+            ) 2>/dev/null &
+            dog=$!
+        fi
+        wait "$pid"
+        st=$?
+        [ -z "$dog" ] || kill "$dog" 2>/dev/null
+        echo "$st" >"$D/status.new" && mv "$D/status.new" "$D/status"
+    ) </dev/null >>"$D/supervisor.log" 2>&1 &
+fi
 # Wait until the job's pid is known, so that a signal forwarded right after start finds it.
 i=0
 while [ ! -e "$D/pid" ] && [ $i -lt 100 ]; do
