@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import signal
 import threading
 import time
@@ -37,8 +38,6 @@ def guest(guest_dir: Path, libvirt_conn: Connection) -> Iterator[lifecycle.Guest
             yield g
         assert not any((root / "jobs").iterdir())
     finally:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -114,7 +113,7 @@ def test_output_survives_dropped_connections(guest: lifecycle.Guest) -> None:
         result = [session.follow(out, err)]  # signals can only be handled in the main thread
     finally:
         cutter.join(timeout=60)
-    assert cuts == [0, 1]
+    assert cuts == [0, 1]  # both cuts happened while the job was still writing (5 s+)
     assert result == [3]
     assert session.reconnects >= 2
     assert out.getvalue().decode().splitlines() == [f"line {i}" for i in range(100)]
