@@ -94,6 +94,9 @@ class SshConfig:
     #: After the connection to a running job's guest drops, keep trying to log in again
     #: for this long (the job goes on in the guest meanwhile).
     reconnect_timeout: float = 600.0
+    #: While a job prints nothing for this long, check that the guest still answers (run
+    #: ``true`` within ``connect_timeout``); a hung guest then counts as a dropped connection.
+    liveness_interval: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +470,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
     "job": (("kill_grace", lambda v: v >= 0, "must be >= 0 seconds"),),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
+        ("liveness_interval", lambda v: v >= 0, "must be >= 0 seconds (0: no checks)"),
         ("port", lambda v: 0 < v < 65536, "must be a TCP port (1-65535)"),
         ("connect_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),

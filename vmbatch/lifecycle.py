@@ -90,6 +90,8 @@ class Guest:
             is_alive=self.is_alive,
             job=gjob,
             reconnect_timeout=self.cfg.ssh.reconnect_timeout,
+            liveness_interval=self.cfg.ssh.liveness_interval,
+            liveness_timeout=self.cfg.ssh.connect_timeout,
             client=self.client if not self.sessions else None,
         )
         self.sessions.append(session)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from vmbatch.config import LibvirtConfig
@@ -115,16 +116,27 @@ def site(guest_dir: Path, libvirt_conn: Connection) -> Iterator[Site]:
     job_dir, console_dir = root / "jobs", root / "console"
     config = root / "vmbatch.toml"
     config.write_text(site_config(guest_dir, job_dir, console_dir))
-    before = {d.name for d in libvirt_conn.list_vmbatch()}
     try:
         yield Site(root, config, job_dir, console_dir, guest_dir / "disk.qcow2")
-        left = [d.name for d in libvirt_conn.list_vmbatch() if d.name not in before]
+        left = site_domains(libvirt_conn, root)
         assert not left, f"test left domains behind: {left}"
         assert not job_dir.exists() or not any(job_dir.iterdir()), (
             f"test left job files behind: {list(job_dir.iterdir())}"
         )
     finally:
-        for d in libvirt_conn.list_vmbatch():
-            if d.name not in before:
-                libvirt_conn.destroy(d.name)
+        for name in site_domains(libvirt_conn, root):
+            libvirt_conn.destroy(name)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def site_domains(conn: Connection, root: Path) -> set[str]:
+    """vmbatch domains whose disks lie under ``root``: this test's, never another run's."""
+    names = set()
+    for d in conn.list_vmbatch():
+        try:
+            xml = conn.raw.lookupByName(d.name).XMLDesc(0)
+        except libvirt.libvirtError:
+            continue  # gone meanwhile
+        if f"{root}/" in xml:
+            names.add(d.name)
+    return names

@@ -16,13 +16,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from tests.system.conftest import TEST_BASE, Site, site_config
 from vmbatch import config, lifecycle
+from vmbatch.errors import Disposition, GuestLostError
 from vmbatch.guest.session import GuestJob, Session, command_script
 from vmbatch.job import interactive
 from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +175,44 @@ def test_guest_that_powers_off_mid_job_fails_the_job_clearly(site: Site) -> None
     assert res.stdout == b"before\n"
     assert res.returncode == 65, res.stderr.decode()  # ABORT_JOB: not requeued
     assert b"the VM stopped while the job was running" in res.stderr
+
+
+class _Watch(io.BytesIO):
+    """An output stream that signals when a marker has been written."""
+
+    def __init__(self, marker: bytes) -> None:
+        super().__init__()
+        self.marker, self.seen = marker, threading.Event()
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        n = super().write(data)
+        if self.marker in self.getvalue():
+            self.seen.set()
+        return n
+
+
+def test_guest_that_hangs_mid_job_fails_the_job_clearly(site: Site) -> None:
+    """A paused VM keeps its forwarded port open but answers nothing: the liveness check
+    notices, reconnecting fails for reconnect_timeout, and the job ends with a message."""
+    site.write("[ssh]\nliveness_interval = 2\nreconnect_timeout = 5\nconnect_timeout = 3\n")
+    cfg = config.load(site.config)
+    job = interactive("demo", ("sh", "-c", "echo started; sleep 600"))
+    out, err = _Watch(b"started\n"), io.BytesIO()
+
+    def pause() -> None:
+        if out.seen.wait(120):
+            conn = libvirt.open("qemu:///system")
+            try:
+                conn.lookupByName(domain_name(job.job_id)).suspend()
+            finally:
+                conn.close()
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    try:
+        with pytest.raises(GuestLostError, match="stopped answering") as info:
+            lifecycle.run_job(cfg, job, out, err)
+    finally:
+        pauser.join(timeout=10)
+    assert out.getvalue() == b"started\n"
+    assert info.value.disposition is Disposition.ABORT_JOB

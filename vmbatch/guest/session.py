@@ -151,6 +151,8 @@ class Session:
         job: GuestJob,
         *,
         reconnect_timeout: float = 600.0,
+        liveness_interval: float = 30.0,
+        liveness_timeout: float = 10.0,
         client: paramiko.SSHClient | None = None,
     ) -> None:
         self._connect = connect
@@ -158,6 +160,8 @@ class Session:
         self.job = job
         self.dir = guest_dir(job.job_id)
         self.reconnect_timeout = reconnect_timeout
+        self.liveness_interval = liveness_interval
+        self.liveness_timeout = liveness_timeout
         self.client = client
         self.out_bytes = 0
         self.err_bytes = 0
@@ -189,9 +193,16 @@ class Session:
                 )
             return self._connect()
 
-        for a in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
-            with a:
-                self.client = attempt()
+        try:
+            for a in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
+                with a:
+                    self.client = attempt()
+        except GuestConnectionError as exc:
+            raise GuestLostError(
+                f"the VM stopped answering while the job was running (no SSH login for"
+                f" {self.reconnect_timeout:.0f}s; last error: {exc})",
+                hint="see the VM's console log; the guest may have hung or run out of memory",
+            ) from exc
         self.reconnects += 1
         log.warning("reconnected to the guest (%d so far)", self.reconnects)
 
@@ -272,13 +283,18 @@ class Session:
         """One follow channel, until the job's status file exists (then True)."""
         transport = self._transport()
         chan = transport.open_session()
+        heard = time.monotonic()
         try:
             chan.exec_command(_sh(self._follow_command()))
             while True:
                 self._handle_signals(pending)
                 moved = self._pump(chan, out, err)
                 if moved:
+                    heard = time.monotonic()
                     continue
+                if self.liveness_interval > 0 and time.monotonic() - heard > self.liveness_interval:
+                    self._probe(transport)
+                    heard = time.monotonic()
                 if chan.exit_status_ready() and not (chan.recv_ready() or chan.recv_stderr_ready()):
                     status = chan.recv_exit_status()
                     if status < 0 or not transport.is_active():  # closed without a status
@@ -291,6 +307,28 @@ class Session:
                     return True
                 if not transport.is_active() or chan.closed:
                     raise GuestConnectionError("the SSH connection to the guest dropped")
+                select.select([chan], [], [], 0.2)
+        finally:
+            chan.close()
+
+    def _probe(self, transport: paramiko.Transport) -> None:
+        """Run ``true`` in the guest within ``liveness_timeout``, or count it as a drop.
+
+        A hung guest keeps its forwarded port open (QEMU's user network answers for it), so
+        a silent job and a silent guest look alike until the guest is asked something.
+        """
+        deadline = time.monotonic() + self.liveness_timeout
+        try:
+            chan = transport.open_session(timeout=self.liveness_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestConnectionError(f"the guest did not open a channel: {exc}") from exc
+        try:
+            chan.exec_command("true")
+            while not chan.exit_status_ready():
+                if time.monotonic() > deadline or chan.closed:
+                    raise GuestConnectionError(
+                        f"the guest did not answer within {self.liveness_timeout:.0f}s"
+                    )
                 select.select([chan], [], [], 0.2)
         finally:
             chan.close()
