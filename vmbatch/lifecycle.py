@@ -84,7 +84,12 @@ class Guest:
     sessions: list[Session] = field(default_factory=list)
 
     def session(self, gjob: GuestJob) -> Session:
-        """A :class:`Session` for ``gjob`` in this guest (reconnecting with the same keys)."""
+        """A :class:`Session` for ``gjob`` in this guest (reconnecting with the same keys).
+
+        It starts on the newest live connection (an SSH login costs seconds under TCG);
+        channels of several sessions can share one connection.
+        """
+        live = [c for c in (self.client, *(s.client for s in self.sessions)) if _active(c)]
         session = Session(
             connect=lambda: ssh.connect(self.endpoint),
             is_alive=self.is_alive,
@@ -92,7 +97,7 @@ class Guest:
             reconnect_timeout=self.cfg.ssh.reconnect_timeout,
             liveness_interval=self.cfg.ssh.liveness_interval,
             liveness_timeout=self.cfg.ssh.connect_timeout,
-            client=self.client if not self.sessions else None,
+            client=live[-1] if live else None,
         )
         self.sessions.append(session)
         return session
@@ -116,6 +121,11 @@ class Guest:
         for client in (self.client, *(s.client for s in self.sessions)):
             if client is not None:
                 client.close()  # paramiko: closing twice is harmless
+
+
+def _active(client: paramiko.SSHClient | None) -> bool:
+    transport = client.get_transport() if client is not None else None
+    return transport is not None and transport.is_active()
 
 
 def run_job(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shlex
 
@@ -13,6 +14,7 @@ from vmbatch.guest.session import (
     MAX_ENV_ENTRY,
     command_script,
     guest_dir,
+    install_script,
     job_environment,
     start_script,
 )
@@ -77,3 +79,23 @@ def test_guest_dir_is_one_plain_path_component() -> None:
     assert guest_dir("123.server") == "/var/tmp/vmbatch-123.server"
     for hostile in ("x'; rm -rf /; '/..", "a/b", "$(id)", "a\nb"):
         assert re.fullmatch(r"/var/tmp/vmbatch-[A-Za-z0-9._-]+", guest_dir(hostile))
+
+
+def test_install_script_carries_every_file_exactly_and_inertly() -> None:
+    files = {"job": b"#!/bin/sh\necho '$(x)' `id`\n", "stdin": b"", "bin": bytes(range(256)) * 3}
+    text = install_script("/var/tmp/vmbatch-1", files, 60, 5.0).decode("ascii")
+    lines = text.split("\n")
+    decoded = {}
+    i = 0
+    while i < len(lines):
+        m = re.fullmatch(
+            r"base64 -d > /var/tmp/vmbatch-1/(\S+) <<'(VMBATCH-END-OF-FILE)'", lines[i]
+        )
+        if m:
+            end = lines.index(m.group(2), i + 1)
+            decoded[m.group(1)] = base64.b64decode("".join(lines[i + 1 : end]))
+            i = end
+        i += 1
+    assert decoded == files
+    assert lines[-2] == "exec sh /var/tmp/vmbatch-1/supervisor.sh /var/tmp/vmbatch-1 60 5"
+    assert "$(x)" not in text and "`id`" not in text  # contents only as base64
