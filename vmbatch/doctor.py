@@ -66,12 +66,15 @@ def _libvirt(cfg: Config) -> Check:
     return Check(True, "libvirtd", f"libvirt {lib}, QEMU {hv} at {cfg.libvirt.uri}")
 
 
-def _tool(label: str, path: Path, cfg: Config) -> Check:
+def _tool(label: str, path: Path, cfg: Config, fix: str = "") -> Check:
     try:
         res = process.run([str(path), "--version"], timeout=cfg.tools.command_timeout)
     except VmBatchError as exc:
         return Check(
-            False, label, str(exc), f"install qemu-utils/qemu-system-x86 or fix [tools] ({path})"
+            False,
+            label,
+            str(exc),
+            fix or f"install qemu-utils/qemu-system-x86 or fix [tools] ({path})",
         )
     first = res.stdout.strip().splitlines()[0] if res.stdout.strip() else "runs"
     return Check(True, label, f"{path}: {first}")
@@ -81,16 +84,14 @@ def _guestfish(cfg: Config) -> Check:
     """libguestfs for ``context = "inject"`` images: the tool, and a kernel for its appliance
     (supermin builds the appliance from the host's /boot/vmlinuz-*; launching it is left to
     ``libguestfs-test-tool``, which takes ~20 s under TCG)."""
-    label, path = "guestfish (inject)", cfg.tools.guestfish
     fix = "apt-get install libguestfs-tools linux-image-cloud-amd64, or fix [tools].guestfish"
-    try:
-        res = process.run([str(path), "--version"], timeout=cfg.tools.command_timeout)
-    except VmBatchError as exc:
-        return Check(False, label, str(exc), fix)
+    check = _tool("guestfish (inject)", cfg.tools.guestfish, cfg, fix)
+    if not check.ok:
+        return check
     kernels = sorted(Path("/boot").glob("vmlinuz-*"))
     if not kernels:
-        return Check(False, label, "no kernel in /boot for the libguestfs appliance", fix)
-    return Check(True, label, f"{res.stdout.strip()}; appliance kernel {kernels[-1].name}")
+        return Check(False, check.what, "no kernel in /boot for the libguestfs appliance", fix)
+    return Check(True, check.what, f"{check.detail}; appliance kernel {kernels[-1].name}")
 
 
 def _accel(cfg: Config, reprobe: bool) -> Check:

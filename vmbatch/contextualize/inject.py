@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -279,9 +280,7 @@ class Inject:
                 ' OpenSSH; or set context = "nocloud" for images with cloud-init',
             ) from exc
         finally:
-            for f in work.iterdir():
-                f.unlink()
-            work.rmdir()
+            shutil.rmtree(work, ignore_errors=True)
         return ()
 
     def _inject(self, gf: Guestfish, spec: ContextSpec, work: Path) -> None:

@@ -4,7 +4,8 @@ Why detached: a job may run for hours over a connection that can drop (busy node
 network hiccup, keepalive timeout). The job must go on meanwhile and its output must come
 back whole, once. So the connection is only a window onto files in the guest:
 
-1. **Upload** (one exec channel per file, content on stdin, never on a command line):
+1. **Upload** (one exec channel: a shell archive on stdin, every file base64-encoded in a
+   quoted here-document, so no content is ever on a command line or read as syntax):
    ``supervisor.sh`` (:file:`vmbatch/guest/supervisor.sh`), ``start`` (the environment as
    ``export NAME='value'`` lines, quoted with :func:`shlex.quote`, then ``cd`` to the working
    directory and ``exec`` the job), ``job`` (the script, 0700) and an empty ``stdin``, into
@@ -24,7 +25,9 @@ back whole, once. So the connection is only a window onto files in the guest:
    terminating one, the group gets SIGKILL if it is still there ``kill_grace`` seconds later.
 
 The status is the shell's: the exit code, or 128+N after death by signal N. A guest that
-stops while the job runs (crash, poweroff) ends the job with :class:`GuestLostError`.
+stops while the job runs (crash, poweroff), or stops answering (checked by running ``true``
+after ``liveness_interval`` of silence) for ``reconnect_timeout``, ends the job with
+:class:`GuestLostError`.
 """
 
 from __future__ import annotations
@@ -274,12 +277,9 @@ class Session:
             "exec /bin/sh -s",
             install_script(self.dir, files, self.job.walltime, self.job.kill_grace),
         )
-        self._check(status, err, "upload and start the job")
-
-    def _check(self, status: int, err: bytes, what: str) -> None:
         if status != 0:
             raise GuestConnectionError(
-                f"could not {what} in the guest (status {status}):"
+                f"could not upload and start the job in the guest (status {status}):"
                 f" {err.decode(errors='replace').strip()[-300:]}"
             )
 
@@ -298,8 +298,8 @@ class Session:
             " kill $a $b; wait; exit 0"
         )
 
-    def _follow_once(self, out: BinaryIO, err: BinaryIO, pending: signals.Pending) -> bool:
-        """One follow channel, until the job's status file exists (then True)."""
+    def _follow_once(self, out: BinaryIO, err: BinaryIO, pending: signals.Pending) -> None:
+        """One follow channel, until the job's status file exists."""
         transport = self._transport()
         chan = transport.open_session()
         heard = time.monotonic()
@@ -323,7 +323,7 @@ class Session:
                             f"following the job's output in the guest failed (status {status});"
                             f" its files in {self.dir} are gone or unreadable"
                         )
-                    return True
+                    return
                 if not transport.is_active() or chan.closed:
                     raise GuestConnectionError("the SSH connection to the guest dropped")
                 select.select([chan], [], [], 0.2)
