@@ -191,6 +191,30 @@ class ImageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MountConfig:
+    """One shared filesystem mounted in every job's guest (``[mounts.NAME]``).
+
+    ``source``: ``nfs://server[:port]/export/path`` (NFSv4 over TCP; ``port`` defaults to
+    2049). The guest reaches the server through QEMU's user-mode NAT, so connections come
+    from the node's address and an unprivileged port (knfsd exports need ``insecure``); a
+    server on the node's loopback (127.0.0.1) is reached at the user-mode gateway.
+    ``path``: where it is mounted in the guest, the same path as on the node, so the job's
+    working directory and relative paths work unchanged.
+    """
+
+    name: str
+    source: str
+    path: Path
+    #: Extra mount options, comma-separated (e.g. ``vers=4.2,hard,nosuid``); vmbatch adds
+    #: ``retry=0`` (it decides the retries itself) and ``port=`` from the URL.
+    options: str = ""
+    #: Total seconds to keep trying before the job start fails (requeued: a node problem).
+    timeout: float = 120.0
+    #: Seconds one ``mount`` attempt may take (a server that accepts but never answers).
+    attempt_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -204,6 +228,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     job: JobConfig = field(default_factory=JobConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
+    mounts: Mapping[str, MountConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
 
 
@@ -282,7 +307,7 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
 
 
 def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -> Config | None:
-    known = [*_SECTIONS, "images"]
+    known = [*_SECTIONS, "images", "mounts"]
     for key in data:
         if key not in known:
             problems.append(_unknown(key, known, "section"))
@@ -311,9 +336,83 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
         _check_image(raw, where, problems)
         if img is not None:
             images[name] = img
+    mounts = _build_mounts(data.get("mounts", {}), problems)
+    vm = sections["vm"]
+    if mounts and vm is not None and not vm.outbound_network:
+        problems.append(
+            "[mounts] need [vm].outbound_network = true: guests reach NFS servers through"
+            " QEMU's user-mode NAT (set it, or remove the [mounts.*] tables)"
+        )
     if any(v is None for v in sections.values()):
         return None
-    return Config(images=types.MappingProxyType(images), files=files, **sections)
+    return Config(
+        images=types.MappingProxyType(images),
+        mounts=types.MappingProxyType(mounts),
+        files=files,
+        **sections,
+    )
+
+
+#: ``nfs://host[:port]/export``: a DNS name or IPv4 address (no IPv6 literal yet).
+NFS_URL = re.compile(
+    r"nfs://(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(?::(?P<port>[0-9]{1,5}))?"
+    r"(?P<export>/[A-Za-z0-9._+@%=/-]*)"
+)
+_MOUNT_OPTION = re.compile(r"[A-Za-z0-9_-]+(=[A-Za-z0-9_.:/+-]+)?")
+#: Mount options vmbatch sets itself (it owns the retries and the server's address/port).
+_OWN_OPTIONS = frozenset({"retry", "port", "addr", "clientaddr", "bg", "fg"})
+
+
+def _check_mount(raw: Mapping[str, Any], where: str, problems: list[str]) -> None:
+    """The URL, the guest path and the options (types were checked by ``_make``)."""
+    source, path, options = raw.get("source"), raw.get("path"), raw.get("options", "")
+    if isinstance(source, str):
+        url = NFS_URL.fullmatch(source)
+        if url is None:
+            problems.append(
+                f"{where}.source: must be nfs://server[:port]/export (a host name or IPv4"
+                f" address, an absolute export path), got {source!r}"
+            )
+        elif url["port"] and not 0 < int(url["port"]) < 65536:
+            problems.append(f"{where}.source: port must be 1-65535, got {url['port']}")
+    if isinstance(path, str) and path.startswith("/"):
+        plain = re.fullmatch(r"/[A-Za-z0-9._+@%=/-]*", path)
+        if ".." in Path(path).parts or Path(path) == Path("/") or not plain:
+            problems.append(
+                f"{where}.path: must be an absolute path other than / (letters, digits and"
+                f" ._+@%=-, no '..'), got {path!r}"
+            )
+    for opt in filter(None, options.split(",") if isinstance(options, str) else ()):
+        if not _MOUNT_OPTION.fullmatch(opt):
+            problems.append(f"{where}.options: {opt!r} is not a mount option (key[=value])")
+        elif opt.split("=")[0] in _OWN_OPTIONS:
+            problems.append(
+                f"{where}.options: vmbatch sets {opt.split('=')[0]!r} itself (retries"
+                " are [mounts.NAME] timeout and attempt_timeout; the port goes in the URL)"
+            )
+
+
+def _build_mounts(raw_mounts: Any, problems: list[str]) -> dict[str, MountConfig]:
+    if not isinstance(raw_mounts, dict):
+        problems.append("[mounts] must be a table of [mounts.NAME] tables")
+        return {}
+    mounts: dict[str, MountConfig] = {}
+    for name, raw in raw_mounts.items():
+        where = f"[mounts.{name}]"
+        if not _IMAGE_NAME.match(name):
+            problems.append(f"{where}: invalid name (use letters, digits, '.', '_', '-'; max 64)")
+        if not isinstance(raw, dict):
+            problems.append(f"{where} must be a table")
+            continue
+        before = len(problems)
+        mount = _make(MountConfig, {"name": name, **raw}, where, problems, rules=_RULES["mount"])
+        _check_mount(raw, where, problems)
+        if mount is not None and len(problems) == before:
+            mounts[name] = mount
+    paths = [m.path for m in mounts.values()]
+    for p in sorted({p for p in paths if paths.count(p) > 1}):
+        problems.append(f"[mounts]: more than one mount at {p}")
+    return mounts
 
 
 def _unknown(key: str, known: list[str], what: str) -> str:
@@ -504,6 +603,10 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
             lambda v: all(_REPO.fullmatch(o) for o in v),
             "each must be a plain name (letters, digits, '.', '_', '-')",
         ),
+    ),
+    "mount": (
+        ("timeout", lambda v: v > 0, "must be > 0 seconds"),
+        ("attempt_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),
     "image": (
         ("memory", lambda v: v is None or v >= 64, "must be at least 64 (MiB)"),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmbatch import accel, process
-from vmbatch.config import Config
-from vmbatch.errors import VmBatchError
+from vmbatch.config import Config, MountConfig
+from vmbatch.errors import MountError, VmBatchError
+from vmbatch.guest.mounts import NfsSource
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.catalog import inspect
 from vmbatch.libvirt.connection import Connection
@@ -48,7 +50,27 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
         checks.append(_directory("console log directory", cfg.paths.console_log_dir))
     for name in sorted(cfg.images):
         checks.append(_image(cfg, name))
+    for name in sorted(cfg.mounts):
+        checks.append(_mount(cfg.mounts[name]))
     return checks
+
+
+def _mount(mount: MountConfig) -> Check:
+    """Can this node open a TCP connection to the NFS server (as the guest's NAT will)?"""
+    what = f"mount {mount.name}"
+    src = NfsSource.parse(mount.source)
+    try:
+        src.guest_address()  # resolves the name on the node, as a job start does
+        socket.create_connection((src.host, src.port), timeout=5).close()
+    except (MountError, OSError) as exc:
+        return Check(
+            False,
+            what,
+            f"{src.host}:{src.port} not reachable from this node: {exc}",
+            f"start the NFS server or fix [mounts.{mount.name}].source; jobs are requeued"
+            " until then",
+        )
+    return Check(True, what, f"{mount.source} -> {mount.path} (server answers on TCP)")
 
 
 def _libvirt(cfg: Config) -> Check:

@@ -154,6 +154,16 @@ class DiskSpaceError(HostError):
     """A file system vmbatch writes to has less free space than ``[disks].reserve_gib``."""
 
 
+class MountError(HostError):
+    """A shared filesystem (``[mounts.NAME]``) could not be mounted in the guest within its
+    budget: the server or the node's network is at fault, not the job, so it is requeued.
+    ``transient`` marks one failed attempt (retried); the final error is not transient."""
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
+
+
 class PortForwardError(HostError):
     """No loopback port could be forwarded to the guest's SSH server."""
 

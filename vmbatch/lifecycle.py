@@ -1,5 +1,10 @@
-"""The pipeline of one job's VM: image -> disks -> seed -> create -> wait for SSH -> run ->
-teardown.
+"""The pipeline of one job's VM: image -> disks -> seed -> create -> wait for SSH -> mount ->
+run -> teardown.
+
+With ``[mounts]`` configured, the first login is root's, with a per-job admin key that only
+this process holds (every contextualization method installs it for root only then): the
+shared filesystems are mounted (see :mod:`vmbatch.guest.mounts`), root logs out, and the
+job's user logs in. Without mounts no key for root exists.
 
 The image is resolved (fetched into the node cache if needed) and marked in use by the job
 until teardown; the free-space guard runs before any per-job disk is created.
@@ -13,6 +18,7 @@ is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at I
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import shutil
@@ -28,8 +34,8 @@ from vmbatch import __version__, accel, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, nocloud
 from vmbatch.contextualize.keys import generate
-from vmbatch.errors import ImageError, VmBatchError
-from vmbatch.guest import ssh
+from vmbatch.errors import GuestConnectionError, ImageError, VmBatchError
+from vmbatch.guest import mounts, ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, command_script, job_environment
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
@@ -37,12 +43,23 @@ from vmbatch.images.disks import check_free_space, job_disks
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
+from vmbatch.retry import SSH_CONNECT_POLICY
 from vmbatch.state import JobDir
 
 log = logging.getLogger(__name__)
 
 #: Phases in the order they happen; ``bench/boot.py`` prints them in this order.
-PHASES = ("image", "disks", "seed", "create", "wait_ssh", "start", "command", "teardown")
+PHASES = (
+    "image",
+    "disks",
+    "seed",
+    "create",
+    "wait_ssh",
+    "mount",
+    "start",
+    "command",
+    "teardown",
+)
 
 
 class PhaseTimer:
@@ -187,6 +204,7 @@ def booted(
             with timer("seed"):
                 client_key = generate(f"vmbatch-{job.job_id}")
                 host_key = generate(f"vmbatch-host-{job.job_id}")
+                admin_key = generate(f"vmbatch-admin-{job.job_id}") if cfg.mounts else None
                 ctx = ContextSpec(
                     instance_id=f"vmbatch-{job.job_id}",
                     hostname=name[:63],
@@ -198,6 +216,7 @@ def booted(
                     ),
                     authorized_keys=(client_key.public_openssh,),
                     host_key=host_key,
+                    admin_keys=(admin_key.public_openssh,) if admin_key else (),
                 )
                 seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
             spec = DomainSpec(
@@ -231,13 +250,29 @@ def booted(
                 keepalive_interval=cfg.ssh.keepalive_interval,
             )
             live = conn
+            first = endpoint
+            if admin_key is not None:
+                first = dataclasses.replace(endpoint, user="root", client_key=admin_key)
             with timer("wait_ssh"):
-                client = ssh.wait_for_ssh(
-                    endpoint,
-                    cfg.vm.boot_timeout,
-                    is_alive=lambda: live.is_running(name),
-                    console_tail=lambda: console_tail(jobdir),
-                )
+                try:
+                    client = ssh.wait_for_ssh(
+                        first,
+                        cfg.vm.boot_timeout,
+                        is_alive=lambda: live.is_running(name),
+                        console_tail=lambda: console_tail(jobdir),
+                    )
+                except GuestConnectionError as exc:
+                    if admin_key is not None:
+                        exc.hint = (
+                            "[mounts] need vmbatch to log in as root by key: the image's sshd"
+                            " must allow it (PermitRootLogin prohibit-password)"
+                        )
+                    raise
+            if admin_key is not None:
+                with timer("mount"):
+                    mounts.mount_all(client, cfg.mounts.values(), image.name)
+                client.close()
+                client = _login(endpoint)
             if job.identity is not None:
                 verify_identity(client, job.identity, image.name)
             guest = Guest(cfg, job, name, endpoint, client, lambda: live.is_running(name))
@@ -249,6 +284,14 @@ def booted(
                 teardown(cfg, conn, name, jobdir if created else None, client)
                 if own_conn and conn is not None:
                     conn.close()
+
+
+def _login(endpoint: ssh.Endpoint) -> paramiko.SSHClient:
+    """Log in as the job's user (after root's login for the mounts)."""
+    for attempt in SSH_CONNECT_POLICY.retrying():
+        with attempt:
+            return ssh.connect(endpoint)
+    raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
 def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> None:

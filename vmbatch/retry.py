@@ -18,6 +18,7 @@ from vmbatch.errors import (
     GuestConnectionError,
     ImageDownloadError,
     LibvirtUnavailableError,
+    MountError,
 )
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,22 @@ SSH_RECONNECT_POLICY = RetryPolicy(
     max_delay=600.0,
 )
 
+#: Mounting a shared filesystem in the guest (``mount -o retry=0``, one attempt at a time):
+#: back off from 1 s to 8 s until the mount's ``timeout`` (the caller's ``max_delay``).
+NFS_MOUNT_POLICY = RetryPolicy(
+    name="NfsMountPolicy",
+    retry_on=(MountError,),
+    retry_if=lambda exc: getattr(exc, "transient", False),
+    wait_seconds=1.0,
+    wait_max=8.0,
+    max_delay=120.0,
+)
+
 ALL_POLICIES = (
     SSH_READY_POLICY,
     SSH_CONNECT_POLICY,
     SSH_RECONNECT_POLICY,
     LIBVIRT_CONNECT_POLICY,
     DOWNLOAD_POLICY,
+    NFS_MOUNT_POLICY,
 )

@@ -22,8 +22,8 @@
 #
 # The guest expects a NoCloud seed (volume label "cidata") that provides the SSH host key
 # (ssh_keys: ed25519_private/ed25519_public) and authorized keys; it serves only an ed25519
-# host key, gets its address by DHCP with systemd-networkd and uses 10.0.2.3 (the QEMU
-# user-network DNS) as resolver. Root has no password (locked); log in with a key.
+# host key, gets its address by DHCP with systemd-networkd and has no DNS resolver (see
+# below). Root has no password (locked); log in with a key.
 #
 # Needs root (debootstrap, chroot). Environment: DEBIAN_MIRROR overrides the mirror that
 # is otherwise taken from apt's configuration (/etc/apt/sources.list{,.d}).
@@ -226,9 +226,13 @@ cat >"$ROOT/etc/hosts" <<'EOF'
 ff02::1		ip6-allnodes
 ff02::2		ip6-allrouters
 EOF
-# QEMU user-mode network: DNS at 10.0.2.3 (no systemd-resolved in the image).
+# No resolver (no systemd-resolved either). QEMU's user-mode DNS at 10.0.2.3 relays to the
+# host's resolver, a private address on the test machines; NFS tests run this guest with
+# outbound traffic allowed (restrict=off), and a lookup must never leave the machine. The
+# tests address servers by IP (the gateway 10.0.2.2); glibc then queries 127.0.0.1 only.
 rm -f "$ROOT/etc/resolv.conf"
-echo 'nameserver 10.0.2.3' >"$ROOT/etc/resolv.conf"
+printf '# vmbatch test image: no resolver on purpose (see guests/debian/build.sh)\n' \
+    >"$ROOT/etc/resolv.conf"
 
 # Root: no password (locked: only key logins).
 in_root usermod -p '*' root

@@ -19,12 +19,16 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.system.nfsserver import NfsServer
 from vmbatch.config import LibvirtConfig
+from vmbatch.job import JobUser
 from vmbatch.libvirt.connection import Connection
 
 ROOT = Path(__file__).resolve().parents[2]
 VMBATCH = ROOT / ".venv" / "bin" / "vmbatch"
 TEST_BASE = Path("/var/lib/vmbatch/test-jobs")
+#: The job user of the Debian-guest tests (not a user of this host).
+ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
 
 
 def built_guest(name: str) -> Path:
@@ -140,3 +144,30 @@ def site_domains(conn: Connection, root: Path) -> set[str]:
         if f"{root}/" in xml:
             names.add(d.name)
     return names
+
+
+@pytest.fixture
+def nfs(site: Site) -> Iterator[NfsServer]:
+    with NfsServer(site.root / "nfs") as server:
+        workdir = server.export / "alice"
+        workdir.mkdir()
+        os.chown(workdir, ALICE.uid, ALICE.gid)
+        yield server
+
+
+def mount_config(site: Site, server: NfsServer, timeout: int = 120, attempt: int = 30) -> None:
+    """A drop-in: outbound traffic on (the gateway), the export at its host path."""
+    dropin = site.root / "vmbatch.d"
+    dropin.mkdir()
+    (dropin / "10-nfs.toml").write_text(
+        f"""
+[vm]
+outbound_network = true
+[mounts.data]
+source = "{server.url}"
+path = "{server.export}"
+options = "vers=4.2,hard"
+timeout = {timeout}
+attempt_timeout = {attempt}
+"""
+    )

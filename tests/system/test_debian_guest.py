@@ -9,7 +9,9 @@ stays as it was. The guests (guests/debian/build.sh) are:
   user-data reaches cloud-init through the NoCloud volume);
 - ``disk-hepix.qcow2``, no cloud-init, with a reader of the HEPiX context CD
   (guests/debian/hepix-context): ``cernvm`` through the ``CONTEXT`` CD and ``context.sh``;
-- ``disk-plain.qcow2``, no contextualization agent at all: ``inject``.
+- ``disk-plain.qcow2``, no contextualization agent at all: ``inject``, with an NFS mount,
+  so the injected root key for vmbatch is used too (the other methods' root key is used
+  by tests/system/test_nfs.py).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import Site, built_guest, register
+from tests.system.conftest import ALICE, Site, built_guest, mount_config, register
+from tests.system.nfsserver import NfsServer
 from vmbatch import config, lifecycle
-from vmbatch.job import JobSpec, JobUser, interactive
+from vmbatch.job import JobSpec, interactive
 
-ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
 #: What the job prints: its identity, host, home, and how a password login attempt ends.
 IDENTITY_SCRIPT = (
     "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) user=$(id -un);"
@@ -104,14 +106,23 @@ def test_hepix_context_cd(site: Site, debian_dir: Path) -> None:
     assert _sha(debian_dir / "disk-hepix.qcow2") == before
 
 
-def test_offline_injection_into_an_image_without_agent(site: Site, debian_dir: Path) -> None:
+def test_offline_injection_into_an_image_without_agent(
+    site: Site, debian_dir: Path, nfs: NfsServer
+) -> None:
+    # With a mount: vmbatch logs in as root with the injected admin key to mount it.
+    nfs.start()
+    mount_config(site, nfs)
     site.write(register("plain", debian_dir, "disk-plain.qcow2", "inject"))
     before = _sha(debian_dir / "disk-plain.qcow2")
     job, lines, _ = _run(
-        site, "plain", " dpkg-query -W cloud-init 2>&1 | tail -n 1; ls /etc/ssh | grep host"
+        site,
+        "plain",
+        " dpkg-query -W cloud-init 2>&1 | tail -n 1; ls /etc/ssh | grep host;"
+        f" findmnt -n -o FSTYPE {nfs.export}",
     )
     _assert_identity(job, lines)
     assert "no packages found matching cloud-init" in lines[4]
     # The image had keys of every type: only the pinned one is left.
-    assert lines[5:] == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    assert lines[5:7] == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+    assert lines[7:] == ["nfs4"]
     assert _sha(debian_dir / "disk-plain.qcow2") == before

@@ -30,6 +30,9 @@ def test_shipped_config_documents_every_key() -> None:
     for f in dataclasses.fields(config.ImageConfig):
         if f.name != "name":
             assert re.search(rf"^# {f.name} +=", text, re.M), f"[images.NAME].{f.name}"
+    for f in dataclasses.fields(config.MountConfig):
+        if f.name != "name":
+            assert re.search(rf"^# {f.name} +=", text, re.M), f"[mounts.NAME].{f.name}"
 
 
 def test_every_problem_is_listed_at_once() -> None:
@@ -176,3 +179,51 @@ def test_extra_disks_and_refresh_are_checked() -> None:
     )
     assert cfg.images["latest"].refresh_interval == 86400.0
     assert (cfg.disks.cvmfs_cache_gib, cfg.images["latest"].scratch_gib) == (20.0, 5.0)
+
+
+def test_mounts_are_validated() -> None:
+    ok = config.parse(
+        {
+            "mounts": {
+                "home": {"source": "nfs://nfs.example.org/export/home", "path": "/home"},
+                "data": {
+                    "source": "nfs://192.0.2.7:20490/data",
+                    "path": "/data/",
+                    "options": "vers=4.2,hard,nosuid",
+                    "timeout": 30,
+                },
+            }
+        }
+    )
+    assert ok.mounts["data"].path == Path("/data") and ok.mounts["data"].timeout == 30.0
+    assert ok.mounts["home"].attempt_timeout == 30.0
+    with pytest.raises(ConfigError) as exc:
+        config.parse(
+            {
+                "vm": {"outbound_network": False},
+                "mounts": {
+                    "a": {"source": "smb://x/y", "path": "/a"},
+                    "b": {"source": "nfs://x:99999/y", "path": "relative"},
+                    "c": {"source": "nfs://x/y", "path": "/c", "options": "retry=5"},
+                    "d": {"source": "nfs://x/y", "path": "/c/../etc", "options": "a;reboot"},
+                    "e": {"source": "nfs://x/y", "path": "/", "timeout": 0},
+                    "f": {"source": "nfs://$(id)/y", "path": "/f"},
+                    "g": {"source": "nfs://x/y", "path": "/g"},
+                    "h": {"source": "nfs://z/y", "path": "/g/"},
+                },
+            }
+        )
+    text = str(exc.value)
+    for needle in [
+        "[mounts] need [vm].outbound_network = true",
+        "[mounts.a].source: must be nfs://server[:port]/export",
+        "[mounts.b].source: port must be 1-65535",
+        "[mounts.b].path: must be an absolute path",
+        "[mounts.c].options: vmbatch sets 'retry' itself",
+        "[mounts.d].path: must be an absolute path other than /",
+        "[mounts.d].options: 'a;reboot' is not a mount option",
+        "[mounts.e].timeout: must be > 0 seconds",
+        "[mounts.f].source: must be nfs://",
+        "[mounts]: more than one mount at /g",
+    ]:
+        assert needle in text, needle

@@ -24,13 +24,16 @@ from vmbatch.state import JobDir
 ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000),))
 
 
-def _spec(hostname: str = "vmbatch-42", user: JobUser | None = None) -> ContextSpec:
+def _spec(
+    hostname: str = "vmbatch-42", user: JobUser | None = None, admin: bool = False
+) -> ContextSpec:
     return ContextSpec(
         instance_id="vmbatch-42",
         hostname=hostname,
         user=user,
         authorized_keys=(generate("client").public_openssh,),
         host_key=generate("host"),
+        admin_keys=(generate("admin").public_openssh,) if admin else (),
     )
 
 
@@ -117,6 +120,19 @@ def test_user_data_creates_the_job_user_with_exact_ids_and_no_root_access() -> N
         " vmbatch-g4343",
         "getent group 5000 >/dev/null || groupadd -g 5000 atlas || groupadd -g 5000 vmbatch-g5000",
     ]
+
+
+def test_admin_key_goes_to_root_only_when_mounts_need_it() -> None:
+    spec = _spec(user=ALICE, admin=True)
+    data = yaml.safe_load(user_data(spec))
+    alice, root = data["users"]
+    assert alice["ssh_authorized_keys"] == list(spec.authorized_keys)  # not the admin key
+    # cloud-init skips creating an existing account but installs its keys.
+    assert root == {"name": "root", "lock_passwd": True, "ssh_authorized_keys": [*spec.admin_keys]}
+    assert "ssh_authorized_keys" not in data and data["disable_root"] is True
+    # Root as the login user (debugging): both keys are root's.
+    debug = yaml.safe_load(user_data(_spec(admin=True)))
+    assert len(debug["ssh_authorized_keys"]) == 2 and "users" not in debug
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,8 @@ def test_sshd_settings_come_first_and_refuse_passwords_and_root() -> None:
     assert first["hostkey"] == "/etc/ssh/ssh_host_ed25519_key"
     assert text.endswith(original) and all(s in text for s in SSHD_SETTINGS)
     assert "PermitRootLogin prohibit-password" in sshd_config("", None)  # root-debug mode
+    # [mounts]: vmbatch logs in as root with its own key (root's file holds only that key).
+    assert "PermitRootLogin prohibit-password" in sshd_config("", ALICE, admin=True)
 
 
 def test_hosts_file_names_the_job_host_once() -> None:

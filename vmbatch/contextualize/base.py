@@ -25,6 +25,9 @@ class ContextSpec:
     host_key: KeyPair
     #: The site's cloud-config additions (``[context].site_user_data``), already checked.
     site_user_data: Mapping[str, Any] = field(default_factory=dict)
+    #: Keys for root, held by vmbatch only (mounting shared filesystems needs root); empty
+    #: unless the site has ``[mounts]``, so no job's guest accepts a root login otherwise.
+    admin_keys: tuple[str, ...] = ()
 
     @property
     def login_user(self) -> str:

@@ -147,10 +147,15 @@ def add_account(
     )
 
 
-def sshd_config(original: str, user: JobUser | None) -> str:
-    """vmbatch's settings first, then the image's own file unchanged."""
+def sshd_config(original: str, user: JobUser | None, admin: bool = False) -> str:
+    """vmbatch's settings first, then the image's own file unchanged.
+
+    Root may log in (by key only) when it is the login user or vmbatch needs it (``admin``:
+    mounts); its ``authorized_keys`` then holds vmbatch's key only.
+    """
     lines = list(SSHD_SETTINGS)
-    lines.append("PermitRootLogin no" if user is not None else "PermitRootLogin prohibit-password")
+    root_ok = user is None or admin
+    lines.append("PermitRootLogin prohibit-password" if root_ok else "PermitRootLogin no")
     return "\n".join(lines) + "\n\n" + original
 
 
@@ -359,13 +364,19 @@ class Inject:
         gf("chmod", "0700", home)
         gf("chown", str(owner[0]), str(owner[1]), f"{home}/.ssh")
         gf("chmod", "0700", f"{home}/.ssh")
-        write(f"{home}/.ssh/authorized_keys", "".join(k + "\n" for k in spec.authorized_keys),
+        keys = [*spec.authorized_keys, *(spec.admin_keys if user is None else ())]
+        write(f"{home}/.ssh/authorized_keys", "".join(k + "\n" for k in keys),
               0o600, owner)  # fmt: skip
+        if user is not None and spec.admin_keys:
+            gf("mkdir-p", "/root/.ssh")
+            gf("chmod", "0700", "/root/.ssh")
+            write("/root/.ssh/authorized_keys", "".join(k + "\n" for k in spec.admin_keys),
+                  0o600, (0, 0))  # fmt: skip
         gf("glob", "rm-f", "/etc/ssh/ssh_host_*")
         write("/etc/ssh/ssh_host_ed25519_key", spec.host_key.private_openssh, 0o600)
         write("/etc/ssh/ssh_host_ed25519_key.pub", spec.host_key.public_openssh + "\n", 0o644)
-        write("/etc/ssh/sshd_config", sshd_config(read("/etc/ssh/sshd_config") or "", user),
-              0o644)  # fmt: skip
+        sshd = sshd_config(read("/etc/ssh/sshd_config") or "", user, bool(spec.admin_keys))
+        write("/etc/ssh/sshd_config", sshd, 0o644)
         write("/etc/hostname", spec.hostname + "\n", 0o644)
         write("/etc/hosts", hosts_file(read("/etc/hosts") or "", spec.hostname), 0o644)
         gf("umount-all")

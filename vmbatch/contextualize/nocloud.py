@@ -20,7 +20,10 @@ The groups themselves are made with their exact gids by a ``bootcmd`` (which run
 users-groups): for each, ``groupadd -g GID NAME`` unless a group with that gid exists,
 falling back to the name ``vmbatch-gGID`` if NAME is taken by another gid. All values are
 validated by :class:`~vmbatch.job.JobUser` and quoted with ``shlex.quote`` as well.
-Root gets no key and ``disable_root: true``.
+Root gets no key and ``disable_root: true``, unless the site mounts shared filesystems: then
+vmbatch's per-job admin key goes to root through a ``users`` entry named ``root`` (for an
+existing user cloud-init skips the creation but still installs ``ssh_authorized_keys``;
+``disable_root`` only concerns keys given at the top level).
 
 The site's snippet (``[context].site_user_data``) is merged, not concatenated: its lists are
 appended after ours, its other keys added; keys that would change who can log in (see
@@ -134,7 +137,7 @@ def user_data(spec: ContextSpec) -> str:
     }
     user = spec.user
     if user is None:
-        data["ssh_authorized_keys"] = list(spec.authorized_keys)
+        data["ssh_authorized_keys"] = [*spec.authorized_keys, *spec.admin_keys]
     else:
         groups = [(user.group, user.gid), *user.groups]
         data["bootcmd"] = [_group_command(name, gid) for name, gid in groups]
@@ -151,6 +154,9 @@ def user_data(spec: ContextSpec) -> str:
         if user.groups:
             entry["groups"] = ",".join(str(gid) for _, gid in user.groups)
         data["users"] = [entry]
+        if spec.admin_keys:
+            root = {"name": "root", "lock_passwd": True, "ssh_authorized_keys": [*spec.admin_keys]}
+            data["users"].append(root)
     data["ssh_keys"] = {
         "ed25519_private": spec.host_key.private_openssh,
         "ed25519_public": spec.host_key.public_openssh,

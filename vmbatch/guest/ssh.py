@@ -153,8 +153,20 @@ def remote_command(argv: Sequence[str]) -> str:
     return shlex.join(argv) + "\nexit $?"
 
 
-def run(client: paramiko.SSHClient, argv: Sequence[str], out: BinaryIO, err: BinaryIO) -> int:
-    """Run ``argv`` in the guest, copy its stdout/stderr live to ``out``/``err``, return status."""
+def run(
+    client: paramiko.SSHClient,
+    argv: Sequence[str],
+    out: BinaryIO,
+    err: BinaryIO,
+    *,
+    timeout: float | None = None,
+) -> int:
+    """Run ``argv`` in the guest, copy its stdout/stderr live to ``out``/``err``, return status.
+
+    With ``timeout``, a command still running after that many seconds (a hung guest) raises
+    GuestConnectionError; the channel is closed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     transport = client.get_transport()
     if transport is None or not transport.is_active():
         raise GuestConnectionError("the SSH connection to the guest is closed")
@@ -179,6 +191,8 @@ def run(client: paramiko.SSHClient, argv: Sequence[str], out: BinaryIO, err: Bin
                 continue
             if not transport.is_active():
                 raise GuestConnectionError("the SSH connection to the guest dropped")
+            if deadline is not None and time.monotonic() > deadline:
+                raise GuestConnectionError(f"the guest did not finish {argv[0]} in {timeout}s")
             select.select([chan], [], [], 1.0)
         if not chan.exit_status_ready() and not transport.is_active():
             raise GuestConnectionError("the SSH connection to the guest dropped")
