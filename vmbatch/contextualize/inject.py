@@ -25,6 +25,8 @@ What is written (paths in the guest):
   is removed so sshd serves only the pinned key;
 - ``/etc/ssh/sshd_config``: vmbatch's settings are put first (sshd keeps the first value
   of each keyword): keys only, no root login, the ed25519 host key;
+- with ``[mounts]`` only: ``/root/.ssh/authorized_keys`` holding just vmbatch's per-job
+  admin key, and root logins by key allowed (vmbatch mounts the shares as root);
 - ``/etc/hostname`` and a ``127.0.1.1`` line in ``/etc/hosts``.
 
 Supported: Linux guests whose root filesystem is ext2/3/4 or xfs, with OpenSSH's sshd.
