@@ -29,6 +29,7 @@ catch ``VmBatchError`` in exactly one place each.
     │   ├── PortForwardError                      no loopback port for the guest's SSH
     │   ├── ImageDownloadError                    fetching an image failed (.transient: retry)
     │   ├── DiskSpaceError                        job or cache file system below the reserve
+    │   ├── MountError                            a [mounts] share failed (.transient: retry)
     │   ├── LibvirtError                          libvirt refused an operation
     │   │   ├── LibvirtUnavailableError           cannot reach libvirtd
     │   │   ├── LibvirtTimeoutError               libvirtd did not answer in time (hung)
@@ -117,9 +118,17 @@ class ImageSourceError(ImageError):
 
 
 class HostError(VmBatchError):
-    """This host could not do it right now; another try (or another node) may work."""
+    """This host could not do it right now; another try (or another node) may work.
+
+    ``transient`` marks one failed attempt that a retry policy may repeat (see
+    ``retry.is_transient``); the error that ends the retries is not transient.
+    """
 
     disposition = Disposition.REQUEUE
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
 
 
 class CommandError(HostError):
@@ -145,10 +154,6 @@ class CommandTimeoutError(CommandError):
 class ImageDownloadError(HostError):
     """Fetching an image failed. ``transient`` errors (connection, 5xx, stall) are retried."""
 
-    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
-        super().__init__(message, hint=hint)
-        self.transient = transient
-
 
 class DiskSpaceError(HostError):
     """A file system vmbatch writes to has less free space than ``[disks].reserve_gib``."""
@@ -158,10 +163,6 @@ class MountError(HostError):
     """A shared filesystem (``[mounts.NAME]``) could not be mounted in the guest within its
     budget: the server or the node's network is at fault, not the job, so it is requeued.
     ``transient`` marks one failed attempt (retried); the final error is not transient."""
-
-    def __init__(self, message: str, *, hint: str | None = None, transient: bool = False) -> None:
-        super().__init__(message, hint=hint)
-        self.transient = transient
 
 
 class PortForwardError(HostError):

@@ -24,6 +24,11 @@ from vmbatch.errors import (
 log = logging.getLogger(__name__)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """A HostError marked as one failed attempt worth repeating."""
+    return getattr(exc, "transient", False) is True
+
+
 class GuestNotReady(Exception):  # noqa: N818 - a polling signal, not an error users see
     """Raised inside the SSH wait loop while the guest does not answer yet."""
 
@@ -120,7 +125,7 @@ LIBVIRT_CONNECT_POLICY = RetryPolicy(
 DOWNLOAD_POLICY = RetryPolicy(
     name="DownloadPolicy",
     retry_on=(ImageDownloadError,),
-    retry_if=lambda exc: getattr(exc, "transient", False),
+    retry_if=is_transient,
     wait_seconds=0.5,
     wait_max=8.0,
     max_attempts=6,
@@ -142,7 +147,7 @@ SSH_RECONNECT_POLICY = RetryPolicy(
 NFS_MOUNT_POLICY = RetryPolicy(
     name="NfsMountPolicy",
     retry_on=(MountError,),
-    retry_if=lambda exc: getattr(exc, "transient", False),
+    retry_if=is_transient,
     wait_seconds=1.0,
     wait_max=8.0,
     max_delay=120.0,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vmbatch.errors import JobError
 
@@ -52,7 +52,6 @@ class TorqueJob:
     queue: str
     account: str
     script: str
-    raw_resources: str = field(default="", repr=False)
 
 
 def torque_size(text: str) -> int:
@@ -129,7 +128,6 @@ def torque_prologue(argv: Sequence[str]) -> TorqueJob:
         queue=args[5],
         account=args[6],
         script=args[7],
-        raw_resources=args[4],
     )
 
 
