@@ -81,6 +81,10 @@ class ToolsConfig:
     #: libguestfs's shell, for images with ``context = "inject"`` (libguestfs-tools).
     guestfish: Path = Path("/usr/bin/guestfish")
     command_timeout: float = 60.0
+    #: Scheduler clients the hooks call (Slurm: job details, draining the node; Torque:
+    #: taking the node offline). Hooks run without PATH, so absolute paths.
+    scontrol: Path = Path("/usr/bin/scontrol")
+    pbsnodes: Path = Path("/usr/bin/pbsnodes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,28 @@ class JobConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """The batch-system hooks (prologue, job starter, epilogue); see docs/admin-*.md."""
+
+    #: The image of a job that names none ("": every job must name one).
+    default_image: str = ""
+    #: Further catalog images a job may choose with ``#VMBATCH image=NAME``.
+    user_images: tuple[str, ...] = ()
+    #: Upper bounds for one VM (0: the node's cores / memory less ``reserve_memory``).
+    max_vcpus: int = 0
+    max_memory: int = 0
+    #: MiB of the node's memory never given to VMs (host, QEMU overhead, page cache).
+    reserve_memory: int = 1024
+    #: Root-only directory of per-job state records (what each prologue created).
+    state_dir: Path = Path("/var/lib/vmbatch/state")
+    #: Parent of the per-job directories owned by the job's user (mode 0700 each): the
+    #: job's SSH key, the guest's host key and port, or the prologue's error message.
+    user_dir: Path = Path("/run/vmbatch")
+    #: One JSON line per job (job id, user, image, boot and run seconds, exit status, cause).
+    accounting_log: Path = Path("/var/log/vmbatch/accounting.jsonl")
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -227,6 +253,7 @@ class Config:
     disks: DisksConfig = field(default_factory=DisksConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     mounts: Mapping[str, MountConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
@@ -242,6 +269,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "disks": DisksConfig,
     "context": ContextConfig,
     "job": JobConfig,
+    "batch": BatchConfig,
 }
 
 
@@ -343,6 +371,18 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
             "[mounts] need [vm].outbound_network = true: guests reach NFS servers through"
             " QEMU's user-mode NAT (set it, or remove the [mounts.*] tables)"
         )
+    batch = sections["batch"]
+    if batch is not None:
+        for key, names in (
+            ("default_image", [batch.default_image]),
+            ("user_images", batch.user_images),
+        ):
+            for name in names:
+                if name and name not in images:
+                    problems.append(
+                        f"[batch].{key}: {name!r} is not a catalog image (add [images.{name}]"
+                        " or remove it)"
+                    )
     if any(v is None for v in sections.values()):
         return None
     return Config(
@@ -567,6 +607,11 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
     ),
     "tools": (("command_timeout", lambda v: v > 0, "must be > 0 seconds"),),
     "job": (("kill_grace", lambda v: v >= 0, "must be >= 0 seconds"),),
+    "batch": (
+        ("max_vcpus", lambda v: v >= 0, "must be >= 0 (0: the node's cores)"),
+        ("max_memory", lambda v: v == 0 or v >= 64, "must be 0 (no cap) or at least 64 (MiB)"),
+        ("reserve_memory", lambda v: v >= 0, "must be >= 0 (MiB)"),
+    ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
         ("liveness_interval", lambda v: v >= 0, "must be >= 0 seconds (0: no checks)"),

@@ -17,7 +17,6 @@ is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at I
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import paramiko
@@ -98,7 +98,17 @@ class Guest:
     endpoint: ssh.Endpoint
     client: paramiko.SSHClient
     is_alive: Callable[[], bool]
+    conn: Connection
+    jobdir: JobDir
+    #: The catalog image and, if it is a cached copy marked in use by this job, its path.
+    image: str = ""
+    image_path: Path | None = None
     sessions: list[Session] = field(default_factory=list)
+
+    def release_image(self) -> None:
+        """The job no longer uses its cached image (it may be evicted); idempotent."""
+        if self.image_path is not None:
+            ImageCache(self.cfg).release(self.image_path, self.job.job_id)
 
     def session(self, gjob: GuestJob) -> Session:
         """A :class:`Session` for ``gjob`` in this guest (reconnecting with the same keys).
@@ -178,112 +188,152 @@ def booted(
     the job); teardown always runs.
     """
     timer = timer or PhaseTimer(None)
+    with signals.interruptible():
+        guest = start_vm(cfg, job, conn, timer=timer)
+        try:
+            yield guest
+        finally:
+            with timer("teardown"), signals.deferred():
+                guest.close()
+                try:
+                    teardown(cfg, guest.conn, guest.name, guest.jobdir)
+                finally:
+                    guest.release_image()
+                    if conn is None:
+                        guest.conn.close()
+
+
+def start_vm(
+    cfg: Config, job: JobSpec, conn: Connection | None = None, *, timer: PhaseTimer
+) -> Guest:
+    """Boot a fresh VM for ``job`` and log in as its user; return it running.
+
+    Without ``conn`` a connection to libvirtd is opened once the job's request checked out
+    (an unknown image is the job's fault even when libvirtd is down); ``Guest.conn`` holds it
+    and the caller closes it.
+
+    The caller owns the result: :func:`teardown` and :meth:`Guest.release_image` end it
+    (the batch prologue leaves it running for the job starter). If anything fails, or a
+    termination signal arrives (raised as JobInterruptedError when the caller runs under
+    :func:`signals.interruptible`), what was made so far is torn down before the error
+    propagates. Domain name and job directory follow from the job id alone
+    (:func:`domain_name`, :class:`JobDir`), so a crash at any point can be cleaned up.
+    """
     choice = accel.choose(cfg)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     jobdir = JobDir(cfg.paths.job_dir, job.job_id)
     name = domain_name(job.job_id)
-    own_conn = conn is None
     created = False
-    guest: Guest | None = None
+    own_conn = conn is None
     client: paramiko.SSHClient | None = None
-    with signals.interruptible(), contextlib.ExitStack() as stack:
-        with timer("image"):
-            image = resolve(cfg, job.image, allow_path=job.allow_image_path, job_id=job.job_id)
-        if image.cached:
-            # Never evicted while this job runs (marked by resolve); released at the end.
-            stack.callback(ImageCache(cfg).release, image.path, job.job_id)
-        try:
-            check_free_space(cfg)
-            with signals.deferred():
-                jobdir.create()
-                created = True
-            if conn is None:
-                conn = Connection(cfg.libvirt).open()
-            with timer("disks"):
-                disks = job_disks(cfg, image, jobdir)
-            with timer("seed"):
-                client_key = generate(f"vmbatch-{job.job_id}")
-                host_key = generate(f"vmbatch-host-{job.job_id}")
-                admin_key = generate(f"vmbatch-admin-{job.job_id}") if cfg.mounts else None
-                ctx = ContextSpec(
-                    instance_id=f"vmbatch-{job.job_id}",
-                    hostname=name[:63],
-                    user=job.identity,
-                    site_user_data=(
-                        nocloud.load_site_user_data(cfg.context.site_user_data)
-                        if cfg.context.site_user_data
-                        else {}
-                    ),
-                    authorized_keys=(client_key.public_openssh,),
-                    host_key=host_key,
-                    admin_keys=(admin_key.public_openssh,) if admin_key else (),
-                )
-                seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
-            spec = DomainSpec(
-                name=name,
-                domain_type=choice.domain_type,
-                memory_mib=job.memory or image.memory,
-                vcpus=job.vcpus or image.vcpus,
-                machine=cfg.vm.machine,
-                disks=(*disks, *seed_disks),
-                console_log=jobdir.console_log,
-                metadata=JobMetadata(job.job_id, job.user, job.scheduler, image.name, __version__),
-                emulator=cfg.tools.qemu_system,
-                tcg_cpu_model=cfg.vm.tcg_cpu_model,
-                kernel=image.kernel,
-                initrd=image.initrd,
-                cmdline=image.cmdline,
-                firmware=image.firmware,
-                outbound_network=cfg.vm.outbound_network,
-            )
-            with timer("create"):
-                with signals.deferred():  # a VM started must be known to teardown
-                    conn.create(name, build_xml(spec))
-                port = conn.forward_port(name, cfg.ssh.port)
-            log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
-            endpoint = ssh.Endpoint(
-                port=port,
-                user=job.identity.name if job.identity else cfg.ssh.user,
-                client_key=client_key,
+    with timer("image"):
+        image = resolve(cfg, job.image, allow_path=job.allow_image_path, job_id=job.job_id)
+    release = ImageCache(cfg).release if image.cached else None
+    try:
+        check_free_space(cfg)
+        with signals.deferred():
+            jobdir.create()
+            created = True
+        if conn is None:
+            conn = Connection(cfg.libvirt).open()
+        live = conn
+        with timer("disks"):
+            disks = job_disks(cfg, image, jobdir)
+        with timer("seed"):
+            client_key = generate(f"vmbatch-{job.job_id}")
+            host_key = generate(f"vmbatch-host-{job.job_id}")
+            admin_key = generate(f"vmbatch-admin-{job.job_id}") if cfg.mounts else None
+            ctx = ContextSpec(
+                instance_id=f"vmbatch-{job.job_id}",
+                hostname=name[:63],
+                user=job.identity,
+                site_user_data=(
+                    nocloud.load_site_user_data(cfg.context.site_user_data)
+                    if cfg.context.site_user_data
+                    else {}
+                ),
+                authorized_keys=(client_key.public_openssh,),
                 host_key=host_key,
-                connect_timeout=cfg.ssh.connect_timeout,
-                keepalive_interval=cfg.ssh.keepalive_interval,
+                admin_keys=(admin_key.public_openssh,) if admin_key else (),
             )
-            live = conn
-            first = endpoint
-            if admin_key is not None:
-                first = dataclasses.replace(endpoint, user="root", client_key=admin_key)
-            with timer("wait_ssh"):
-                try:
-                    client = ssh.wait_for_ssh(
-                        first,
-                        cfg.vm.boot_timeout,
-                        is_alive=lambda: live.is_running(name),
-                        console_tail=lambda: console_tail(jobdir),
+            seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
+        spec = DomainSpec(
+            name=name,
+            domain_type=choice.domain_type,
+            memory_mib=job.memory or image.memory,
+            vcpus=job.vcpus or image.vcpus,
+            machine=cfg.vm.machine,
+            disks=(*disks, *seed_disks),
+            console_log=jobdir.console_log,
+            metadata=JobMetadata(job.job_id, job.user, job.scheduler, image.name, __version__),
+            emulator=cfg.tools.qemu_system,
+            tcg_cpu_model=cfg.vm.tcg_cpu_model,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=image.cmdline,
+            firmware=image.firmware,
+            outbound_network=cfg.vm.outbound_network,
+        )
+        with timer("create"):
+            with signals.deferred():  # a VM started must be known to teardown
+                conn.create(name, build_xml(spec))
+            port = conn.forward_port(name, cfg.ssh.port)
+        log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
+        endpoint = ssh.Endpoint(
+            port=port,
+            user=job.identity.name if job.identity else cfg.ssh.user,
+            client_key=client_key,
+            host_key=host_key,
+            connect_timeout=cfg.ssh.connect_timeout,
+            keepalive_interval=cfg.ssh.keepalive_interval,
+        )
+        first = endpoint
+        if admin_key is not None:
+            first = dataclasses.replace(endpoint, user="root", client_key=admin_key)
+        with timer("wait_ssh"):
+            try:
+                client = ssh.wait_for_ssh(
+                    first,
+                    cfg.vm.boot_timeout,
+                    is_alive=lambda: live.is_running(name),
+                    console_tail=lambda: console_tail(jobdir),
+                )
+            except GuestConnectionError as exc:
+                if admin_key is not None:
+                    exc.hint = (
+                        "[mounts] need vmbatch to log in as root by key: the image's sshd"
+                        " must allow it (PermitRootLogin prohibit-password)"
                     )
-                except GuestConnectionError as exc:
-                    if admin_key is not None:
-                        exc.hint = (
-                            "[mounts] need vmbatch to log in as root by key: the image's sshd"
-                            " must allow it (PermitRootLogin prohibit-password)"
-                        )
-                    raise
-            if admin_key is not None:
-                with timer("mount"):
-                    mounts.mount_all(client, cfg.mounts.values(), image.name)
-                client.close()
-                client = _login(endpoint)
-            if job.identity is not None:
-                verify_identity(client, job.identity, image.name)
-            guest = Guest(cfg, job, name, endpoint, client, lambda: live.is_running(name))
-            yield guest
-        finally:
-            with timer("teardown"), signals.deferred():
-                if guest is not None:
-                    guest.close()
+                raise
+        if admin_key is not None:
+            with timer("mount"):
+                mounts.mount_all(client, cfg.mounts.values(), image.name)
+            client.close()
+            client = _login(endpoint)
+        if job.identity is not None:
+            verify_identity(client, job.identity, image.name)
+        return Guest(
+            cfg,
+            job,
+            name,
+            endpoint,
+            client,
+            lambda: live.is_running(name),
+            conn=live,
+            jobdir=jobdir,
+            image=image.name,
+            image_path=image.path if release is not None else None,
+        )
+    except BaseException:
+        with timer("teardown"), signals.deferred():
+            try:
                 teardown(cfg, conn, name, jobdir if created else None, client)
+            finally:
+                if release is not None:
+                    release(image.path, job.job_id)
                 if own_conn and conn is not None:
                     conn.close()
+        raise
 
 
 def _login(endpoint: ssh.Endpoint) -> paramiko.SSHClient:
