@@ -118,7 +118,11 @@ def test_every_disposition_has_an_exit_code() -> None:
         assert set(table) == set(Disposition)
     assert exitcodes.CLI_INTERNAL_ERROR not in exitcodes.CLI.values()
     assert 0 not in exitcodes.CLI.values()
-    assert exitcodes.TORQUE_PROLOGUE[Disposition.ABORT_JOB] == 1
+    # Torque: 1 would abort the job without delivering its .o/.e (the user never sees why);
+    # node problems must requeue (neither 0 nor 1). Slurm: only node problems drain.
+    assert 1 not in exitcodes.TORQUE_PROLOGUE.values()
+    assert exitcodes.TORQUE_PROLOGUE[Disposition.REQUEUE] not in (0, 1)
+    assert exitcodes.SLURM_PROLOG[Disposition.ABORT_JOB] == 0
 
 
 def test_error_messages_carry_hints() -> None:

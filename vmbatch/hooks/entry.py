@@ -1,31 +1,248 @@
-"""Console scripts for the batch-system hooks (``vmbatch-prologue``, ``-epilogue``,
-``-starter``). The batch-system integration issue implements them; until then each says so
-and exits with the node-offline code, so a site that wires them in early notices at once."""
+"""Console scripts of the batch hooks: ``vmbatch-prologue``, ``-epilogue``, ``-starter``.
+
+Each tells Slurm from Torque by how it was called (Slurm: ``SLURM_JOB_ID`` in the
+environment, or ``vmbatch-starter slurm JOBID`` from oci.conf; Torque: argv), parses the
+scheduler's view of the job, calls :mod:`vmbatch.hooks.batch` and turns the outcome into
+the scheduler's exit code through :mod:`vmbatch.hooks.exitcodes` - the one place per script
+where a VmBatchError becomes a message and an exit status. The configuration comes from
+``$VMBATCH_CONFIG`` or ``/etc/vmbatch/vmbatch.toml``. Log lines go to stderr (Slurm: the
+slurmd log; Torque: the job's spool files), prefixed with the script and the job id.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import pwd
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
-from vmbatch import __version__
-from vmbatch.errors import Disposition
-from vmbatch.hooks.exitcodes import CLI
+from vmbatch import config
+from vmbatch.errors import Disposition, JobError, JobInterruptedError, VmBatchError
+from vmbatch.guest.session import command_script
+from vmbatch.hooks import batch, slurm, torque
+from vmbatch.hooks.exitcodes import (
+    CLI,
+    CLI_INTERNAL_ERROR,
+    SLURM_EPILOG_FAILED,
+    SLURM_PROLOG,
+    TORQUE_PROLOGUE,
+)
+from vmbatch.hooks.jobstate import StateStore
+from vmbatch.hooks.request import Resources, torque_prologue
+
+log = logging.getLogger("vmbatch")
 
 
-def _not_yet(name: str) -> None:
-    sys.stderr.write(
-        f"{name}: vmbatch {__version__} does not implement the batch-system hooks"
-        " yet; remove it from the scheduler's configuration\n"
+def _logging(script: str, job_id: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"{script}[{job_id[:40]}]: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
     )
-    sys.exit(CLI[Disposition.OFFLINE_NODE])
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+def _is_slurm(env: Mapping[str, str]) -> bool:
+    return bool(env.get("SLURM_JOB_ID"))
+
+
+# -- prologue -------------------------------------------------------------------------
+
+
+def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """The prologue for either scheduler; returns its exit status."""
+    is_slurm = _is_slurm(env)
+    table = SLURM_PROLOG if is_slurm else TORQUE_PROLOGUE
+    job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
+    _logging("vmbatch-prologue", job_id)
+    try:
+        cfg = config.load()
+    except VmBatchError as exc:
+        return _node_problem(None, is_slurm, env, exc, table)
+    try:
+        bj = _slurm_job(cfg, env) if is_slurm else _torque_job(argv)
+    except VmBatchError as exc:
+        log.error("%s", exc)
+        return _node_problem(cfg, is_slurm, env, exc, table)
+    error = batch.prologue(cfg, bj)
+    if error is None:
+        return 0
+    if error.disposition is Disposition.ABORT_JOB:
+        log.error("job %s refused: %s (the job starter reports it to the job)", bj.job_id, error)
+        return table[Disposition.ABORT_JOB]
+    log.error("job %s: %s", bj.job_id, error)
+    return _node_problem(cfg, is_slurm, env, error, table)
+
+
+def _node_problem(
+    cfg: config.Config | None,
+    is_slurm: bool,
+    env: Mapping[str, str],
+    error: VmBatchError,
+    table: Mapping[Disposition, int],
+) -> int:
+    """Say why in the scheduler's node state (Slurm drain reason, Torque offline note)."""
+    sys.stderr.write(f"vmbatch: error: {error}\n")
+    disposition = error.disposition
+    reason = f"vmbatch: {error.message}"
+    if cfg is None:  # the configuration itself is broken: use the defaults' tool paths
+        cfg = config.Config()
+    if is_slurm and env.get("SLURMD_NODENAME"):
+        slurm.drain(cfg, env["SLURMD_NODENAME"], reason, env)
+    elif not is_slurm and disposition is Disposition.OFFLINE_NODE:
+        torque.offline(cfg, reason)
+    if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
+        disposition = Disposition.OFFLINE_NODE
+    return table[disposition]
+
+
+def _slurm_job(cfg: config.Config, env: Mapping[str, str]) -> batch.BatchJob:
+    jid = batch.check_job_id(slurm.job_id(env))
+    resources, name = slurm.job_details(cfg, jid, env)
+    cpus = slurm.cpus_on_node(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+    return batch.BatchJob(
+        scheduler="slurm",
+        job_id=jid,
+        user=slurm.user(env),
+        resources=Resources(cpus, resources.memory_mib, resources.walltime),
+        name=name,
+        script=slurm.batch_script(cfg, jid, env),
+    )
+
+
+def _torque_job(argv: Sequence[str]) -> batch.BatchJob:
+    tj = torque_prologue(argv)
+    script: bytes | None = None
+    if tj.script:
+        try:
+            script = Path(tj.script).read_bytes()
+        except OSError as exc:
+            log.warning("cannot read the job script %s (%s): no directives", tj.script, exc)
+    return batch.BatchJob("torque", tj.job_id, tj.user, tj.resources, tj.name, script)
 
 
 def prologue() -> None:
-    _not_yet("vmbatch-prologue")
+    sys.exit(_guarded(lambda: run_prologue(sys.argv, os.environ), 2))
 
 
-def epilogue() -> None:
-    _not_yet("vmbatch-epilogue")
+# -- job starter ----------------------------------------------------------------------
+
+
+def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """The job starter for either scheduler; returns the job's exit status."""
+    is_slurm = len(argv) >= 3 and argv[1] == "slurm"
+    job_id = argv[2] if is_slurm else env.get("PBS_JOBID", "")
+    _logging("vmbatch-starter", job_id)
+    logging.getLogger().setLevel(logging.WARNING)  # the job's stderr: only what matters
+    try:
+        cfg = config.load()
+        job = _slurm_starter(argv) if is_slurm else _torque_starter(job_id, env)
+        return batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+    except JobInterruptedError as exc:
+        sys.stderr.write(f"vmbatch: {exc} before the job started\n")
+        return 128 + exc.signum
+    except VmBatchError as exc:
+        sys.stderr.write(f"vmbatch: error: {exc}\n")
+        return CLI[exc.disposition]
+
+
+def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
+    """``vmbatch-starter slurm %j [%b]``: the job from the bundle copy in the cwd."""
+    job_id = batch.check_job_id(argv[2])
+    bundle = Path.cwd()
+    if not (bundle / "config.json").is_file() and len(argv) > 3:
+        bundle = Path(argv[3])
+    args, env, cwd = slurm.bundle_process(bundle)
+    first = Path(args[0])
+    if first.name == "slurm_script" and first.is_file():
+        script, rest = first.read_bytes(), args[1:]
+    else:  # a job step run directly (srun COMMAND)
+        script, rest = command_script(args), ()
+    return batch.StarterJob(job_id, script, rest, env, cwd)
+
+
+def _torque_starter(job_id: str, env: Mapping[str, str]) -> batch.StarterJob:
+    """``$job_starter``: script path on stdin; as root (run_privileged) become the user."""
+    job_id = batch.check_job_id(job_id)
+    path, args = torque.starter_command(sys.stdin.buffer)
+    try:
+        script = Path(path).read_bytes()
+    except OSError as exc:
+        raise JobError(
+            f"cannot read the job script {path}: {exc.strerror}",
+            hint="set $job_starter_run_privileged true in mom_priv/config",
+        ) from exc
+    if os.geteuid() == 0:
+        _become_job_user(config.load(), job_id)
+    return batch.StarterJob(job_id, script, args, dict(env), None)
+
+
+def _become_job_user(cfg: config.Config, job_id: str) -> None:
+    record = StateStore(cfg.batch.state_dir).read(job_id)
+    if record is None or record.uid <= 0:
+        raise JobError(f"no VM was prepared for job {job_id} (no prologue state)")
+    name = pwd.getpwuid(record.uid).pw_name
+    os.initgroups(name, record.gid)
+    os.setgid(record.gid)
+    os.setuid(record.uid)
+    os.environ["HOME"] = pwd.getpwuid(record.uid).pw_dir
+    os.chdir(os.environ["HOME"])
 
 
 def starter() -> None:
-    _not_yet("vmbatch-starter")
+    sys.exit(_guarded(lambda: run_starter(sys.argv, os.environ), CLI_INTERNAL_ERROR))
+
+
+# -- epilogue -------------------------------------------------------------------------
+
+
+def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """The epilogue (or Torque's ``epilogue.precancel`` with ``--precancel``)."""
+    if len(argv) > 1 and argv[1] == "--precancel":
+        return _precancel(argv[1:], env)
+    is_slurm = _is_slurm(env)
+    job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
+    _logging("vmbatch-epilogue", job_id)
+    try:
+        cfg = config.load()
+        if is_slurm:
+            status = slurm.exit_status(env)
+        else:
+            args = torque.epilogue_args(argv)
+            job_id, status = args.job_id, args.exit_status
+        batch.check_job_id(job_id)
+        batch.finish(cfg, job_id, exit_status=status, account=True)
+    except VmBatchError as exc:
+        log.error("%s", exc)
+        if is_slurm and env.get("SLURMD_NODENAME"):
+            slurm.drain(config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
+        return SLURM_EPILOG_FAILED
+    log.info("job %s: VM and files removed", job_id)
+    return 0
+
+
+def _precancel(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """As the job's user; never fails (Torque marks the node down if it does)."""
+    job_id = argv[1] if len(argv) > 1 else ""
+    _logging("vmbatch-precancel", job_id)
+    try:
+        batch.precancel(config.load(), batch.check_job_id(job_id))
+    except Exception as exc:  # noqa: BLE001 - must exit 0 whatever happens
+        log.warning("could not signal job %s in its VM: %s", job_id, exc)
+    return 0
+
+
+def epilogue() -> None:
+    sys.exit(_guarded(lambda: run_epilogue(sys.argv, os.environ), SLURM_EPILOG_FAILED))
+
+
+def _guarded(body: Callable[[], int], internal: int) -> int:
+    """Run ``body``; an unexpected exception is logged and never looks like success."""
+    try:
+        return body()
+    except Exception:
+        log.exception("internal error; please report it")
+        return internal

@@ -6,9 +6,15 @@ through, and 128+N after a signal N, like a shell. The hook columns follow the s
 documented contracts (see ../shared/PLATFORM.md and docs/admin-guide.md) and are used by the
 batch-system hooks:
 
-- Torque prologue: 0 runs the job, 1 aborts it, any other non-zero requeues it.
+- Torque prologue: 0 runs the job, 1 aborts it, any other non-zero requeues it. An aborted
+  job's .o/.e files are not delivered, so the user would never learn why: job problems
+  return 0 and the job starter prints the reason into the job's stderr and fails the job
+  (status 65). Node problems return 2 (requeue) and take the node offline (``pbsnodes -o``)
+  so the job does not loop on it.
 - Slurm Prolog: any non-zero drains the node and requeues+holds the job, so only node
-  problems may return non-zero; job problems are reported to the job and return 0.
+  problems may return non-zero (the node is drained with vmbatch's reason); job problems
+  are reported to the job by the starter and return 0.
+- Slurm Epilog: non-zero drains the node; only when the VM may still be running.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ CLI = {
 CLI_INTERNAL_ERROR = 70  # EX_SOFTWARE
 
 TORQUE_PROLOGUE = {
-    Disposition.ABORT_JOB: 1,
+    Disposition.ABORT_JOB: 0,  # the job starter reports the error in the job's .e file
     Disposition.REQUEUE: 2,
     Disposition.OFFLINE_NODE: 2,  # plus `pbsnodes -o`, or the job loops on this node
 }
@@ -35,3 +41,6 @@ SLURM_PROLOG = {
     Disposition.REQUEUE: 1,
     Disposition.OFFLINE_NODE: 1,
 }
+
+#: Slurm Epilog when the job's VM could not be made sure gone (drains the node).
+SLURM_EPILOG_FAILED = 1

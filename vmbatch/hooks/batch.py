@@ -1,0 +1,420 @@
+"""The scheduler-independent hooks: prologue (boot), job starter (run), epilogue (tear down).
+
+One job, one VM:
+
+1. The **prologue** (root) turns the scheduler's request into a :class:`JobSpec` (image from
+   ``#VMBATCH image=`` or ``[batch].default_image``; cores and memory as granted, within
+   the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` and leaves it running.
+   Its record (:mod:`vmbatch.hooks.jobstate`) is written before anything is made and after
+   each step. The job's user gets a 0700 directory with the per-job SSH key and the
+   guest's port and pinned host key; if the request itself is at fault, the directory holds
+   the message instead, and the starter prints it into the job's stderr.
+2. The **job starter** (the job's user) logs in with that key, runs the job script with the
+   job's environment (:class:`~vmbatch.guest.session.Session`: output streamed, signals
+   forwarded, reconnects) and exits with the job's status.
+3. The **epilogue** (root) destroys the domain, removes disks, keys, the user's directory
+   and the record, and appends one JSON accounting line. It works from the record, or from
+   the job id alone if there is none (prologue never ran, or died early): idempotent.
+
+Dispositions of failures become exit codes through :mod:`vmbatch.hooks.exitcodes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pwd
+import re
+import socket
+import time
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from vmbatch import lifecycle, signals, state
+from vmbatch.config import Config
+from vmbatch.contextualize.keys import KeyPair
+from vmbatch.errors import Disposition, HostError, JobError, VmBatchError
+from vmbatch.guest import ssh
+from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
+from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
+from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
+from vmbatch.images.cache import ImageCache
+from vmbatch.job import JobSpec, JobUser
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
+
+log = logging.getLogger(__name__)
+
+#: Scheduler job ids: Slurm's are numbers, Torque's ``123.server`` or ``123[4].server``.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]-]{0,99}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """One job as a scheduler's prologue describes it."""
+
+    scheduler: str
+    job_id: str
+    user: str
+    resources: Resources
+    name: str = ""
+    #: The job script, for ``#VMBATCH`` directives (None: not available).
+    script: bytes | None = None
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID.fullmatch(job_id):
+        raise JobError(
+            f"job id {job_id[:120]!r} has characters vmbatch does not accept",
+            hint="job ids are letters, digits and . _ - [ ]; check the hook's arguments",
+        )
+    return job_id
+
+
+def host_memory_mib() -> int:
+    """MemTotal of /proc/meminfo in MiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise HostError("/proc/meminfo has no MemTotal")
+
+
+def job_spec(cfg: Config, bj: BatchJob, identity: JobUser) -> JobSpec:
+    """The VM a job gets: its image choice and size, checked against the site's rules."""
+    wanted = directives(bj.script) if bj.script is not None else {}
+    image = choose_image(wanted.get("image"), cfg.batch.default_image, cfg.batch.user_images)
+    entry = cfg.images[image]
+    vcpus, memory = size_vm(
+        bj.resources,
+        default_vcpus=entry.vcpus or cfg.vm.vcpus,
+        default_memory=entry.memory or cfg.vm.memory,
+        host_cpus=os.cpu_count() or 1,
+        host_memory=host_memory_mib(),
+        reserve_memory=cfg.batch.reserve_memory,
+        max_vcpus=cfg.batch.max_vcpus,
+        max_memory=cfg.batch.max_memory,
+    )
+    return JobSpec(
+        job_id=bj.job_id,
+        user=bj.user,
+        image=image,
+        argv=(),
+        scheduler=bj.scheduler,
+        memory=memory,
+        vcpus=vcpus,
+        identity=identity,
+        walltime=bj.resources.walltime,
+    )
+
+
+def prologue(
+    cfg: Config,
+    bj: BatchJob,
+    *,
+    conn: Connection | None = None,
+    timings: MutableMapping[str, float] | None = None,
+) -> VmBatchError | None:
+    """Boot the job's VM and leave it running; return the error that stopped it, if any.
+
+    Never raises a :class:`VmBatchError`: the caller maps the returned error's disposition
+    to the scheduler's exit code (and drains/offlines the node for node problems).
+    """
+    store = StateStore(cfg.batch.state_dir)
+    try:
+        check_job_id(bj.job_id)
+        with signals.interruptible(), store.exclusive(bj.job_id):
+            leftover = store.read(bj.job_id)
+            if leftover is not None:
+                log.warning(
+                    "job %s: state of an earlier prologue (%s, boot %s) found; cleaning up first",
+                    bj.job_id,
+                    leftover.phase,
+                    leftover.boot_id[:8],
+                )
+                finish(cfg, bj.job_id, leftover, conn=conn)
+            return _prologue_locked(cfg, bj, store, conn, timings)
+    except VmBatchError as exc:
+        return exc
+
+
+def _prologue_locked(
+    cfg: Config,
+    bj: BatchJob,
+    store: StateStore,
+    conn: Connection | None,
+    timings: MutableMapping[str, float] | None,
+) -> VmBatchError | None:
+    userdir = UserDir(cfg.batch.user_dir, bj.job_id)
+    record = Record(
+        job_id=bj.job_id,
+        scheduler=bj.scheduler,
+        user=bj.user,
+        domain=domain_name(bj.job_id),
+        jobdir=str(state.JobDir(cfg.paths.job_dir, bj.job_id).path),
+        boot_id=state.boot_id(),
+        prologue_pid=os.getpid(),
+        started=time.time(),
+    )
+    store.write(record)
+    identity: JobUser | None = None
+    try:
+        identity = JobUser.from_host(bj.user)
+        record = store.write(dataclasses.replace(record, uid=identity.uid, gid=identity.gid))
+        spec = job_spec(cfg, bj, identity)
+        record = store.write(dataclasses.replace(record, image=spec.image))
+        log.info(
+            "job %s: image %s, %d cores, %d MiB", bj.job_id, spec.image, spec.vcpus, spec.memory
+        )
+        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
+    except VmBatchError as exc:
+        store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
+        if identity is not None and exc.disposition is Disposition.ABORT_JOB:
+            userdir.create(identity.uid, identity.gid, {UserDir.ERROR: str(exc).encode()})
+        return exc
+    try:
+        record = store.write(
+            dataclasses.replace(
+                record,
+                image_path=str(guest.image_path) if guest.image_path else None,
+                boot_seconds=round(time.time() - record.started, 3),
+            )
+        )
+        info = {
+            "job_id": bj.job_id,
+            "image": spec.image,
+            "host": guest.endpoint.host,
+            "port": guest.endpoint.port,
+            "user": identity.name,
+            "host_key": guest.endpoint.host_key.public_openssh,
+        }
+        userdir.create(
+            identity.uid,
+            identity.gid,
+            {
+                UserDir.KEY: guest.endpoint.client_key.private_openssh.encode(),
+                UserDir.GUEST: (json.dumps(info, sort_keys=True) + "\n").encode(),
+            },
+        )
+        store.write(dataclasses.replace(record, phase=READY))
+    except BaseException as exc:
+        with signals.deferred():
+            guest.close()
+            lifecycle.teardown(cfg, guest.conn, guest.name, guest.jobdir)
+            guest.release_image()
+            if isinstance(exc, VmBatchError):
+                store.write(
+                    dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc))
+                )
+        raise
+    finally:
+        guest.close()
+        if conn is None:
+            guest.conn.close()
+    log.info("job %s: VM %s ready after %.1fs", bj.job_id, guest.name, record.boot_seconds or 0)
+    return None
+
+
+def _cause(exc: VmBatchError) -> str:
+    return f"{type(exc).__name__}: {exc.message}"
+
+
+# -- the job starter ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StarterJob:
+    """What the starter runs: the script, its arguments, environment and working dir."""
+
+    job_id: str
+    script: bytes
+    args: tuple[str, ...]
+    environment: Mapping[str, str]
+    workdir: str | None
+
+
+class StarterError(VmBatchError):
+    """The job's VM is missing or was not made; the message goes to the job's stderr."""
+
+
+def guest_workdir(cfg: Config, cwd: str | None) -> str | None:
+    """The job's working directory if the guest has it (under a ``[mounts]`` path), else
+    None: the user's home in the guest."""
+    if cwd is None:
+        return None
+    for mount in cfg.mounts.values():
+        if Path(cwd) == mount.path or mount.path in Path(cwd).parents:
+            return cwd
+    return None
+
+
+def _port_open(host: str, port: int) -> bool:
+    """QEMU's user-mode forward listens while the VM's QEMU runs (starter cannot ask libvirt)."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
+    """Run ``job`` in its VM as the calling user; return its exit status."""
+    userdir = UserDir(cfg.batch.user_dir, job.job_id)
+    message = userdir.read(UserDir.ERROR)
+    if message is not None:
+        raise JobError(message.decode(errors="replace").strip())
+    info = userdir.guest()
+    key = userdir.read(UserDir.KEY)
+    if info is None or key is None:
+        raise StarterError(
+            f"no VM was prepared for job {job.job_id} on this node ({userdir.path} is"
+            " missing or incomplete)",
+            hint="the vmbatch prologue did not run or failed: see the node's log",
+        )
+    name = pwd.getpwuid(os.getuid()).pw_name
+    if info.get("user") != name:
+        raise StarterError(f"the VM of job {job.job_id} was prepared for another user")
+    host, port = str(info["host"]), int(info["port"])
+    endpoint = ssh.Endpoint(
+        port=port,
+        user=name,
+        client_key=KeyPair(key.decode(), ""),
+        host_key=KeyPair("", str(info["host_key"])),
+        host=host,
+        connect_timeout=cfg.ssh.connect_timeout,
+        keepalive_interval=cfg.ssh.keepalive_interval,
+    )
+    gjob = GuestJob(
+        job_id=job.job_id,
+        script=job.script,
+        args=job.args,
+        environment=job_environment(job.environment, ENV_DENY | frozenset(cfg.job.env_deny)),
+        workdir=guest_workdir(cfg, job.workdir),
+        kill_grace=cfg.job.kill_grace,
+    )
+    session = Session(
+        connect=lambda: ssh.connect(endpoint),
+        is_alive=lambda: _port_open(host, port),
+        job=gjob,
+        reconnect_timeout=cfg.ssh.reconnect_timeout,
+        liveness_interval=cfg.ssh.liveness_interval,
+        liveness_timeout=cfg.ssh.connect_timeout,
+    )
+    try:
+        with signals.interruptible():
+            session.start()
+        return session.follow(out, err)
+    finally:
+        if session.client is not None:
+            session.client.close()
+
+
+def precancel(cfg: Config, job_id: str) -> None:
+    """End the job in its guest before the scheduler kills the starter (Torque's
+    ``epilogue.precancel``, as the job's user): SIGTERM to the job's process group."""
+    userdir = UserDir(cfg.batch.user_dir, job_id)
+    info, key = userdir.guest(), userdir.read(UserDir.KEY)
+    if info is None or key is None:
+        return
+    endpoint = ssh.Endpoint(
+        port=int(info["port"]),
+        user=str(info["user"]),
+        client_key=KeyPair(key.decode(), ""),
+        host_key=KeyPair("", str(info["host_key"])),
+        host=str(info["host"]),
+        connect_timeout=cfg.ssh.connect_timeout,
+    )
+    client = ssh.connect(endpoint)
+    try:
+        session = Session(
+            connect=lambda: client, is_alive=lambda: True, job=GuestJob(job_id, b""), client=client
+        )
+        session.send_signal(15)
+    finally:
+        client.close()
+
+
+# -- the epilogue ---------------------------------------------------------------------
+
+
+def finish(
+    cfg: Config,
+    job_id: str,
+    record: Record | None = None,
+    *,
+    conn: Connection | None = None,
+    exit_status: int | None = None,
+    account: bool = False,
+) -> None:
+    """Tear down everything of ``job_id``; with ``account``, append its accounting line.
+
+    Works from ``record`` (or the stored one) and falls back to what the job id implies.
+    Raises HostError if the VM could not be destroyed; the record is then kept so that
+    ``vmbatch cleanup`` can finish later.
+    """
+    store = StateStore(cfg.batch.state_dir)
+    record = record or store.read(job_id)
+    UserDir(cfg.batch.user_dir, job_id).remove()  # the user's access ends first
+    if account:
+        write_accounting(cfg, job_id, record, exit_status)
+    name = record.domain if record and record.domain else domain_name(job_id)
+    jobdir = state.JobDir(cfg.paths.job_dir, job_id)
+    own = conn is None
+    try:
+        if record is not None and record.phase == FAILED:
+            # The prologue's own teardown ran when it failed; only files may be left.
+            lifecycle.teardown(cfg, None, name, jobdir)
+        else:
+            if conn is None:
+                conn = Connection(cfg.libvirt).open()
+            names = {name} | {
+                d.name for d in conn.list_vmbatch() if d.metadata and d.metadata.job_id == job_id
+            }
+            for each in sorted(names):
+                lifecycle.teardown(cfg, conn, each, jobdir)
+    except HostError as exc:
+        raise HostError(
+            f"job {job_id}: could not make sure its VM {name} is gone: {exc.message}",
+            hint="run `vmbatch cleanup` once libvirtd answers again",
+        ) from exc
+    finally:
+        if own and conn is not None:
+            conn.close()
+    if record is not None and record.image_path:
+        ImageCache(cfg).release(Path(record.image_path), job_id)
+    store.remove(job_id)
+
+
+def write_accounting(
+    cfg: Config, job_id: str, record: Record | None, exit_status: int | None
+) -> None:
+    """Append one JSON line for the job to ``[batch].accounting_log`` (best effort)."""
+    now = time.time()
+    boot = record.boot_seconds if record else None
+    run = None
+    if record is not None and record.phase == READY and boot is not None:
+        run = round(max(0.0, now - record.started - boot), 3)
+    line = {
+        "time": round(now, 3),
+        "job_id": job_id,
+        "scheduler": record.scheduler if record else None,
+        "user": record.user if record else None,
+        "image": (record.image or None) if record else None,
+        "boot_seconds": boot,
+        "run_seconds": run,
+        "exit_status": exit_status,
+        "cause": record.cause if record else "no prologue state (prologue did not run)",
+    }
+    path = cfg.batch.accounting_log
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.error("could not write the accounting record to %s: %s", path, exc)

@@ -1,0 +1,87 @@
+"""Torque: the prologue/epilogue argv, the job starter's stdin, taking the node offline.
+
+Facts relied on (Torque 6 Administrator Guide, "Appendix G: Prologue and Epilogue
+Scripts" (argument tables, exit codes) and "$job_starter" in "Node manager (MOM)
+configuration"; observed with a real pbs_mom 6.1.3, ../shared/PLATFORM.md):
+
+- prologue: root, argv = job id, user, group, job name, resource list, queue, account,
+  job-script copy (``mom_priv/jobs/<id>.SC``); a minimal environment, stdin /dev/null.
+  Exit 0 runs the job, 1 aborts it *without delivering its .o/.e* (so the user would never
+  see why), any other non-zero requeues it at once (no backoff: a node problem must also
+  take the node offline, ``pbsnodes -o``, or the job loops on this node).
+- ``$job_starter``: argv = the starter and the user's shell; stdin is an inherited pipe
+  holding one line: the script path plus any ``qsub -F`` arguments; the job's full
+  environment (``PBS_JOBID``, ...), cwd the user's home. With
+  ``$job_starter_run_privileged true`` it starts as root and must become the user.
+- epilogue: root, argv = job id, user, group, job name, session id, requested resources,
+  used resources, queue, account, exit status, script path. Its exit status is ignored.
+- ``epilogue.precancel``: on ``qdel`` of a running job, before the job is signalled, as
+  the job's user, stdio /dev/null; its failure marks the node down, so it always exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from vmbatch.config import Config
+from vmbatch.errors import HostError, JobError
+from vmbatch.process import run as run_command
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EpilogueArgs:
+    job_id: str
+    user: str
+    exit_status: int | None
+
+
+def epilogue_args(argv: Sequence[str]) -> EpilogueArgs:
+    """Job id, user and exit status from the epilogue's argv (11 arguments)."""
+    args = list(argv[1:])
+    if len(args) < 2:
+        raise JobError(
+            f"Torque epilogue: expected 11 arguments (job id, user, ...), got {len(args)}",
+            hint="configure it as mom_priv/epilogue; pbs_mom passes the arguments",
+        )
+    status: int | None = None
+    if len(args) >= 10:
+        try:
+            status = int(args[9])
+        except ValueError:
+            status = None
+    return EpilogueArgs(args[0], args[1], status)
+
+
+def starter_command(stdin: BinaryIO) -> tuple[str, tuple[str, ...]]:
+    """The job script's path and its ``qsub -F`` arguments from the starter's stdin."""
+    line = stdin.readline(65536).decode("utf-8", "surrogateescape").strip()
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    if not words or not words[0].startswith("/"):
+        raise HostError(
+            f"the job starter's stdin holds no script path ({line[:80]!r})",
+            hint="vmbatch-starter must be pbs_mom's $job_starter (docs/admin-torque.md)",
+        )
+    return words[0], tuple(words[1:])
+
+
+def offline(cfg: Config, note: str) -> None:
+    """``pbsnodes -o -N NOTE <this node>`` (best effort: logged when it fails)."""
+    clean = "".join(c if c.isprintable() else "?" for c in note)[:200]
+    node = socket.gethostname()
+    try:
+        run_command(
+            [str(cfg.tools.pbsnodes), "-o", "-N", clean, node],
+            timeout=cfg.tools.command_timeout,
+        )
+    except HostError as exc:
+        log.error("could not take node %s offline (%s): %s", node, exc, clean)
