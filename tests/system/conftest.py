@@ -171,3 +171,109 @@ timeout = {timeout}
 attempt_timeout = {attempt}
 """
     )
+
+
+@dataclass(frozen=True)
+class HostUser:
+    """An unprivileged account on this host, made by the test run (batch jobs need one)."""
+
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def host_user() -> Iterator[HostUser]:
+    """``vmbt<N>`` with a free uid/gid >= 4700 and a home under TEST_BASE; removed after."""
+    import grp
+    import pwd
+
+    uid = next(u for u in range(4700, 6000) if not _id_used(pwd.getpwuid, u, grp.getgrgid))
+    name = f"vmbt{uid}"
+    TEST_BASE.mkdir(parents=True, exist_ok=True)
+    TEST_BASE.chmod(0o755)
+    home = TEST_BASE / f"home-{name}"
+    subprocess.run(["groupadd", "-g", str(uid), name], check=True, timeout=30)
+    try:
+        subprocess.run(
+            [
+                "useradd",
+                "-u",
+                str(uid),
+                "-g",
+                str(uid),
+                "-m",
+                "-d",
+                str(home),
+                "-s",
+                "/bin/sh",
+                name,
+            ],
+            check=True,
+            timeout=30,
+        )
+        yield HostUser(name, uid, uid, home)
+    finally:
+        subprocess.run(["userdel", "-r", name], check=False, timeout=30, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, timeout=30, capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _id_used(getpw: object, n: int, getgr: object) -> bool:
+    for get in (getpw, getgr):
+        try:
+            get(n)  # type: ignore[operator]
+            return True
+        except KeyError:
+            pass
+    return False
+
+
+@dataclass
+class BatchSite:
+    """A Site with the batch hooks configured; dirs and records checked empty afterwards."""
+
+    site: Site
+    user: HostUser
+    state_dir: Path
+    user_dir: Path
+    accounting: Path
+    env: dict[str, str]
+
+    def records(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.accounting.exists():
+            return []
+        return [json.loads(line) for line in self.accounting.read_text().splitlines()]
+
+    def leftovers(self) -> list[Path]:
+        found: list[Path] = []
+        for d in (self.state_dir, self.user_dir, self.site.job_dir):
+            if d.is_dir():
+                found += [p for p in d.iterdir() if not p.name.endswith(".lock")]
+        return found
+
+
+@pytest.fixture
+def batch_site(site: Site, host_user: HostUser) -> Iterator[BatchSite]:
+    bs = BatchSite(
+        site,
+        host_user,
+        site.root / "state",
+        site.root / "run",
+        site.root / "accounting.jsonl",
+        {"VMBATCH_CONFIG": str(site.config)},
+    )
+    site.write(
+        f"""
+[batch]
+default_image = "demo"
+state_dir = "{bs.state_dir}"
+user_dir = "{bs.user_dir}"
+accounting_log = "{bs.accounting}"
+"""
+    )
+    yield bs
+    assert not bs.leftovers(), f"batch hooks left files behind: {bs.leftovers()}"

@@ -58,6 +58,9 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     table = SLURM_PROLOG if is_slurm else TORQUE_PROLOGUE
     job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
     _logging("vmbatch-prologue", job_id)
+    # pbs_mom runs the prologue with umask 0077; libvirt reads the overlay's header as
+    # QEMU's user before it relabels the disks, so the job's files need the usual 022.
+    os.umask(0o022)
     try:
         cfg = config.load()
     except VmBatchError as exc:
@@ -90,9 +93,12 @@ def _node_problem(
     reason = f"vmbatch: {error.message}"
     if cfg is None:  # the configuration itself is broken: use the defaults' tool paths
         cfg = config.Config()
+    # Both for REQUEUE and OFFLINE_NODE: Slurm drains the node for any non-zero Prolog
+    # anyway, and Torque redispatches a requeued job at once, to the same node, in a tight
+    # loop, unless the node is out of service (PLATFORM.md).
     if is_slurm and env.get("SLURMD_NODENAME"):
         slurm.drain(cfg, env["SLURMD_NODENAME"], reason, env)
-    elif not is_slurm and disposition is Disposition.OFFLINE_NODE:
+    elif not is_slurm:
         torque.offline(cfg, reason)
     if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
         disposition = Disposition.OFFLINE_NODE

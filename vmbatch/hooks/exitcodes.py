@@ -9,8 +9,8 @@ batch-system hooks:
 - Torque prologue: 0 runs the job, 1 aborts it, any other non-zero requeues it. An aborted
   job's .o/.e files are not delivered, so the user would never learn why: job problems
   return 0 and the job starter prints the reason into the job's stderr and fails the job
-  (status 65). Node problems return 2 (requeue) and take the node offline (``pbsnodes -o``)
-  so the job does not loop on it.
+  (status 65). Other problems return 2 (requeue) and take the node offline (``pbsnodes -o``
+  with vmbatch's note): pbs_mom redispatches a requeued job at once, to the same node.
 - Slurm Prolog: any non-zero drains the node and requeues+holds the job, so only node
   problems may return non-zero (the node is drained with vmbatch's reason); job problems
   are reported to the job by the starter and return 0.

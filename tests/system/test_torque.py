@@ -1,0 +1,302 @@
+"""Torque contract tests: the hooks called exactly as pbs_mom calls them, with real VMs.
+
+Torque is not packaged for Debian 12, so pbs_mom is stood in for by these calls. Each fact
+comes from Torque's documentation (Torque 6 Administrator Guide, Appendix G "Prologue and
+Epilogue Scripts": the argument tables, "Prologue and epilogue scripts run as root ...
+with the minimal environment", the exit-code table "0 ... job runs; 1 ... job aborted;
+other ... job requeued"; "Node manager (MOM) configuration": ``$job_starter`` and
+``$job_starter_run_privileged``) and was observed with a real pbs_mom 6.1.3
+(../shared/PLATFORM.md, "Torque"):
+
+- prologue: root, argv = job id, user, group, job name, resource list, queue, account,
+  script copy; minimal environment (PATH=/bin:/usr/bin, PBS_O_WORKDIR, ...), umask 0077,
+  stdin /dev/null, cwd mom_priv.
+- job starter: as the user (or root with run_privileged), argv = starter + the user's
+  shell, stdin one line "script path + qsub -F arguments", the job's environment
+  (PBS_JOBID, ...), cwd the user's home; its exit status is the job's.
+- epilogue: root, 11 arguments (..., exit status, script); exit ignored.
+- epilogue.precancel: on qdel, as the user, stdio /dev/null; must not fail.
+
+The one deviation: ``VMBATCH_CONFIG`` points the hooks at this test's configuration
+(production uses /etc/vmbatch/vmbatch.toml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import ROOT, BatchSite
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
+
+BIN = ROOT / ".venv" / "bin"
+MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
+
+
+def _job_id() -> str:
+    return f"{uuid.uuid4().int % 10**6}.torque-test"
+
+
+class Mom:
+    """Calls the hooks the way pbs_mom does, for one job."""
+
+    def __init__(self, bs: BatchSite, script: str, resources: str = "nodes=1:ppn=1") -> None:
+        self.bs = bs
+        self.job_id = _job_id()
+        self.mom_priv = bs.site.root / "mom_priv"
+        (self.mom_priv / "jobs").mkdir(parents=True, exist_ok=True)
+        self.script = self.mom_priv / "jobs" / f"{self.job_id}.SC"
+        self.script.write_text(script)
+        os.chown(self.script, bs.user.uid, bs.user.gid)
+        self.resources = resources
+
+    def _root_env(self) -> dict[str, str]:
+        return {"PATH": "/bin:/usr/bin", "PBS_O_WORKDIR": str(self.bs.user.home), **self.bs.env}
+
+    def prologue(self) -> subprocess.CompletedProcess[bytes]:
+        u = self.bs.user
+        argv = [
+            str(BIN / "vmbatch-prologue"),
+            self.job_id,
+            u.name,
+            u.name,
+            "job.sh",
+            self.resources,
+            "batch",
+            "",
+            str(self.script),
+        ]
+        return subprocess.run(
+            argv,
+            env=self._root_env(),
+            cwd=self.mom_priv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=400,
+            umask=0o077,
+            check=False,
+        )
+
+    def starter(
+        self, args: str = "", privileged: bool = False, **kw: object
+    ) -> subprocess.Popen[bytes]:
+        u = self.bs.user
+        env = {
+            "PBS_JOBID": self.job_id,
+            "PBS_O_WORKDIR": str(u.home),
+            "HOME": str(u.home),
+            "USER": u.name,
+            "PBS_WALLTIME": "600",
+            "PATH": "/bin:/usr/bin",
+            "FROM_QSUB_V": "it's here",
+            **self.bs.env,
+        }
+        proc = subprocess.Popen(
+            [str(BIN / "vmbatch-starter"), "/bin/sh"],
+            env=env,
+            cwd=u.home,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **({} if privileged else {"user": u.uid, "group": u.gid, "extra_groups": []}),
+            **kw,  # type: ignore[arg-type]
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(f"{self.script} {args}\n".encode())
+        proc.stdin.close()
+        proc.stdin = None  # pbs_mom's pipe: one line, then end of file
+        return proc
+
+    def epilogue(self, status: int) -> subprocess.CompletedProcess[bytes]:
+        u = self.bs.user
+        argv = [
+            str(BIN / "vmbatch-epilogue"),
+            self.job_id,
+            u.name,
+            u.name,
+            "job.sh",
+            "4242",
+            self.resources,
+            "cput=00:00:01",
+            "batch",
+            "",
+            str(status),
+            str(self.script),
+        ]
+        return subprocess.run(
+            argv,
+            env=self._root_env(),
+            cwd=self.mom_priv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+            umask=0o077,
+            check=False,
+        )
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_job_runs_in_its_vm_as_the_user_with_its_status(
+    batch_site: BatchSite, libvirt_conn: Connection
+) -> None:
+    mom = Mom(
+        batch_site, '#!/bin/sh\ncat /proc/cmdline\nid -u\necho "args:$*|$FROM_QSUB_V"\nexit 7\n'
+    )
+    pro = mom.prologue()
+    assert pro.returncode == 0, pro.stderr.decode()
+    assert libvirt_conn.is_running(domain_name(mom.job_id))
+    userdir = batch_site.user_dir / mom.job_id
+    assert userdir.stat().st_uid == batch_site.user.uid
+    assert oct(userdir.stat().st_mode & 0o777) == "0o700"
+    assert oct(batch_site.state_dir.stat().st_mode & 0o777) == "0o700"
+    status, out, err = _finish(mom.starter(args="a 'b c'"))
+    assert status == 7, err
+    assert MARKER in out and MARKER not in Path("/proc/cmdline").read_text()
+    assert f"\n{batch_site.user.uid}\n" in out
+    assert "args:a b c|it's here" in out
+    epi = mom.epilogue(7)
+    assert epi.returncode == 0, epi.stderr.decode()
+    assert not libvirt_conn.is_running(domain_name(mom.job_id))
+    (record,) = batch_site.records()
+    assert record["job_id"] == mom.job_id and record["exit_status"] == 7
+    assert record["image"] == "demo" and record["user"] == batch_site.user.name
+    assert isinstance(record["boot_seconds"], float) and record["cause"] is None
+
+
+def test_privileged_starter_becomes_the_user(batch_site: BatchSite) -> None:
+    mom = Mom(batch_site, "id -u\n")
+    assert mom.prologue().returncode == 0
+    status, out, err = _finish(mom.starter(privileged=True))
+    assert (status, out.strip()) == (0, str(batch_site.user.uid)), err
+    assert mom.epilogue(0).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "resources", "says"),
+    [
+        ("#!/bin/sh\n#VMBATCH image=nosuch\ntrue\n", "nodes=1:ppn=1", "'nosuch' is not offered"),
+        ("#!/bin/sh\n#VMBATCH colour=blue\ntrue\n", "nodes=1:ppn=1", "unknown #VMBATCH key"),
+        ("true\n", "nodes=1:ppn=4096", "asks for 4096 cores"),
+    ],
+)
+def test_job_problems_reach_the_jobs_stderr_and_fail_only_the_job(
+    batch_site: BatchSite, script: str, resources: str, says: str
+) -> None:
+    """Exit 0 from the prologue: 1 would abort the job without delivering its .e file."""
+    mom = Mom(batch_site, script, resources)
+    pro = mom.prologue()
+    assert pro.returncode == 0, pro.stderr.decode()
+    status, out, err = _finish(mom.starter())
+    assert status == 65 and says in err and out == ""
+    assert err.startswith("vmbatch: error: ")
+    assert mom.epilogue(65).returncode == 0
+    (record,) = batch_site.records()
+    assert says in str(record["cause"]) or "JobError" in str(record["cause"])
+
+
+def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite) -> None:
+    site = batch_site.site
+    calls = site.root / "pbsnodes.calls"
+    fake = site.root / "pbsnodes"  # stands in for Torque's client: records its argv
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+    fake.chmod(0o755)
+    site.write(
+        f'\n[tools]\npbsnodes = "{fake}"\n[libvirt]\nuri = '
+        f'"qemu+unix:///system?socket={site.root}/no-libvirt-sock"\ntimeout = 5\n'
+    )
+    mom = Mom(batch_site, "true\n")
+    pro = mom.prologue()
+    assert pro.returncode == 2, pro.stderr.decode()
+    assert b"libvirt" in pro.stderr
+    args = calls.read_text().splitlines()
+    assert args[:2] == ["-o", "-N"] and "libvirt" in args[2]
+    assert mom.epilogue(-2).returncode == 0
+
+
+def test_epilogue_without_prologue_and_odd_job_ids(batch_site: BatchSite) -> None:
+    mom = Mom(batch_site, "true\n")
+    epi = mom.epilogue(0)
+    assert epi.returncode == 0, epi.stderr.decode()
+    (record,) = batch_site.records()
+    assert "prologue did not run" in str(record["cause"])
+    mom.job_id = "1;touch /tmp/x$(id)"
+    pro = mom.prologue()
+    assert pro.returncode == 0 and b"characters vmbatch does not accept" in pro.stderr
+    status, _, err = _finish(mom.starter())
+    assert status == 65 and "does not accept" in err
+
+
+def test_second_prologue_for_a_job_is_refused_while_the_first_runs(
+    batch_site: BatchSite,
+) -> None:
+    mom = Mom(batch_site, "echo once\n")
+    first = subprocess.Popen(
+        [
+            str(BIN / "vmbatch-prologue"),
+            mom.job_id,
+            batch_site.user.name,
+            batch_site.user.name,
+            "j",
+            "nodes=1",
+            "batch",
+            "",
+            str(mom.script),
+        ],
+        env=mom._root_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        state = batch_site.state_dir / f"{mom.job_id}.json"
+        for line in iter(first.stderr.readline, b""):  # type: ignore[union-attr]
+            if b"image demo" in line:  # the first one holds the lock and is booting
+                break
+        assert state.exists()
+        second = mom.prologue()
+        assert b"another vmbatch prologue" in second.stderr
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill() if first.poll() is None else None
+        first.wait()
+    status, out, _ = _finish(mom.starter())
+    assert (status, out) == (0, "once\n")
+    assert mom.epilogue(0).returncode == 0
+
+
+def test_precancel_ends_the_job_in_the_guest(batch_site: BatchSite) -> None:
+    mom = Mom(
+        batch_site, "trap 'echo got-term; exit 3' TERM\necho started\nwhile :; do sleep 1; done\n"
+    )
+    assert mom.prologue().returncode == 0
+    proc = mom.starter()
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    u = batch_site.user
+    pre = subprocess.run(
+        [str(BIN / "vmbatch-epilogue"), "--precancel", mom.job_id, u.name, u.name, "j"],
+        env={"PATH": "/bin:/usr/bin", **batch_site.env},
+        user=u.uid,
+        group=u.gid,
+        extra_groups=[],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=120,
+        check=False,
+    )
+    assert pre.returncode == 0, pre.stderr.decode()
+    status, out, _ = _finish(proc)
+    assert status == 3 and "got-term" in out
+    assert mom.epilogue(3).returncode == 0
+    assert json.loads(batch_site.accounting.read_text())["exit_status"] == 3
