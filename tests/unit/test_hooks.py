@@ -1,0 +1,141 @@
+"""Pure parts of the batch hooks: scheduler formats, state records, the user directory."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vmbatch.errors import HostError, JobError
+from vmbatch.hooks import batch, slurm, torque
+from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"), [("4", 4), ("4(x2)", 4), ("2(x3),1", 2), ("", None), ("x", None)]
+)
+def test_slurm_cpus_per_node(text: str, cpus: int | None) -> None:
+    assert slurm.cpus_on_node(text) == cpus
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("7:0", 7), ("0:15", 143), ("0:0", 0), ("", None), ("7", None)]
+)
+def test_slurm_exit_code2_is_shell_style(code: str, status: int | None) -> None:
+    assert slurm.exit_status({"SLURM_JOB_EXIT_CODE2": code}) == status
+
+
+def test_slurm_bundle_gives_args_env_and_cwd(tmp_path: Path) -> None:
+    config = {
+        "process": {
+            "args": ["/spool/job1/slurm_script", "a b"],
+            "env": ["A=1=2", "B=", "junk"],
+            "cwd": "/home/u",
+        }
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args, env, cwd = slurm.bundle_process(tmp_path)
+    assert args == ("/spool/job1/slurm_script", "a b")
+    assert env == {"A": "1=2", "B": ""} and cwd == "/home/u"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(HostError, match="RunTimeRun"):
+        slurm.bundle_process(tmp_path)
+
+
+def test_slurm_memory_per_node_or_per_cpu() -> None:
+    assert slurm._memory_mib({"memory_per_node": 2048}) == 2048
+    assert slurm._memory_mib({"memory_per_cpu": 500, "cpus": 4}) == 2000
+    assert slurm._memory_mib({}) is None
+
+
+def test_torque_epilogue_args_and_starter_stdin() -> None:
+    argv = [
+        "epilogue",
+        "12.srv",
+        "alice",
+        "g",
+        "n",
+        "4242",
+        "nodes=1",
+        "cput=1",
+        "q",
+        "",
+        "7",
+        "/x.SC",
+    ]
+    assert torque.epilogue_args(argv) == torque.EpilogueArgs("12.srv", "alice", 7)
+    with pytest.raises(JobError, match="expected 11 arguments"):
+        torque.epilogue_args(["epilogue"])
+    path, args = torque.starter_command(io.BytesIO(b"/spool/12.SC a 'b c'\nignored\n"))
+    assert (path, args) == ("/spool/12.SC", ("a", "b c"))
+    with pytest.raises(HostError, match="job_starter"):
+        torque.starter_command(io.BytesIO(b""))
+
+
+@pytest.mark.parametrize("job_id", ["123", "12.server.example", "7[3].srv", "4_1"])
+def test_job_ids_accepted(job_id: str) -> None:
+    assert batch.check_job_id(job_id) == job_id
+
+
+@pytest.mark.parametrize("job_id", ["", "../x", "1;rm", "a b", ".hidden", "x" * 101])
+def test_odd_job_ids_refused(job_id: str) -> None:
+    with pytest.raises(JobError, match="does not accept"):
+        batch.check_job_id(job_id)
+
+
+def test_record_round_trip_and_atomic_store(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    rec = Record("9", "slurm", "alice", uid=5, gid=6, phase=READY, boot_seconds=1.5)
+    store.write(rec)
+    assert store.read("9") == rec
+    assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["9.json"]  # no temp left
+    store.path("bad").write_text("{not json")
+    assert store.read("bad") is None
+    store.remove("9")
+    assert store.read("9") is None
+
+
+def test_exclusive_refuses_a_second_holder(tmp_path: Path) -> None:
+    """flock conflicts between open file descriptions, also within one process."""
+    store = StateStore(tmp_path)
+    with store.exclusive("1"):
+        with pytest.raises(JobError, match="another vmbatch prologue for job 1"):
+            with store.exclusive("1"):
+                pass
+        with store.exclusive("2"):
+            pass
+    with store.exclusive("1"):
+        pass
+
+
+def test_user_dir_is_handed_over_last_and_replaced_whole(tmp_path: Path) -> None:
+    ud = UserDir(tmp_path / "run", "5")
+    uid, gid = os.getuid(), os.getgid()
+    ud.create(uid, gid, {UserDir.KEY: b"secret", UserDir.GUEST: b'{"port": 1}'})
+    assert oct(ud.path.stat().st_mode & 0o777) == "0o700"
+    assert oct((ud.path / UserDir.KEY).stat().st_mode & 0o777) == "0o600"
+    assert ud.guest() == {"port": 1}
+    ud.create(uid, gid, {UserDir.ERROR: b"no"})
+    assert ud.read(UserDir.KEY) is None and ud.read(UserDir.ERROR) == b"no"
+    ud.remove()
+    ud.remove()
+    assert not ud.path.exists()
+
+
+def test_workdir_only_when_the_guest_has_it() -> None:
+    from vmbatch.config import parse
+
+    cfg = parse(
+        {
+            "vm": {"outbound_network": True},
+            "mounts": {"d": {"source": "nfs://h/e", "path": "/data"}},
+        }
+    )
+    assert batch.guest_workdir(cfg, "/data/u/run") == "/data/u/run"
+    assert batch.guest_workdir(cfg, "/data") == "/data"
+    assert batch.guest_workdir(cfg, "/datax/u") is None
+    assert batch.guest_workdir(cfg, "/tmp/submit") is None
