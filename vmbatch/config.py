@@ -84,6 +84,7 @@ class ToolsConfig:
     #: Scheduler clients the hooks call (Slurm: job details, draining the node; Torque:
     #: taking the node offline). Hooks run without PATH, so absolute paths.
     scontrol: Path = Path("/usr/bin/scontrol")
+    squeue: Path = Path("/usr/bin/squeue")
     pbsnodes: Path = Path("/usr/bin/pbsnodes")
 
 

@@ -1,24 +1,28 @@
 """A real single-node Slurm 22.05 cluster for system tests: munged, slurmctld and slurmd.
 
-Every daemon runs in the foreground, started and stopped by PID, with all state, sockets and logs
-in a fresh directory (mode 0755 so munge, slurm and the job users can traverse it). Clients find
-the cluster through ``SLURM_CONF`` (see :meth:`SlurmCluster.env`). Facts relied on, from
-slurm.conf(5) of 22.05 unless noted:
+Every daemon runs in the foreground (``-D``/``-F``, so the PID we hold is the daemon), is started
+and stopped by PID, and keeps its state, socket, logs and PID file in a fresh directory under
+``/var/lib/vmbatch/test-slurm`` (mode 0755: munge, slurm and the job users must traverse it).
+Clients find the cluster through ``SLURM_CONF`` (:meth:`SlurmCluster.env`).
 
-- ``AuthInfo=socket=PATH`` points auth/munge and cred/munge at our own munged. munged (munged(8))
-  refuses a socket directory writable by others and a key readable by others: 0711 and 0400.
-- ``SlurmctldHost=host(addr)`` names the controller and the address to reach it; ``NodeAddr``
-  the slurmd's. Both listen on the configured ``SlurmctldPort``/``SlurmdPort``.
-- ``SelectType=select/cons_tres`` + ``CR_Core_Memory`` schedule cores and memory; without
-  ``DefMemPerCPU`` a job that asks for no memory is given the whole node.
+Facts relied on, from slurm.conf(5) of 22.05 unless noted:
+
+- ``AuthInfo=socket=PATH`` points auth/munge and cred/munge at our own munged. munged 0.5.15
+  exits if its socket/seed directory is group- or world-writable without the sticky bit, or if
+  the key is readable by group or others (seen): directory 0711 owned by munge, key 0400.
+- ``SlurmctldHost=host(addr)``: the controller's name and the address to reach it; ``NodeAddr``
+  likewise for the slurmd. Both listen on ``SlurmctldPort``/``SlurmdPort`` (free loopback ports).
+- ``SelectType=select/cons_tres`` + ``CR_Core_Memory`` allocate cores and memory; without
+  ``DefMemPerCPU``, ``DefMemPerNode`` defaults to 0 (unlimited): one job would take the node.
 - ``ReturnToService=2``: a DOWN node returns to service when its slurmd registers.
-- ``JobCompType=jobcomp/filetxt`` writes one line per finished job (with ``ExitCode=``) to
+- ``JobCompType=jobcomp/filetxt`` appends one line per finished job (with ``ExitCode=``) to
   ``JobCompLoc``: exit codes without slurmdbd.
-- ``Prolog``/``Epilog`` run as root on the node; a failed Prolog drains the node and requeues the
-  job held. ``PrologFlags=Alloc`` runs the Prolog at allocation rather than at first step.
+- ``Prolog``/``Epilog`` run as root on the node; a failing Prolog drains the node and requeues
+  the job held. ``PrologFlags=Alloc`` runs the Prolog at allocation instead of at first step.
 - oci.conf(5) and job_submit.lua are read from the directory of slurm.conf;
   ``JobSubmitPlugins=lua`` enables the latter.
-- A completed job stays visible to ``scontrol show job`` for ``MinJobAge`` (300 s) seconds.
+- ``extra_conf`` lines come after the defaults; a repeated key overrides (seen in 22.05).
+- A finished job stays visible to ``scontrol show job`` for ``MinJobAge`` (default 300 s).
 """
 
 from __future__ import annotations
@@ -54,12 +58,10 @@ def free_port() -> int:
 
 def parse_fields(line: str) -> dict[str, str]:
     """Parse one ``scontrol show -o`` record into its fields."""
-    matches = list(_FIELD.finditer(line.strip()))
-    fields: dict[str, str] = {}
-    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
-        end = nxt.start() if nxt else len(line.strip())
-        fields[m.group(1)] = line.strip()[m.end() : end].strip()
-    return fields
+    line = line.strip()
+    found = list(_FIELD.finditer(line))
+    ends = [m.start() for m in found[1:]] + [len(line)]
+    return {m.group(1): line[m.end() : e].strip() for m, e in zip(found, ends, strict=True)}
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -67,6 +69,34 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"({path} unreadable)"
+
+
+def _pids(match: Callable[[Path], bool]) -> set[int]:
+    """Live PIDs whose /proc entry satisfies MATCH. Zombies are skipped: orphans wait for
+    PID 1 to reap them, which on the test machines takes up to 2 s (PLATFORM.md)."""
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                zombie = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                if not zombie and match(entry):
+                    found.add(int(entry.name))
+    return found
+
+
+def _kill_all(find: Callable[[], set[int]], timeout: float = 10) -> set[int]:
+    """SIGKILL whatever FIND returns until it returns nothing; return the PIDs killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while pids := find():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes survive SIGKILL: {sorted(pids)}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= pids
+        time.sleep(0.1)  # polling with a deadline
+    return killed
 
 
 @dataclass(frozen=True)
@@ -132,6 +162,7 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "MpiDefault=none",
             "ReturnToService=2",
+            "MailProg=/bin/true",
         ]
         lines += [f"Prolog={prolog}"] if prolog else []
         lines += [f"Epilog={epilog}"] if epilog else []
@@ -187,7 +218,7 @@ class SlurmCluster:
             self.procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                 user=user, group=user, extra_groups=[] if user else None,
-                start_new_session=True,
+                start_new_session=True, cwd="/",
             )  # fmt: skip
         self.logs[name] = log
 
@@ -214,25 +245,24 @@ class SlurmCluster:
 
     def _ours(self) -> set[int]:
         """PIDs whose environment carries our marker (daemons, slurmstepd, OCI runtime)."""
-        found: set[int] = set()
         needle = f"{MARKER}={self.dir}".encode()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if needle in (entry / "environ").read_bytes().split(b"\0"):
-                        found.add(int(entry.name))
-        return found
+        return _pids(lambda e: needle in (e / "environ").read_bytes().split(b"\0"))
+
+    def cancel_jobs(self, *filters: str, timeout: float = 60) -> None:
+        """scancel the jobs FILTERS select (e.g. ``--user=NAME``) and wait until squeue no
+        longer lists them, i.e. their Epilog has run."""
+        self._run("scancel", *filters, timeout=10)
+        deadline = time.monotonic() + timeout
+        while ids := self._run("squeue", "-h", "-o", "%i", *filters, timeout=10).stdout.split():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs {ids} still listed {timeout} s after scancel")
+            time.sleep(0.2)  # polling with a deadline
 
     def stop(self) -> None:
         """Cancel all jobs, stop the daemons by PID (SIGTERM, then SIGKILL); verify all gone."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                self._run("scancel", "--partition=test", timeout=10)
-                deadline = time.monotonic() + 60
-                while self._run("squeue", "-h", "-o", "%i", timeout=10).stdout.strip():
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.2)  # polling with a deadline
+                self.cancel_jobs("--partition=test")
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -243,17 +273,10 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=20)
-        stray = self._ours()
-        for pid in stray:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while self._ours() and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling with a deadline
-        if left := self._ours():
-            raise RuntimeError(f"slurm processes survived SIGKILL: {sorted(left)}")
-        if stray:
-            raise RuntimeError(f"killed stray slurm processes {sorted(stray)}")
+        # Anything left escaped Slurm's process tracking (e.g. a child of a job step that
+        # outlived the step under proctrack/linuxproc): kill it, then report it.
+        if stray := _kill_all(self._ours):
+            raise RuntimeError(f"killed processes left behind by the cluster: {sorted(stray)}")
 
     def __enter__(self) -> SlurmCluster:
         try:
@@ -319,8 +342,16 @@ class SlurmCluster:
     def node(self) -> dict[str, str]:
         return parse_fields(self.scontrol("show", "node", "-o", self.host))
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = 30) -> dict[str, str]:
+        """Return a drained node to service; wait until it shows neither DRAIN nor
+        NOT_RESPONDING (seen for ~1 s after a resume)."""
         self.scontrol("update", f"nodename={self.host}", "state=resume")
+        deadline = time.monotonic() + timeout
+        while {"DRAIN", "NOT_RESPONDING"} & set((node := self.node())["State"].split("+")):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node not back in service after {timeout} s: {node}")
+            time.sleep(0.2)  # polling with a deadline
+        return node
 
     def jobcomp(self) -> list[str]:
         return self.jobcomp_file.read_text().splitlines() if self.jobcomp_file.exists() else []
@@ -332,10 +363,29 @@ class SlurmCluster:
     def test_user(self, name: str, uid: int) -> Iterator[HostUser]:
         """An unprivileged host user (own group, home under the cluster dir), removed after."""
         home = self.dir / "home" / name
-        subprocess.run(["useradd", "-u", str(uid), "-U", "-m", "-d", str(home), "-s", "/bin/sh",
-                        name], check=True, capture_output=True, timeout=30)  # fmt: skip
+        r = subprocess.run(["useradd", "-u", str(uid), "-U", "-m", "-d", str(home), "-s",
+                            "/bin/sh", name], capture_output=True, text=True, timeout=30,
+                           check=False)  # fmt: skip
+        if r.returncode:
+            raise RuntimeError(f"useradd {name} failed ({r.returncode}): {r.stderr.strip()}")
         try:
             home.chmod(0o755)
             yield HostUser(name, uid, home.stat().st_gid, home)
-        finally:
-            subprocess.run(["userdel", "-r", name], check=False, capture_output=True, timeout=30)
+        except BaseException:
+            self._remove_user(name, uid)
+            raise
+        if leftovers := self._remove_user(name, uid):
+            raise RuntimeError(f"processes of {name} outlived their jobs: {sorted(leftovers)}")
+
+    def _remove_user(self, name: str, uid: int) -> set[int]:
+        """Cancel the user's jobs, kill what is left of theirs (the uid is new: every process
+        it owns was started by this test), delete the user; return the PIDs killed."""
+        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.cancel_jobs(f"--user={name}")
+        leftovers = _kill_all(lambda: _pids(lambda e: e.stat().st_uid == uid))
+        r = subprocess.run(["userdel", "-r", name], capture_output=True, text=True, timeout=30,
+                           check=False)  # fmt: skip
+        if r.returncode:
+            raise RuntimeError(f"userdel {name} failed ({r.returncode}): {r.stderr.strip()}")
+        return leftovers

@@ -45,10 +45,14 @@ def test_slurm_bundle_gives_args_env_and_cwd(tmp_path: Path) -> None:
         slurm.bundle_process(tmp_path)
 
 
-def test_slurm_memory_per_node_or_per_cpu() -> None:
-    assert slurm._memory_mib({"memory_per_node": 2048}) == 2048
-    assert slurm._memory_mib({"memory_per_cpu": 500, "cpus": 4}) == 2000
-    assert slurm._memory_mib({}) is None
+def test_slurm_allocated_memory_and_time_limit() -> None:
+    assert slurm.tres_memory_mib("cpu=2,mem=1000M,node=1,billing=2") == 1000
+    assert slurm.tres_memory_mib("cpu=1,mem=2G,node=1") == 2048
+    assert slurm.tres_memory_mib("cpu=1,node=1") is None
+    assert slurm.slurm_time("5:00") == 300
+    assert slurm.slurm_time("1:02:03") == 3723
+    assert slurm.slurm_time("2-00:00:01") == 172801
+    assert slurm.slurm_time("UNLIMITED") == 0
 
 
 def test_torque_epilogue_args_and_starter_stdin() -> None:

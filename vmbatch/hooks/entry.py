@@ -139,6 +139,9 @@ def prologue() -> None:
 
 def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """The job starter for either scheduler; returns the job's exit status."""
+    if len(argv) >= 3 and argv[1] == "slurm-query":  # oci.conf RunTimeQuery (root)
+        print(slurm.oci_state(argv[2], argv[3] if len(argv) > 3 else ""))
+        return 0
     is_slurm = len(argv) >= 3 and argv[1] == "slurm"
     job_id = argv[2] if is_slurm else env.get("PBS_JOBID", "")
     _logging("vmbatch-starter", job_id)
@@ -163,7 +166,7 @@ def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
         bundle = Path(argv[3])
     args, env, cwd = slurm.bundle_process(bundle)
     first = Path(args[0])
-    if first.name == "slurm_script" and first.is_file():
+    if first.is_file():
         script, rest = first.read_bytes(), args[1:]
     else:  # a job step run directly (srun COMMAND)
         script, rest = command_script(args), ()

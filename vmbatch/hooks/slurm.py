@@ -7,14 +7,20 @@ Facts relied on (slurm.conf(5) "Prolog and Epilog Scripts", oci.conf(5), measure
   holds ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID``, ``SLURM_JOB_GID``,
   ``SLURM_JOB_PARTITION``, ``SLURM_JOB_CPUS_PER_NODE``, ``SLURMD_NODENAME``; the Epilog adds
   ``SLURM_JOB_EXIT_CODE2`` (``exit:signal``). Memory, time limit and name are not there:
-  ``scontrol show job`` has them.
+  ``squeue`` has them (see :func:`job_details`); ``scontrol write batch_script ID -``
+  prints the job script (measured in a 22.05 Prolog).
 - A non-zero Prolog drains the node and requeues the job held; a non-zero Epilog drains it.
   So only node problems may end the Prolog non-zero; job problems are reported by the job
   starter in the job's own output.
 - ``oci.conf`` ``RunTimeRun`` runs as the job's user through ``/bin/sh -c``, with slurmd's
   environment and a copy of the bundle as its cwd; the job's argv, environment and working
   directory are in that copy's ``config.json`` (``process.args``, ``process.env``,
-  ``process.cwd``), written from the user's request and so treated as untrusted input.
+  ``process.cwd``; the batch script is bind-mounted, ``mounts``), written from the user's
+  request and so treated as untrusted input. ``exec`` in RunTimeRun makes the starter the
+  step's process, so a cancelled job's status is the starter's (143 after SIGTERM).
+- All four of RunTimeRun/Query/Kill/Delete must be set; RunTimeQuery must print the OCI
+  state JSON (``{"ociVersion", "id", "status", "pid", "bundle"}``) or the step fails with
+  status 123 ("RunTimeQuery failed rc:0 output:").
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from vmbatch.config import Config
 from vmbatch.errors import HostError, JobError
@@ -71,37 +76,46 @@ def scontrol(cfg: Config, *args: str, env: Mapping[str, str]) -> str:
 
 
 def job_details(cfg: Config, jid: str, env: Mapping[str, str]) -> tuple[Resources, str]:
-    """Memory (MiB), time limit (s) and name of the job, from ``scontrol show job --json``.
+    """Allocated memory (MiB), time limit (s) and name of the job, from ``squeue -O``.
 
-    JSON, not ``-o``: the ``key=value`` line holds user-chosen text (job name, comment,
-    paths) that could imitate other keys.
+    ``scontrol show job -o`` holds user-chosen text (job name, comment, paths) that could
+    imitate its other ``key=value`` fields, and 22.05's scontrol has no JSON output; so
+    squeue prints exactly three '|'-separated fields with the name, the only free text,
+    last. ``tres-alloc`` (``cpu=2,mem=1000M,node=1,billing=2``) is what slurmctld allocated,
+    whether the job asked ``--mem`` or ``--mem-per-cpu``.
     """
-    out = scontrol(cfg, "--json", "show", "job", jid, env=env)
-    try:
-        jobs = json.loads(out).get("jobs") or []
-        job: dict[str, Any] = next(j for j in jobs if str(j.get("job_id")) == jid)
-    except (ValueError, AttributeError, StopIteration) as exc:
+    client = {k: env[k] for k in ("SLURM_CONF",) if env.get(k)}
+    out = run_command(
+        [str(cfg.tools.squeue), "-h", "-j", jid, "-O", "tres-alloc:|,TimeLimit:|,Name:"],
+        timeout=cfg.tools.command_timeout,
+        env=client,
+    ).stdout
+    parts = out.rstrip("\n").split("|", 2)
+    if len(parts) != 3:
         raise HostError(
-            f"scontrol show job {jid} gave no record of the job",
+            f"squeue gave no record of job {jid} ({out.strip()[:80]!r})",
             hint="is slurmctld reachable from the node? (SLURM_CONF)",
-        ) from exc
-    memory = _memory_mib(job)
-    limit = job.get("time_limit")
-    walltime = int(limit) * 60 if isinstance(limit, int) and 0 < limit < 2**31 else 0
-    name = job.get("name") if isinstance(job.get("name"), str) else ""
-    return Resources(None, memory, walltime), str(name)
+        )
+    tres, limit, name = parts
+    return Resources(None, tres_memory_mib(tres), slurm_time(limit)), name.strip()
 
 
-def _memory_mib(job: Mapping[str, Any]) -> int | None:
-    """Memory for this node in MiB: ``memory_per_node``, else per CPU times the CPUs."""
-    per_node = job.get("memory_per_node")
-    if isinstance(per_node, int) and per_node > 0:
-        return per_node
-    per_cpu = job.get("memory_per_cpu")
-    cpus = job.get("cpus")
-    if isinstance(per_cpu, int) and per_cpu > 0 and isinstance(cpus, int) and cpus > 0:
-        return per_cpu * cpus
-    return None
+def tres_memory_mib(tres: str) -> int | None:
+    """``mem=`` of a TRES list (``cpu=2,mem=1000M,node=1``) in MiB."""
+    m = re.search(r"(?:^|,)mem=([0-9.]+)([KMGTP]?)", tres.strip())
+    if m is None:
+        return None
+    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}[m[2]]
+    return max(1, int(float(m[1]) * scale))
+
+
+def slurm_time(text: str) -> int:
+    """Seconds of a Slurm time (``M:SS``, ``H:MM:SS``, ``D-HH:MM:SS``); 0 if unlimited."""
+    m = re.fullmatch(r"(?:([0-9]+)-)?(?:([0-9]+):)?([0-9]+):([0-9]+)", text.strip())
+    if m is None:
+        return 0  # UNLIMITED, NOT_SET, INVALID
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 def batch_script(cfg: Config, jid: str, env: Mapping[str, str]) -> bytes | None:
@@ -137,6 +151,11 @@ def bundle_process(bundle: Path) -> tuple[tuple[str, ...], dict[str, str], str |
         data = json.loads((bundle / "config.json").read_bytes())
         process = data["process"]
         args = tuple(str(a) for a in process["args"])
+        # slurmstepd bind-mounts the batch script into the container (a ``mounts`` entry,
+        # destination /tmp/slurm/startup) and names the destination in ``args``: map it back.
+        for mount in data.get("mounts") or []:
+            if args and isinstance(mount, dict) and mount.get("destination") == args[0]:
+                args = (str(mount.get("source", args[0])), *args[1:])
         env: dict[str, str] = {}
         for item in process.get("env") or []:
             key, sep, value = str(item).partition("=")
@@ -151,3 +170,17 @@ def bundle_process(bundle: Path) -> tuple[tuple[str, ...], dict[str, str], str |
     if not args:
         raise HostError(f"{bundle}/config.json names no program for the job")
     return args, env, cwd if isinstance(cwd, str) and cwd.startswith("/") else None
+
+
+def oci_state(job_id: str, bundle: str) -> str:
+    """RunTimeQuery's answer (OCI runtime spec, "State"): vmbatch keeps no container
+    process of its own, the job starter is the step's process, so always ``stopped``."""
+    return json.dumps(
+        {
+            "ociVersion": "1.0.2",
+            "id": f"vmbatch-{job_id}",
+            "status": "stopped",
+            "pid": 0,
+            "bundle": bundle,
+        }
+    )

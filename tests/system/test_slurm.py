@@ -1,0 +1,189 @@
+"""vmbatch under a real single-node Slurm 22.05 (munged, slurmctld, slurmd started by PID).
+
+The cluster is configured as docs/admin-slurm.md says: Prolog/Epilog are vmbatch's hooks,
+``PrologFlags=Alloc``, ``job_submit.lua`` gives every job vmbatch's OCI bundle and
+``oci.conf`` runs ``vmbatch-starter``. Jobs are submitted as an unprivileged host user with
+plain scripts (no vmbatch flags) and run in the tiny guest. The only difference from a
+production install: the hooks find this test's configuration through ``VMBATCH_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.system.conftest import ROOT, BatchSite, HostUser
+from tests.system.slurmcluster import SlurmCluster
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
+
+BIN = ROOT / ".venv" / "bin"
+MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+@dataclass
+class SlurmSite:
+    bs: BatchSite
+    cluster: SlurmCluster
+
+    @property
+    def user(self) -> HostUser:
+        return self.bs.user
+
+    def submit(self, script: str) -> str:
+        return self.cluster.sbatch(script, self.user.name, self.user.home)
+
+    def output(self, job_id: str) -> str:
+        return (self.user.home / f"slurm-{job_id}.out").read_text(errors="replace")
+
+    def settled(self, job_id: str, timeout: float = 120) -> dict[str, str]:
+        """Wait until the job ended and its Epilog ran (the node is no longer COMPLETING)."""
+        job = self.cluster.wait_job(job_id, FINISHED, timeout)
+        deadline = time.monotonic() + timeout
+        while "COMPLETING" in self.cluster.node()["State"] or self.bs.leftovers():
+            assert time.monotonic() < deadline, (self.cluster.node(), self.bs.leftovers())
+            time.sleep(0.2)  # polling with a deadline
+        return job
+
+
+def _shim(path: Path, config: Path, program: str) -> Path:
+    """What scripts/prologue is in production, plus VMBATCH_CONFIG for this test."""
+    path.write_text(f'#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / program} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def slurm(batch_site: BatchSite) -> Iterator[SlurmSite]:
+    root = batch_site.site.root
+    config = batch_site.site.config
+    bundle = root / "slurm-bundle"
+    shutil.copytree(ROOT / "conf" / "slurm" / "bundle", bundle)
+    for p in (bundle, bundle / "rootfs", bundle / "config.json"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    lua = (ROOT / "conf" / "slurm" / "job_submit.lua").read_text()
+    lua = lua.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
+    oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
+    oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={config} {BIN}/")
+    oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
+    cluster = SlurmCluster(
+        prolog=_shim(root / "prolog", config, "vmbatch-prologue"),
+        epilog=_shim(root / "epilog", config, "vmbatch-epilogue"),
+        extra_conf=["PrologFlags=Alloc", "PrologEpilogTimeout=600"],
+        oci_conf=oci,
+        job_submit_lua=lua,
+    )
+    with cluster:  # started on entry
+        yield SlurmSite(batch_site, cluster)
+        node = cluster.node()
+        assert "DRAIN" not in node["State"], f"node drained: {node.get('Reason')}"
+
+
+def test_plain_job_runs_in_a_vm_with_its_exit_code(slurm: SlurmSite) -> None:
+    job_id = slurm.submit("#!/bin/sh\ncat /proc/cmdline\nid -u\necho to-stderr >&2\nexit 7\n")
+    job = slurm.settled(job_id)
+    out = slurm.output(job_id)
+    assert MARKER in out and MARKER not in Path("/proc/cmdline").read_text()
+    assert f"\n{slurm.user.uid}\n" in out and "to-stderr" in out
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "7:0")
+    assert any(f"JobId={job_id} " in ln and "ExitCode=7:0" in ln for ln in slurm.cluster.jobcomp())
+    (record,) = slurm.bs.records()
+    assert (record["job_id"], record["exit_status"], record["image"]) == (job_id, 7, "demo")
+
+
+def test_unknown_image_fails_the_job_with_a_message_and_keeps_the_node(
+    slurm: SlurmSite,
+) -> None:
+    job_id = slurm.submit("#!/bin/sh\n#VMBATCH image=nosuch\necho should-not-run\n")
+    job = slurm.settled(job_id)
+    out = slurm.output(job_id)
+    assert "vmbatch: error: image 'nosuch' is not offered on this site" in out
+    assert "should-not-run" not in out
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "65:0")
+    assert "DRAIN" not in slurm.cluster.node()["State"]
+
+
+def test_scancel_during_boot_and_during_run_leaves_nothing(
+    slurm: SlurmSite, libvirt_conn: Connection
+) -> None:
+    booting = slurm.submit("#!/bin/sh\necho ran\n")
+    slurm.cluster.wait_job(booting, {"RUNNING"}, 60)  # Reason=Prolog: the VM is booting
+    slurm.cluster.scontrol("show", "job", booting)
+    _scancel(slurm, booting)
+    job = slurm.settled(booting)
+    assert job["JobState"] == "CANCELLED"
+    assert (
+        "ran" not in (slurm.user.home / f"slurm-{booting}.out").read_text(errors="replace")
+        if (slurm.user.home / f"slurm-{booting}.out").exists()
+        else True
+    )
+
+    running = slurm.submit(
+        "#!/bin/sh\ntrap 'echo got-term; exit 9' TERM\necho started\nwhile :; do sleep 1; done\n"
+    )
+    _wait_output(slurm, running, "started\n")
+    assert libvirt_conn.is_running(domain_name(running))
+    _scancel(slurm, running)
+    job = slurm.settled(running)
+    assert job["JobState"] == "CANCELLED"
+    assert "got-term" in slurm.output(running)  # SIGTERM reached the job in its VM
+    assert not libvirt_conn.is_running(domain_name(running))
+
+
+def test_two_jobs_run_at_once_in_two_vms(slurm: SlurmSite, libvirt_conn: Connection) -> None:
+    script = "#!/bin/sh\nhostname\necho started\nwhile :; do sleep 1; done\n"
+    jobs = [slurm.submit(script), slurm.submit(script)]
+    for job_id in jobs:
+        _wait_output(slurm, job_id, "started\n")
+    assert all(libvirt_conn.is_running(domain_name(j)) for j in jobs)  # at the same time
+    hostnames = {slurm.output(j).splitlines()[0] for j in jobs}
+    assert hostnames == {domain_name(j)[:63] for j in jobs}
+    for job_id in jobs:
+        _scancel(slurm, job_id)
+    for job_id in jobs:
+        slurm.settled(job_id)
+
+
+def test_libvirt_down_drains_the_node_naming_libvirt_and_requeues_the_job(
+    slurm: SlurmSite,
+) -> None:
+    """libvirtd unreachable (its socket gone: no daemon answers), then back."""
+    site = slurm.bs.site
+    dropin = site.root / "vmbatch.d"
+    dropin.mkdir(exist_ok=True)
+    down = dropin / "90-libvirt-down.toml"
+    down.write_text(
+        f'[libvirt]\nuri = "qemu+unix:///system?socket={site.root}/no-libvirtd"\ntimeout = 5\n'
+    )
+    job_id = slurm.submit("#!/bin/sh\necho second-try-ran\n")
+    deadline = time.monotonic() + 120
+    while "DRAIN" not in (node := slurm.cluster.node())["State"]:
+        assert time.monotonic() < deadline, node
+        time.sleep(0.2)  # polling with a deadline
+    assert "vmbatch: libvirt could not connect" in node["Reason"], node
+    job = slurm.cluster.wait_job(job_id, {"PENDING"}, 60)
+    assert job["Reason"] == "launch_failed_requeued_held" and job["Restarts"] == "1"
+    # The admin fixes libvirtd and returns the node; the held job is released and runs.
+    down.unlink()
+    slurm.cluster.resume()
+    slurm.cluster.scontrol("release", job_id)
+    job = slurm.settled(job_id, timeout=180)
+    assert job["JobState"] == "COMPLETED" and "second-try-ran" in slurm.output(job_id)
+
+
+def _scancel(slurm: SlurmSite, job_id: str) -> None:
+    slurm.cluster._run("scancel", job_id)
+
+
+def _wait_output(slurm: SlurmSite, job_id: str, text: str, timeout: float = 120) -> None:
+    path = slurm.user.home / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, (slurm.cluster.job(job_id), slurm.cluster.node())
+        time.sleep(0.2)  # polling with a deadline
