@@ -173,6 +173,8 @@ def test_libvirt_down_drains_the_node_naming_libvirt_and_requeues_the_job(
     down.unlink()
     slurm.cluster.resume()
     slurm.cluster.scontrol("release", job_id)
+    # A requeued job is eligible again only 120 s later (cred_expire); the admin may say now.
+    slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")
     job = slurm.settled(job_id, timeout=180)
     assert job["JobState"] == "COMPLETED" and "second-try-ran" in slurm.output(job_id)
 

@@ -64,6 +64,9 @@ class BatchJob:
     name: str = ""
     #: The job script, for ``#VMBATCH`` directives (None: not available).
     script: bytes | None = None
+    #: The job's working directory on the node, if the scheduler tells the prologue (Slurm's
+    #: ``SLURM_JOB_WORK_DIR``; the OCI bundle lacks it) - handed to the starter.
+    workdir: str | None = None
 
 
 def check_job_id(job_id: str) -> str:
@@ -190,6 +193,7 @@ def _prologue_locked(
             "port": guest.endpoint.port,
             "user": identity.name,
             "host_key": guest.endpoint.host_key.public_openssh,
+            "workdir": bj.workdir,
         }
         userdir.create(
             identity.uid,
@@ -287,12 +291,13 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         connect_timeout=cfg.ssh.connect_timeout,
         keepalive_interval=cfg.ssh.keepalive_interval,
     )
+    workdir = job.workdir or (info.get("workdir") if isinstance(info.get("workdir"), str) else None)
     gjob = GuestJob(
         job_id=job.job_id,
         script=job.script,
         args=job.args,
         environment=job_environment(job.environment, ENV_DENY | frozenset(cfg.job.env_deny)),
-        workdir=guest_workdir(cfg, job.workdir),
+        workdir=guest_workdir(cfg, workdir),
         kill_grace=cfg.job.kill_grace,
     )
     session = Session(

@@ -116,6 +116,7 @@ def _slurm_job(cfg: config.Config, env: Mapping[str, str]) -> batch.BatchJob:
         resources=Resources(cpus, resources.memory_mib, resources.walltime),
         name=name,
         script=slurm.batch_script(cfg, jid, env),
+        workdir=env.get("SLURM_JOB_WORK_DIR") or None,
     )
 
 

@@ -15,7 +15,8 @@ Facts relied on (slurm.conf(5) "Prolog and Epilog Scripts", oci.conf(5), measure
 - ``oci.conf`` ``RunTimeRun`` runs as the job's user through ``/bin/sh -c``, with slurmd's
   environment and a copy of the bundle as its cwd; the job's argv, environment and working
   directory are in that copy's ``config.json`` (``process.args``, ``process.env``,
-  ``process.cwd``; the batch script is bind-mounted, ``mounts``), written from the user's
+  the batch script is bind-mounted, ``mounts``; 22.05 writes no ``process.cwd``, so the
+  Prolog's ``SLURM_JOB_WORK_DIR`` goes to the starter), written from the user's
   request and so treated as untrusted input. ``exec`` in RunTimeRun makes the starter the
   step's process, so a cancelled job's status is the starter's (143 after SIGTERM).
 - All four of RunTimeRun/Query/Kill/Delete must be set; RunTimeQuery must print the OCI
