@@ -208,6 +208,34 @@ def ps(ctx: click.Context) -> None:
             click.echo(f"{d.name:40} {m.job_id:24} {m.user:12} {m.image:16} {m.scheduler}")
 
 
+@cli.command("cleanup")
+@click.argument("job_ids", nargs=-1)
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Also every job whose prologue ran before this node's last reboot.",
+)
+@click.pass_context
+def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
+    """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
+    its disks, keys, user directory and state record (as the epilogue does, without an
+    accounting line). Safe for jobs that are already gone."""
+    from vmbatch.hooks import batch
+    from vmbatch.hooks.jobstate import StateStore
+    from vmbatch.state import boot_id
+
+    cfg = _load(ctx)
+    todo = list(job_ids)
+    if stale:
+        now = boot_id()
+        todo += [r.job_id for r in StateStore(cfg.batch.state_dir).records() if r.boot_id != now]
+    if not todo:
+        raise click.UsageError("name job ids, or --stale")
+    for job_id in dict.fromkeys(todo):
+        batch.finish(cfg, batch.check_job_id(job_id))
+        click.echo(f"job {job_id}: cleaned up")
+
+
 @cli.group("image")
 def image_group() -> None:
     """Manage the node's image cache (remote and file:// catalog images)."""

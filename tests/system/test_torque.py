@@ -300,3 +300,15 @@ def test_precancel_ends_the_job_in_the_guest(batch_site: BatchSite) -> None:
     assert status == 3 and "got-term" in out
     assert mom.epilogue(3).returncode == 0
     assert json.loads(batch_site.accounting.read_text())["exit_status"] == 3
+
+
+def test_cleanup_finishes_a_job_whose_epilogue_never_ran(
+    batch_site: BatchSite, libvirt_conn: Connection
+) -> None:
+    mom = Mom(batch_site, "true\n")
+    assert mom.prologue().returncode == 0
+    assert libvirt_conn.is_running(domain_name(mom.job_id))
+    done = batch_site.site.vmbatch("cleanup", mom.job_id)
+    assert done.returncode == 0, done.stderr.decode()
+    assert not libvirt_conn.is_running(domain_name(mom.job_id))
+    assert not batch_site.leftovers()
