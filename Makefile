@@ -62,6 +62,7 @@ bench: venv daemons guest-tiny guest-debian
 	$(VENV)/bin/python bench/images.py
 	$(VENV)/bin/python bench/context.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/session.py --guest $(GUESTS)/debian
+	$(VENV)/bin/python bench/slurm.py --guest $(GUESTS)/tiny
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
