@@ -40,6 +40,29 @@ def safe_job_id(job_id: str) -> str:
     return cleaned[:100] or "job"
 
 
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically with ``mode`` (whatever the umask): a temp file
+    beside it, fsync, rename over ``path``, fsync of the directory. A crash leaves the old
+    file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class JobDir:
     """One job's directory under ``[paths].job_dir``."""
 
@@ -99,18 +122,7 @@ class JobDir:
         """Atomically write ``data`` to ``path`` inside this directory with ``mode``."""
         if self.path not in path.parents:
             raise ValueError(f"{path} is outside {self.path}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.chmod(mode)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, data, mode)
         return path
 
     def remove(self) -> None:
