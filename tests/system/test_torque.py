@@ -59,29 +59,17 @@ class Mom:
     def _root_env(self) -> dict[str, str]:
         return {"PATH": "/bin:/usr/bin", "PBS_O_WORKDIR": str(self.bs.user.home), **self.bs.env}
 
-    def prologue(self) -> subprocess.CompletedProcess[bytes]:
+    def prologue_argv(self) -> list[str]:
         u = self.bs.user
-        argv = [
-            str(BIN / "vmbatch-prologue"),
-            self.job_id,
-            u.name,
-            u.name,
-            "job.sh",
-            self.resources,
-            "batch",
-            "",
-            str(self.script),
-        ]
+        return [str(BIN / "vmbatch-prologue"), self.job_id, u.name, u.name, "job.sh",
+                self.resources, "batch", "", str(self.script)]  # fmt: skip
+
+    def prologue(self) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            argv,
-            env=self._root_env(),
-            cwd=self.mom_priv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=400,
-            umask=0o077,
+            self.prologue_argv(), env=self._root_env(), cwd=self.mom_priv,
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=400, umask=0o077,
             check=False,
-        )
+        )  # fmt: skip
 
     def starter(
         self, args: str = "", privileged: bool = False, **kw: object
@@ -241,22 +229,9 @@ def test_second_prologue_for_a_job_is_refused_while_the_first_runs(
 ) -> None:
     mom = Mom(batch_site, "echo once\n")
     first = subprocess.Popen(
-        [
-            str(BIN / "vmbatch-prologue"),
-            mom.job_id,
-            batch_site.user.name,
-            batch_site.user.name,
-            "j",
-            "nodes=1",
-            "batch",
-            "",
-            str(mom.script),
-        ],
-        env=mom._root_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+        mom.prologue_argv(), env=mom._root_env(), cwd=mom.mom_priv, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=0o077,
+    )  # fmt: skip
     try:
         state = batch_site.state_dir / f"{mom.job_id}.json"
         for line in iter(first.stderr.readline, b""):  # type: ignore[union-attr]
