@@ -143,3 +143,34 @@ def test_workdir_only_when_the_guest_has_it() -> None:
     assert batch.guest_workdir(cfg, "/data") == "/data"
     assert batch.guest_workdir(cfg, "/datax/u") is None
     assert batch.guest_workdir(cfg, "/tmp/submit") is None
+
+
+def test_unknown_user_fails_the_job_and_the_epilogue_finishes_without_libvirt(
+    tmp_path: Path,
+) -> None:
+    from vmbatch.config import parse
+    from vmbatch.hooks.request import Resources
+
+    cfg = parse(
+        {
+            "paths": {"job_dir": str(tmp_path / "jobs")},
+            "libvirt": {"uri": "test:///nowhere"},
+            "batch": {
+                "default_image": "demo",
+                "state_dir": str(tmp_path / "state"),
+                "user_dir": str(tmp_path / "run"),
+                "accounting_log": str(tmp_path / "acct.jsonl"),
+            },
+            "images": {"demo": {"source": "/nonexistent/demo.qcow2"}},
+        }
+    )
+    bj = batch.BatchJob("slurm", "77", "no-such-user-here", Resources())
+    error = batch.prologue(cfg, bj)
+    assert isinstance(error, JobError) and "does not exist on this node" in str(error)
+    record = StateStore(cfg.batch.state_dir).read("77")
+    assert record is not None and record.phase == "failed" and record.uid == -1
+    assert not (tmp_path / "run" / "77").exists()  # nobody to hand a directory to
+    batch.finish(cfg, "77", exit_status=65, account=True)  # the prologue had cleaned up
+    assert StateStore(cfg.batch.state_dir).read("77") is None
+    (line,) = (tmp_path / "acct.jsonl").read_text().splitlines()
+    assert json.loads(line)["cause"].startswith("JobError: user 'no-such-user-here'")
