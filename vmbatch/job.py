@@ -1,4 +1,4 @@
-"""JobSpec: what one job asks for. The hooks issue adds parsing from Torque and Slurm.
+"""JobSpec: what one job asks for (built by ``vmbatch run`` and by vmbatch.hooks.batch).
 
 :class:`JobUser` is the identity the job runs as inside the guest. Every field ends up in
 contextualization files (YAML, ini, shell, passwd lines), so it is validated here, once, and

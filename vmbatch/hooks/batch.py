@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vmbatch import lifecycle, signals, state
 from vmbatch.config import Config
@@ -264,6 +264,19 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def _endpoint(cfg: Config, info: Mapping[str, Any], key: bytes) -> ssh.Endpoint:
+    """The guest's login for the job's user, from the user directory's ``guest.json``."""
+    return ssh.Endpoint(
+        port=int(info["port"]),
+        user=str(info["user"]),
+        client_key=KeyPair(key.decode(), ""),
+        host_key=KeyPair("", str(info["host_key"])),
+        host=str(info["host"]),
+        connect_timeout=cfg.ssh.connect_timeout,
+        keepalive_interval=cfg.ssh.keepalive_interval,
+    )
+
+
 def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     """Run ``job`` in its VM as the calling user; return its exit status."""
     userdir = UserDir(cfg.batch.user_dir, job.job_id)
@@ -281,16 +294,8 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     name = pwd.getpwuid(os.getuid()).pw_name
     if info.get("user") != name:
         raise StarterError(f"the VM of job {job.job_id} was prepared for another user")
-    host, port = str(info["host"]), int(info["port"])
-    endpoint = ssh.Endpoint(
-        port=port,
-        user=name,
-        client_key=KeyPair(key.decode(), ""),
-        host_key=KeyPair("", str(info["host_key"])),
-        host=host,
-        connect_timeout=cfg.ssh.connect_timeout,
-        keepalive_interval=cfg.ssh.keepalive_interval,
-    )
+    endpoint = _endpoint(cfg, info, key)
+    host, port = endpoint.host, endpoint.port
     workdir = job.workdir or (info.get("workdir") if isinstance(info.get("workdir"), str) else None)
     gjob = GuestJob(
         job_id=job.job_id,
@@ -324,15 +329,7 @@ def precancel(cfg: Config, job_id: str) -> None:
     info, key = userdir.guest(), userdir.read(UserDir.KEY)
     if info is None or key is None:
         return
-    endpoint = ssh.Endpoint(
-        port=int(info["port"]),
-        user=str(info["user"]),
-        client_key=KeyPair(key.decode(), ""),
-        host_key=KeyPair("", str(info["host_key"])),
-        host=str(info["host"]),
-        connect_timeout=cfg.ssh.connect_timeout,
-    )
-    client = ssh.connect(endpoint)
+    client = ssh.connect(_endpoint(cfg, info, key))
     try:
         session = Session(
             connect=lambda: client, is_alive=lambda: True, job=GuestJob(job_id, b""), client=client

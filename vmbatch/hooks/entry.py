@@ -149,7 +149,7 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # the job's stderr: only what matters
     try:
         cfg = config.load()
-        job = _slurm_starter(argv) if is_slurm else _torque_starter(job_id, env)
+        job = _slurm_starter(argv) if is_slurm else _torque_starter(cfg, job_id, env)
         return batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
     except JobInterruptedError as exc:
         sys.stderr.write(f"vmbatch: {exc} before the job started\n")
@@ -174,7 +174,7 @@ def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
     return batch.StarterJob(job_id, script, rest, env, cwd)
 
 
-def _torque_starter(job_id: str, env: Mapping[str, str]) -> batch.StarterJob:
+def _torque_starter(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> batch.StarterJob:
     """``$job_starter``: script path on stdin; as root (run_privileged) become the user."""
     job_id = batch.check_job_id(job_id)
     path, args = torque.starter_command(sys.stdin.buffer)
@@ -186,7 +186,7 @@ def _torque_starter(job_id: str, env: Mapping[str, str]) -> batch.StarterJob:
             hint="set $job_starter_run_privileged true in mom_priv/config",
         ) from exc
     if os.geteuid() == 0:
-        _become_job_user(config.load(), job_id)
+        _become_job_user(cfg, job_id)
     return batch.StarterJob(job_id, script, args, dict(env), None)
 
 
