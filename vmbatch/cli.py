@@ -40,7 +40,8 @@ def _setup_logging(verbose: int) -> None:
 
 def _load(ctx: click.Context) -> config.Config:
     path: Path | None = ctx.obj["config"]
-    return config.load(path)
+    # As root, only a configuration (and directories) that root alone controls.
+    return config.load(path, as_root=os.geteuid() == 0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +52,8 @@ def _load(ctx: click.Context) -> config.Config:
     "config_path",
     type=click.Path(path_type=Path),
     help="Configuration file (default: $VMBATCH_CONFIG or /etc/vmbatch/vmbatch.toml;"
-    " drop-ins from the sibling <name>.d/ directory).",
+    " drop-ins from the sibling <name>.d/ directory). As root, the files and the"
+    " directories root writes in must be root-owned and not group/other-writable.",
 )
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.pass_context

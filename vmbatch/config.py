@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vmbatch import trust
 from vmbatch.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/vmbatch/vmbatch.toml")
@@ -274,9 +275,10 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def config_files(path: Path | None = None) -> list[Path]:
+def config_files(path: Path | None = None, *, honour_env: bool = True) -> list[Path]:
     """The files that make up the configuration, in the order they are applied."""
-    main = path or Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+    named = os.environ.get(ENV_VAR) if honour_env else None
+    main = path or Path(named or DEFAULT_PATH)
     dropin_dir = main.with_name(main.stem + ".d")
     files = [main]
     if dropin_dir.is_dir():
@@ -284,15 +286,23 @@ def config_files(path: Path | None = None) -> list[Path]:
     return files
 
 
-def load(path: Path | None = None) -> Config:
+def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = False) -> Config:
     """Read, merge and validate the configuration; raise one ConfigError listing all problems.
 
     A missing default ``/etc/vmbatch/vmbatch.toml`` means "all defaults"; a missing file that
     was asked for explicitly (argument or ``VMBATCH_CONFIG``) is an error.
+
+    ``honour_env=False`` ignores ``VMBATCH_CONFIG`` (the privileged job starter: its
+    environment is the job's). ``as_root`` (root-run hooks and commands) also requires every
+    file read, and every directory root will write in (``[batch]`` state, user and
+    accounting directories, ``[paths]``), to be under root's sole control
+    (:mod:`vmbatch.trust`): whoever names the file, root reads only what root wrote.
     """
-    explicit = path is not None or bool(os.environ.get(ENV_VAR))
-    files = config_files(path)
+    explicit = path is not None or (honour_env and bool(os.environ.get(ENV_VAR)))
+    files = config_files(path, honour_env=honour_env)
     problems: list[str] = []
+    if as_root:
+        problems += _untrusted([files[0].with_name(files[0].stem + ".d")])
     merged: dict[str, Any] = {}
     read: list[Path] = []
     for i, f in enumerate(files):
@@ -310,12 +320,37 @@ def load(path: Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             problems.append(f"{f}: not valid TOML: {exc}")
             continue
+        if as_root and (problem := _untrusted([f])):
+            problems += problem
+            continue
         read.append(f)
         _merge(merged, data)
     cfg = _build(merged, problems, tuple(read))
+    if cfg is not None and as_root:
+        problems += _untrusted(root_written(cfg))
     if problems or cfg is None:
         raise ConfigError(problems, source=str(files[0]))
     return cfg
+
+
+def root_written(cfg: Config) -> list[Path]:
+    """Directories the root-run hooks create files in."""
+    dirs = [
+        cfg.batch.state_dir,
+        cfg.batch.user_dir,
+        cfg.batch.accounting_log.parent,
+        cfg.paths.job_dir,
+        cfg.paths.cache_dir,
+    ]
+    return dirs + ([cfg.paths.console_log_dir] if cfg.paths.console_log_dir else [])
+
+
+def _untrusted(paths: list[Path]) -> list[str]:
+    return [
+        f"{reason}: root will not use it ({trust.fix_hint(p)})"
+        for p in paths
+        if (reason := trust.untrusted_reason(p)) is not None
+    ]
 
 
 def parse(data: Mapping[str, Any]) -> Config:

@@ -18,7 +18,9 @@ other ... job requeued"; "Node manager (MOM) configuration": ``$job_starter`` an
 - epilogue.precancel: on qdel, as the user, stdio /dev/null; must not fail.
 
 The one deviation: ``VMBATCH_CONFIG`` points the hooks at this test's configuration
-(production uses /etc/vmbatch/vmbatch.toml).
+(production uses /etc/vmbatch/vmbatch.toml). The privileged starter ignores it (its
+environment is the job's), so there the test uses what a site with a non-default path does:
+a root-owned shim ``exec vmbatch-starter --config PATH "$@"`` as ``$job_starter``.
 """
 
 from __future__ import annotations
@@ -71,8 +73,22 @@ class Mom:
             check=False,
         )  # fmt: skip
 
+    def shim(self) -> Path:
+        """The site's ``$job_starter`` shim naming its configuration (root-owned, 0755)."""
+        shim = self.bs.site.root / "job_starter"
+        shim.write_text(
+            f'#!/bin/sh\nexec {BIN}/vmbatch-starter --config {self.bs.site.config} "$@"\n'
+        )
+        shim.chmod(0o755)
+        return shim
+
     def starter(
-        self, args: str = "", privileged: bool = False, **kw: object
+        self,
+        args: str = "",
+        privileged: bool = False,
+        env_extra: dict[str, str] | None = None,
+        shim: bool = True,
+        **kw: object,
     ) -> subprocess.Popen[bytes]:
         u = self.bs.user
         env = {
@@ -84,9 +100,11 @@ class Mom:
             "PATH": "/bin:/usr/bin",
             "FROM_QSUB_V": "it's here",
             **self.bs.env,
+            **(env_extra or {}),
         }
+        starter = self.shim() if privileged and shim else BIN / "vmbatch-starter"
         proc = subprocess.Popen(
-            [str(BIN / "vmbatch-starter"), "/bin/sh"],
+            [str(starter), "/bin/sh"],
             env=env,
             cwd=u.home,
             stdin=subprocess.PIPE,
@@ -161,12 +179,67 @@ def test_job_runs_in_its_vm_as_the_user_with_its_status(
     assert isinstance(record["boot_seconds"], float) and record["cause"] is None
 
 
+class Planted:
+    """What a hostile user prepares in their home for a privileged starter: a config whose
+    state and user directories are theirs, a state record claiming gid 42 (Debian's shadow
+    group) and an ``error`` file that is a symlink to a root:shadow 0640 secret."""
+
+    def __init__(self, bs: BatchSite, job_id: str) -> None:
+        u = bs.user
+        self.secret_text = f"SECRET-{uuid.uuid4().hex}"
+        self.secret = bs.site.root / "secret"
+        self.secret.write_text(self.secret_text + "\n")
+        os.chown(self.secret, 0, 42)
+        self.secret.chmod(0o640)
+        evil = u.home / f"evil-{job_id}"  # the home lives for the session: one per job
+        (evil / "state").mkdir(parents=True)
+        (evil / "run" / job_id).mkdir(parents=True)
+        record = {"job_id": job_id, "scheduler": "torque", "user": u.name, "uid": u.uid,
+                  "gid": 42, "phase": "ready"}  # fmt: skip
+        (evil / "state" / f"{job_id}.json").write_text(json.dumps(record))
+        (evil / "run" / job_id / "error").symlink_to(self.secret)
+        self.config = evil / "evil.toml"
+        self.config.write_text(f'[batch]\nstate_dir = "{evil}/state"\nuser_dir = "{evil}/run"\n')
+        subprocess.run(["chown", "-R", f"{u.uid}:{u.gid}", str(evil)], check=True, timeout=30)
+
+
 def test_privileged_starter_becomes_the_user(batch_site: BatchSite) -> None:
-    mom = Mom(batch_site, "id -u\n")
+    """Through the site's shim; the job's own VMBATCH_CONFIG (qsub -v) changes nothing."""
+    mom = Mom(batch_site, "id -u; id -g\n")
+    planted = Planted(batch_site, mom.job_id)
     assert mom.prologue().returncode == 0
-    status, out, err = _finish(mom.starter(privileged=True))
-    assert (status, out.strip()) == (0, str(batch_site.user.uid)), err
+    hostile = {"VMBATCH_CONFIG": str(planted.config)}
+    status, out, err = _finish(mom.starter(privileged=True, env_extra=hostile))
+    u = batch_site.user
+    assert (status, out.split()) == (0, [str(u.uid), str(u.gid)]), err
+    assert planted.secret_text not in out + err
     assert mom.epilogue(0).returncode == 0
+
+
+def test_privileged_starter_trusts_nothing_from_the_jobs_environment(
+    batch_site: BatchSite,
+) -> None:
+    """The attack of issue 13 (tried on a real pbs_mom 6.1.3 with run_privileged): qsub -v
+    VMBATCH_CONFIG=~/evil.toml and PBS_JOBID, a planted record and a symlinked error file
+    made the starter print a root:shadow file into the job's .e file."""
+    mom = Mom(batch_site, "id\n")
+    planted = Planted(batch_site, mom.job_id)
+    hostile = {"VMBATCH_CONFIG": str(planted.config), "PBS_JOBID": mom.job_id}
+    status, out, err = _finish(mom.starter(privileged=True, env_extra=hostile, shim=False))
+    assert planted.secret_text not in out + err
+    assert status != 0 and "no VM was prepared for job" in err, err
+    # Through the shim: another job's id in PBS_JOBID is refused, not followed.
+    other = {"PBS_JOBID": "999.elsewhere"}
+    status, out, err = _finish(mom.starter(privileged=True, env_extra=other))
+    assert status != 0 and "is not the job being started" in err and out == ""
+    # A record (root's own, here written by the test) whose gid is not the user's.
+    batch_site.state_dir.mkdir(mode=0o700, exist_ok=True)
+    forged = json.loads((planted.config.parent / "state" / f"{mom.job_id}.json").read_text())
+    (batch_site.state_dir / f"{mom.job_id}.json").write_text(json.dumps(forged))
+    status, out, err = _finish(mom.starter(privileged=True))
+    assert status != 0 and "password database does not confirm" in err
+    assert planted.secret_text not in out + err
+    assert mom.epilogue(65).returncode == 0
 
 
 @pytest.mark.parametrize(

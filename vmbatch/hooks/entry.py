@@ -4,9 +4,18 @@ Each tells Slurm from Torque by how it was called (Slurm: ``SLURM_JOB_ID`` in th
 environment, or ``vmbatch-starter slurm JOBID`` from oci.conf; Torque: argv), parses the
 scheduler's view of the job, calls :mod:`vmbatch.hooks.batch` and turns the outcome into
 the scheduler's exit code through :mod:`vmbatch.hooks.exitcodes` - the one place per script
-where a VmBatchError becomes a message and an exit status. The configuration comes from
-``$VMBATCH_CONFIG`` or ``/etc/vmbatch/vmbatch.toml``. Log lines go to stderr (Slurm: the
+where a VmBatchError becomes a message and an exit status. Log lines go to stderr (Slurm: the
 slurmd log; Torque: the job's spool files), prefixed with the script and the job id.
+
+Root trusts nothing a job's user controls (docs/design.md, "Hostile input"). The
+configuration is ``--config PATH`` (the hook's first two arguments, for a site's wrapper),
+else ``$VMBATCH_CONFIG`` where the environment is the scheduler daemon's own (Slurm's
+Prolog/Epilog, pbs_mom's prologue/epilogue), else ``/etc/vmbatch/vmbatch.toml``; run as
+root, every file of it and every directory root writes in must be root's alone
+(:mod:`vmbatch.trust`). The privileged Torque starter's environment is the job's: it
+ignores ``VMBATCH_CONFIG`` and ``PBS_JOBID`` and takes the job id from the script path on
+pbs_mom's stdin pipe, and the user to become from the root-only state record, checked
+against the password database.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config
+from vmbatch import config, trust
 from vmbatch.errors import Disposition, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, slurm, torque
+from vmbatch.hooks.batch import StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
     CLI_INTERNAL_ERROR,
@@ -49,11 +59,24 @@ def _is_slurm(env: Mapping[str, str]) -> bool:
     return bool(env.get("SLURM_JOB_ID"))
 
 
+def _split_config(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """``HOOK --config PATH ARGS...`` -> (PATH, [HOOK, ARGS...]); no option -> (None, argv)."""
+    if len(argv) >= 3 and argv[1] == "--config":
+        return Path(argv[2]), [argv[0], *argv[3:]]
+    return None, list(argv)
+
+
+def _load(path: Path | None, *, honour_env: bool = True) -> config.Config:
+    """The configuration; as root, only files and directories that root alone controls."""
+    return config.load(path, honour_env=honour_env, as_root=os.geteuid() == 0)
+
+
 # -- prologue -------------------------------------------------------------------------
 
 
 def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """The prologue for either scheduler; returns its exit status."""
+    path, argv = _split_config(argv)
     is_slurm = _is_slurm(env)
     table = SLURM_PROLOG if is_slurm else TORQUE_PROLOGUE
     job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
@@ -62,7 +85,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     # QEMU's user before it relabels the disks, so the job's files need the usual 022.
     os.umask(0o022)
     try:
-        cfg = config.load()
+        cfg = _load(path)
     except VmBatchError as exc:
         return _node_problem(None, is_slurm, env, exc, table)
     try:
@@ -140,16 +163,18 @@ def prologue() -> None:
 
 def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """The job starter for either scheduler; returns the job's exit status."""
+    path, argv = _split_config(argv)
     if len(argv) >= 3 and argv[1] == "slurm-query":  # oci.conf RunTimeQuery (root)
         print(slurm.oci_state(argv[2], argv[3] if len(argv) > 3 else ""))
         return 0
     is_slurm = len(argv) >= 3 and argv[1] == "slurm"
-    job_id = argv[2] if is_slurm else env.get("PBS_JOBID", "")
-    _logging("vmbatch-starter", job_id)
+    privileged = os.geteuid() == 0
+    _logging("vmbatch-starter", argv[2] if is_slurm else "")
     logging.getLogger().setLevel(logging.WARNING)  # the job's stderr: only what matters
     try:
-        cfg = config.load()
-        job = _slurm_starter(argv) if is_slurm else _torque_starter(cfg, job_id, env)
+        # As root (Torque's run_privileged) the environment is the job's: qsub -v sets it.
+        cfg = _load(path, honour_env=not privileged)
+        job = _slurm_starter(argv) if is_slurm else _torque_starter(cfg, env, privileged)
         return batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
     except JobInterruptedError as exc:
         sys.stderr.write(f"vmbatch: {exc} before the job started\n")
@@ -174,10 +199,23 @@ def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
     return batch.StarterJob(job_id, script, rest, env, cwd)
 
 
-def _torque_starter(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> batch.StarterJob:
-    """``$job_starter``: script path on stdin; as root (run_privileged) become the user."""
-    job_id = batch.check_job_id(job_id)
+def _torque_starter(
+    cfg: config.Config, env: Mapping[str, str], privileged: bool
+) -> batch.StarterJob:
+    """``$job_starter``: script path on stdin; as root (run_privileged) become the user.
+
+    The job id is the script copy's name, ``mom_priv/jobs/<id>.SC``, from pbs_mom's
+    root-owned pipe. ``PBS_JOBID`` is the job's environment (``qsub -v`` can set it): as
+    root it must agree or the job is refused; as the user it only fills in for an unusual
+    script name.
+    """
     path, args = torque.starter_command(sys.stdin.buffer)
+    job_id = torque.job_id_of_script(path)
+    if privileged:
+        job_id = _privileged_job_id(path, job_id, env.get("PBS_JOBID"))
+    else:
+        job_id = job_id or env.get("PBS_JOBID", "")
+    job_id = batch.check_job_id(job_id)
     try:
         script = Path(path).read_bytes()
     except OSError as exc:
@@ -185,21 +223,53 @@ def _torque_starter(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> 
             f"cannot read the job script {path}: {exc.strerror}",
             hint="set $job_starter_run_privileged true in mom_priv/config",
         ) from exc
-    if os.geteuid() == 0:
+    if privileged:
         _become_job_user(cfg, job_id)
     return batch.StarterJob(job_id, script, args, dict(env), None)
 
 
+def _privileged_job_id(path: str, job_id: str | None, claimed: str | None) -> str:
+    reason = trust.untrusted_reason(Path(path).parent)
+    if job_id is None or reason is not None:
+        raise StarterError(
+            f"the job script {path[:200]} on the starter's stdin is not a pbs_mom job file"
+            f" ({reason or 'its name is not <job id>.SC'}); the job was not started",
+            hint="vmbatch-starter must be pbs_mom's $job_starter (docs/admin-torque.md)",
+        )
+    if claimed and claimed != job_id:
+        raise StarterError(
+            f"PBS_JOBID {claimed[:120]!r} in the job's environment is not the job being"
+            f" started ({job_id}); the job was not started",
+            hint="do not set PBS_JOBID with qsub -v",
+        )
+    return job_id
+
+
 def _become_job_user(cfg: config.Config, job_id: str) -> None:
+    """Switch to the uid/gid the prologue recorded, once the password database agrees.
+
+    The record lies in the root-only state directory and its user came from pbs_mom's
+    prologue arguments; a record whose uid/gid are not that user's is refused, never used.
+    """
     record = StateStore(cfg.batch.state_dir).read(job_id)
-    if record is None or record.uid <= 0:
-        raise JobError(f"no VM was prepared for job {job_id} (no prologue state)")
-    name = pwd.getpwuid(record.uid).pw_name
-    os.initgroups(name, record.gid)
-    os.setgid(record.gid)
-    os.setuid(record.uid)
-    os.environ["HOME"] = pwd.getpwuid(record.uid).pw_dir
-    os.chdir(os.environ["HOME"])
+    if record is None:
+        raise StarterError(f"no VM was prepared for job {job_id} (no prologue state)")
+    try:
+        pw = pwd.getpwnam(record.user)
+    except KeyError:
+        pw = None
+    if pw is None or record.uid <= 0 or (pw.pw_uid, pw.pw_gid) != (record.uid, record.gid):
+        raise StarterError(
+            f"the state of job {job_id} names user {record.user[:40]!r} as uid/gid"
+            f" {record.uid}/{record.gid}, which the node's password database does not"
+            " confirm; the job was not started",
+            hint="see the node's log; run `vmbatch cleanup` for the job",
+        )
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    os.environ["HOME"] = pw.pw_dir
+    os.chdir(pw.pw_dir)
 
 
 def starter() -> None:
@@ -211,13 +281,14 @@ def starter() -> None:
 
 def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     """The epilogue (or Torque's ``epilogue.precancel`` with ``--precancel``)."""
+    path, argv = _split_config(argv)
     if len(argv) > 1 and argv[1] == "--precancel":
-        return _precancel(argv[1:], env)
+        return _precancel(path, argv[1:])
     is_slurm = _is_slurm(env)
     job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
     _logging("vmbatch-epilogue", job_id)
     try:
-        cfg = config.load()
+        cfg = _load(path)
         if is_slurm:
             status = slurm.exit_status(env)
         else:
@@ -234,12 +305,12 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     return 0
 
 
-def _precancel(argv: Sequence[str], env: Mapping[str, str]) -> int:
+def _precancel(path: Path | None, argv: Sequence[str]) -> int:
     """As the job's user; never fails (Torque marks the node down if it does)."""
     job_id = argv[1] if len(argv) > 1 else ""
     _logging("vmbatch-precancel", job_id)
     try:
-        batch.precancel(config.load(), batch.check_job_id(job_id))
+        batch.precancel(_load(path), batch.check_job_id(job_id))
     except Exception as exc:  # noqa: BLE001 - must exit 0 whatever happens
         log.warning("could not signal job %s in its VM: %s", job_id, exc)
     return 0

@@ -26,6 +26,7 @@ import shlex
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from vmbatch.config import Config
@@ -72,6 +73,12 @@ def starter_command(stdin: BinaryIO) -> tuple[str, tuple[str, ...]]:
             hint="vmbatch-starter must be pbs_mom's $job_starter (docs/admin-torque.md)",
         )
     return words[0], tuple(words[1:])
+
+
+def job_id_of_script(path: str) -> str | None:
+    """The job id in pbs_mom's script copy's name, ``mom_priv/jobs/<id>.SC``, if it is one."""
+    name = PurePosixPath(path).name
+    return name[: -len(".SC")] if name.endswith(".SC") and len(name) > 3 else None
 
 
 def offline(cfg: Config, note: str) -> None:
