@@ -17,6 +17,7 @@ from vmbatch.errors import (
     ConfigError,
     HostError,
     ImageError,
+    JobBusyError,
     JobError,
     JobInterruptedError,
     UnknownImageError,
@@ -221,7 +222,8 @@ def ps(ctx: click.Context) -> None:
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
-    accounting line). Safe for jobs that are already gone."""
+    accounting line). Safe for jobs that are already gone. A job that a prologue or epilogue
+    is working on right now is skipped (exit 75: run it again later)."""
     from vmbatch.hooks import batch
     from vmbatch.hooks.jobstate import StateStore
     from vmbatch.state import boot_id
@@ -233,9 +235,20 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
         todo += [r.job_id for r in StateStore(cfg.batch.state_dir).records() if r.boot_id != now]
     if not todo:
         raise click.UsageError("name job ids, or --stale")
+    busy = []
     for job_id in dict.fromkeys(todo):
-        batch.finish(cfg, batch.check_job_id(job_id))
+        try:
+            batch.finish(cfg, batch.check_job_id(job_id))
+        except JobBusyError as exc:  # a hook is on it right now: never tear down under it
+            click.echo(f"job {job_id}: skipped: {exc}", err=True)
+            busy.append(job_id)
+            continue
         click.echo(f"job {job_id}: cleaned up")
+    if busy:
+        raise JobBusyError(
+            f"{len(busy)} job(s) skipped while another vmbatch hook holds them: {' '.join(busy)}",
+            hint="run the same command again later",
+        )
 
 
 @cli.group("image")

@@ -30,6 +30,7 @@ catch ``VmBatchError`` in exactly one place each.
     │   ├── ImageDownloadError                    fetching an image failed (.transient: retry)
     │   ├── DiskSpaceError                        job or cache file system below the reserve
     │   ├── MountError                            a [mounts] share failed (.transient: retry)
+    │   ├── JobBusyError                          another hook holds the job's state lock
     │   ├── LibvirtError                          libvirt refused an operation
     │   │   ├── LibvirtUnavailableError           cannot reach libvirtd
     │   │   ├── LibvirtTimeoutError               libvirtd did not answer in time (hung)
@@ -163,6 +164,11 @@ class MountError(HostError):
     """A shared filesystem (``[mounts.NAME]``) could not be mounted in the guest within its
     budget: the server or the node's network is at fault, not the job, so it is requeued.
     ``transient`` marks one failed attempt (retried); the final error is not transient."""
+
+
+class JobBusyError(HostError):
+    """Another hook (a prologue still booting, a concurrent epilogue or ``vmbatch cleanup``)
+    holds the job's state lock."""
 
 
 class PortForwardError(HostError):

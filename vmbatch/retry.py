@@ -17,6 +17,7 @@ import tenacity
 from vmbatch.errors import (
     GuestConnectionError,
     ImageDownloadError,
+    JobBusyError,
     LibvirtUnavailableError,
     MountError,
 )
@@ -153,6 +154,16 @@ NFS_MOUNT_POLICY = RetryPolicy(
     max_delay=120.0,
 )
 
+#: Waiting for another hook's hold on a job's state lock (a prologue still booting when the
+#: epilogue comes); the wait is the caller's ``max_delay``, a few attempts when it is short.
+STATE_LOCK_POLICY = RetryPolicy(
+    name="StateLockPolicy",
+    retry_on=(JobBusyError,),
+    wait_seconds=0.2,
+    wait_max=2.0,
+    max_delay=1.0,
+)
+
 ALL_POLICIES = (
     SSH_READY_POLICY,
     SSH_CONNECT_POLICY,
@@ -160,4 +171,5 @@ ALL_POLICIES = (
     LIBVIRT_CONNECT_POLICY,
     DOWNLOAD_POLICY,
     NFS_MOUNT_POLICY,
+    STATE_LOCK_POLICY,
 )

@@ -252,7 +252,7 @@ class BatchSite:
         found: list[Path] = []
         for d in (self.state_dir, self.user_dir, self.site.job_dir):
             if d.is_dir():
-                found += [p for p in d.iterdir() if not p.name.endswith(".lock")]
+                found += list(d.iterdir())  # lock files included: they go with the record
         return found
 
 

@@ -290,7 +290,8 @@ def test_epilogue_without_prologue_and_odd_job_ids(batch_site: BatchSite) -> Non
     assert epi.returncode == 0, epi.stderr.decode()
     (record,) = batch_site.records()
     assert "prologue did not run" in str(record["cause"])
-    mom.job_id = "1;touch /tmp/x$(id)"
+    mom.job_id = "1;touch x$(id)"  # pbs_mom's script copy is named after the job id
+    mom.script = mom.script.rename(mom.script.with_name(f"{mom.job_id}.SC"))
     pro = mom.prologue()
     assert pro.returncode == 0 and b"characters vmbatch does not accept" in pro.stderr
     status, _, err = _finish(mom.starter())
@@ -348,6 +349,37 @@ def test_precancel_ends_the_job_in_the_guest(batch_site: BatchSite) -> None:
     assert status == 3 and "got-term" in out
     assert mom.epilogue(3).returncode == 0
     assert json.loads(batch_site.accounting.read_text())["exit_status"] == 3
+
+
+def _mounted(point: Path) -> bool:
+    return any(
+        line.split(" ")[4] == str(point)
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    )
+
+
+def test_a_mount_in_the_users_directory_cannot_keep_the_vm_alive(
+    batch_site: BatchSite, libvirt_conn: Connection
+) -> None:
+    """Issue 13: a FUSE mount (fusermount is setuid) in the job's directory made root's
+    rmtree fail before the VM was destroyed: VM, overlay and record leaked. A bind mount
+    by root stands in for the user's mount: rmdir of a mount point fails the same way."""
+    mom = Mom(batch_site, "true\n")
+    assert mom.prologue().returncode == 0
+    point = batch_site.user_dir / mom.job_id / "mnt"
+    point.mkdir()
+    os.chown(point, batch_site.user.uid, batch_site.user.gid)
+    subprocess.run(["mount", "--bind", str(batch_site.site.root), str(point)], check=True,
+                   timeout=30)  # fmt: skip
+    try:
+        epi = mom.epilogue(0)
+        assert epi.returncode == 0, epi.stderr.decode()
+        assert not libvirt_conn.is_running(domain_name(mom.job_id))
+        assert not _mounted(point) and not point.parent.exists()
+        assert b"detached a mount" in epi.stderr
+    finally:
+        if _mounted(point):
+            subprocess.run(["umount", "-l", str(point)], check=False, timeout=30)
 
 
 def test_cleanup_finishes_a_job_whose_epilogue_never_ran(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import types
 from pathlib import Path
 
 import pytest
 
-from vmbatch.errors import HostError, JobError
-from vmbatch.hooks import batch, slurm, torque
+from vmbatch.errors import HostError, JobBusyError, JobError
+from vmbatch.hooks import batch, jobstate, slurm, torque
 from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
 
 
@@ -107,13 +108,110 @@ def test_exclusive_refuses_a_second_holder(tmp_path: Path) -> None:
     """flock conflicts between open file descriptions, also within one process."""
     store = StateStore(tmp_path)
     with store.exclusive("1"):
-        with pytest.raises(JobError, match="another vmbatch prologue for job 1"):
-            with store.exclusive("1"):
+        with pytest.raises(JobBusyError, match="another vmbatch hook is working on job 1"):
+            with store.exclusive("1", wait=0):
                 pass
         with store.exclusive("2"):
             pass
     with store.exclusive("1"):
         pass
+
+
+def test_lock_goes_with_the_record_and_a_replaced_lock_file_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    lock = tmp_path / "1.lock"
+    with store.exclusive("1"):
+        store.write(Record("1", "slurm", "u"))
+    assert lock.exists(), "the record lives on: so does its lock"
+    with store.exclusive("1"):
+        store.remove("1")
+    assert not lock.exists() and list(tmp_path.iterdir()) == []
+    # A holder removes and a new hook recreates the lock file between our open and flock:
+    # the lock we then get is on the old inode and must not count.
+    real_flock = jobstate.fcntl.flock
+    calls = []
+
+    def racing_flock(fd: int, op: int) -> None:
+        if not calls:
+            lock.unlink()
+            lock.write_bytes(b"")
+        calls.append(fd)
+        real_flock(fd, op)
+
+    lock.write_bytes(b"")
+    monkeypatch.setattr(jobstate.fcntl, "flock", racing_flock)
+    with store.exclusive("1"):
+        assert len(calls) == 2, "retried on the path's new inode"
+        held = os.fstat(calls[-1])
+        assert (held.st_ino, held.st_dev) == (lock.stat().st_ino, lock.stat().st_dev)
+
+
+def _finish_cfg(tmp_path: Path) -> object:
+    from vmbatch.config import parse
+
+    return parse(
+        {
+            "paths": {"job_dir": str(tmp_path / "jobs")},
+            "libvirt": {"uri": "test:///nowhere"},
+            "batch": {
+                "state_dir": str(tmp_path / "state"),
+                "user_dir": str(tmp_path / "run"),
+                "accounting_log": str(tmp_path / "acct.jsonl"),
+            },
+        }
+    )
+
+
+def test_epilogue_and_cleanup_never_tear_down_under_a_running_prologue(tmp_path: Path) -> None:
+    cfg = _finish_cfg(tmp_path)
+    store = StateStore(tmp_path / "state")
+    store.write(Record("9", "slurm", "u", phase="failed"))
+    with store.exclusive("9"):  # a prologue holds the job
+        with pytest.raises(JobBusyError):
+            batch.finish(cfg, "9", lock_wait=0)  # type: ignore[arg-type]
+        assert store.read("9") is not None
+    batch.finish(cfg, "9")  # type: ignore[arg-type]
+    assert store.read("9") is None and list((tmp_path / "state").iterdir()) == []
+
+
+def test_a_user_directory_root_cannot_remove_is_a_warning_after_the_vm_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: the user dir was removed first, and its failure raised: VM and record
+    leaked. Now the job's VM and files go first, and a stuck user dir is only logged."""
+    cfg = _finish_cfg(tmp_path)
+    store = StateStore(tmp_path / "state")
+    store.write(Record("8", "slurm", "u", phase="failed"))
+    jobdir = tmp_path / "jobs" / "8"
+    jobdir.mkdir(parents=True)
+    UserDir(tmp_path / "run", "8").create(os.getuid(), os.getgid(), {UserDir.KEY: b"k"})
+    order = []
+    real_rmtree = jobstate.shutil.rmtree
+
+    def stuck(path: Path, **kw: object) -> None:
+        order.append(("user dir", jobdir.exists()))
+
+    monkeypatch.setattr(jobstate, "shutil", types.SimpleNamespace(rmtree=stuck))
+    batch.finish(cfg, "8", account=True)  # type: ignore[arg-type]
+    assert order == [("user dir", False)], "the job's own files were gone first"
+    assert "could not remove the job's directory" in caplog.text
+    assert store.read("8") is None and (tmp_path / "acct.jsonl").exists()
+    real_rmtree(tmp_path / "run" / "8")
+
+
+def test_mount_points_under_a_path_deepest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = (
+        "36 25 0:32 / /run/vmbatch/7 rw - tmpfs tmpfs rw\n"
+        "37 36 0:33 / /run/vmbatch/7/a\\040b/c rw - fuse.x x rw\n"
+        "38 36 0:34 / /run/vmbatch/77 rw - fuse.x x rw\n"
+    )
+    monkeypatch.setattr(jobstate.Path, "read_text", lambda self: info)
+    assert jobstate.mounts_under(Path("/run/vmbatch/7")) == [
+        Path("/run/vmbatch/7/a b/c"),
+        Path("/run/vmbatch/7"),
+    ]
 
 
 def test_user_dir_is_handed_over_last_and_replaced_whole(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 from vmbatch import lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
-from vmbatch.errors import Disposition, HostError, JobError, VmBatchError
+from vmbatch.errors import Disposition, HostError, JobBusyError, JobError, VmBatchError
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
@@ -138,8 +138,14 @@ def prologue(
                     leftover.phase,
                     leftover.boot_id[:8],
                 )
-                finish(cfg, bj.job_id, leftover, conn=conn)
+                _finish_locked(cfg, store, bj.job_id, leftover, conn, None, account=False)
             return _prologue_locked(cfg, bj, store, conn, timings)
+    except JobBusyError:
+        # The first prologue owns the job's files: this one changes nothing, not even them.
+        return JobError(
+            f"another vmbatch prologue for job {bj.job_id} is running; this one did nothing",
+            hint="the scheduler started the prologue twice for one job id",
+        )
     except VmBatchError as exc:
         return exc
 
@@ -350,18 +356,34 @@ def finish(
     conn: Connection | None = None,
     exit_status: int | None = None,
     account: bool = False,
+    lock_wait: float = 1.0,
 ) -> None:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
 
-    Works from ``record`` (or the stored one) and falls back to what the job id implies.
+    Works from ``record`` (or the stored one) and falls back to what the job id implies,
+    holding the job's lock (JobBusyError if another hook keeps it past ``lock_wait``).
     Raises HostError if the VM could not be destroyed; the record is then kept so that
     ``vmbatch cleanup`` can finish later.
     """
     store = StateStore(cfg.batch.state_dir)
+    with store.exclusive(job_id, wait=lock_wait):
+        _finish_locked(cfg, store, job_id, record, conn, exit_status, account=account)
+
+
+def _finish_locked(
+    cfg: Config,
+    store: StateStore,
+    job_id: str,
+    record: Record | None,
+    conn: Connection | None,
+    exit_status: int | None,
+    *,
+    account: bool,
+) -> None:
+    """:func:`finish` under the job's lock. The VM goes first: nothing the job's user can
+    put in their directory (a FUSE mount, a full disk) may keep it alive; the user's
+    directory is removed after, and whatever stays of it is a logged warning, not a leak."""
     record = record or store.read(job_id)
-    UserDir(cfg.batch.user_dir, job_id).remove()  # the user's access ends first
-    if account:
-        write_accounting(cfg, job_id, record, exit_status)
     name = record.domain if record and record.domain else domain_name(job_id)
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
@@ -385,8 +407,11 @@ def finish(
     finally:
         if own and conn is not None:
             conn.close()
-    if record is not None and record.image_path:
-        ImageCache(cfg).release(Path(record.image_path), job_id)
+        UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
+    if account:
+        write_accounting(cfg, job_id, record, exit_status)
+    # Also a marker a prologue killed before it could record the image (SIGKILL).
+    ImageCache(cfg).release_job(job_id)
     store.remove(job_id)
 
 

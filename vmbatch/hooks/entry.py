@@ -295,7 +295,10 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
             args = torque.epilogue_args(argv)
             job_id, status = args.job_id, args.exit_status
         batch.check_job_id(job_id)
-        batch.finish(cfg, job_id, exit_status=status, account=True)
+        # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
+        batch.finish(
+            cfg, job_id, exit_status=status, account=True, lock_wait=cfg.vm.boot_timeout + 60
+        )
     except VmBatchError as exc:
         log.error("%s", exc)
         if is_slurm and env.get("SLURMD_NODENAME"):

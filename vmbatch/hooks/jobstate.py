@@ -21,19 +21,22 @@ Two places, with different owners:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbatch.errors import HostError, JobError
+from vmbatch.errors import HostError, JobBusyError
+from vmbatch.retry import STATE_LOCK_POLICY
 from vmbatch.state import atomic_write, safe_job_id
 
 log = logging.getLogger(__name__)
@@ -117,8 +120,8 @@ class StateStore:
             return None
 
     def remove(self, job_id: str) -> None:
+        """Drop the record (call under :meth:`exclusive`, which then drops its lock file)."""
         self.path(job_id).unlink(missing_ok=True)
-        self.path(job_id).with_suffix(".lock").unlink(missing_ok=True)
 
     def records(self) -> list[Record]:
         """Every readable record (for ``vmbatch cleanup``)."""
@@ -133,28 +136,57 @@ class StateStore:
         return found
 
     @contextlib.contextmanager
-    def exclusive(self, job_id: str) -> Iterator[None]:
-        """Hold the job's lock; a second prologue for the same job id is refused at once.
+    def exclusive(self, job_id: str, *, wait: float = 1.0) -> Iterator[None]:
+        """Hold the job's lock, waiting up to ``wait`` seconds; raise JobBusyError if another
+        hook (prologue, epilogue, ``vmbatch cleanup``) holds it longer.
 
-        A ``flock`` is released by the kernel when its holder dies, so a crashed prologue
-        never blocks the next one.
+        A ``flock`` is released by the kernel when its holder dies, so a crashed hook never
+        blocks the next one. The lock file is removed by the holder when the block ends
+        (the job is finished or the next hook will recreate it); a waiter that then gets
+        the lock on the unlinked file sees that its inode is no longer the path's and tries
+        again, so two hooks never hold "the" lock at once.
         """
         self._ensure()
         lock = self.path(job_id).with_suffix(".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = -1
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                raise JobError(
-                    f"another vmbatch prologue for job {job_id} is running; this one did nothing",
-                    hint="the scheduler started the prologue twice for one job id",
-                ) from exc
+            for attempt in STATE_LOCK_POLICY.retrying(max_delay=wait):
+                with attempt:
+                    fd = _lock(lock)
+        except JobBusyError as exc:
+            raise JobBusyError(
+                f"another vmbatch hook is working on job {job_id} ({exc.message})",
+                hint="a prologue still booting, or a concurrent epilogue or cleanup",
+            ) from exc
+        try:
             yield
         finally:
+            if not self.path(job_id).exists():
+                lock.unlink(missing_ok=True)  # still ours: nobody else can hold it now
             os.close(fd)
+
+
+def _lock(lock: Path) -> int:
+    """Open and flock ``lock`` without waiting; the fd, or JobBusyError (retried)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise JobBusyError("its lock is held") from exc
+        try:
+            current = lock.lstat()
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            raise JobBusyError("its lock file was replaced while waiting")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class UserDir:
@@ -170,7 +202,11 @@ class UserDir:
 
     def create(self, uid: int, gid: int, files: dict[str, bytes]) -> None:
         """(Re)create the directory with ``files`` (mode 0600), then hand it to uid:gid."""
-        self.remove()
+        if not self.remove():
+            raise HostError(
+                f"cannot replace {self.path}, left by an earlier run of this job id",
+                hint="remove it by hand (check for mounts in it)",
+            )
         try:
             self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
             self.path.mkdir(mode=0o700)
@@ -188,18 +224,36 @@ class UserDir:
                 hint="check [batch].user_dir (a local file system, root-owned parent)",
             ) from exc
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the directory; False (logged) if something the user put there prevents it.
+
+        The user owns it and may have mounted something inside (``fusermount`` is setuid):
+        mounts under it are detached first (``umount2(MNT_DETACH | UMOUNT_NOFOLLOW)``, which
+        never waits for the file system's server). ``shutil.rmtree`` works through file
+        descriptors (``rmtree.avoids_symlink_attacks``), so a symlink swapped in meanwhile
+        is removed, never followed.
+        """
+        if not (self.path.exists() or self.path.is_symlink()):
+            return True
+        detach_mounts(self.path)
         shutil.rmtree(self.path, ignore_errors=True)
         if self.path.exists() or self.path.is_symlink():
-            raise HostError(
-                f"could not remove {self.path}", hint="remove it by hand and check its owner"
+            log.warning(
+                "could not remove the job's directory %s (the user may have put something"
+                " there that root cannot remove); remove it by hand",
+                self.path,
             )
+            return False
+        return True
 
     def read(self, name: str) -> bytes | None:
+        """A file of the directory, never through a symlink (read as the job's user)."""
         try:
-            return (self.path / name).read_bytes()
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(1 << 20)
 
     def guest(self) -> dict[str, Any] | None:
         data = self.read(self.GUEST)
@@ -207,3 +261,39 @@ class UserDir:
             return None
         value = json.loads(data)
         return value if isinstance(value, dict) else None
+
+
+#: umount2(2) flags: detach lazily, and never follow a symlink at the target.
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path`` (``/proc/self/mountinfo``, proc(5)), deepest first."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        # Octal escapes for space, tab, newline and backslash (proc(5), show_mountinfo).
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+        if point == path or path in point.parents:
+            found.append(point)
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def detach_mounts(path: Path) -> None:
+    """Lazily unmount everything mounted at or below ``path`` (root only; logged)."""
+    points = mounts_under(path)
+    if not points:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for point in points:
+        if libc.umount2(os.fsencode(point), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+            err = ctypes.get_errno()
+            log.warning("could not detach the mount at %s: %s", point, os.strerror(err))
+        else:
+            log.warning("detached a mount a job's user made at %s", point)

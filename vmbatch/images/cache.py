@@ -323,6 +323,12 @@ class ImageCache:
         """The job no longer uses ``path``; idempotent."""
         (_side(path, ".jobs") / safe_job_id(job_id)).unlink(missing_ok=True)
 
+    def release_job(self, job_id: str) -> None:
+        """The job uses no cached image any more (whatever it had marked); idempotent."""
+        if self.dir.is_dir():
+            for path in self.dir.glob("*.img"):
+                self.release(path, job_id)
+
     def _jobs(self, path: Path) -> tuple[str, ...]:
         """Jobs of this boot using ``path``; markers from before a reboot are removed."""
         jobs = _side(path, ".jobs")
