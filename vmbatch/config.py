@@ -97,7 +97,7 @@ class SshConfig:
     connect_timeout: float = 10.0
     keepalive_interval: int = 15
     #: After the connection to a running job's guest drops, keep trying to log in again
-    #: for this long (the job goes on in the guest meanwhile).
+    #: for this long without an answer from the guest (the job goes on in it meanwhile).
     reconnect_timeout: float = 600.0
     #: While a job prints nothing for this long, check that the guest still answers (run
     #: ``true`` within ``connect_timeout``); a hung guest then counts as a dropped connection.
