@@ -184,6 +184,9 @@ class BatchConfig:
     user_dir: Path = Path("/run/vmbatch")
     #: One JSON line per job (job id, user, image, boot and run seconds, exit status, cause).
     accounting_log: Path = Path("/var/log/vmbatch/accounting.jsonl")
+    #: Torque's ``epilogue.precancel`` (``qdel`` waits for it) stops trying to reach the
+    #: job's VM after this many seconds (plus the wait and attempt under way).
+    precancel_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,6 +615,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("max_vcpus", lambda v: v >= 0, "must be >= 0 (0: the node's cores)"),
         ("max_memory", lambda v: v == 0 or v >= 64, "must be 0 (no cap) or at least 64 (MiB)"),
         ("reserve_memory", lambda v: v >= 0, "must be >= 0 (MiB)"),
+        ("precancel_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: one attempt)"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
