@@ -98,7 +98,7 @@ class SshConfig:
     connect_timeout: float = 10.0
     keepalive_interval: int = 15
     #: After the connection to a running job's guest drops, keep trying to log in again
-    #: for this long (the job goes on in the guest meanwhile).
+    #: for this long without an answer from the guest (the job goes on in it meanwhile).
     reconnect_timeout: float = 600.0
     #: While a job prints nothing for this long, check that the guest still answers (run
     #: ``true`` within ``connect_timeout``); a hung guest then counts as a dropped connection.
@@ -185,6 +185,9 @@ class BatchConfig:
     user_dir: Path = Path("/run/vmbatch")
     #: One JSON line per job (job id, user, image, boot and run seconds, exit status, cause).
     accounting_log: Path = Path("/var/log/vmbatch/accounting.jsonl")
+    #: Torque's ``epilogue.precancel`` (``qdel`` waits for it) stops trying to reach the
+    #: job's VM after this many seconds (plus the wait and attempt under way).
+    precancel_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,6 +650,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("max_vcpus", lambda v: v >= 0, "must be >= 0 (0: the node's cores)"),
         ("max_memory", lambda v: v == 0 or v >= 64, "must be 0 (no cap) or at least 64 (MiB)"),
         ("reserve_memory", lambda v: v >= 0, "must be >= 0 (MiB)"),
+        ("precancel_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: one attempt)"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),

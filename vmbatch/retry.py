@@ -133,8 +133,10 @@ DOWNLOAD_POLICY = RetryPolicy(
 )
 
 #: Logging in again after the connection to a running job's guest dropped: the job goes on
-#: in the guest, so keep trying (backing off to 10 s) until ``[ssh].reconnect_timeout``
-#: (the caller's ``max_delay``); each attempt first checks that the domain still runs.
+#: in the guest, so keep trying (backing off to 10 s) until ``[ssh].reconnect_timeout`` or
+#: Torque precancel's ``[batch].precancel_timeout`` (the caller's ``max_delay``). An attempt
+#: checks that the domain still runs, logs in, and resumes the step; a login on a closed
+#: connection, or a step that drops before the guest answered, fails the attempt.
 SSH_RECONNECT_POLICY = RetryPolicy(
     name="SshReconnectPolicy",
     retry_on=(GuestConnectionError,),

@@ -19,6 +19,7 @@ def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
     assert cfg.paths == config.PathsConfig()
     assert cfg.tools == config.ToolsConfig()
     assert cfg.ssh == config.SshConfig()
+    assert cfg.batch == config.BatchConfig()
 
 
 def test_shipped_config_documents_every_key() -> None:
@@ -68,6 +69,12 @@ def test_wrong_types_are_named() -> None:
         config.parse({"ssh": {"port": True}})
     with pytest.raises(ConfigError, match=r"\[vm\] must be a table"):
         config.parse({"vm": 3})
+
+
+def test_precancel_timeout_is_checked() -> None:
+    assert config.parse({"batch": {"precancel_timeout": 0}}).batch.precancel_timeout == 0.0
+    with pytest.raises(ConfigError, match=r"\[batch\]\.precancel_timeout: must be >= 0"):
+        config.parse({"batch": {"precancel_timeout": -1}})
 
 
 def test_image_requires_source() -> None:

@@ -1,4 +1,5 @@
-"""Pure parts of the batch hooks: scheduler formats, state records, the user directory."""
+"""Pure parts of the batch hooks: scheduler formats, state records, the user directory;
+Torque's precancel against the fake SSH client of :mod:`tests.unit.fakessh`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from vmbatch.errors import HostError, JobBusyError, JobError
-from vmbatch.hooks import batch, jobstate, slurm, torque
+from tests.unit.conftest import FakeClock
+from tests.unit.fakessh import FakeGuest
+from vmbatch import config
+from vmbatch.errors import GuestLostError, HostError, JobBusyError, JobError
+from vmbatch.guest import ssh
+from vmbatch.hooks import batch, entry, jobstate, slurm, torque
 from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
 
 
@@ -272,3 +277,100 @@ def test_unknown_user_fails_the_job_and_the_epilogue_finishes_without_libvirt(
     assert StateStore(cfg.batch.state_dir).read("77") is None
     (line,) = (tmp_path / "acct.jsonl").read_text().splitlines()
     assert json.loads(line)["cause"].startswith("JobError: user 'no-such-user-here'")
+
+
+# -- Torque's epilogue.precancel ------------------------------------------------------
+
+
+def _precancel_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guest: FakeGuest, *, port_open: bool = True
+) -> config.Config:
+    """A job whose user directory points at ``guest``; logins and port checks go to it."""
+    cfg = config.parse(
+        {
+            "batch": {"user_dir": str(tmp_path / "run"), "precancel_timeout": 30.0},
+            "ssh": {"connect_timeout": 0.01},  # the bound on a hung command, in real time
+        }
+    )
+    info = {"job_id": "9.srv", "host": "127.0.0.1", "port": 2222, "user": "u", "host_key": "k"}
+    UserDir(cfg.batch.user_dir, "9.srv").create(
+        os.getuid(),
+        os.getgid(),
+        {UserDir.KEY: b"private key", UserDir.GUEST: json.dumps(info).encode()},
+    )
+    ports: list[tuple[str, int]] = []
+
+    def connect(endpoint: ssh.Endpoint) -> object:
+        assert (endpoint.host, endpoint.port, endpoint.user) == ("127.0.0.1", 2222, "u")
+        return guest.connect()
+
+    def check_port(host: str, port: int) -> bool:
+        guest.tick()
+        ports.append((host, port))
+        return port_open
+
+    monkeypatch.setattr(ssh, "connect", connect)
+    monkeypatch.setattr(batch, "_port_open", check_port)
+    return cfg
+
+
+def test_precancel_sends_sigterm_and_closes_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    guest = FakeGuest()
+    batch.precancel(_precancel_site(tmp_path, monkeypatch, guest), "9.srv")
+    assert guest.logins == 1 and clock.sleeps == []
+    (command,) = guest.commands
+    assert "kill -s TERM" in command and "/var/tmp/vmbatch-9.srv/pid" in command
+    assert not guest.transports[0].is_active()
+
+
+def test_precancel_to_a_guest_that_crashed_during_qdel_gives_up_after_backing_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    """The spin: every login comes back on a connection that has already closed. Each
+    attempt logs in afresh, waits grow between attempts, and precancel_timeout ends it."""
+    guest = FakeGuest(login="closed")
+    cfg = _precancel_site(tmp_path, monkeypatch, guest)
+    with pytest.raises(GuestLostError, match="stopped answering"):
+        batch.precancel(cfg, "9.srv")
+    assert 4 <= guest.logins <= 12
+    assert len(clock.sleeps) == guest.logins - 2  # between the reconnect attempts
+    assert all(s > 0 for s in clock.sleeps) and clock.sleeps == sorted(clock.sleeps)
+    assert all(not t.is_active() for t in guest.transports)
+    assert guest.commands == []
+
+
+def test_precancel_to_a_hung_guest_cuts_each_command_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    guest = FakeGuest(exec_="hang")
+    cfg = _precancel_site(tmp_path, monkeypatch, guest)
+    with pytest.raises(GuestLostError, match=r"did not finish a command within 0\.01s"):
+        batch.precancel(cfg, "9.srv")
+    assert 4 <= guest.logins <= 12
+    assert len(guest.commands) == guest.logins  # one bounded try per login
+    assert len(clock.sleeps) == guest.logins - 2
+
+
+def test_precancel_stops_at_once_when_the_vm_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    guest = FakeGuest(login="refused")
+    cfg = _precancel_site(tmp_path, monkeypatch, guest, port_open=False)
+    with pytest.raises(GuestLostError, match="the VM stopped"):
+        batch.precancel(cfg, "9.srv")
+    assert guest.logins == 1 and clock.sleeps == []
+
+
+def test_precancel_hook_exits_0_when_the_guest_never_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    """What pbs_mom sees: the hook returns, with status 0 (a failure marks the node down)."""
+    guest = FakeGuest(exec_="drop")
+    cfg = _precancel_site(tmp_path, monkeypatch, guest)
+    monkeypatch.setattr(config, "load", lambda *args, **kw: cfg)
+    monkeypatch.setattr(entry, "_logging", lambda script, job_id: None)
+    argv = ["vmbatch-epilogue", "--precancel", "9.srv", "u", "u", "job"]
+    assert entry.run_epilogue(argv, {}) == 0
+    assert 4 <= guest.logins <= 12

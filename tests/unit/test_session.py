@@ -1,4 +1,5 @@
-"""The guest session's generated files and environment rules (no guest needed)."""
+"""The guest session's generated files, environment rules and reconnect rules (no guest:
+reconnects run against the fake client of :mod:`tests.unit.fakessh`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import shlex
 
 import pytest
 
-from vmbatch.errors import Disposition, JobError
+from tests.unit.conftest import FakeClock
+from tests.unit.fakessh import FakeGuest
+from vmbatch.errors import Disposition, GuestConnectionError, GuestLostError, JobError
 from vmbatch.guest.session import (
     ENV_DENY,
     MAX_ENV_ENTRY,
+    GuestJob,
+    Session,
     command_script,
     guest_dir,
     install_script,
@@ -99,3 +104,107 @@ def test_install_script_carries_every_file_exactly_and_inertly() -> None:
     assert decoded == files
     assert lines[-2] == "exec sh /var/tmp/vmbatch-1/supervisor.sh /var/tmp/vmbatch-1 60 5"
     assert "$(x)" not in text and "`id`" not in text  # contents only as base64
+
+
+# -- reconnecting ---------------------------------------------------------------------
+#
+# SSH_RECONNECT_POLICY waits 0.5, 1, 2, 4, 8, then 10 s between failed attempts. With the
+# fake clock, a session that gives up after ``reconnect_timeout`` = 60 s has slept about
+# that long in at most a dozen attempts; one that never sleeps trips the fake's call limit.
+
+
+def _session(guest: FakeGuest, **kw: object) -> Session:
+    return Session(
+        connect=guest.connect,  # type: ignore[arg-type]
+        is_alive=lambda: True,
+        job=GuestJob("7", b""),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_reconnect_that_hands_back_a_closed_connection_is_a_failed_attempt(
+    clock: FakeClock,
+) -> None:
+    """The precancel spin: ``connect`` returns the same client, whose transport closed."""
+    guest = FakeGuest(login="closed")
+    client = guest.connect()
+    session = Session(
+        connect=lambda: client,  # type: ignore[arg-type,return-value]
+        is_alive=lambda: True,
+        job=GuestJob("7", b""),
+        reconnect_timeout=60.0,
+        client=client,  # type: ignore[arg-type]
+    )
+    with pytest.raises(GuestLostError, match="stopped answering") as info:
+        session.send_signal(15)
+    assert isinstance(info.value.__cause__, GuestConnectionError)
+    assert guest.calls <= 30
+    assert session.reconnects == 0
+    assert 5 <= len(clock.sleeps) <= 12 and all(s > 0 for s in clock.sleeps)
+    assert clock.sleeps == sorted(clock.sleeps)  # backing off
+    assert sum(clock.sleeps) >= 60.0 - max(clock.sleeps)
+    assert guest.commands == []
+
+
+def test_logins_that_drop_at_once_end_at_reconnect_timeout(clock: FakeClock) -> None:
+    """A guest that accepts every login but drops each connection before the command's
+    status (crashing, or a job killing its own SSH sessions): each login is one failed
+    attempt, with waits between, until reconnect_timeout."""
+    guest = FakeGuest(exec_="drop")
+    session = _session(guest, reconnect_timeout=60.0)
+    with pytest.raises(GuestLostError, match="stopped answering"):
+        session.send_signal(15)
+    assert 6 <= guest.logins <= 14
+    # the first login is the session's own; every later one follows a failed attempt
+    assert len(clock.sleeps) == guest.logins - 2
+    assert session.reconnects == guest.logins - 1
+    assert all(s > 0 for s in clock.sleeps)
+    assert len(guest.commands) == guest.logins
+
+
+def test_a_guest_that_answers_between_drops_keeps_the_job_going(clock: FakeClock) -> None:
+    """A long job may lose its connection any number of times: after the guest answered
+    (output, a liveness check), a drop starts a new reconnect_timeout, without waiting."""
+    guest = FakeGuest()
+    session = _session(guest, reconnect_timeout=60.0)
+    session.client = guest.connect()  # type: ignore[assignment]
+    steps = 0
+
+    def step() -> str:
+        nonlocal steps
+        steps += 1
+        if steps == 6:
+            return "done"
+        clock.now += 3600.0  # an hour of output ...
+        session.heard += 1
+        assert session.client is not None
+        session.client.close()  # ... then the connection drops
+        raise GuestConnectionError("the SSH connection to the guest dropped")
+
+    assert session._until_done("following the job", step) == "done"
+    assert session.reconnects == 5
+    assert clock.sleeps == []
+
+
+def test_a_hung_command_is_cut_off_and_counts_as_a_drop(clock: FakeClock) -> None:
+    """No answer to an exec (paused guest): each connection is closed after exec_timeout,
+    and the attempts end at reconnect_timeout."""
+    guest = FakeGuest(exec_="hang")
+    session = _session(guest, reconnect_timeout=20.0, exec_timeout=0.01)
+    with pytest.raises(GuestLostError, match="did not finish a command within"):
+        session.send_signal(15)
+    assert 3 <= guest.logins <= 10
+    assert len(clock.sleeps) == guest.logins - 2
+    assert all(not t.is_active() for t in guest.transports)
+
+
+def test_a_stopped_domain_ends_reconnecting_at_once(clock: FakeClock) -> None:
+    guest = FakeGuest(exec_="drop")
+    session = Session(
+        connect=guest.connect,  # type: ignore[arg-type]
+        is_alive=lambda: False,
+        job=GuestJob("7", b""),
+    )
+    with pytest.raises(GuestLostError, match="the VM stopped while the job was running"):
+        session.send_signal(15)
+    assert guest.logins == 1 and clock.sleeps == []

@@ -28,6 +28,14 @@ The status is the shell's: the exit code, or 128+N after death by signal N. A gu
 stops while the job runs (crash, poweroff), or stops answering (checked by running ``true``
 after ``liveness_interval`` of silence) for ``reconnect_timeout``, ends the job with
 :class:`GuestLostError`.
+
+Reconnecting: a login and the step it resumes are one attempt of ``SSH_RECONNECT_POLICY``.
+A login whose connection is already closed, or a step that drops again before the guest
+answered anything, is a failed attempt: the policy waits, backs off, and gives up after
+``reconnect_timeout``. Only an answer from the guest (output, a liveness check, a command's
+status) starts a new ``reconnect_timeout``, so a job that runs for days may lose its
+connection any number of times, but a guest that accepts logins and then drops them (it is
+crashing, or the job kills its own SSH sessions) cannot keep the host side busy forever.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ import re
 import select
 import shlex
 import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
@@ -166,6 +175,34 @@ def _sh(command: str) -> str:
     return "exec /bin/sh -c " + shlex.quote(command)
 
 
+@contextlib.contextmanager
+def _closed_after(
+    transport: paramiko.Transport, seconds: float | None
+) -> Iterator[threading.Event]:
+    """Close ``transport`` if the block is still running after ``seconds`` (None: never).
+
+    paramiko's ``exec_command`` and ``recv_exit_status`` wait without a timeout, and a
+    channel's read timeout does not cover them; closing the transport wakes every wait on
+    it. The yielded event tells whether that happened.
+    """
+    expired = threading.Event()
+    if seconds is None:
+        yield expired
+        return
+
+    def expire() -> None:
+        expired.set()
+        transport.close()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
 def guest_dir(job_id: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:64]
     return f"/var/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
@@ -183,6 +220,7 @@ class Session:
         reconnect_timeout: float = 600.0,
         liveness_interval: float = 30.0,
         liveness_timeout: float = 10.0,
+        exec_timeout: float | None = None,
         client: paramiko.SSHClient | None = None,
     ) -> None:
         self._connect = connect
@@ -192,10 +230,16 @@ class Session:
         self.reconnect_timeout = reconnect_timeout
         self.liveness_interval = liveness_interval
         self.liveness_timeout = liveness_timeout
+        #: Seconds one short command (upload and start, a signal) may take before its
+        #: connection is closed and counted as dropped; None: no limit.
+        self.exec_timeout = exec_timeout
         self.client = client
         self.out_bytes = 0
         self.err_bytes = 0
         self.reconnects = 0
+        #: How often the guest has answered (output, a liveness check, a command's status);
+        #: a drop after it grew starts a new ``reconnect_timeout`` (see the module docstring).
+        self.heard = 0
         self._kill_at: float | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -208,37 +252,56 @@ class Session:
         return transport
 
     def _reconnect(self) -> None:
-        """Drop the old client; log in again while the domain runs (SSH_RECONNECT_POLICY)."""
+        """Drop the old client and log in again, once: one attempt of the caller's policy.
+
+        Raises GuestLostError if the domain no longer runs, GuestConnectionError if the
+        login fails or hands back a connection that is not open (a ``connect`` may return a
+        client whose transport has already closed; taking that as success made every retry
+        loop on top of it spin without ever waiting).
+        """
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
             self.client = None
-
-        def attempt() -> paramiko.SSHClient:
-            if not self._is_alive():
-                raise GuestLostError(
-                    "the VM stopped while the job was running (the guest crashed, or"
-                    " shut itself down); the job's output so far was delivered",
-                    hint="see the VM's console log; the job did not finish",
-                )
-            return self._connect()
-
-        try:
-            for a in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
-                with a:
-                    self.client = attempt()
-        except GuestConnectionError as exc:
+        if not self._is_alive():
             raise GuestLostError(
-                f"the VM stopped answering while the job was running (no SSH login for"
-                f" {self.reconnect_timeout:.0f}s; last error: {exc})",
-                hint="see the VM's console log; the guest may have hung or run out of memory",
-            ) from exc
+                "the VM stopped while the job was running (the guest crashed, or"
+                " shut itself down); the job's output so far was delivered",
+                hint="see the VM's console log; the job did not finish",
+            )
+        client = self._connect()
+        transport = client.get_transport()
+        if transport is None or not transport.is_active():
+            with contextlib.suppress(Exception):
+                client.close()
+            raise GuestConnectionError("the new SSH connection to the guest closed at once")
+        self.client = client
         self.reconnects += 1
         log.warning("reconnected to the guest (%d so far)", self.reconnects)
 
     def _exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-        """Run a short command; return (status, stdout, stderr)."""
-        chan = self._transport().open_session()
+        """Run a short command; return (status, stdout, stderr).
+
+        With ``exec_timeout``, a command that has not finished by then (a hung guest) closes
+        the connection and counts as a drop.
+        """
+        transport = self._transport()
+        with _closed_after(transport, self.exec_timeout) as expired:
+            try:
+                result = self._exec_on(transport, command, stdin)
+            except _DROPS as exc:
+                if expired.is_set():
+                    raise GuestConnectionError(
+                        f"the guest did not finish a command within {self.exec_timeout:g}s"
+                    ) from exc
+                raise
+        self.heard += 1
+        return result
+
+    def _exec_on(
+        self, transport: paramiko.Transport, command: str, stdin: bytes
+    ) -> tuple[int, bytes, bytes]:
+        chan = transport.open_session(timeout=self.exec_timeout)
         try:
             chan.exec_command(_sh(command))
             if stdin:
@@ -254,13 +317,37 @@ class Session:
             chan.close()
 
     def _until_done(self, what: str, step: Callable[[], _T]) -> _T:
-        """Run ``step``; after a dropped connection, reconnect and run it again."""
+        """Run ``step``; after a dropped connection, log in again and run it again.
+
+        Each login plus ``step`` is one attempt of SSH_RECONNECT_POLICY (waits, back-off, and
+        ``reconnect_timeout``); a step that drops after the guest answered starts afresh.
+        """
+        try:
+            return step()
+        except _DROPS as exc:
+            drop: BaseException = exc
         while True:
+            log.warning("lost the guest while %s (%s); reconnecting", what, drop)
+            heard = self.heard
             try:
-                return step()
-            except _DROPS as exc:
-                log.warning("lost the guest while %s (%s); reconnecting", what, exc)
-                self._reconnect()
+                for attempt in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
+                    with attempt:
+                        self._reconnect()
+                        try:
+                            return step()
+                        except _DROPS as exc:
+                            if self.heard == heard:  # nothing since the login: failed attempt
+                                raise GuestConnectionError(
+                                    f"the connection dropped again while {what}: {exc}"
+                                ) from exc
+                            drop = exc
+                            break  # the guest answered in between: a new drop, a new window
+            except GuestConnectionError as exc:
+                raise GuestLostError(
+                    f"the VM stopped answering while the job was running (no working SSH"
+                    f" connection for {self.reconnect_timeout:.0f}s; last error: {exc})",
+                    hint="see the VM's console log; the guest may have hung or run out of memory",
+                ) from exc
 
     def _robust_exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
         return self._until_done("running a command", lambda: self._exec(command, stdin))
@@ -351,6 +438,7 @@ class Session:
                         f"the guest did not answer within {self.liveness_timeout:.0f}s"
                     )
                 select.select([chan], [], [], 0.2)
+            self.heard += 1
         finally:
             chan.close()
 
@@ -368,6 +456,8 @@ class Session:
             err.flush()
             self.err_bytes += len(data)
             moved = moved or bool(data)
+        if moved:
+            self.heard += 1
         return moved
 
     def _drain(self, out: BinaryIO, err: BinaryIO) -> int:

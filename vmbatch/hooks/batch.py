@@ -27,6 +27,7 @@ import logging
 import os
 import pwd
 import re
+import signal
 import socket
 import time
 from collections.abc import Mapping, MutableMapping
@@ -330,19 +331,31 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
 
 def precancel(cfg: Config, job_id: str) -> None:
     """End the job in its guest before the scheduler kills the starter (Torque's
-    ``epilogue.precancel``, as the job's user): SIGTERM to the job's process group."""
+    ``epilogue.precancel``, as the job's user): SIGTERM to the job's process group.
+
+    pbs_mom waits for this hook before it signals the job, so ``qdel`` waits too: every
+    attempt logs in afresh while QEMU's forwarded port is open, a command that hangs is cut
+    off after ``[ssh].connect_timeout``, and attempts stop after
+    ``[batch].precancel_timeout``. Raises if the job could not be signalled (the caller
+    logs it and exits 0: the starter still forwards pbs_mom's own SIGTERM).
+    """
     userdir = UserDir(cfg.batch.user_dir, job_id)
     info, key = userdir.guest(), userdir.read(UserDir.KEY)
     if info is None or key is None:
         return
-    client = ssh.connect(_endpoint(cfg, info, key))
+    endpoint = _endpoint(cfg, info, key)
+    session = Session(
+        connect=lambda: ssh.connect(endpoint),
+        is_alive=lambda: _port_open(endpoint.host, endpoint.port),
+        job=GuestJob(job_id, b""),
+        reconnect_timeout=cfg.batch.precancel_timeout,
+        exec_timeout=cfg.ssh.connect_timeout,
+    )
     try:
-        session = Session(
-            connect=lambda: client, is_alive=lambda: True, job=GuestJob(job_id, b""), client=client
-        )
-        session.send_signal(15)
+        session.send_signal(signal.SIGTERM)
     finally:
-        client.close()
+        if session.client is not None:
+            session.client.close()
 
 
 # -- the epilogue ---------------------------------------------------------------------

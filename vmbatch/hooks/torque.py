@@ -16,7 +16,8 @@ configuration"; observed with a real pbs_mom 6.1.3, ../shared/PLATFORM.md):
 - epilogue: root, argv = job id, user, group, job name, session id, requested resources,
   used resources, queue, account, exit status, script path. Its exit status is ignored.
 - ``epilogue.precancel``: on ``qdel`` of a running job, before the job is signalled, as
-  the job's user, stdio /dev/null; its failure marks the node down, so it always exits 0.
+  the job's user, stdio /dev/null; its failure marks the node down, so it always exits 0,
+  and ``qdel`` waits for it, so it gives up after ``[batch].precancel_timeout``.
 """
 
 from __future__ import annotations
