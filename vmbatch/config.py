@@ -131,6 +131,9 @@ class DisksConfig:
     cvmfs_cache_gib: float = 0.0
     #: Size of the empty scratch disk per job (GiB; 0: none). Images may override.
     scratch_gib: float = 0.0
+    #: Host space one job's disks (overlay, CernVM-FS cache, scratch) may take together
+    #: (GiB; 0: no limit). Watched while the job runs; a job over it is ended.
+    job_max_gib: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,6 +672,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("reserve_gib", lambda v: v >= 0, "must be >= 0"),
         ("cvmfs_cache_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
         ("scratch_gib", lambda v: v >= 0, "must be >= 0 (0: no disk)"),
+        ("job_max_gib", lambda v: v >= 0, "must be >= 0 (0: no limit)"),
     ),
     "context": (
         ("inject_timeout", lambda v: v > 0, "must be > 0 seconds"),

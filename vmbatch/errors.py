@@ -22,7 +22,8 @@ catch ``VmBatchError`` in exactly one place each.
     │   ├── UnknownImageError                     image name not in the catalog
     │   ├── ImageError                            image missing, unreadable, not a disk image
     │   ├── ImageVerifyError                      download fails its checksum / will not unpack
-    │   └── ImageSourceError                      the image server refuses it (404, 403, ...)
+    │   ├── ImageSourceError                      the image server refuses it (404, 403, ...)
+    │   └── DiskBudgetError                       the job's disks outgrew [disks].job_max_gib
     ├── HostError                   REQUEUE       this host could not do it right now
     │   ├── CommandError                          an external command failed
     │   │   └── CommandTimeoutError               ... or did not finish in time
@@ -116,6 +117,11 @@ class ImageSourceError(ImageError):
     Requeueing cannot help (every node gets the same answer) and the node is fine for other
     images, so the job is aborted with a message naming the image and the URL to fix.
     """
+
+
+class DiskBudgetError(JobError):
+    """The job's disks took more host space than ``[disks].job_max_gib``: the job was ended
+    so that the job directory's file system stays for the node's other jobs."""
 
 
 class HostError(VmBatchError):

@@ -39,7 +39,7 @@ from vmbatch.guest import mounts, ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, command_script, job_environment
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.catalog import resolve
-from vmbatch.images.disks import check_free_space, job_disks
+from vmbatch.images.disks import DiskBudget, check_free_space, job_disks
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
@@ -125,6 +125,7 @@ class Guest:
             liveness_interval=self.cfg.ssh.liveness_interval,
             liveness_timeout=self.cfg.ssh.connect_timeout,
             client=live[-1] if live else None,
+            watch=DiskBudget(self.cfg, self.jobdir),
         )
         self.sessions.append(session)
         return session

@@ -130,3 +130,22 @@ def test_error_messages_carry_hints() -> None:
     assert str(err) == "it broke (do this)"
     multi = ConfigError(["a", "b"], source="/etc/x.toml")
     assert str(multi) == "/etc/x.toml: 2 problems: a; b"
+
+
+def test_disk_budget_counts_what_was_written_not_the_sparse_size(tmp_path: Path) -> None:
+    from vmbatch.config import parse
+    from vmbatch.errors import DiskBudgetError
+    from vmbatch.images.disks import DiskBudget
+    from vmbatch.state import JobDir
+
+    jobdir = JobDir(tmp_path, "5")
+    jobdir.path.mkdir()
+    cfg = parse({"disks": {"job_max_gib": 1 / 1024}})  # 1 MiB
+    budget = DiskBudget(cfg, jobdir)
+    with jobdir.scratch.open("wb") as fh:
+        fh.truncate(10 * 2**30)  # a 10 GiB sparse disk costs nothing yet
+    budget()
+    jobdir.overlay.write_bytes(b"x" * 2 * 2**20)
+    with pytest.raises(DiskBudgetError, match=r"more than the 0\.000976562 GiB"):
+        budget()
+    DiskBudget(parse({"disks": {"job_max_gib": 0}}), jobdir)()  # 0: no limit

@@ -222,6 +222,8 @@ class Session:
         liveness_timeout: float = 10.0,
         exec_timeout: float | None = None,
         client: paramiko.SSHClient | None = None,
+        watch: Callable[[], None] | None = None,
+        watch_interval: float = 1.0,
     ) -> None:
         self._connect = connect
         self._is_alive = is_alive
@@ -241,6 +243,11 @@ class Session:
         #: a drop after it grew starts a new ``reconnect_timeout`` (see the module docstring).
         self.heard = 0
         self._kill_at: float | None = None
+        #: Called every ``watch_interval`` s while the job runs (e.g. the disk budget);
+        #: a JobError from it kills the job in the guest and ends :meth:`follow` with it.
+        self.watch = watch
+        self.watch_interval = watch_interval
+        self._watch_at = 0.0
 
     # -- connection -------------------------------------------------------------------
     def _transport(self) -> paramiko.Transport:
@@ -396,6 +403,7 @@ class Session:
             chan.exec_command(_sh(self._follow_command()))
             while True:
                 self._handle_signals(pending)
+                self._watch()
                 moved = self._pump(chan, out, err)
                 if moved:
                     heard = time.monotonic()
@@ -418,6 +426,18 @@ class Session:
                 select.select([chan], [], [], 0.2)
         finally:
             chan.close()
+
+    def _watch(self) -> None:
+        if self.watch is None or time.monotonic() < self._watch_at:
+            return
+        self._watch_at = time.monotonic() + self.watch_interval
+        try:
+            self.watch()
+        except JobError as exc:
+            log.warning("ending the job: %s", exc)
+            with contextlib.suppress(*_DROPS, GuestLostError):
+                self.send_signal(signal.SIGKILL)
+            raise
 
     def _probe(self, transport: paramiko.Transport) -> None:
         """Run ``true`` in the guest within ``liveness_timeout``, or count it as a drop.

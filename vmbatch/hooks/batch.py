@@ -44,6 +44,7 @@ from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
+from vmbatch.images.disks import DiskBudget
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
@@ -319,6 +320,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         reconnect_timeout=cfg.ssh.reconnect_timeout,
         liveness_interval=cfg.ssh.liveness_interval,
         liveness_timeout=cfg.ssh.connect_timeout,
+        watch=DiskBudget(cfg, state.JobDir(cfg.paths.job_dir, job.job_id)),
     )
     try:
         with signals.interruptible():

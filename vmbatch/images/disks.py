@@ -13,20 +13,31 @@ free-space guard that runs before any of them is created.
   ``[disks].reserve_gib`` free; otherwise :class:`~vmbatch.errors.DiskSpaceError` requeues
   it (the node is short of space, not the job at fault).
 
+- The budget: :class:`DiskBudget` sums the host space the job's disk files take
+  (``st_blocks``, what the file system really gave them) against ``[disks].job_max_gib``.
+  The job starter and ``vmbatch run`` check it every second while the job runs
+  (:class:`~vmbatch.guest.session.Session` ``watch``) and end a job over it, so one runaway
+  job cannot take the job directory's file system from the node's other VMs. ``stat``
+  needs only search permission on the job directory (0711), so the starter can check as the
+  job's user.
+
 All of them live in the job directory and go with it at teardown.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from vmbatch import process
 from vmbatch.config import Config
-from vmbatch.errors import DiskSpaceError
+from vmbatch.errors import DiskBudgetError, DiskSpaceError
 from vmbatch.images.cache import free_bytes
 from vmbatch.images.catalog import ImageSpec
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
+
+log = logging.getLogger(__name__)
 
 #: Serials of the extra disks, as the guest sees them (``/dev/disk/by-id/virtio-<serial>``).
 CVMFS_SERIAL = "vmbatch-cvmfs"
@@ -92,3 +103,41 @@ def job_disks(cfg: Config, image: ImageSpec, jobdir: JobDir) -> tuple[DiskSpec, 
         if size > 0:
             disks.append(DiskSpec(create_blank(cfg, path, size), "qcow2", serial=serial))
     return tuple(disks)
+
+
+class DiskBudget:
+    """``[disks].job_max_gib`` for one job: call it to raise DiskBudgetError once over."""
+
+    def __init__(self, cfg: Config, jobdir: JobDir) -> None:
+        self.limit = int(cfg.disks.job_max_gib * 2**30)
+        self.files = (jobdir.overlay, jobdir.cvmfs_cache, jobdir.scratch)
+        self._blind = False
+
+    def used(self) -> int:
+        """Bytes the job's disk files take on the host (sparse: only what was written)."""
+        total = 0
+        for path in self.files:
+            try:
+                total += path.stat().st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
+    def __call__(self) -> None:
+        if self.limit <= 0 or self._blind:
+            return
+        try:
+            used = self.used()
+        except OSError as exc:  # e.g. a job_dir the job's user cannot search: say so once
+            log.warning(
+                "cannot watch the job's disk use (%s); [disks].job_max_gib not enforced", exc
+            )
+            self._blind = True
+            return
+        if used > self.limit:
+            raise DiskBudgetError(
+                f"the job wrote {used / 2**30:.2f} GiB to its VM's disks, more than the"
+                f" {self.limit / 2**30:g} GiB a job may take on this node"
+                " ([disks].job_max_gib); the job was ended",
+                hint="write large output to a shared file system, or ask the site's admins",
+            )
