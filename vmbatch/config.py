@@ -300,8 +300,7 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
 
     ``honour_env=False`` ignores ``VMBATCH_CONFIG`` (the privileged job starter: its
     environment is the job's). ``as_root`` (root-run hooks and commands) also requires every
-    file read, and every directory root will write in (``[batch]`` state, user and
-    accounting directories, ``[paths]``), to be under root's sole control
+    file read and every path of :func:`root_paths` to be under root's sole control
     (:mod:`vmbatch.trust`): whoever names the file, root reads only what root wrote.
     """
     explicit = path is not None or (honour_env and bool(os.environ.get(ENV_VAR)))
@@ -333,22 +332,39 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
         _merge(merged, data)
     cfg = _build(merged, problems, tuple(read))
     if cfg is not None and as_root:
-        problems += _untrusted(root_written(cfg))
+        problems += _untrusted(root_paths(cfg))
     if problems or cfg is None:
         raise ConfigError(problems, source=str(files[0]))
     return cfg
 
 
-def root_written(cfg: Config) -> list[Path]:
-    """Directories the root-run hooks create files in."""
-    dirs = [
+def root_paths(cfg: Config) -> list[Path]:
+    """What root runs, reads into every job's VM, or writes in: each must be root's alone.
+
+    Directories the hooks create files in; the programs they run; the images, kernels and
+    firmware every job boots (a user who could swap one would run their code in other
+    users' VMs); the site's user-data and the cache's source directories.
+    """
+    paths = [
         cfg.batch.state_dir,
         cfg.batch.user_dir,
         cfg.batch.accounting_log.parent,
         cfg.paths.job_dir,
         cfg.paths.cache_dir,
+        *([cfg.paths.console_log_dir] if cfg.paths.console_log_dir else []),
+        *(
+            v
+            for f in dataclasses.fields(cfg.tools)
+            if isinstance(v := getattr(cfg.tools, f.name), Path)
+        ),
+        *([cfg.context.site_user_data] if cfg.context.site_user_data else []),
+        *cfg.cache.image_dirs,
     ]
-    return dirs + ([cfg.paths.console_log_dir] if cfg.paths.console_log_dir else [])
+    for image in cfg.images.values():
+        source = image.source.removeprefix("file://")
+        paths += [Path(source)] if source.startswith("/") else []
+        paths += [p for p in (image.kernel, image.initrd, image.firmware) if p is not None]
+    return paths
 
 
 def _untrusted(paths: list[Path]) -> list[str]:

@@ -110,3 +110,18 @@ def test_honour_env_false_ignores_vmbatch_config(
     monkeypatch.setenv("VMBATCH_CONFIG", str(named))
     assert config.load(as_root=True).vm.memory == 77
     assert config.config_files(honour_env=False)[0] == config.DEFAULT_PATH
+
+
+def test_as_root_config_refuses_programs_and_images_a_user_could_swap(base: Path) -> None:
+    home = base / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    cfg = base / "vmbatch.toml"
+    cfg.write_text(
+        f'[tools]\nqemu_img = "{home}/qemu-img"\n'
+        f'[images.x]\nsource = "{home}/x.qcow2"\nkernel = "{base}/vmlinux"\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        config.load(cfg, as_root=True)
+    assert str(err.value).count(f"{home} is owned by uid 65534") == 2
+    assert "vmlinux" not in str(err.value)
