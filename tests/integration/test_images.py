@@ -56,6 +56,24 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
         resolve(_cfg(t={"source": str(top)}), "t")
 
 
+@pytest.mark.parametrize("raw", ["on", "off"])
+def test_external_data_file_is_refused(tmp_path: Path, raw: str) -> None:
+    # The guest would read (and with data_file_raw=on, see verbatim) another host file.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:$6$hash:19000:0:99999:7:::\n".ljust(1024 * 1024, b"\0"))
+    img = tmp_path / "df.qcow2"
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw={raw}",
+         str(img), "1M"],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(ImageError, match=rf"has an external data file \({secret}\); refused"):
+        resolve(_cfg(t={"source": str(img)}), "t")
+    secret.unlink()  # still named in the image: refused before anything opens it
+    with pytest.raises(ImageError, match="external data file"):
+        resolve(_cfg(t={"source": str(img), "format": "qcow2"}), "t")
+
+
 def test_non_image_file_is_refused(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("this is not a disk\n")
