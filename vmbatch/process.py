@@ -42,6 +42,7 @@ def run(
     env: Mapping[str, str] | None = None,
     input_text: str | None = None,
     stderr_path: Path | None = None,
+    umask: int | None = None,
 ) -> Result:
     """Run ``argv`` (``argv[0]`` absolute) and return its result.
 
@@ -50,6 +51,11 @@ def run(
     non-zero. The error message carries the last line of stderr, which is usually the cause.
     With ``stderr_path`` stderr goes to that file instead of a pipe (for programs that leave
     a daemon behind holding it, such as ``guestfish --listen``) and is read back from it.
+    With ``umask`` the child starts with that file-mode creation mask (umask(2)), so what it
+    creates has no more than the mask allows from the moment it exists: a ``chmod`` after
+    the command returns would leave a window in which others can open the file and keep the
+    handle. Popen applies it in the child between fork and exec, without a ``preexec_fn``
+    (https://docs.python.org/3/library/subprocess.html#subprocess.Popen).
     """
     args = tuple(str(a) for a in argv)
     if not Path(args[0]).is_absolute():
@@ -74,6 +80,7 @@ def run(
                 text=True,
                 env=child_env,
                 start_new_session=True,
+                umask=-1 if umask is None else umask,
             )
     except OSError as exc:
         raise CommandError(

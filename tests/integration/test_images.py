@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vmbatch import config
-from vmbatch.errors import DiskSpaceError, Disposition, ImageError, UnknownImageError
+from vmbatch.errors import (
+    DiskSpaceError,
+    Disposition,
+    HostError,
+    ImageError,
+    UnknownImageError,
+)
 from vmbatch.images.catalog import resolve
-from vmbatch.images.disks import check_free_space, create_overlay, job_disks
+from vmbatch.images.disks import check_free_space, create_blank, create_overlay, job_disks
 from vmbatch.state import JobDir
 
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -45,6 +54,24 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ImageError, match=r"has a backing file .*refused for safety"):
         resolve(_cfg(t={"source": str(top)}), "t")
+
+
+@pytest.mark.parametrize("raw", ["on", "off"])
+def test_external_data_file_is_refused(tmp_path: Path, raw: str) -> None:
+    # The guest would read (and with data_file_raw=on, see verbatim) another host file.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:$6$hash:19000:0:99999:7:::\n".ljust(1024 * 1024, b"\0"))
+    img = tmp_path / "df.qcow2"
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw={raw}",
+         str(img), "1M"],
+        check=True,
+    )  # fmt: skip
+    with pytest.raises(ImageError, match=rf"has an external data file \({secret}\); refused"):
+        resolve(_cfg(t={"source": str(img)}), "t")
+    secret.unlink()  # still named in the image: refused before anything opens it
+    with pytest.raises(ImageError, match="external data file"):
+        resolve(_cfg(t={"source": str(img), "format": "qcow2"}), "t")
 
 
 def test_non_image_file_is_refused(tmp_path: Path) -> None:
@@ -138,3 +165,74 @@ def test_free_space_guard_requeues(tmp_path: Path) -> None:
     with pytest.raises(DiskSpaceError, match=r"job_dir.*\[disks\]\.reserve_gib") as info:
         check_free_space(short)
     assert info.value.disposition is Disposition.REQUEUE
+
+
+#: A qemu-img that records, the moment the real one has returned and before vmbatch's code
+#: runs again, the mode of each file it made in the job directory and of the directories
+#: from that file up to the job directory (the job directory is 0711 by design).
+_SPY = """#!{python}
+import json, os, subprocess, sys
+rc = subprocess.run(["/usr/bin/qemu-img", *sys.argv[1:]]).returncode
+top = {jobdir!r}
+with open({log!r}, "a") as log:
+    for arg in sys.argv[1:]:
+        if arg.startswith(top + "/") and os.path.isfile(arg):
+            dirs, d = [], os.path.dirname(arg)
+            while True:
+                dirs.append(os.stat(d).st_mode)
+                if d == top:
+                    break
+                d = os.path.dirname(d)
+            log.write(json.dumps({{"path": arg, "mode": os.stat(arg).st_mode, "dirs": dirs}}))
+            log.write("\\n")
+sys.exit(rc)
+"""
+
+
+def _exposed(mode: int, dirs: list[int]) -> list[str]:
+    """Who besides root could open a file with ``mode`` below directories with ``dirs``."""
+    classes = (("group", stat.S_IRGRP, stat.S_IXGRP), ("others", stat.S_IROTH, stat.S_IXOTH))
+    return [who for who, r, x in classes if mode & r and all(d & x for d in dirs)]
+
+
+def test_job_disks_are_never_readable_by_others_not_even_for_an_instant(tmp_path: Path) -> None:
+    base = _img(tmp_path / "base.qcow2", "qcow2", "64M")
+    jobdir = JobDir(tmp_path / "jobs", "7").create()
+    log, spy = tmp_path / "spy.log", tmp_path / "qemu-img-spy"
+    spy.write_text(_SPY.format(python=sys.executable, jobdir=str(jobdir.path), log=str(log)))
+    spy.chmod(0o755)
+    cfg = config.parse(
+        {
+            "tools": {"qemu_img": str(spy)},
+            "disks": {"cvmfs_cache_gib": 1, "scratch_gib": 1},
+            "images": {"c": {"source": str(base)}},
+        }
+    )
+    image = resolve(cfg, "c")
+    old = os.umask(0o022)  # the prologue's umask (vmbatch.hooks.entry)
+    try:
+        job_disks(cfg, image, jobdir)
+    finally:
+        os.umask(old)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    made = [Path(r["path"]).name for r in records]
+    assert sorted(made) == ["cvmfs-cache.qcow2", "overlay.qcow2", "scratch.qcow2"]
+    for r in records:
+        assert _exposed(r["mode"], r["dirs"]) == [], f"{r['path']} mode {r['mode']:o}"
+    assert stat.S_IMODE(jobdir.path.stat().st_mode) == 0o711  # still traversable for QEMU
+
+
+def test_a_qemu_img_that_leaves_a_disk_readable_fails_closed(tmp_path: Path) -> None:
+    # A site wrapper that resets permissions: the disk is removed, the job requeued.
+    wrapper = tmp_path / "qemu-img-chmod"
+    wrapper.write_text(
+        '#!/bin/sh\n/usr/bin/qemu-img "$@" || exit\n'
+        'for a; do [ -f "$a" ] && chmod 644 "$a"; done\nexit 0\n'
+    )
+    wrapper.chmod(0o755)
+    jobdir = JobDir(tmp_path / "jobs", "8").create()
+    cfg = config.parse({"tools": {"qemu_img": str(wrapper)}})
+    with pytest.raises(HostError, match="mode 0644, readable by others") as info:
+        create_blank(cfg, jobdir.scratch, 1)
+    assert info.value.disposition is Disposition.REQUEUE
+    assert not jobdir.scratch.exists()

@@ -42,3 +42,12 @@ def test_environment_is_minimal() -> None:
         del os.environ["VMBATCH_PRIVATE_VAR"]
     assert "VMBATCH_PRIVATE_VAR" not in res.stdout
     assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin" in res.stdout
+
+
+def test_umask_applies_to_the_child_only() -> None:
+    res = process.run(["/bin/sh", "-c", "umask"], timeout=5, umask=0o077)
+    assert res.stdout.strip() == "0077"
+    mine = os.umask(0o022)
+    os.umask(mine)
+    inherited = process.run(["/bin/sh", "-c", "umask"], timeout=5).stdout.strip()
+    assert int(inherited, 8) == mine

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from vmbatch import config
-from vmbatch.contextualize import cernvm, nocloud
+from vmbatch.contextualize import cernvm, nocloud, sshd
 from vmbatch.contextualize.base import ContextSpec
 from vmbatch.contextualize.cernvm import CernVM, CernvmOptions
 from vmbatch.contextualize.keys import generate
@@ -236,3 +236,8 @@ def test_prepare_writes_context_cd_and_nocloud_volume(tmp_path: Path) -> None:
     ec2 = re.search(r"^EC2_USER_DATA='([^']*)'$", files[("CONTEXT", "context.sh")], re.M)
     assert ec2 and base64.b64decode(ec2.group(1)).decode() == data
     assert yaml.safe_load(files[("cidata", "meta-data")])["instance-id"] == "vmbatch-42"
+    # sshd: no password or keyboard-interactive logins, whichever volume cloud-init reads.
+    [cloud] = [p for p in _parts(data) if p.get_content_type() == "text/cloud-config"]
+    cloud_config = yaml.safe_load(cloud.get_payload())
+    assert cloud_config["ssh_pwauth"] is False
+    assert cloud_config["bootcmd"][0] == sshd.prepend_command()

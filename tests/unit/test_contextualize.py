@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import shlex
 import stat
 import typing
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from vmbatch import config
 from vmbatch.config import ContextName
-from vmbatch.contextualize import REGISTRY, ContextSpec, get_method
+from vmbatch.contextualize import REGISTRY, ContextSpec, get_method, sshd
 from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, load_site_user_data, meta_data, user_data
 from vmbatch.errors import ConfigError, Disposition, JobError
@@ -116,10 +117,42 @@ def test_user_data_creates_the_job_user_with_exact_ids_and_no_root_access() -> N
     assert "ssh_authorized_keys" not in data  # nothing for root or the default user
     assert data["disable_root"] is True and data["ssh_pwauth"] is False
     assert data["bootcmd"] == [
+        sshd.prepend_command(),  # first: see test_sshd_refuses_passwords_...
         "getent group 4343 >/dev/null || groupadd -g 4343 physics || groupadd -g 4343"
         " vmbatch-g4343",
         "getent group 5000 >/dev/null || groupadd -g 5000 atlas || groupadd -g 5000 vmbatch-g5000",
     ]
+
+
+@pytest.mark.parametrize("user", [ALICE, None], ids=["job-user", "root-debug"])
+def test_sshd_refuses_passwords_and_keyboard_interactive_in_the_seed(
+    tmp_path: Path, user: JobUser | None
+) -> None:
+    # ssh_pwauth covers PasswordAuthentication only; the first bootcmd puts vmbatch's block
+    # (shared with offline injection) at the top of sshd_config, before any Include.
+    jobdir = JobDir(tmp_path, "job").create()
+    [disk] = get_method("nocloud", config.parse({})).prepare(_spec(user=user), jobdir)
+    iso = pycdlib.PyCdlib()
+    iso.open(str(disk.path))
+    try:
+        out = io.BytesIO()
+        iso.get_file_from_iso_fp(out, rr_path="/user-data")
+    finally:
+        iso.close()
+    data = yaml.safe_load(out.getvalue())
+    assert data["ssh_pwauth"] is False
+    command = data["bootcmd"][0]
+    assert command == sshd.prepend_command("/etc/ssh/sshd_config")
+    for line in (
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "ChallengeResponseAuthentication no",
+    ):
+        assert line in sshd.AUTH_SETTINGS and f"'{line}'" in command
+    # What the command writes is exactly what offline injection writes (run for real in
+    # tests/integration/test_sshd.py); the file name and marker are quoted for sh.
+    assert shlex.split(command)[:4] == ["if", "[", "-f", "/etc/ssh/sshd_config"]
+    assert shlex.quote(sshd.MARKER) in command
 
 
 def test_admin_key_goes_to_root_only_when_mounts_need_it() -> None:
@@ -188,8 +221,8 @@ def test_site_snippet_is_merged_after_ours() -> None:
     site = {"bootcmd": ["echo site"], "packages": ["htop"], "timezone": "Europe/Zurich"}
     spec = dataclasses.replace(_spec(user=ALICE), site_user_data=site)
     data = yaml.safe_load(user_data(spec))
-    assert data["bootcmd"][:2] == yaml.safe_load(user_data(_spec(user=ALICE)))["bootcmd"]
-    assert data["bootcmd"][2:] == ["echo site"]  # after the groups exist
+    ours = yaml.safe_load(user_data(_spec(user=ALICE)))["bootcmd"]
+    assert data["bootcmd"] == [*ours, "echo site"]  # after the groups and sshd settings
     assert (data["packages"], data["timezone"]) == (["htop"], "Europe/Zurich")
     assert [u["name"] for u in data["users"]] == ["alice"]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmbatch.contextualize.inject import SSHD_SETTINGS, add_account, hosts_file, sshd_config
+from vmbatch.contextualize import sshd
+from vmbatch.contextualize.inject import add_account, hosts_file, sshd_config
 from vmbatch.errors import Disposition, ImageError
 from vmbatch.job import JobUser
 
@@ -76,9 +77,11 @@ def test_sshd_settings_come_first_and_refuse_passwords_and_root() -> None:
             first.setdefault(parts[0].lower(), parts[1])
     assert first["passwordauthentication"] == "no"
     assert first["kbdinteractiveauthentication"] == "no"
+    assert first["challengeresponseauthentication"] == "no"  # OpenSSH < 8.7: kbd-int again
     assert first["permitrootlogin"] == "no"
     assert first["hostkey"] == "/etc/ssh/ssh_host_ed25519_key"
-    assert text.endswith(original) and all(s in text for s in SSHD_SETTINGS)
+    assert text.startswith(sshd.MARKER + "\n") and text.endswith("\n\n" + original)
+    assert all(s in text for s in sshd.AUTH_SETTINGS)
     assert "PermitRootLogin prohibit-password" in sshd_config("", None)  # root-debug mode
     # [mounts]: vmbatch logs in as root with its own key (root's file holds only that key).
     assert "PermitRootLogin prohibit-password" in sshd_config("", ALICE, admin=True)

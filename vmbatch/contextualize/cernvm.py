@@ -8,9 +8,13 @@ and cloud-init. vmbatch writes one MIME ``multipart/mixed`` user-data, as CernVM
 this order:
 
 1. ``text/cloud-config``: exactly the NoCloud user-data of :mod:`.nocloud` (job user with
-   uid/gid, per-job key, pinned host key, hostname, site snippet). This part creates the
-   account: amiconfig's ``[cernvm] users`` cannot set a uid, puts the first user in
-   ``wheel`` and gives an empty password a random one (cernvm/amiconfig
+   uid/gid, per-job key, pinned host key, hostname, site snippet, and the ``bootcmd`` that
+   puts :mod:`.sshd`'s settings at the top of ``sshd_config``: no password,
+   keyboard-interactive or challenge-response logins; that placement also works for
+   CernVM 4's EL7 sshd (OpenSSH 7.4), whose ``sshd_config`` has no ``Include``, and
+   ``ChallengeResponseAuthentication no`` is what keeps keyboard-interactive off there).
+   This part creates the account: amiconfig's ``[cernvm] users`` cannot set a uid, puts
+   the first user in ``wheel`` and gives an empty password a random one (cernvm/amiconfig
    ``cernvm/amiconfig/plugins/cernvm.py``), so vmbatch never emits ``users``.
    It comes first because amiconfig drops every line before the first ``[section]``
    (sassoftware/amiconfig ``amiconfig/userdata.py``), so its YAML never reaches amiconfig.

@@ -24,7 +24,9 @@ What is written (paths in the guest):
 - ``/etc/ssh/ssh_host_ed25519_key`` (0600) and ``.pub``; every other ``ssh_host_*`` file
   is removed so sshd serves only the pinned key;
 - ``/etc/ssh/sshd_config``: vmbatch's settings are put first (sshd keeps the first value
-  of each keyword): keys only, no root login, the ed25519 host key;
+  of each keyword; :mod:`.sshd`, shared with the cloud-init methods): keys only (no
+  password, keyboard-interactive or challenge-response), no root login, the ed25519 host
+  key;
 - with ``[mounts]`` only: ``/root/.ssh/authorized_keys`` holding just vmbatch's per-job
   admin key, and root logins by key allowed (vmbatch mounts the shares as root);
 - ``/etc/hostname`` and a ``127.0.1.1`` line in ``/etc/hosts``.
@@ -50,6 +52,7 @@ from pathlib import Path
 
 from vmbatch import accel, process
 from vmbatch.config import Config
+from vmbatch.contextualize import sshd
 from vmbatch.contextualize.base import ContextSpec
 from vmbatch.errors import (
     CommandError,
@@ -65,13 +68,8 @@ from vmbatch.state import JobDir
 log = logging.getLogger(__name__)
 
 SUPPORTED_FS = ("ext2", "ext3", "ext4", "xfs")
-SSHD_SETTINGS = (
-    "# vmbatch: per-job settings, first so that they win (sshd keeps the first value).",
-    "PasswordAuthentication no",
-    "KbdInteractiveAuthentication no",
-    "PubkeyAuthentication yes",
-    "HostKey /etc/ssh/ssh_host_ed25519_key",
-)
+#: Beyond :data:`.sshd.AUTH_SETTINGS`: sshd serves only the pinned host key.
+HOST_KEY_SETTING = "HostKey /etc/ssh/ssh_host_ed25519_key"
 #: Account files larger than this are refused (a hostile image could fill the host).
 MAX_READ = 16 * 2**20
 
@@ -150,15 +148,14 @@ def add_account(
 
 
 def sshd_config(original: str, user: JobUser | None, admin: bool = False) -> str:
-    """vmbatch's settings first, then the image's own file unchanged.
+    """vmbatch's settings first (:func:`.sshd.prepend`), then the image's own file unchanged.
 
     Root may log in (by key only) when it is the login user or vmbatch needs it (``admin``:
     mounts); its ``authorized_keys`` then holds vmbatch's key only.
     """
-    lines = list(SSHD_SETTINGS)
     root_ok = user is None or admin
-    lines.append("PermitRootLogin prohibit-password" if root_ok else "PermitRootLogin no")
-    return "\n".join(lines) + "\n\n" + original
+    root = "PermitRootLogin prohibit-password" if root_ok else "PermitRootLogin no"
+    return sshd.prepend(original, (HOST_KEY_SETTING, root))
 
 
 def hosts_file(original: str, hostname: str) -> str:
@@ -377,8 +374,8 @@ class Inject:
         gf("glob", "rm-f", "/etc/ssh/ssh_host_*")
         write("/etc/ssh/ssh_host_ed25519_key", spec.host_key.private_openssh, 0o600)
         write("/etc/ssh/ssh_host_ed25519_key.pub", spec.host_key.public_openssh + "\n", 0o644)
-        sshd = sshd_config(read("/etc/ssh/sshd_config") or "", user, bool(spec.admin_keys))
-        write("/etc/ssh/sshd_config", sshd, 0o644)
+        settings = sshd_config(read("/etc/ssh/sshd_config") or "", user, bool(spec.admin_keys))
+        write("/etc/ssh/sshd_config", settings, 0o644)
         write("/etc/hostname", spec.hostname + "\n", 0o644)
         write("/etc/hosts", hosts_file(read("/etc/hosts") or "", spec.hostname), 0o644)
         gf("umount-all")

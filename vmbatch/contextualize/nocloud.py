@@ -11,6 +11,21 @@ vmbatch), ``ssh_deletekeys``, ``ssh_genkeytypes: [ed25519]`` (the schema wants a
 one type; with ``ssh_keys`` given cloud-init generates none anyway),
 ``ssh_pwauth: false``.
 
+sshd: ``ssh_pwauth: false`` only turns off ``PasswordAuthentication`` (set-passwords module,
+config stage); keyboard-interactive, through which PAM asks for the same password, stays as
+the image has it. So the first ``bootcmd`` puts vmbatch's block (:mod:`.sshd`, the lines
+offline injection writes) at the top of ``/etc/ssh/sshd_config``, where the first value
+wins over the files of Debian 12's ``Include /etc/ssh/sshd_config.d/*.conf`` and, on images
+without that ``Include``, over the rest of the file. A ``write_files`` drop-in in
+``sshd_config.d`` would lose to any drop-in sorting before it and is never read without the
+``Include``. ``bootcmd`` (https://cloudinit.readthedocs.io/en/latest/reference/modules.html
+#bootcmd: "run arbitrary commands early in the boot process", string items run by
+``/bin/sh``, on every boot) runs in the init stage, and ``cloud-init.service`` is ordered
+``Before=sshd.service`` (cloud-init ``systemd/cloud-init.service.tmpl``), so sshd starts on
+the edited file; the command skips a file that already has the block (a guest reboot). An
+image whose cloud-init does not run ``bootcmd`` keeps its own sshd settings (and would miss
+the job's groups too).
+
 The job's user (``users``, cloud-init's users-groups module, 22.4 as in Debian 12): name,
 ``uid``, ``primary_group`` and ``groups`` by *number*, ``homedir``, ``shell``,
 ``lock_passwd: true`` (no password login) and the per-job key in ``ssh_authorized_keys``;
@@ -51,6 +66,7 @@ import pycdlib
 import yaml
 
 from vmbatch.config import Config
+from vmbatch.contextualize import sshd
 from vmbatch.contextualize.base import ContextSpec
 from vmbatch.errors import ConfigError
 from vmbatch.libvirt.domain import DiskSpec
@@ -135,12 +151,13 @@ def user_data(spec: ContextSpec) -> str:
         "ssh_deletekeys": True,
         "ssh_genkeytypes": ["ed25519"],
     }
+    data["bootcmd"] = [sshd.prepend_command()]
     user = spec.user
     if user is None:
         data["ssh_authorized_keys"] = [*spec.authorized_keys, *spec.admin_keys]
     else:
         groups = [(user.group, user.gid), *user.groups]
-        data["bootcmd"] = [_group_command(name, gid) for name, gid in groups]
+        data["bootcmd"] += [_group_command(name, gid) for name, gid in groups]
         entry: dict[str, Any] = {
             "name": user.name,
             "uid": user.uid,

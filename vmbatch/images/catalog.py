@@ -5,9 +5,13 @@ local image when run by root by hand (for testing images before adding them).
 
 Every base image is inspected with ``qemu-img info --output=json`` before use
 (https://www.qemu.org/docs/master/tools/qemu-img.html): its format must be qcow2 or raw and
-agree with the catalog, it must not have a backing file (a hostile qcow2 could otherwise make
-QEMU read host files), and a "raw" file must at least look like a disk (non-empty, whole
-512-byte sectors); anything else is refused with the reason.
+agree with the catalog, it must name no other host file (a hostile qcow2 could otherwise
+make QEMU read it and show it to the guest): no backing file (``backing-filename``) and no
+external data file (qcow2's ``data_file`` option, e.g. ``-o data_file=/etc/shadow,
+data_file_raw=on``: the guest's disk *is* that file; ``qemu-img info`` reports it as
+``format-specific.data.data-file`` and ``data-file-raw``, QAPI ``ImageInfoSpecificQCow2``,
+https://www.qemu.org/docs/master/interop/qemu-qmp-ref.html). A "raw" file must at least look
+like a disk (non-empty, whole 512-byte sectors). Anything else is refused with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from vmbatch import process
 from vmbatch.config import Config, ContextName, ImageConfig
@@ -155,6 +159,12 @@ def inspect(cfg: Config, entry: ImageConfig, path: Path) -> tuple[Literal["qcow2
             f"{where}: has a backing file ({info.get('backing-filename')}); refused for safety",
             hint="flatten it with `qemu-img convert -O qcow2 IN OUT`",
         )
+    data_file = _external_data_file(info)
+    if data_file is not None:
+        raise ImageError(
+            f"{where}: has an external data file ({data_file}); refused for safety",
+            hint="make it self-contained with `qemu-img convert -O qcow2 IN OUT`",
+        )
     size = int(info.get("virtual-size", 0))
     # qemu-img rounds a raw file's size up to whole sectors; a real disk has whole sectors.
     length = path.stat().st_size
@@ -172,3 +182,17 @@ def inspect(cfg: Config, entry: ImageConfig, path: Path) -> tuple[Literal["qcow2
             hint="raise [cache].max_virtual_size_gib if this image is trusted",
         )
     return cast(Literal["qcow2", "raw"], fmt), size
+
+
+def _external_data_file(info: dict[str, Any]) -> str | None:
+    """The qcow2 external data file ``qemu-img info`` reports, or None if there is none.
+
+    ``data-file`` is the name stored in the image; ``data-file-raw`` is reported whenever
+    QEMU treats the image as having a data file (``qcow2_get_specific_info``:
+    ``has_data_file_raw = has_data_file(bs)``), even one whose name is not stored in it.
+    """
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if not isinstance(data, dict) or not ("data-file" in data or "data-file-raw" in data):
+        return None
+    return str(data.get("data-file") or "name not stored in the image")

@@ -21,7 +21,13 @@ free-space guard that runs before any of them is created.
   needs only search permission on the job directory (0711), so the starter can check as the
   job's user.
 
-All of them live in the job directory and go with it at teardown.
+All of them live in the job directory and go with it at teardown, and are created private
+(0600, root): qemu-img runs with umask 077. The job directory is 0711 and its file names and
+job ids are predictable, and qemu-img creates its file with mode 0644 less the umask (QEMU
+``block/file-posix.c``, ``raw_co_create``), so with the prologue's umask 022 a ``chmod``
+after the command would come too late: a local user looping on ``open()`` would get a read
+handle on the guest's disk in between and keep it for the VM's life. libvirt still reads
+the files: it opens them as root before re-owning them for QEMU's user, as for the seed.
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from pathlib import Path
 
 from vmbatch import process
 from vmbatch.config import Config
-from vmbatch.errors import DiskBudgetError, DiskSpaceError
+from vmbatch.errors import DiskBudgetError, DiskSpaceError, HostError
 from vmbatch.images.cache import free_bytes
 from vmbatch.images.catalog import ImageSpec
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
 
 log = logging.getLogger(__name__)
+
+#: The mask qemu-img runs with: what it creates is 0600 from the start (see the module doc).
+PRIVATE_UMASK = 0o077
 
 #: Serials of the extra disks, as the guest sees them (``/dev/disk/by-id/virtio-<serial>``).
 CVMFS_SERIAL = "vmbatch-cvmfs"
@@ -62,33 +71,33 @@ def check_free_space(cfg: Config) -> None:
 
 def create_overlay(cfg: Config, image: ImageSpec, dest: Path) -> Path:
     """Create ``dest`` as a qcow2 overlay on ``image`` (mode 0600; libvirt re-owns it)."""
-    process.run(
-        [
-            str(cfg.tools.qemu_img),
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            image.format,
-            "-b",
-            str(image.path),
-            str(dest),
-        ],
-        timeout=cfg.tools.command_timeout,
-    )
-    dest.chmod(0o600)
-    return dest
+    argv = ["create", "-q", "-f", "qcow2", "-F", image.format, "-b", str(image.path)]
+    return _qemu_img_create(cfg, [*argv, str(dest)], dest)
 
 
 def create_blank(cfg: Config, dest: Path, size_gib: float) -> Path:
     """Create ``dest`` as an empty, sparse qcow2 disk of ``size_gib`` (rounded to MiB)."""
     mib = max(1, round(size_gib * 1024))
+    return _qemu_img_create(cfg, ["create", "-q", "-f", "qcow2", str(dest), f"{mib}M"], dest)
+
+
+def _qemu_img_create(cfg: Config, args: list[str], dest: Path) -> Path:
+    """Run ``qemu-img ARGS`` with :data:`PRIVATE_UMASK`; check that ``dest`` came out private.
+
+    The check catches a ``[tools].qemu_img`` wrapper that resets the umask or chmods: the
+    file is then removed (a handle someone may have opened no longer reaches the guest's
+    disk) and the job requeued, rather than run on a disk others can read.
+    """
     process.run(
-        [str(cfg.tools.qemu_img), "create", "-q", "-f", "qcow2", str(dest), f"{mib}M"],
-        timeout=cfg.tools.command_timeout,
+        [str(cfg.tools.qemu_img), *args], timeout=cfg.tools.command_timeout, umask=PRIVATE_UMASK
     )
-    dest.chmod(0o600)
+    mode = dest.stat().st_mode & 0o7777
+    if mode & 0o077:
+        dest.unlink(missing_ok=True)
+        raise HostError(
+            f"{cfg.tools.qemu_img} created {dest} with mode {mode:04o}, readable by others",
+            hint="[tools].qemu_img must keep the umask it is started with (077)",
+        )
     return dest
 
 
