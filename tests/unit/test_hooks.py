@@ -158,7 +158,7 @@ def _finish_cfg(tmp_path: Path) -> object:
 
     return parse(
         {
-            "paths": {"job_dir": str(tmp_path / "jobs")},
+            "paths": {"job_dir": str(tmp_path / "jobs"), "cache_dir": str(tmp_path / "cache")},
             "libvirt": {"uri": "test:///nowhere"},
             "batch": {
                 "state_dir": str(tmp_path / "state"),
@@ -374,3 +374,27 @@ def test_precancel_hook_exits_0_when_the_guest_never_answers(
     argv = ["vmbatch-epilogue", "--precancel", "9.srv", "u", "u", "job"]
     assert entry.run_epilogue(argv, {}) == 0
     assert 4 <= guest.logins <= 12
+
+
+def test_finish_releases_an_image_marker_the_record_never_named(tmp_path: Path) -> None:
+    """Issue 13: a prologue SIGKILLed after marking its cached image in use, before its
+    record named the image, left the marker forever (the image was never evictable)."""
+    from vmbatch.images.cache import ImageCache
+
+    cfg = _finish_cfg(tmp_path)
+    cache = ImageCache(cfg)  # type: ignore[arg-type]
+    image = cache.dir / "demo-0123456789abcdef.img"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"")
+    cache.mark_used(image, "6")
+    StateStore(tmp_path / "state").write(Record("6", "slurm", "u"))  # no image_path yet
+    assert [e.jobs for e in cache.entries()] == [("6",)]
+    from vmbatch.config import LibvirtConfig
+    from vmbatch.libvirt.connection import Connection
+
+    conn = Connection(LibvirtConfig(uri="test:///default")).open()
+    try:
+        batch.finish(cfg, "6", conn=conn)  # type: ignore[arg-type]
+    finally:
+        conn.close()
+    assert [e.jobs for e in cache.entries()] == [()]
