@@ -12,11 +12,17 @@ itself must lie in such a directory. This is OpenSSH's ``StrictModes`` check of
 
 A path that does not exist yet is judged by its nearest existing ancestor: root creates the
 rest itself.
+
+Disk images are the one exception to "owned by root": libvirt hands a disk and its backing
+chain to QEMU's user while a VM uses it (``dynamic_ownership``, qemu.conf(5)), so a shared
+base image is often owned by ``libvirt-qemu`` (Debian) or ``qemu`` (EL). Such files may
+also belong to that account (:func:`qemu_uids`); their directories may not.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -24,14 +30,28 @@ from pathlib import Path
 _MAX_LINKS = 40
 
 
-def untrusted_reason(path: Path) -> str | None:
-    """Why ``path`` is not under root's sole control, or None if it is."""
+def qemu_uids() -> frozenset[int]:
+    """The accounts libvirt runs QEMU as (Debian ``libvirt-qemu``, EL ``qemu``), if any."""
+    uids = set()
+    for name in ("libvirt-qemu", "qemu"):
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            continue
+    return frozenset(uids)
+
+
+def untrusted_reason(path: Path, owners: frozenset[int] = frozenset({0})) -> str | None:
+    """Why ``path`` is not under root's sole control, or None if it is.
+
+    ``owners``: who may own the file itself (directories above it: root only).
+    """
     if not path.is_absolute():
         return f"{path} is not an absolute path"
-    return _walk(Path(os.path.normpath(path)), 0)
+    return _walk(Path(os.path.normpath(path)), 0, owners)
 
 
-def _walk(path: Path, links: int) -> str | None:
+def _walk(path: Path, links: int, owners: frozenset[int]) -> str | None:
     parts = path.parts
     current = Path(parts[0])
     for i, name in enumerate(parts[1:], start=1):
@@ -49,18 +69,18 @@ def _walk(path: Path, links: int) -> str | None:
             # The link's own directory (``parent``) passed already; follow it.
             target = Path(os.path.normpath(parent / current.readlink()))
             rest = Path(*parts[i + 1 :]) if i + 1 < len(parts) else None
-            return _walk(target / rest if rest else target, links + 1)
+            return _walk(target / rest if rest else target, links + 1, owners)
         last = i == len(parts) - 1
-        problem = _judge(current, st, last)
+        problem = _judge(current, st, last, owners if last else frozenset({0}))
         if problem is not None:
             return problem
     if len(parts) == 1:  # "/" itself
-        return _judge(current, os.lstat(current), True)
+        return _judge(current, os.lstat(current), True, frozenset({0}))
     return None
 
 
-def _judge(path: Path, st: os.stat_result, last: bool) -> str | None:
-    if st.st_uid != 0:
+def _judge(path: Path, st: os.stat_result, last: bool, owners: frozenset[int]) -> str | None:
+    if st.st_uid not in owners:
         return f"{path} is owned by uid {st.st_uid}, not root"
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if not writable:

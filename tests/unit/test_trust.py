@@ -9,7 +9,7 @@ import pytest
 
 from vmbatch import config
 from vmbatch.errors import ConfigError
-from vmbatch.trust import untrusted_reason
+from vmbatch.trust import qemu_uids, untrusted_reason
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 NOBODY = 65534
@@ -125,3 +125,22 @@ def test_as_root_config_refuses_programs_and_images_a_user_could_swap(base: Path
         config.load(cfg, as_root=True)
     assert str(err.value).count(f"{home} is owned by uid 65534") == 2
     assert "vmlinux" not in str(err.value)
+
+
+def test_an_image_libvirt_lent_to_qemu_is_fine_its_directory_is_not(base: Path) -> None:
+    """libvirt re-owns a base image to QEMU's user while VMs use it (dynamic_ownership)."""
+    qemu = min(qemu_uids()) if qemu_uids() else None
+    if qemu is None:
+        pytest.skip("no libvirt-qemu/qemu account on this host")
+    image = base / "disk.qcow2"
+    image.write_bytes(b"")
+    os.chown(image, qemu, qemu)
+    cfg = base / "vmbatch.toml"
+    cfg.write_text(f'[images.x]\nsource = "{image}"\n[tools]\nqemu_img = "{image}"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(cfg, as_root=True)
+    assert str(err.value).count(f"is owned by uid {qemu}") == 1, "the tool, not the image"
+    imgdir = base / "images"
+    imgdir.mkdir()
+    os.chown(imgdir, qemu, qemu)
+    assert untrusted_reason(imgdir / "disk.qcow2", frozenset({0, qemu})) is not None
