@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +149,17 @@ def _exited(pidfd: int) -> bool:
     return bool(select.select([pidfd], [], [], 0)[0])
 
 
+def _tmp_litter(qemu: int, members: list[int]) -> list[Path]:
+    """The /tmp entries a killed appliance leaves: guestfish's --listen socket and
+    libguestfs's socket directory (its other temporary directory cannot be told apart)."""
+    sockets = Path(f"/tmp/.guestfish-{os.geteuid()}")
+    found = [sockets / f"socket-{m}" for m in members if "--listen" in _argv(m)]
+    for arg in _argv(qemu):
+        if m := re.fullmatch(r"socket,path=(/tmp/libguestfs\w{6})/guestfsd\.sock,.*", arg):
+            found.append(Path(m.group(1)))
+    return found
+
+
 def _kill_if_in_session(pid: int, sid: int) -> None:
     """SIGKILL ``pid`` if it still is a process of session ``sid`` (PIDs get reused)."""
     try:
@@ -172,6 +185,7 @@ def test_teardown_stops_the_appliance_of_a_sigkilled_injection(tmp_path: Path) -
     child = subprocess.Popen([sys.executable, "-c", INJECTION, str(tmp_path), str(base)], cwd=ROOT)
     recorded: dict[int, int] = {}  # PID -> pidfd, so a reused PID is never mistaken or killed
     sid: int | None = None
+    litter: list[Path] = []  # what the killed guestfish leaves in /tmp (see the finally)
     try:
         deadline = time.monotonic() + 180  # building the appliance, then starting QEMU
         while (qemu := _appliance_qemu(jobdir.overlay)) is None:
@@ -185,6 +199,7 @@ def test_teardown_stops_the_appliance_of_a_sigkilled_injection(tmp_path: Path) -
         members = _in_session(sid)
         remote = {f"--remote={m}" for m in members}
         clients = [p for p in _pids() if set(_argv(p)[1:2]) & remote]
+        litter += _tmp_litter(qemu, members)
         for pid in {qemu, *members, *clients}:
             with contextlib.suppress(ProcessLookupError):
                 recorded[pid] = os.pidfd_open(pid)
@@ -212,3 +227,8 @@ def test_teardown_stops_the_appliance_of_a_sigkilled_injection(tmp_path: Path) -
                 _kill_if_in_session(pid, sid)
         for fd in recorded.values():
             os.close(fd)
+        for path in litter:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
