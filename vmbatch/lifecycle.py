@@ -10,9 +10,11 @@ The image is resolved (fetched into the node cache if needed) and marked in use 
 until teardown; the free-space guard runs before any per-job disk is created.
 
 Teardown always runs (success, error, SIGINT/SIGTERM at any stage, boot included) and is
-idempotent: destroy the domain (already gone counts as done), then remove the job directory
-with the overlay, seed and keys; the console log is kept only if ``[paths].console_log_dir``
-is set. Every stage's duration is recorded for ``bench/boot.py`` and logged at INFO.
+idempotent: destroy the domain (already gone counts as done), kill what is left of an
+offline injection's appliance (its starter was SIGKILLed: see
+:func:`vmbatch.contextualize.inject.stop_leftovers`), then remove the job directory with the
+overlay, seed and keys; the console log is kept only if ``[paths].console_log_dir`` is set.
+Every stage's duration is recorded for ``bench/boot.py`` and logged at INFO.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import paramiko
 
 from vmbatch import __version__, accel, signals
 from vmbatch.config import Config
-from vmbatch.contextualize import ContextSpec, get_method, nocloud
+from vmbatch.contextualize import ContextSpec, get_method, inject, nocloud
 from vmbatch.contextualize.keys import generate
-from vmbatch.errors import GuestConnectionError, ImageError, VmBatchError
+from vmbatch.errors import GuestConnectionError, HostError, ImageError, VmBatchError
 from vmbatch.guest import mounts, ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, command_script, job_environment
 from vmbatch.images.cache import ImageCache
@@ -370,10 +372,13 @@ def teardown(
     jobdir: JobDir | None,
     client: paramiko.SSHClient | None = None,
 ) -> None:
-    """Destroy the VM and remove its files. Safe to call twice and after partial set-up.
+    """Destroy the VM, stop a leftover injection appliance, remove the job's files.
 
-    Files are removed even if the destroy fails (QEMU keeps its open files); the destroy
-    error is raised afterwards so the caller reports it.
+    Safe to call twice and after partial set-up. The appliance is looked for through the
+    job directory (a SIGKILLed prologue leaves it running, see :func:`inject.stop_leftovers`),
+    so before the directory goes. Files are removed even if the destroy or the kill fails
+    (QEMU keeps its open files); the first error is raised afterwards so the caller reports
+    it.
     """
     failure: VmBatchError | None = None
     if client is not None:
@@ -386,6 +391,11 @@ def teardown(
             log.error("could not destroy VM %s: %s", name, exc)
             failure = exc
     if jobdir is not None:
+        try:
+            inject.stop_leftovers(jobdir)
+        except HostError as exc:
+            log.error("could not stop the injection appliance of %s: %s", jobdir.path, exc)
+            failure = failure or exc
         keep = cfg.paths.console_log_dir
         if keep is not None and jobdir.console_log.exists():
             try:

@@ -3,6 +3,14 @@
 Hooks run with no ``PATH``, so every program is given by absolute path (from the config).
 Every call has a timeout; a command that overruns is killed with its whole process group so
 nothing it started lingers. Failures become :class:`~vmbatch.errors.CommandError`.
+
+A command that leaves a daemon behind (``guestfish --listen``) outlives that timeout and,
+if vmbatch itself is SIGKILLed (a batch system's prologue timeout), vmbatch's clean-up too.
+Such commands get a random tag in their environment (:data:`TAG_VAR`, :func:`new_tag`),
+which every process they start inherits through fork and exec whatever session, process
+group or parent it ends up with; :func:`kill_tagged` finds them all by it later, from any
+process (proc(5) ``/proc/PID/environ``), and kills them through pidfds so that a PID reused
+in the meantime is never signalled.
 """
 
 from __future__ import annotations
@@ -10,18 +18,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import secrets
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch.errors import CommandError, CommandTimeoutError
+from vmbatch.errors import CommandError, CommandTimeoutError, HostError
 
 log = logging.getLogger(__name__)
 
 #: Environment for child processes: hooks inherit almost nothing, so give a sane minimum.
 _BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+#: Environment variable that marks a command and everything it starts (:func:`kill_tagged`).
+TAG_VAR = "VMBATCH_TAG"
+#: What :func:`new_tag` makes: 128 random bits, hex.
+TAG_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +133,119 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
     except ProcessLookupError:
         pass
     proc.communicate()
+
+
+def new_tag() -> str:
+    """A fresh tag for ``env={TAG_VAR: tag}``: random, so no other process carries it."""
+    return secrets.token_hex(16)
+
+
+def _tag_entry(tag: str) -> bytes:
+    if not TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"not a process tag: {tag!r}")
+    return f"{TAG_VAR}={tag}".encode()
+
+
+def _carries(pid: int, entry: bytes) -> bool:
+    """Whether process ``pid`` is ours (same effective uid) and its environment has ``entry``.
+
+    A zombie has no environment any more: it is dead and counts as gone.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.stat().st_uid != os.geteuid():
+            return False
+        return entry in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
+
+
+def tagged(tag: str) -> list[int]:
+    """PIDs of the live processes (this process excepted) whose environment carries ``tag``."""
+    entry = _tag_entry(tag)
+    me = os.getpid()
+    return sorted(
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and int(p.name) != me and _carries(int(p.name), entry)
+    )
+
+
+def _pidfd(pid: int, entry: bytes) -> int | None:
+    """A pidfd for ``pid`` if it is still a live carrier of ``entry``, else None.
+
+    The pidfd is opened first and the tag checked after: if the PID was reused in between,
+    the check sees the new process (no tag: None) or the pidfd's process is already dead.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if not _carries(pid, entry):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _wait_exited(fds: list[int], deadline: float) -> None:
+    """Wait until every pidfd in ``fds`` reports its process's exit, or the deadline."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    pending = set(fds)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for fd, _ in poller.poll(left * 1000):
+            pending.discard(fd)
+            poller.unregister(fd)
+
+
+def wait_exit(pid: int, tag: str, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for process ``pid`` to exit; True once it has.
+
+    A process that no longer carries ``tag`` (gone, a zombie, or its PID reused) has exited.
+    """
+    fd = _pidfd(pid, _tag_entry(tag))
+    if fd is None:
+        return True
+    try:
+        return bool(select.select([fd], [], [], max(timeout, 0.0))[0])
+    finally:
+        os.close(fd)
+
+
+def kill_tagged(tag: str, *, timeout: float) -> list[int]:
+    """SIGKILL every process carrying ``tag`` and wait until all are dead; return their PIDs.
+
+    Processes forked while this runs inherit the tag and are found by the next pass.
+    Raises :class:`HostError` if some are still alive after ``timeout`` seconds (SIGKILL
+    waits for a process stuck in the kernel, e.g. on hung storage).
+    """
+    entry = _tag_entry(tag)
+    deadline = time.monotonic() + timeout
+    killed: list[int] = []
+    while pids := tagged(tag):
+        if time.monotonic() >= deadline:
+            raise HostError(
+                f"processes {', '.join(map(str, pids))} ({TAG_VAR}={tag}) are still alive"
+                f" {timeout:.0f}s after SIGKILL",
+                hint="they are stuck in the kernel; check `ps -o pid,stat,wchan,cmd -p PID`",
+            )
+        fds: list[int] = []
+        try:
+            for pid in pids:
+                fd = _pidfd(pid, entry)
+                if fd is None:
+                    continue
+                fds.append(fd)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                if pid not in killed:
+                    killed.append(pid)
+            _wait_exited(fds, deadline)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return killed

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
+import subprocess
 import time
 
 import pytest
@@ -51,3 +55,45 @@ def test_umask_applies_to_the_child_only() -> None:
     os.umask(mine)
     inherited = process.run(["/bin/sh", "-c", "umask"], timeout=5).stdout.strip()
     assert int(inherited, 8) == mine
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd is readable once its process has exited (zombies included)."""
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def test_a_tagged_daemon_is_found_and_killed_after_its_starter_is_gone() -> None:
+    tag = process.new_tag()
+    # Like guestfish --listen: the command returns at once and leaves a daemon with a child
+    # running. The daemon prints both PIDs once both exist; head's exit ends the command
+    # (the daemon holds none of its stdin/stderr, else process.run would wait for it).
+    res = process.run(
+        ["/bin/sh", "-c", "{ sh -c 'sleep 300 & echo $$ $!; wait' <&- 2>&- & } | head -n1"],
+        timeout=10,
+        env={process.TAG_VAR: tag},
+    )
+    pids = sorted(map(int, res.stdout.split()))
+    fds = [os.pidfd_open(pid) for pid in pids]
+    # The same program without the tag: must be left alone.
+    bystander = subprocess.Popen(["/bin/sleep", "300"])
+    try:
+        assert process.tagged(tag) == pids  # the daemon and its sleep, nothing else
+        assert process.kill_tagged(tag, timeout=10) == pids
+        assert all(_exited(fd) for fd in fds)  # dead on return, not some time later
+        assert process.tagged(tag) == []
+        assert bystander.poll() is None
+        assert process.kill_tagged(tag, timeout=10) == []  # nothing left: a no-op
+    finally:
+        for fd in fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        bystander.kill()
+        bystander.wait()
+
+
+def test_wait_exit_counts_an_untagged_or_missing_process_as_gone() -> None:
+    tag = process.new_tag()
+    assert process.wait_exit(os.getpid(), tag, 0)  # alive but not tagged: not ours
+    with pytest.raises(ValueError, match="not a process tag"):
+        process.tagged("x; rm -rf /")

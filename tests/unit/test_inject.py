@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from vmbatch import process
 from vmbatch.contextualize import sshd
-from vmbatch.contextualize.inject import add_account, hosts_file, sshd_config
+from vmbatch.contextualize.inject import (
+    TAG_FILE,
+    add_account,
+    hosts_file,
+    sshd_config,
+    stop_leftovers,
+)
 from vmbatch.errors import Disposition, ImageError
 from vmbatch.job import JobUser
+from vmbatch.state import JobDir
 
 ALICE = JobUser("alice", 4242, 4343, "physics", "/home/alice", (("atlas", 5000), ("audio", 29)))
 PASSWD = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n"  # noqa: S105
@@ -90,3 +100,17 @@ def test_sshd_settings_come_first_and_refuse_passwords_and_root() -> None:
 def test_hosts_file_names_the_job_host_once() -> None:
     text = hosts_file("127.0.0.1 localhost\n127.0.1.1 old-name\n", "vmbatch-42")
     assert text == "127.0.0.1 localhost\n127.0.1.1\tvmbatch-42\n"
+
+
+def test_teardown_reads_only_well_formed_appliance_tags(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobdir = JobDir(tmp_path, "t").create()
+    for work, text in (("inject-a", "../../etc\n"), ("inject-b", process.new_tag() + "\n")):
+        (jobdir.path / work).mkdir()
+        (jobdir.path / work / TAG_FILE).write_text(text)
+    (jobdir.path / "elsewhere").mkdir()
+    (jobdir.path / "elsewhere" / TAG_FILE).write_text("not looked at\n")
+    assert stop_leftovers(jobdir) == []  # the well-formed tag's appliance is gone already
+    assert "inject-a/appliance.tag: not a process tag" in caplog.text
+    assert "elsewhere" not in caplog.text

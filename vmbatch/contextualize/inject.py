@@ -16,6 +16,17 @@ when vmbatch's accelerator probe chose TCG, ``LIBGUESTFS_BACKEND_SETTINGS=force_
 (libguestfs would otherwise try /dev/kvm, which hangs where nested KVM is broken;
 https://libguestfs.org/guestfs.3.html#backend-settings). The appliance has no network.
 
+``guestfish --listen`` forks a daemon that outlives its starter: if vmbatch is SIGKILLed
+meanwhile (Slurm's PrologEpilogTimeout, Torque's prologalarm), nothing of vmbatch runs to
+stop it, and the daemon, its recovery process and the appliance's QEMU (here all in the
+session of the ``--listen`` command, QEMU a child of the daemon) would run as root for
+ever. So every guestfish command carries a per-appliance tag in its environment
+(:func:`vmbatch.process.kill_tagged`), written to ``inject-*/appliance.tag`` in the job
+directory *before* the daemon starts (no window in which it runs unrecorded);
+:func:`stop_leftovers`, called by :func:`vmbatch.lifecycle.teardown` before the job
+directory goes, kills whatever still carries it. :meth:`Guestfish.close` uses the same
+sweep after its orderly ``exit``.
+
 What is written (paths in the guest):
 
 - ``/etc/passwd``, ``/etc/group``, ``/etc/shadow``, ``/etc/gshadow`` (the last two if they
@@ -44,7 +55,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -57,15 +67,23 @@ from vmbatch.contextualize.base import ContextSpec
 from vmbatch.errors import (
     CommandError,
     CommandTimeoutError,
+    HostError,
     ImageError,
     InjectionToolError,
     VmBatchError,
 )
 from vmbatch.job import JobUser
 from vmbatch.libvirt.domain import DiskSpec
-from vmbatch.state import JobDir
+from vmbatch.state import JobDir, atomic_write
 
 log = logging.getLogger(__name__)
+
+#: The injection's work directory in the job directory (``tempfile.mkdtemp`` prefix).
+WORK_PREFIX = "inject-"
+#: File in the work directory naming the appliance's process tag (see :func:`stop_leftovers`).
+TAG_FILE = "appliance.tag"
+#: Seconds for SIGKILLed appliance processes to be gone, and for an orderly exit before that.
+KILL_WAIT = 10.0
 
 SUPPORTED_FS = ("ext2", "ext3", "ext4", "xfs")
 #: Beyond :data:`.sshd.AUTH_SETTINGS`: sshd serves only the pinned host key.
@@ -164,26 +182,34 @@ def hosts_file(original: str, hostname: str) -> str:
 
 
 class Guestfish:
-    """One ``guestfish --listen`` appliance on the overlay, driven with ``--remote``."""
+    """One ``guestfish --listen`` appliance on the overlay, driven with ``--remote``.
+
+    ``workdir`` (inside the job directory) receives the daemon's stderr and the tag file.
+    """
 
     def __init__(self, cfg: Config, disk: Path, workdir: Path) -> None:
         self.cfg = cfg
         self.log = workdir / "guestfish.log"
+        self.tag_file = workdir / TAG_FILE
         self.binary = str(cfg.tools.guestfish)
         self.disk = disk
         self.timeout = cfg.context.inject_timeout
         self.pid: int | None = None
+        self.tag = process.new_tag()
         tcg = accel.choose(cfg).accel == "tcg"
         # The appliance (built by supermin from the host's packages on first use) is cached
         # with the images, not in /var/tmp where tmp cleaners could remove it mid-launch.
         self.env = {
             "LIBGUESTFS_BACKEND": "direct",
             "LIBGUESTFS_CACHEDIR": str(cfg.paths.cache_dir / "libguestfs"),
+            process.TAG_VAR: self.tag,
         }
         if tcg:
             self.env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
 
     def start(self) -> None:
+        # Recorded before the daemon exists: teardown finds it even if we die right after.
+        atomic_write(self.tag_file, self.tag.encode() + b"\n")
         res = process.run(
             [self.binary, "--listen", "--format=qcow2", "-a", str(self.disk)],
             timeout=self.timeout,
@@ -207,25 +233,57 @@ class Guestfish:
         return res.stdout
 
     def close(self) -> None:
-        """Flush and stop the appliance; kill it (by PID) if it does not go."""
-        if self.pid is None:
-            return
+        """Flush and stop the appliance, then kill whatever of it is left.
+
+        The daemon gets an orderly ``exit`` and :data:`KILL_WAIT` seconds; then every
+        process carrying the tag (a daemon that did not go, its recovery process and QEMU,
+        ``--remote`` clients) is killed. Something that outlives SIGKILL is logged and its
+        tag file kept for teardown, which tries again.
+        """
         pid, self.pid = self.pid, None
-        with contextlib.suppress(VmBatchError):
-            process.run(
-                [self.binary, f"--remote={pid}", "--", "exit"],
-                timeout=self.cfg.tools.command_timeout,
-                env=self.env,
+        if pid is not None:
+            with contextlib.suppress(VmBatchError):
+                process.run(
+                    [self.binary, f"--remote={pid}", "--", "exit"],
+                    timeout=self.cfg.tools.command_timeout,
+                    env=self.env,
+                )
+            process.wait_exit(pid, self.tag, KILL_WAIT)
+        try:
+            process.kill_tagged(self.tag, timeout=KILL_WAIT)
+        except HostError as exc:
+            log.error("guestfish appliance not stopped: %s", exc)
+            return
+        self.tag_file.unlink(missing_ok=True)
+
+
+def stop_leftovers(jobdir: JobDir) -> list[int]:
+    """Kill the appliance of an injection in ``jobdir`` that could not stop it; return PIDs.
+
+    That happens when the injecting process was SIGKILLed (a prologue timeout) or
+    :meth:`Guestfish.close` met a process that would not die. Raises HostError if some
+    process survives SIGKILL for :data:`KILL_WAIT` seconds.
+    """
+    killed: list[int] = []
+    for tag_file in sorted(jobdir.path.glob(f"{WORK_PREFIX}*/{TAG_FILE}")):
+        try:
+            tag = tag_file.read_text().strip()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", tag_file, exc.strerror)
+            continue
+        if not process.TAG_PATTERN.fullmatch(tag):
+            log.warning("ignoring %s: not a process tag", tag_file)
+            continue
+        pids = process.kill_tagged(tag, timeout=KILL_WAIT)
+        if pids:
+            log.warning(
+                "killed %d process(es) of an injection appliance whose starter was killed"
+                " (PIDs %s)",
+                len(pids),
+                " ".join(map(str, pids)),
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        killed += pids
+    return killed
 
 
 @contextlib.contextmanager
@@ -270,7 +328,9 @@ class Inject:
                 hint="install libguestfs-tools (and a kernel for its appliance, e.g."
                 " linux-image-cloud-amd64), or fix [tools].guestfish",
             )
-        work = Path(tempfile.mkdtemp(prefix="inject-", dir=jobdir.path))
+        # In the job directory, so that teardown finds the appliance's tag file in it and
+        # JobDir.remove() deletes it whatever happens here.
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=jobdir.path))
         try:
             (self.cfg.paths.cache_dir / "libguestfs").mkdir(mode=0o700, parents=True, exist_ok=True)
             with appliance(self.cfg, jobdir.overlay, work) as gf:
@@ -284,7 +344,8 @@ class Inject:
                 ' OpenSSH; or set context = "nocloud" for images with cloud-init',
             ) from exc
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not (work / TAG_FILE).exists():  # else left for teardown: see Guestfish.close
+                shutil.rmtree(work, ignore_errors=True)
         return ()
 
     def _inject(self, gf: Guestfish, spec: ContextSpec, work: Path) -> None:
