@@ -206,15 +206,15 @@ def _torque_starter(
 
     The job id is the script copy's name, ``mom_priv/jobs/<id>.SC``, from pbs_mom's
     root-owned pipe. ``PBS_JOBID`` is the job's environment (``qsub -v`` can set it): as
-    root it must agree or the job is refused; as the user it only fills in for an unusual
-    script name.
+    root it must agree or the job is refused; as the user (no privilege to gain) it is
+    used as before, the script's name filling in if it is missing.
     """
     path, args = torque.starter_command(sys.stdin.buffer)
     job_id = torque.job_id_of_script(path)
     if privileged:
         job_id = _privileged_job_id(path, job_id, env.get("PBS_JOBID"))
     else:
-        job_id = job_id or env.get("PBS_JOBID", "")
+        job_id = env.get("PBS_JOBID") or job_id or ""
     job_id = batch.check_job_id(job_id)
     try:
         script = Path(path).read_bytes()
