@@ -50,6 +50,9 @@ class LibvirtConfig:
     timeout: float = 30.0
     keepalive_interval: int = 5
     keepalive_count: int = 3
+    #: How long teardown keeps trying, on fresh connections, to destroy a VM while
+    #: libvirtd is dead or hangs (it may be restarted or resume meanwhile).
+    teardown_timeout: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,6 +664,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("timeout", lambda v: v > 0, "must be > 0 seconds"),
         ("keepalive_interval", lambda v: v >= 0, "must be >= 0"),
         ("keepalive_count", lambda v: v >= 0, "must be >= 0"),
+        ("teardown_timeout", lambda v: v >= 0, "must be >= 0 seconds"),
     ),
     "vm": (
         ("memory", lambda v: v >= 64, "must be at least 64 (MiB)"),

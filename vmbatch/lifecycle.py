@@ -36,7 +36,14 @@ from vmbatch import __version__, accel, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, inject, nocloud
 from vmbatch.contextualize.keys import generate
-from vmbatch.errors import GuestConnectionError, HostError, ImageError, VmBatchError
+from vmbatch.errors import (
+    GuestConnectionError,
+    HostError,
+    ImageError,
+    LibvirtTimeoutError,
+    LibvirtUnavailableError,
+    VmBatchError,
+)
 from vmbatch.guest import mounts, ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, command_script, job_environment
 from vmbatch.images.cache import ImageCache
@@ -45,7 +52,7 @@ from vmbatch.images.disks import DiskBudget, check_free_space, job_disks
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
-from vmbatch.retry import SSH_CONNECT_POLICY
+from vmbatch.retry import LIBVIRT_TEARDOWN_POLICY, SSH_CONNECT_POLICY
 from vmbatch.state import JobDir
 
 log = logging.getLogger(__name__)
@@ -365,6 +372,20 @@ def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> No
         )
 
 
+def _destroy(cfg: Config, conn: Connection, name: str) -> bool:
+    """``conn.destroy(name)``; while libvirtd is dead or hangs, again on fresh connections
+    (``LIBVIRT_TEARDOWN_POLICY`` until ``[libvirt].teardown_timeout``): a libvirtd that is
+    restarted or resumes meanwhile still gets the VM destroyed, not left running."""
+    try:
+        return conn.destroy(name)
+    except (LibvirtUnavailableError, LibvirtTimeoutError) as exc:
+        log.warning("could not destroy VM %s (%s); trying again on a new connection", name, exc)
+    for attempt in LIBVIRT_TEARDOWN_POLICY.retrying(max_delay=cfg.libvirt.teardown_timeout):
+        with attempt, Connection(cfg.libvirt) as fresh:
+            return fresh.destroy(name)
+    raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
+
+
 def teardown(
     cfg: Config,
     conn: Connection | None,
@@ -385,7 +406,7 @@ def teardown(
         client.close()
     if conn is not None:
         try:
-            if conn.destroy(name):
+            if _destroy(cfg, conn, name):
                 log.info("destroyed VM %s", name)
         except VmBatchError as exc:
             log.error("could not destroy VM %s: %s", name, exc)

@@ -18,6 +18,7 @@ from vmbatch.errors import (
     GuestConnectionError,
     ImageDownloadError,
     JobBusyError,
+    LibvirtTimeoutError,
     LibvirtUnavailableError,
     MountError,
 )
@@ -156,6 +157,16 @@ NFS_MOUNT_POLICY = RetryPolicy(
     max_delay=120.0,
 )
 
+#: Destroying a VM while libvirtd is dead or hangs: each attempt on a fresh connection, backing
+#: off to 10 s, until ``[libvirt].teardown_timeout`` (the caller's ``max_delay``).
+LIBVIRT_TEARDOWN_POLICY = RetryPolicy(
+    name="LibvirtTeardownPolicy",
+    retry_on=(LibvirtUnavailableError, LibvirtTimeoutError),
+    wait_seconds=1.0,
+    wait_max=10.0,
+    max_delay=120.0,
+)
+
 #: Waiting for another hook's hold on a job's state lock (a prologue still booting when the
 #: epilogue comes); the wait is the caller's ``max_delay``, a few attempts when it is short.
 STATE_LOCK_POLICY = RetryPolicy(
@@ -174,4 +185,5 @@ ALL_POLICIES = (
     DOWNLOAD_POLICY,
     NFS_MOUNT_POLICY,
     STATE_LOCK_POLICY,
+    LIBVIRT_TEARDOWN_POLICY,
 )

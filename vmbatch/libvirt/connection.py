@@ -102,10 +102,16 @@ def map_error(exc: libvirt.libvirtError, what: str) -> LibvirtError:
     text = f"libvirt could not {what}: {msg}"
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainNotFound(text)
-    if code in _UNAVAILABLE or (
-        code == libvirt.VIR_ERR_SYSTEM_ERROR and exc.get_error_domain() == libvirt.VIR_FROM_RPC
-    ):
+    rpc = exc.get_error_domain() == libvirt.VIR_FROM_RPC
+    if code in _UNAVAILABLE or (code == libvirt.VIR_ERR_SYSTEM_ERROR and rpc):
         return LibvirtUnavailableError(text, hint=_HINT_UNAVAILABLE)
+    if rpc:
+        # The RPC layer failed on an open connection (e.g. "client socket is closed" once
+        # keepalive gave up on a hung libvirtd): the connection is gone, not the domain.
+        return LibvirtUnavailableError(
+            f"lost the connection to libvirtd while trying to {what}: {msg}",
+            hint="libvirtd died or hangs; it was not the job's fault",
+        )
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return LibvirtTimeoutError(text, hint="libvirtd is overloaded or hung")
     if code in _DEFINITION:
