@@ -284,6 +284,28 @@ def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite)
     assert mom.epilogue(-2).returncode == 0
 
 
+def test_no_loop_when_pbsnodes_cannot_take_the_node_offline(batch_site: BatchSite) -> None:
+    """Issue 14: with `pbsnodes -o` failing (no operator rights, another node name), exit 2
+    made pbs_mom redispatch the job to this same node at once, in a tight loop. Now the
+    job runs once and its .e file says why; the prologue exits 0."""
+    site = batch_site.site
+    fake = site.root / "pbsnodes"  # Torque's client refusing, as pbs_server does
+    fake.write_text('#!/bin/sh\necho "pbsnodes: Unauthorized Request" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    site.write(
+        f'\n[tools]\npbsnodes = "{fake}"\n[libvirt]\nuri = '
+        f'"qemu+unix:///system?socket={site.root}/no-libvirt-sock"\ntimeout = 5\n'
+    )
+    mom = Mom(batch_site, "echo never\n")
+    pro = mom.prologue()
+    assert pro.returncode == 0, pro.stderr.decode()
+    status, out, err = _finish(mom.starter())
+    assert status == 65 and out == "", err
+    assert "cannot run VMs right now" in err and "libvirt" in err
+    assert "could not take the node offline" in err
+    assert mom.epilogue(65).returncode == 0
+
+
 def test_epilogue_without_prologue_and_odd_job_ids(batch_site: BatchSite) -> None:
     mom = Mom(batch_site, "true\n")
     epi = mom.epilogue(0)

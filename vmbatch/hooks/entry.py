@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,9 +39,11 @@ from vmbatch.hooks.exitcodes import (
     SLURM_EPILOG_FAILED,
     SLURM_PROLOG,
     TORQUE_PROLOGUE,
+    TORQUE_PROLOGUE_ABORT,
 )
-from vmbatch.hooks.jobstate import StateStore
+from vmbatch.hooks.jobstate import StateStore, UserDir
 from vmbatch.hooks.request import Resources, torque_prologue
+from vmbatch.job import JobUser
 
 log = logging.getLogger("vmbatch")
 
@@ -87,12 +90,12 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         cfg = _load(path)
     except VmBatchError as exc:
-        return _node_problem(None, is_slurm, env, exc, table)
+        return _node_problem(None, is_slurm, env, exc, table, argv)
     try:
         bj = _slurm_job(cfg, env) if is_slurm else _torque_job(argv)
     except VmBatchError as exc:
         log.error("%s", exc)
-        return _node_problem(cfg, is_slurm, env, exc, table)
+        return _node_problem(cfg, is_slurm, env, exc, table, argv)
     error = batch.prologue(cfg, bj)
     if error is None:
         return 0
@@ -100,7 +103,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         log.error("job %s refused: %s (the job starter reports it to the job)", bj.job_id, error)
         return table[Disposition.ABORT_JOB]
     log.error("job %s: %s", bj.job_id, error)
-    return _node_problem(cfg, is_slurm, env, error, table)
+    return _node_problem(cfg, is_slurm, env, error, table, argv)
 
 
 def _node_problem(
@@ -109,8 +112,16 @@ def _node_problem(
     env: Mapping[str, str],
     error: VmBatchError,
     table: Mapping[Disposition, int],
+    argv: Sequence[str] = (),
 ) -> int:
-    """Say why in the scheduler's node state (Slurm drain reason, Torque offline note)."""
+    """Say why in the scheduler's node state (Slurm drain reason, Torque offline note).
+
+    Torque: if ``pbsnodes -o`` fails (no operator rights for root@node, a node name that
+    differs from the hostname, no pbsnodes), a requeue would bring the job straight back to
+    this node in a tight loop. Instead the job runs and fails once: the prologue leaves the
+    node problem in the user's directory, exits 0, and the job starter prints it into the
+    job's .e file (exit 65). Exit 1 would also stop the loop, but without the .e file.
+    """
     sys.stderr.write(f"vmbatch: error: {error}\n")
     disposition = error.disposition
     reason = f"vmbatch: {error.message}"
@@ -121,11 +132,31 @@ def _node_problem(
     # loop, unless the node is out of service (PLATFORM.md).
     if is_slurm and env.get("SLURMD_NODENAME"):
         slurm.drain(cfg, env["SLURMD_NODENAME"], reason, env)
-    elif not is_slurm:
-        torque.offline(cfg, reason)
+    elif not is_slurm and not torque.offline(cfg, reason):
+        return _fail_job_here(cfg, argv, error)
     if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
         disposition = Disposition.OFFLINE_NODE
     return table[disposition]
+
+
+def _fail_job_here(cfg: config.Config, argv: Sequence[str], error: VmBatchError) -> int:
+    """Torque with the node still online: fail this job once with the node's problem."""
+    job_id, user = (argv[1], argv[2]) if len(argv) > 2 else ("", "")
+    message = (
+        f"this node ({socket.gethostname()}) cannot run VMs right now: {error}; vmbatch"
+        " could not take the node offline, so the job was failed instead of requeued to it"
+    )
+    try:
+        batch.check_job_id(job_id)
+        who = JobUser.from_host(user)
+        UserDir(cfg.batch.user_dir, job_id).create(
+            who.uid, who.gid, {UserDir.ERROR: message.encode()}
+        )
+    except VmBatchError as exc:
+        log.error("could not leave the message for job %s (%s): aborting it", job_id, exc)
+        return TORQUE_PROLOGUE_ABORT
+    log.error("job %s: %s", job_id, message)
+    return TORQUE_PROLOGUE[Disposition.ABORT_JOB]
 
 
 def _slurm_job(cfg: config.Config, env: Mapping[str, str]) -> batch.BatchJob:

@@ -35,6 +35,9 @@ TORQUE_PROLOGUE = {
     Disposition.REQUEUE: 2,
     Disposition.OFFLINE_NODE: 2,  # plus `pbsnodes -o`, or the job loops on this node
 }
+#: Torque prologue: abort the job (no .o/.e delivered): only when even the message for the
+#: job's starter could not be left, and `pbsnodes -o` failed, so a requeue would loop.
+TORQUE_PROLOGUE_ABORT = 1
 
 SLURM_PROLOG = {
     Disposition.ABORT_JOB: 0,  # the job starter reports the error in the job's output

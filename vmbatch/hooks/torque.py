@@ -82,8 +82,8 @@ def job_id_of_script(path: str) -> str | None:
     return name[: -len(".SC")] if name.endswith(".SC") and len(name) > 3 else None
 
 
-def offline(cfg: Config, note: str) -> None:
-    """``pbsnodes -o -N NOTE <this node>`` (best effort: logged when it fails)."""
+def offline(cfg: Config, note: str) -> bool:
+    """``pbsnodes -o -N NOTE <this node>``; False (logged) if that failed."""
     clean = "".join(c if c.isprintable() else "?" for c in note)[:200]
     node = socket.gethostname()
     try:
@@ -93,3 +93,5 @@ def offline(cfg: Config, note: str) -> None:
         )
     except HostError as exc:
         log.error("could not take node %s offline (%s): %s", node, exc, clean)
+        return False
+    return True
