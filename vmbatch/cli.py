@@ -216,7 +216,8 @@ def ps(ctx: click.Context) -> None:
 @click.option(
     "--stale",
     is_flag=True,
-    help="Also every job whose prologue ran before this node's last reboot.",
+    help="Also every batch job whose prologue ran before this node's last reboot, and every"
+    " `vmbatch run` VM (or its files) whose `vmbatch run` process is gone.",
 )
 @click.pass_context
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
@@ -229,12 +230,16 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
     from vmbatch.state import boot_id
 
     cfg = _load(ctx)
+    if not job_ids and not stale:
+        raise click.UsageError("name job ids, or --stale")
     todo = list(job_ids)
     if stale:
         now = boot_id()
         todo += [r.job_id for r in StateStore(cfg.batch.state_dir).records() if r.boot_id != now]
-    if not todo:
-        raise click.UsageError("name job ids, or --stale")
+        with Connection(cfg.libvirt) as conn:
+            for run_id in lifecycle.orphaned_runs(cfg, conn):
+                lifecycle.reap_run(cfg, conn, run_id)
+                click.echo(f"job {run_id}: cleaned up (its `vmbatch run` process is gone)")
     busy = []
     for job_id in dict.fromkeys(todo):
         try:

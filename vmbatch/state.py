@@ -9,6 +9,8 @@ reach the files libvirt hands it but cannot list the directory)::
     seed.iso        the contextualization volume
     console.log     the guest's serial console (written by virtlogd)
     keys/           0700: the per-job SSH client key and the pinned guest host key
+    owner           ``vmbatch run`` only: the process that owns the VM (:func:`process_identity`),
+                    so that ``vmbatch cleanup --stale`` can reap the VM once it is gone
 
 Every file is written atomically (temp file, fsync, rename) so a crash never leaves a
 half-written file that a later clean-up would misread.
@@ -32,6 +34,25 @@ def boot_id() -> str:
         return BOOT_ID.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def process_identity(pid: int) -> str | None:
+    """``PID:START:BOOT`` of a live process (START: field 22 of proc/PID/stat, its start time
+    in clock ticks since boot), which no later process can share: a reused PID has another
+    start time, a reboot another boot id. None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) is in parentheses and may contain anything: count from its end.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return f"{pid}:{fields[19]}:{boot_id()}"
+
+
+def is_alive(identity: str) -> bool:
+    """True while the process named by :func:`process_identity` still runs."""
+    pid, _, _ = identity.partition(":")
+    return pid.isdigit() and process_identity(int(pid)) == identity
 
 
 def safe_job_id(job_id: str) -> str:
@@ -96,6 +117,10 @@ class JobDir:
     @property
     def keys(self) -> Path:
         return self.path / "keys"
+
+    @property
+    def owner(self) -> Path:
+        return self.path / "owner"
 
     def create(self) -> JobDir:
         """Create the directory; it must not exist yet (one job, one directory)."""

@@ -149,3 +149,12 @@ def test_disk_budget_counts_what_was_written_not_the_sparse_size(tmp_path: Path)
     with pytest.raises(DiskBudgetError, match=r"more than the 0\.000976562 GiB"):
         budget()
     DiskBudget(parse({"disks": {"job_max_gib": 0}}), jobdir)()  # 0: no limit
+
+
+def test_process_identity_tells_a_reused_pid_apart() -> None:
+    me = state.process_identity(os.getpid())
+    assert me is not None and state.is_alive(me)
+    pid, start, boot = me.split(":")
+    assert not state.is_alive(f"{pid}:{int(start) + 1}:{boot}")  # same PID, later process
+    assert not state.is_alive(f"{pid}:{start}:another-boot")
+    assert not state.is_alive("") and not state.is_alive("x:1:2")
