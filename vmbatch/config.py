@@ -27,8 +27,6 @@ from vmbatch.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/vmbatch/vmbatch.toml")
 ENV_VAR = "VMBATCH_CONFIG"
-#: Who may own what root reads (see :mod:`vmbatch.trust`).
-ROOT = frozenset({0})
 
 Accel = Literal["auto", "kvm", "tcg"]
 ImageFormat = Literal["qcow2", "raw"]
@@ -312,7 +310,7 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
     files = config_files(path, honour_env=honour_env)
     problems: list[str] = []
     if as_root:
-        problems += _untrusted([(files[0].with_name(files[0].stem + ".d"), ROOT)])
+        problems += _untrusted([files[0].with_name(files[0].stem + ".d")])
     merged: dict[str, Any] = {}
     read: list[Path] = []
     for i, f in enumerate(files):
@@ -330,7 +328,7 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
         except tomllib.TOMLDecodeError as exc:
             problems.append(f"{f}: not valid TOML: {exc}")
             continue
-        if as_root and (problem := _untrusted([(f, ROOT)])):
+        if as_root and (problem := _untrusted([f])):
             problems += problem
             continue
         read.append(f)
@@ -343,43 +341,33 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
     return cfg
 
 
-def root_paths(cfg: Config) -> list[tuple[Path, frozenset[int]]]:
-    """What root runs, reads into every job's VM, or writes in, each with who may own it.
+def root_paths(cfg: Config) -> list[Path]:
+    """What root runs, reads or writes in on every job: each must be root's alone.
 
-    Directories the hooks create files in; the programs they run; the images, kernels and
-    firmware every job boots (a user who could swap one would run their code in other
-    users' VMs; libvirt lends disk images to QEMU's user, see :mod:`vmbatch.trust`); the
-    site's user-data and the cache's source directories.
+    Directories the hooks create files in; the programs they run; the site's user-data and
+    the cache's source directories. Images, kernels and firmware are checked when a job
+    uses one (:func:`vmbatch.images.catalog.resolve`): one badly placed image fails its
+    own jobs, not the node.
     """
-    paths = [
+    tools = (getattr(cfg.tools, f.name) for f in dataclasses.fields(cfg.tools))
+    return [
         cfg.batch.state_dir,
         cfg.batch.user_dir,
         cfg.batch.accounting_log.parent,
         cfg.paths.job_dir,
         cfg.paths.cache_dir,
         *([cfg.paths.console_log_dir] if cfg.paths.console_log_dir else []),
-        *(
-            v
-            for f in dataclasses.fields(cfg.tools)
-            if isinstance(v := getattr(cfg.tools, f.name), Path)
-        ),
+        *(tool for tool in tools if isinstance(tool, Path)),
         *([cfg.context.site_user_data] if cfg.context.site_user_data else []),
         *cfg.cache.image_dirs,
     ]
-    owned = [(p, ROOT) for p in paths]
-    lent = ROOT | trust.qemu_uids()
-    for image in cfg.images.values():
-        source = image.source.removeprefix("file://")
-        owned += [(Path(source), lent)] if source.startswith("/") else []
-        owned += [(p, lent) for p in (image.kernel, image.initrd, image.firmware) if p is not None]
-    return owned
 
 
-def _untrusted(paths: list[tuple[Path, frozenset[int]]]) -> list[str]:
+def _untrusted(paths: list[Path]) -> list[str]:
     return [
         f"{reason}: root will not use it ({trust.fix_hint(p)})"
-        for p, owners in paths
-        if (reason := trust.untrusted_reason(p, owners)) is not None
+        for p in paths
+        if (reason := trust.untrusted_reason(p)) is not None
     ]
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from vmbatch import process
+from vmbatch import process, trust
 from vmbatch.config import Config, ContextName, ImageConfig
 from vmbatch.errors import CommandError, ImageError, UnknownImageError
 from vmbatch.images.cache import ImageCache, is_cached_source
@@ -53,6 +53,27 @@ class ImageSpec:
     cached: bool = False
     #: The contextualization method (a key of ``vmbatch.contextualize.REGISTRY``).
     context: ContextName = "nocloud"
+
+
+def check_trusted(entry: ImageConfig) -> None:
+    """Refuse an image whose local files someone other than root could swap.
+
+    A user who could replace a base image, kernel, initrd or firmware would run their code
+    in other users' VMs. They may belong to QEMU's account, to which libvirt lends them
+    while VMs run (``dynamic_ownership``); their directories must be root's
+    (:mod:`vmbatch.trust`). An ImageError fails the jobs of this image only.
+    """
+    source = entry.source.removeprefix("file://")
+    files = [Path(source)] if source.startswith("/") else []
+    files += [p for p in (entry.kernel, entry.initrd, entry.firmware) if p is not None]
+    owners = frozenset({0}) | trust.qemu_uids()
+    for path in files:
+        reason = trust.untrusted_reason(path, owners)
+        if reason is not None:
+            raise ImageError(
+                f"image {entry.name!r}: {reason}; vmbatch will not boot it",
+                hint=trust.fix_hint(path),
+            )
 
 
 def resolve(
@@ -87,6 +108,8 @@ def resolve(
                 f"image {entry.name!r}: {key} {p} is missing or unreadable",
                 hint=f"fix [images.{entry.name}].{key} or rebuild the image",
             )
+    if os.geteuid() == 0:
+        check_trusted(entry)
     if is_cached_source(entry):
         cache = ImageCache(cfg)
         path = cache.ensure(entry, progress, job_id=job_id)
