@@ -265,16 +265,22 @@ def test_job_problems_reach_the_jobs_stderr_and_fail_only_the_job(
     assert says in str(record["cause"]) or "JobError" in str(record["cause"])
 
 
-def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite) -> None:
-    site = batch_site.site
-    calls = site.root / "pbsnodes.calls"
-    fake = site.root / "pbsnodes"  # stands in for Torque's client: records its argv
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+def _node_without_libvirt(bs: BatchSite, pbsnodes: str) -> None:
+    """libvirtd unreachable (a node problem), and ``pbsnodes`` the given shell script body,
+    standing in for Torque's client."""
+    site = bs.site
+    fake = site.root / "pbsnodes"
+    fake.write_text(f"#!/bin/sh\n{pbsnodes}\n")
     fake.chmod(0o755)
     site.write(
         f'\n[tools]\npbsnodes = "{fake}"\n[libvirt]\nuri = '
         f'"qemu+unix:///system?socket={site.root}/no-libvirt-sock"\ntimeout = 5\n'
     )
+
+
+def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite) -> None:
+    calls = batch_site.site.root / "pbsnodes.calls"
+    _node_without_libvirt(batch_site, f'printf "%s\\n" "$@" > {calls}')  # records its argv
     mom = Mom(batch_site, "true\n")
     pro = mom.prologue()
     assert pro.returncode == 2, pro.stderr.decode()
@@ -288,14 +294,8 @@ def test_no_loop_when_pbsnodes_cannot_take_the_node_offline(batch_site: BatchSit
     """Issue 14: with `pbsnodes -o` failing (no operator rights, another node name), exit 2
     made pbs_mom redispatch the job to this same node at once, in a tight loop. Now the
     job runs once and its .e file says why; the prologue exits 0."""
-    site = batch_site.site
-    fake = site.root / "pbsnodes"  # Torque's client refusing, as pbs_server does
-    fake.write_text('#!/bin/sh\necho "pbsnodes: Unauthorized Request" >&2\nexit 1\n')
-    fake.chmod(0o755)
-    site.write(
-        f'\n[tools]\npbsnodes = "{fake}"\n[libvirt]\nuri = '
-        f'"qemu+unix:///system?socket={site.root}/no-libvirt-sock"\ntimeout = 5\n'
-    )
+    # Refusing, as pbs_server does without operator rights.
+    _node_without_libvirt(batch_site, 'echo "pbsnodes: Unauthorized Request" >&2; exit 1')
     mom = Mom(batch_site, "echo never\n")
     pro = mom.prologue()
     assert pro.returncode == 0, pro.stderr.decode()
