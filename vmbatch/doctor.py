@@ -13,7 +13,7 @@ from vmbatch.config import Config, MountConfig
 from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
 from vmbatch.images.cache import ImageCache, is_cached_source
-from vmbatch.images.catalog import inspect
+from vmbatch.images.catalog import check_trusted, inspect
 from vmbatch.libvirt.connection import Connection
 
 
@@ -163,6 +163,8 @@ def _image(cfg: Config, name: str) -> Check:
     else:
         path = Path(entry.source)
     try:
+        if os.geteuid() == 0:
+            check_trusted(entry)  # what a job's prologue would refuse
         fmt, size = inspect(cfg, entry, path)
     except VmBatchError as exc:
         return Check(False, f"image {name}", str(exc), exc.hint or "")
