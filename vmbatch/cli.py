@@ -217,7 +217,9 @@ def ps(ctx: click.Context) -> None:
     "--stale",
     is_flag=True,
     help="Also every batch job whose prologue ran before this node's last reboot, and every"
-    " `vmbatch run` VM (or its files) whose `vmbatch run` process is gone.",
+    " `vmbatch run` VM (or its files) whose `vmbatch run` process is gone; and if vmbatch"
+    " drained (Slurm) or offlined (Torque) this node and its reason is unchanged, return it"
+    " to service once the node checks of `vmbatch doctor` pass.",
 )
 @click.pass_context
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
@@ -234,6 +236,14 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
         raise click.UsageError("name job ids, or --stale")
     todo = list(job_ids)
     if stale:
+        from vmbatch.doctor import node_checks
+        from vmbatch.hooks.policy import resume_node
+
+        said = resume_node(
+            cfg, failing=lambda: [f"{c.what}: {c.detail}" for c in node_checks(cfg) if not c.ok]
+        )
+        if said:
+            click.echo(said)
         now = boot_id()
         todo += [r.job_id for r in StateStore(cfg.batch.state_dir).records() if r.boot_id != now]
         with Connection(cfg.libvirt) as conn:
@@ -295,6 +305,34 @@ def image_list(ctx: click.Context) -> None:
         click.echo(
             f"{name:16} {'yes' if e else 'no':7} {size:>10} {used:20} {jobs:6} {entry.source}"
         )
+
+
+@image_group.command("cooloff")
+@click.option("--clear", "clear", metavar="NAME", help="Lift NAME's cool-off on this node.")
+@click.option("--clear-all", is_flag=True, help="Lift every image's cool-off on this node.")
+@click.pass_context
+def image_cooloff(ctx: click.Context, clear: str | None, clear_all: bool) -> None:
+    """Images that failed on this node lately, and those refused here for a cool-off
+    ([batch].image_failures within image_failure_window: refused for image_cooloff s).
+    With --clear NAME (root), jobs may use NAME here again at once: after the image or its
+    catalog entry was fixed."""
+    from vmbatch.hooks.policy import ImageHealth
+
+    cfg = _load(ctx)
+    health = ImageHealth(cfg)
+    if clear or clear_all:
+        for name in health.clear(None if clear_all else clear):
+            click.echo(f"{name}: cool-off lifted, failures forgotten")
+        return
+    now = time.time()
+    click.echo(f"{'NAME':16} {'FAILURES':8} {'REFUSED UNTIL':20} LAST ERROR")
+    for st in health.statuses():
+        until = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.refused_until))
+            if st.refused_until > now
+            else "-"
+        )
+        click.echo(f"{st.name:16} {len(st.failures):<8} {until:20} {st.last_error[:100]}")
 
 
 @image_group.command("pull")

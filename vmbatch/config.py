@@ -30,6 +30,7 @@ ENV_VAR = "VMBATCH_CONFIG"
 
 Accel = Literal["auto", "kvm", "tcg"]
 ImageFormat = Literal["qcow2", "raw"]
+ImageFailure = Literal["fail", "requeue"]
 #: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
 ContextName = Literal["nocloud", "cernvm", "inject"]
 
@@ -194,6 +195,23 @@ class BatchConfig:
     #: Torque's ``epilogue.precancel`` (``qdel`` waits for it) stops trying to reach the
     #: job's VM after this many seconds (plus the wait and attempt under way).
     precancel_timeout: float = 30.0
+    # -- failure policy (docs/admin-guide.md "Failure policy") ---------------------------
+    #: A job whose image failed (no boot, guest died while booting, wrong host key, bad
+    #: image file): ``fail`` it, or ``requeue`` it like a transient failure.
+    image_failure: ImageFailure = "fail"
+    #: After this many image failures on this node within ``image_failure_window`` seconds,
+    #: the image is refused on this node for ``image_cooloff`` seconds (0: never refused).
+    image_failures: int = 3
+    image_failure_window: float = 3600.0
+    image_cooloff: float = 1800.0
+    #: Slurm: the job starter exits with ``requeue_exit`` to have the job requeued without
+    #: draining the node (slurm.conf ``RequeueExit`` must list it), with ``hold_exit`` to
+    #: have it requeued and held (``RequeueExitHold``; 0: fail the job instead).
+    requeue_exit: int = 199
+    hold_exit: int = 200
+    #: A job vmbatch asked to requeue this many times (``SLURM_JOB_RESTART_COUNT``) is held
+    #: (or failed) instead, with the reason in its output: never a loop.
+    max_requeues: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +444,11 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
             " QEMU's user-mode NAT (set it, or remove the [mounts.*] tables)"
         )
     batch = sections["batch"]
+    if batch is not None and batch.requeue_exit == batch.hold_exit:
+        problems.append(
+            f"[batch].requeue_exit and hold_exit are both {batch.hold_exit}: give them"
+            " different exit statuses (slurm.conf RequeueExit and RequeueExitHold)"
+        )
     if batch is not None:
         for key, names in (
             ("default_image", [batch.default_image]),
@@ -667,6 +690,12 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("max_memory", lambda v: v == 0 or v >= 64, "must be 0 (no cap) or at least 64 (MiB)"),
         ("reserve_memory", lambda v: v >= 0, "must be >= 0 (MiB)"),
         ("precancel_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: one attempt)"),
+        ("image_failures", lambda v: v >= 0, "must be >= 0 (0: never refuse an image)"),
+        ("image_failure_window", lambda v: v > 0, "must be > 0 seconds"),
+        ("image_cooloff", lambda v: v >= 0, "must be >= 0 seconds"),
+        ("requeue_exit", lambda v: 1 <= v <= 255, "must be an exit status 1-255"),
+        ("hold_exit", lambda v: 0 <= v <= 255, "must be an exit status 1-255 (0: fail instead)"),
+        ("max_requeues", lambda v: v >= 0, "must be >= 0 (0: never requeue)"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),

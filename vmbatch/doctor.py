@@ -14,6 +14,7 @@ from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.catalog import check_trusted, inspect
+from vmbatch.images.disks import check_free_space
 from vmbatch.libvirt.connection import Connection
 
 
@@ -34,6 +35,18 @@ class Check:
 
 def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     """Every check, in the order an admin would fix things."""
+    checks = node_checks(cfg, reprobe=reprobe)
+    for name in sorted(cfg.images):
+        checks.append(_image(cfg, name))
+    checks += _cooloffs(cfg)
+    for name in sorted(cfg.mounts):
+        checks.append(_mount(cfg.mounts[name]))
+    return checks
+
+
+def node_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
+    """The checks of the node itself (not of images or shares): what must pass before
+    vmbatch returns a node it took out of service (:func:`vmbatch.hooks.policy.resume_node`)."""
     checks = [_libvirt(cfg)]
     checks += [
         _tool("qemu-img", cfg.tools.qemu_img, cfg),
@@ -48,11 +61,32 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     ]
     if cfg.paths.console_log_dir is not None:
         checks.append(_directory("console log directory", cfg.paths.console_log_dir))
-    for name in sorted(cfg.images):
-        checks.append(_image(cfg, name))
-    for name in sorted(cfg.mounts):
-        checks.append(_mount(cfg.mounts[name]))
+    checks.append(_free_space(cfg))
     return checks
+
+
+def _cooloffs(cfg: Config) -> list[Check]:
+    """Images refused on this node after repeated failures (the failure policy)."""
+    from vmbatch.hooks.policy import ImageHealth
+
+    checks = []
+    for name in sorted(cfg.images):
+        try:
+            ImageHealth(cfg).check(name)
+        except VmBatchError as exc:
+            checks.append(
+                Check(False, f"image {name}", exc.message, f"once fixed: {exc.hint or ''}")
+            )
+    return checks
+
+
+def _free_space(cfg: Config) -> Check:
+    try:
+        check_free_space(cfg)
+    except VmBatchError as exc:
+        return Check(False, "free space", exc.message, exc.hint or "")
+    reserve = f"at least {cfg.disks.reserve_gib:g} GiB ([disks].reserve_gib)"
+    return Check(True, "free space", reserve)
 
 
 def _mount(mount: MountConfig) -> Check:

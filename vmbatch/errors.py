@@ -14,35 +14,45 @@ Every error vmbatch raises on purpose is a :class:`VmBatchError`. Each class car
 One table, :mod:`vmbatch.hooks.exitcodes`, turns dispositions into exit codes. Entry points
 catch ``VmBatchError`` in exactly one place each.
 
+Each class also says whose fault it is, its :class:`Fault`, which the batch hooks' failure
+policy (:mod:`vmbatch.hooks.policy`, docs/admin-guide.md "Failure policy") acts on: the
+job's (fail it), transient for this job (requeue it; the node stays up), the image's (fail or
+requeue it, and after repeated failures refuse the image on this node for a while), or the
+node's (drain/offline it with the cause as the reason). Only node faults take a node out.
+
 ::
 
     VmBatchError
-    ├── ConfigError                 OFFLINE_NODE  site config invalid (lists every problem)
-    ├── JobError                    ABORT_JOB     the job asked for something impossible
-    │   ├── UnknownImageError                     image name not in the catalog
-    │   ├── ImageError                            image missing, unreadable, not a disk image
-    │   ├── ImageVerifyError                      download fails its checksum / will not unpack
-    │   ├── ImageSourceError                      the image server refuses it (404, 403, ...)
-    │   └── DiskBudgetError                       the job's disks outgrew [disks].job_max_gib
-    ├── HostError                   REQUEUE       this host could not do it right now
-    │   ├── CommandError                          an external command failed
-    │   │   └── CommandTimeoutError               ... or did not finish in time
-    │   ├── PortForwardError                      no loopback port for the guest's SSH
-    │   ├── ImageDownloadError                    fetching an image failed (.transient: retry)
-    │   ├── DiskSpaceError                        job or cache file system below the reserve
-    │   ├── MountError                            a [mounts] share failed (.transient: retry)
-    │   ├── JobBusyError                          another hook holds the job's state lock
-    │   ├── LibvirtError                          libvirt refused an operation
-    │   │   ├── LibvirtUnavailableError           cannot reach libvirtd
-    │   │   ├── LibvirtTimeoutError               libvirtd did not answer in time (hung)
-    │   │   └── DomainDefinitionError  OFFLINE_NODE  libvirt rejected the domain XML
-    │   └── AcceleratorError                      requested accelerator not usable
-    ├── GuestError                  REQUEUE       the VM did not behave
-    │   ├── GuestBootTimeoutError                 no SSH within boot_timeout
-    │   ├── GuestDiedError                        domain ended before/while we used it
-    │   ├── HostKeyMismatchError                  guest served a key other than the pinned one
-    │   └── GuestConnectionError                  SSH failed after it was up
-    └── JobInterruptedError         REQUEUE       SIGINT/SIGTERM while preparing or running
+                                    disposition   fault
+    ├── ConfigError                 OFFLINE_NODE  node       site config invalid (every problem)
+    ├── JobError                    ABORT_JOB     job        the job asked for the impossible
+    │   ├── UnknownImageError                                image name not in the catalog
+    │   ├── ImageError                            image      image missing, unreadable, not a disk
+    │   │   ├── ImageVerifyError                             download fails its checksum / unpack
+    │   │   ├── ImageSourceError                             image server refuses it (404, 403)
+    │   │   └── ImageCoolOffError                            refused here after repeated failures
+    │   └── DiskBudgetError                                  disks outgrew [disks].job_max_gib
+    ├── HostError                   REQUEUE       transient  this host could not do it right now
+    │   ├── CommandError                                     an external command failed
+    │   │   └── CommandTimeoutError                          ... or did not finish in time
+    │   ├── PortForwardError                                 no loopback port for the guest's SSH
+    │   ├── ImageDownloadError                               fetching failed (.transient: retry)
+    │   ├── DiskSpaceError                        node       file system below the reserve
+    │   ├── MountError                                       a [mounts] share failed
+    │   ├── JobBusyError                                     another hook holds the job's lock
+    │   ├── LibvirtError                                     libvirt refused ("host is busy")
+    │   │   ├── LibvirtUnavailableError           node       cannot reach libvirtd
+    │   │   ├── LibvirtTimeoutError               node       libvirtd did not answer (hung)
+    │   │   └── DomainDefinitionError  OFFLINE_NODE  node    libvirt rejected the domain XML
+    │   ├── InjectionToolError         OFFLINE_NODE  node    libguestfs missing or broken
+    │   └── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
+    ├── GuestError                  REQUEUE       transient  the VM did not behave
+    │   ├── GuestBootTimeoutError                 image      no SSH within boot_timeout
+    │   ├── GuestDiedError                        image      domain ended before we used it
+    │   ├── HostKeyMismatchError                  image      guest served another host key
+    │   ├── GuestConnectionError                             SSH failed after it was up
+    │   └── GuestLostError             ABORT_JOB  job        guest stopped while the job ran
+    └── JobInterruptedError         REQUEUE       transient  SIGINT/SIGTERM while working
 """
 
 from __future__ import annotations
@@ -60,6 +70,15 @@ class Disposition(enum.Enum):
     OFFLINE_NODE = "offline_node"
 
 
+class Fault(enum.Enum):
+    """Whose fault a failure is: what the batch hooks' failure policy acts on."""
+
+    JOB = "job"  # the job's own request: fail it, rerunning gives the same
+    TRANSIENT = "transient"  # this attempt: requeue the job, the node stays in service
+    IMAGE = "image"  # the image: fail or requeue the job; repeated, refuse the image here
+    NODE = "node"  # this node: take it out of service with the cause as the reason
+
+
 class VmBatchError(Exception):
     """Root of every error vmbatch raises on purpose.
 
@@ -67,6 +86,7 @@ class VmBatchError(Exception):
     """
 
     disposition: Disposition = Disposition.REQUEUE
+    fault: Fault = Fault.TRANSIENT
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -83,6 +103,7 @@ class ConfigError(VmBatchError):
     """The site configuration is invalid; ``problems`` lists every problem found."""
 
     disposition = Disposition.OFFLINE_NODE
+    fault = Fault.NODE
 
     def __init__(self, problems: list[str], *, source: str = "configuration") -> None:
         self.problems = list(problems)
@@ -97,6 +118,7 @@ class JobError(VmBatchError):
     """The job asked for something that cannot work; rerunning it would fail again."""
 
     disposition = Disposition.ABORT_JOB
+    fault = Fault.JOB
 
 
 class UnknownImageError(JobError):
@@ -105,6 +127,8 @@ class UnknownImageError(JobError):
 
 class ImageError(JobError):
     """The image exists in the catalog but cannot be used (missing, unreadable, not an image)."""
+
+    fault = Fault.IMAGE
 
 
 class ImageVerifyError(ImageError):
@@ -117,6 +141,11 @@ class ImageSourceError(ImageError):
     Requeueing cannot help (every node gets the same answer) and the node is fine for other
     images, so the job is aborted with a message naming the image and the URL to fix.
     """
+
+
+class ImageCoolOffError(ImageError):
+    """The image failed on this node ``[batch].image_failures`` times within
+    ``[batch].image_failure_window``: it is refused here until its cool-off ends."""
 
 
 class DiskBudgetError(JobError):
@@ -165,6 +194,8 @@ class ImageDownloadError(HostError):
 class DiskSpaceError(HostError):
     """A file system vmbatch writes to has less free space than ``[disks].reserve_gib``."""
 
+    fault = Fault.NODE
+
 
 class MountError(HostError):
     """A shared filesystem (``[mounts.NAME]``) could not be mounted in the guest within its
@@ -188,9 +219,13 @@ class LibvirtError(HostError):
 class LibvirtUnavailableError(LibvirtError):
     """libvirtd cannot be reached (not running, socket missing, connection lost)."""
 
+    fault = Fault.NODE
+
 
 class LibvirtTimeoutError(LibvirtError):
     """libvirtd did not answer within the configured timeout: it is probably hung."""
+
+    fault = Fault.NODE
 
     #: The thread still blocked in the libvirt call (it cannot be cancelled).
     worker: threading.Thread | None = None
@@ -200,18 +235,21 @@ class DomainDefinitionError(LibvirtError):
     """libvirt rejected the domain definition: a site configuration or vmbatch problem."""
 
     disposition = Disposition.OFFLINE_NODE
+    fault = Fault.NODE
 
 
 class InjectionToolError(HostError):
     """libguestfs, needed for offline injection, is missing or cannot start on this node."""
 
     disposition = Disposition.OFFLINE_NODE
+    fault = Fault.NODE
 
 
 class AcceleratorError(HostError):
     """The configured accelerator cannot be used on this host."""
 
     disposition = Disposition.OFFLINE_NODE
+    fault = Fault.NODE
 
 
 class GuestError(VmBatchError):
@@ -223,13 +261,19 @@ class GuestError(VmBatchError):
 class GuestBootTimeoutError(GuestError):
     """The guest did not answer SSH within ``boot_timeout``."""
 
+    fault = Fault.IMAGE
+
 
 class GuestDiedError(GuestError):
     """The domain ended before or while vmbatch was using it."""
 
+    fault = Fault.IMAGE
+
 
 class HostKeyMismatchError(GuestError):
     """The guest served an SSH host key other than the pinned per-job key."""
+
+    fault = Fault.IMAGE
 
 
 class GuestConnectionError(GuestError):
@@ -241,6 +285,7 @@ class GuestLostError(GuestError):
     because it may have done part of its work (and a job that powers the VM off would loop)."""
 
     disposition = Disposition.ABORT_JOB
+    fault = Fault.JOB
 
 
 class JobInterruptedError(VmBatchError):

@@ -75,7 +75,12 @@ def slurm(batch_site: BatchSite) -> Iterator[SlurmSite]:
     cluster = SlurmCluster(
         prolog=_shim(root / "prolog", config, "vmbatch-prologue"),
         epilog=_shim(root / "epilog", config, "vmbatch-epilogue"),
-        extra_conf=["PrologFlags=Alloc", "PrologEpilogTimeout=600"],
+        extra_conf=[
+            "PrologFlags=Alloc",
+            "PrologEpilogTimeout=600",
+            "RequeueExit=199",
+            "RequeueExitHold=200",
+        ],
         oci_conf=oci,
         job_submit_lua=lua,
     )
@@ -146,10 +151,11 @@ def test_two_jobs_run_at_once_in_two_vms(slurm: SlurmSite, libvirt_conn: Connect
         slurm.settled(job_id)
 
 
-def test_libvirt_down_drains_the_node_naming_libvirt_and_requeues_the_job(
+def test_libvirt_down_drains_the_node_naming_libvirt_and_vmbatch_resumes_it(
     slurm: SlurmSite,
 ) -> None:
-    """libvirtd unreachable (its socket gone: no daemon answers), then back."""
+    """libvirtd unreachable (its socket gone: no daemon answers), then back: the node's
+    fault drains it, and vmbatch itself returns it once the cause has cleared."""
     site = slurm.bs.site
     dropin = site.root / "vmbatch.d"
     dropin.mkdir(exist_ok=True)
@@ -165,14 +171,111 @@ def test_libvirt_down_drains_the_node_naming_libvirt_and_requeues_the_job(
     assert "vmbatch: libvirt could not connect" in node["Reason"], node
     job = slurm.cluster.wait_job(job_id, {"PENDING"}, 60)
     assert job["Reason"] == "launch_failed_requeued_held" and job["Restarts"] == "1"
-    # The admin fixes libvirtd and returns the node; the held job is released and runs.
+    # Before libvirtd answers, the reaper (`vmbatch cleanup --stale`, the timer's command)
+    # leaves the node drained; once it answers, the reaper returns the node to service.
+    reaper = site.vmbatch("cleanup", "--stale")
+    assert "stays out of service" in reaper.stdout.decode(), reaper
+    assert "DRAIN" in slurm.cluster.node()["State"]
     down.unlink()
-    slurm.cluster.resume()
+    reaper = site.vmbatch("cleanup", "--stale")
+    assert "returned to service" in reaper.stdout.decode(), reaper
+    assert "DRAIN" not in slurm.cluster.node()["State"]
+    # The held job is released and runs.
     slurm.cluster.scontrol("release", job_id)
     # A requeued job is eligible again only 120 s later (cred_expire); the admin may say now.
     slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")
     job = slurm.settled(job_id, timeout=180)
     assert job["JobState"] == "COMPLETED" and "second-try-ran" in slurm.output(job_id)
+
+
+def _dropin(slurm: SlurmSite, name: str, text: str) -> Path:
+    dropin = slurm.bs.site.root / "vmbatch.d"
+    dropin.mkdir(exist_ok=True)
+    path = dropin / name
+    path.write_text(text)
+    return path
+
+
+def test_an_image_that_never_boots_fails_its_jobs_keeps_the_node_and_is_refused(
+    slurm: SlurmSite,
+) -> None:
+    """Issue 14: an image's fault fails the job with the reason, never drains the node; after
+    [batch].image_failures failures the image is refused here at once; other images run."""
+    demo = slurm.bs.site.config.read_text().split("[images.demo]", 1)[1].split("\n[", 1)[0]
+    broken = demo.replace('cmdline = "', 'cmdline = "rdinit=/nonexistent ')  # kernel panics
+    _dropin(
+        slurm,
+        "50-broken.toml",
+        f'[vm]\nboot_timeout = 40\n[batch]\nuser_images = ["broken"]\nimage_failures = 1\n'
+        f"[images.broken]{broken}\n",
+    )
+    first = slurm.submit("#!/bin/sh\n#VMBATCH image=broken\necho should-not-run\n")
+    job = slurm.settled(first, timeout=180)
+    out = slurm.output(first)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "75:0"), out
+    assert "did not answer SSH within 40s" in out and "should-not-run" not in out
+    assert "DRAIN" not in slurm.cluster.node()["State"]
+
+    second = slurm.submit("#!/bin/sh\n#VMBATCH image=broken\necho should-not-run\n")
+    slurm.settled(second)
+    assert "image 'broken' failed on this node 1 times" in slurm.output(second)
+    ok = slurm.submit("#!/bin/sh\necho demo-ran\n")  # the default image still runs here
+    assert slurm.settled(ok)["JobState"] == "COMPLETED" and "demo-ran" in slurm.output(ok)
+    causes = [r["cause"] for r in slurm.bs.records()]
+    assert causes[0].startswith("GuestBootTimeoutError") and causes[1].startswith(
+        "ImageCoolOffError"
+    )
+
+
+def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_holds_it(
+    slurm: SlurmSite,
+) -> None:
+    """Issue 14: a transient fault (the image server refuses connections) requeues the job
+    through slurm.conf RequeueExit, the node stays in service; at [batch].max_requeues the
+    job is held through RequeueExitHold with the reason in its output: never a loop."""
+    from tests.system.slurmcluster import free_port
+
+    _dropin(
+        slurm,
+        "50-remote.toml",
+        f'[batch]\nuser_images = ["remote"]\nmax_requeues = 1\n'
+        f'[images.remote]\nsource = "http://127.0.0.1:{free_port()}/disk.qcow2"\n'
+        f'sha256 = "{"0" * 64}"\n',
+    )
+    job_id = slurm.submit("#!/bin/sh\n#VMBATCH image=remote\necho should-not-run\n")
+    job = _wait_restarts(slurm, job_id, 1)
+    assert job["JobState"] == "PENDING", job
+    assert "DRAIN" not in slurm.cluster.node()["State"]
+    assert "vmbatch requeued the job (run 1 of at most 2)" in slurm.output(job_id)
+    slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")  # skip Slurm's wait
+    job = _wait_restarts(slurm, job_id, 2)
+    _settle_node(slurm)
+    assert job["JobState"] == "PENDING" and "held" in job["Reason"].lower(), job
+    out = slurm.output(job_id)
+    assert "cannot download http://127.0.0.1:" in out, out
+    assert "is held" in out and "scontrol release" in out, out
+    assert "DRAIN" not in slurm.cluster.node()["State"]
+    _scancel(slurm, job_id)
+    slurm.settled(job_id)
+
+
+def _wait_restarts(slurm: SlurmSite, job_id: str, restarts: int) -> dict[str, str]:
+    """The job after its ``restarts``-th requeue (its Epilog done)."""
+    deadline = time.monotonic() + 180
+    while (job := slurm.cluster.job(job_id)).get("Restarts") != str(restarts) or job.get(
+        "JobState"
+    ) != "PENDING":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)  # polling with a deadline
+    _settle_node(slurm)
+    return job
+
+
+def _settle_node(slurm: SlurmSite) -> None:
+    deadline = time.monotonic() + 120
+    while "COMPLETING" in slurm.cluster.node()["State"] or slurm.bs.leftovers():
+        assert time.monotonic() < deadline, (slurm.cluster.node(), slurm.bs.leftovers())
+        time.sleep(0.2)  # polling with a deadline
 
 
 def _scancel(slurm: SlurmSite, job_id: str) -> None:

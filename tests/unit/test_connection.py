@@ -93,13 +93,13 @@ def test_errors_map_by_named_code() -> None:
 
 def test_destroy_waits_for_a_create_that_timed_out(test_uri: str) -> None:
     """A createXML that outlives our timeout may still start the VM: destroy must see it."""
-    with Connection(LibvirtConfig(uri=test_uri, timeout=0.3)) as conn:
+    with Connection(LibvirtConfig(uri=test_uri, timeout=2.0)) as conn:
         real = conn._conn
         slow = type(
             "Slow",
             (),
             {
-                "createXML": lambda self, xml, flags: (time.sleep(0.6), real.createXML(xml, flags))[
+                "createXML": lambda self, xml, flags: (time.sleep(3.0), real.createXML(xml, flags))[
                     1
                 ]
             },

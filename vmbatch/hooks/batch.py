@@ -7,8 +7,10 @@ One job, one VM:
    the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` and leaves it running.
    Its record (:mod:`vmbatch.hooks.jobstate`) is written before anything is made and after
    each step. The job's user gets a 0700 directory with the per-job SSH key and the
-   guest's port and pinned host key; if the request itself is at fault, the directory holds
-   the message instead, and the starter prints it into the job's stderr.
+   guest's port and pinned host key. If the prologue fails for any reason but the node's,
+   the directory holds the message and the exit status instead, as the failure policy
+   (:mod:`vmbatch.hooks.policy`) decided: the starter prints the one into the job's stderr
+   and exits with the other (fail, requeue or hold the job; the node stays in service).
 2. The **job starter** (the job's user) logs in with that key, runs the job script with the
    job's environment (:class:`~vmbatch.guest.session.Session`: output streamed, signals
    forwarded, reconnects) and exits with the job's status.
@@ -38,10 +40,12 @@ from typing import Any, BinaryIO
 from vmbatch import lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
-from vmbatch.errors import Disposition, HostError, JobBusyError, JobError, VmBatchError
+from vmbatch.errors import HostError, JobBusyError, JobError, VmBatchError
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
+from vmbatch.hooks import policy
 from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
+from vmbatch.hooks.policy import ImageHealth
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.disks import DiskBudget
@@ -69,6 +73,8 @@ class BatchJob:
     #: The job's working directory on the node, if the scheduler tells the prologue (Slurm's
     #: ``SLURM_JOB_WORK_DIR``; the OCI bundle lacks it) - handed to the starter.
     workdir: str | None = None
+    #: How often the scheduler ran the job before (Slurm's ``SLURM_JOB_RESTART_COUNT``).
+    restarts: int = 0
 
 
 def check_job_id(job_id: str) -> str:
@@ -172,6 +178,7 @@ def _prologue_locked(
     )
     store.write(record)
     identity: JobUser | None = None
+    health = ImageHealth(cfg)
     try:
         identity = JobUser.from_host(bj.user)
         record = store.write(dataclasses.replace(record, uid=identity.uid, gid=identity.gid))
@@ -180,12 +187,16 @@ def _prologue_locked(
         log.info(
             "job %s: image %s, %d cores, %d MiB", bj.job_id, spec.image, spec.vcpus, spec.memory
         )
+        health.check(spec.image)
         guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
     except VmBatchError as exc:
         store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
-        if identity is not None and exc.disposition is Disposition.ABORT_JOB:
-            userdir.create(identity.uid, identity.gid, {UserDir.ERROR: str(exc).encode()})
+        if record.image and policy.counts_against_image(exc):
+            health.failed(record.image, exc)
+        if identity is not None:
+            _tell_starter(cfg, bj, userdir, identity, exc)
         return exc
+    health.succeeded(spec.image)
     try:
         record = store.write(
             dataclasses.replace(
@@ -230,6 +241,25 @@ def _prologue_locked(
     return None
 
 
+def _tell_starter(
+    cfg: Config, bj: BatchJob, userdir: UserDir, identity: JobUser, exc: VmBatchError
+) -> None:
+    """Leave the failure policy's message and exit status for the job starter, which prints
+    the one into the job's output and exits with the other (:mod:`vmbatch.hooks.policy`).
+    Node faults leave nothing: the scheduler hears of them from the prologue itself."""
+    decision = policy.decide(
+        cfg, exc, scheduler=bj.scheduler, restarts=bj.restarts, node=socket.gethostname()
+    )
+    if decision.outcome is policy.Outcome.NODE:
+        return
+    log.error("job %s: %s fault: %s", bj.job_id, exc.fault.value, decision.outcome.value)
+    userdir.create(
+        identity.uid,
+        identity.gid,
+        {UserDir.ERROR: decision.message.encode(), UserDir.STATUS: b"%d\n" % decision.status},
+    )
+
+
 def _cause(exc: VmBatchError) -> str:
     return f"{type(exc).__name__}: {exc.message}"
 
@@ -250,6 +280,21 @@ class StarterJob:
 
 class StarterError(VmBatchError):
     """The job's VM is missing or was not made; the message goes to the job's stderr."""
+
+
+class PrologueFailedError(JobError):
+    """The prologue failed for this job and left its message and the starter's exit status
+    (the failure policy's decision: fail, requeue or hold the job)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _status(text: bytes | None) -> int:
+    """The starter's exit status the prologue chose (65 if none or unreadable)."""
+    value = (text or b"").strip()
+    return int(value) if value.isdigit() and 0 < int(value) < 256 else 65
 
 
 def guest_workdir(cfg: Config, cwd: str | None) -> str | None:
@@ -290,7 +335,9 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     userdir = UserDir(cfg.batch.user_dir, job.job_id)
     message = userdir.read(UserDir.ERROR)
     if message is not None:
-        raise JobError(message.decode(errors="replace").strip())
+        raise PrologueFailedError(
+            message.decode(errors="replace").strip(), status=_status(userdir.read(UserDir.STATUS))
+        )
     info = userdir.guest()
     key = userdir.read(UserDir.KEY)
     if info is None or key is None:

@@ -25,14 +25,15 @@ import os
 import pwd
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from vmbatch import config, trust
-from vmbatch.errors import Disposition, JobError, JobInterruptedError, VmBatchError
+from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
-from vmbatch.hooks import batch, slurm, torque
-from vmbatch.hooks.batch import StarterError
+from vmbatch.hooks import batch, policy, slurm, torque
+from vmbatch.hooks.batch import PrologueFailedError, StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
     CLI_INTERNAL_ERROR,
@@ -99,8 +100,10 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     error = batch.prologue(cfg, bj)
     if error is None:
         return 0
-    if error.disposition is Disposition.ABORT_JOB:
-        log.error("job %s refused: %s (the job starter reports it to the job)", bj.job_id, error)
+    if error.fault is not Fault.NODE:
+        # The failure policy: the job starter fails, requeues or holds the job with the
+        # message in its output; only node faults take the node out of service.
+        log.error("job %s: %s (the node stays in service)", bj.job_id, error)
         return table[Disposition.ABORT_JOB]
     log.error("job %s: %s", bj.job_id, error)
     return _node_problem(cfg, is_slurm, env, error, table, argv)
@@ -131,12 +134,23 @@ def _node_problem(
     # anyway, and Torque redispatches a requeued job at once, to the same node, in a tight
     # loop, unless the node is out of service (PLATFORM.md).
     if is_slurm and env.get("SLURMD_NODENAME"):
-        slurm.drain(cfg, env["SLURMD_NODENAME"], reason, env)
-    elif not is_slurm and not torque.offline(cfg, reason):
-        return _fail_job_here(cfg, argv, error)
+        _drain(cfg, env["SLURMD_NODENAME"], reason, env)
+    elif not is_slurm:
+        if not torque.offline(cfg, reason):
+            return _fail_job_here(cfg, argv, error)
+        note = torque.offline_note(reason)
+        policy.mark_out(cfg, policy.NodeMark("torque", socket.gethostname(), note, time.time()))
     if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
         disposition = Disposition.OFFLINE_NODE
     return table[disposition]
+
+
+def _drain(cfg: config.Config, node: str, reason: str, env: Mapping[str, str]) -> None:
+    """Drain the node, and remember it so that vmbatch resumes it once the cause cleared."""
+    clean = slurm.drain(cfg, node, reason, env)
+    if clean is not None:
+        mark = policy.NodeMark("slurm", node, clean, time.time(), env.get("SLURM_CONF", ""))
+        policy.mark_out(cfg, mark)
 
 
 def _fail_job_here(cfg: config.Config, argv: Sequence[str], error: VmBatchError) -> int:
@@ -171,6 +185,7 @@ def _slurm_job(cfg: config.Config, env: Mapping[str, str]) -> batch.BatchJob:
         name=name,
         script=slurm.batch_script(cfg, jid, env),
         workdir=env.get("SLURM_JOB_WORK_DIR") or None,
+        restarts=policy.restart_count(env),
     )
 
 
@@ -210,6 +225,9 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except JobInterruptedError as exc:
         sys.stderr.write(f"vmbatch: {exc} before the job started\n")
         return 128 + exc.signum
+    except PrologueFailedError as exc:
+        sys.stderr.write(f"vmbatch: error: {exc}\n")
+        return exc.status
     except VmBatchError as exc:
         sys.stderr.write(f"vmbatch: error: {exc}\n")
         return CLI[exc.disposition]
@@ -318,6 +336,7 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     is_slurm = _is_slurm(env)
     job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
     _logging("vmbatch-epilogue", job_id)
+    cfg: config.Config | None = None
     try:
         cfg = _load(path)
         if is_slurm:
@@ -333,7 +352,7 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except VmBatchError as exc:
         log.error("%s", exc)
         if is_slurm and env.get("SLURMD_NODENAME"):
-            slurm.drain(config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
+            _drain(cfg or config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
         return SLURM_EPILOG_FAILED
     log.info("job %s: VM and files removed", job_id)
     return 0

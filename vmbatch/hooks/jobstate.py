@@ -13,9 +13,11 @@ Two places, with different owners:
 ``[batch].user_dir/<job>/`` (owned by the job's user, 0700; parent root-owned 0755)
     What the job starter, running as the job's user, needs and nothing more: the per-job
     SSH private key (``id_ed25519``), ``guest.json`` (port and the guest's pinned host
-    key) or, if the prologue failed because of the job, ``error`` (the message for the
-    job's stderr). Files are made by root with ``O_EXCL|O_NOFOLLOW`` in a directory that is
-    handed to the user only at the end (chown last), so no user can redirect root's writes.
+    key) or, if the prologue failed for a reason other than the node's, ``error`` (the
+    message for the job's stderr) and ``status`` (the starter's exit status, which the
+    failure policy chose: fail, requeue or hold the job). Files are made by root with
+    ``O_EXCL|O_NOFOLLOW`` in a directory that is handed to the user only at the end (chown
+    last), so no user can redirect root's writes.
 """
 
 from __future__ import annotations
@@ -195,6 +197,8 @@ class UserDir:
     KEY = "id_ed25519"
     GUEST = "guest.json"
     ERROR = "error"
+    #: The job starter's exit status after a failed prologue (with ``error``).
+    STATUS = "status"
 
     def __init__(self, base: Path, job_id: str) -> None:
         self.base = base

@@ -129,13 +129,33 @@ def batch_script(cfg: Config, jid: str, env: Mapping[str, str]) -> bytes | None:
     return text.encode("utf-8", "surrogateescape")
 
 
-def drain(cfg: Config, node: str, reason: str, env: Mapping[str, str]) -> None:
-    """Drain this node with ``reason`` (best effort: the Prolog's exit drains it anyway)."""
-    clean = re.sub(r"[^\x20-\x7e]", "?", reason)[:200]
+def drain(cfg: Config, node: str, reason: str, env: Mapping[str, str]) -> str | None:
+    """Drain this node with ``reason`` (best effort: the Prolog's exit drains it anyway);
+    the reason as set, or None if scontrol failed."""
+    clean = re.sub(r"[^\x20-\x7e]", "?", reason)[:200].strip()
     try:
         scontrol(cfg, "update", f"nodename={node}", "state=drain", f"reason={clean}", env=env)
     except HostError as exc:
         log.error("could not drain node %s with the reason (%s)", node, exc)
+        return None
+    return clean
+
+
+def drained_by(cfg: Config, node: str, reason: str, env: Mapping[str, str]) -> bool | None:
+    """Is ``node`` drained with exactly ``reason``? None: the node is not drained at all.
+
+    ``scontrol show node -o`` prints ``State=IDLE+DRAIN`` and ``Reason=TEXT [user@time]``.
+    """
+    out = scontrol(cfg, "show", "node", node, "-o", env=env)
+    state = re.search(r"(?:^|\s)State=(\S+)", out)
+    if state is None or "DRAIN" not in state[1]:
+        return None
+    return f" Reason={reason} [" in out or out.rstrip().endswith(f" Reason={reason}")
+
+
+def resume(cfg: Config, node: str, env: Mapping[str, str]) -> None:
+    """``scontrol update nodename=NODE state=resume``."""
+    scontrol(cfg, "update", f"nodename={node}", "state=resume", env=env)
 
 
 def exit_status(env: Mapping[str, str]) -> int | None:

@@ -82,9 +82,35 @@ def job_id_of_script(path: str) -> str | None:
     return name[: -len(".SC")] if name.endswith(".SC") and len(name) > 3 else None
 
 
+def offline_note(note: str) -> str:
+    """The note as :func:`offline` sets it."""
+    return "".join(c if c.isprintable() else "?" for c in note)[:200]
+
+
+def offline_by(cfg: Config, node: str, note: str) -> bool | None:
+    """Is ``node`` offline with exactly ``note``? None: it is not offline at all.
+
+    ``pbsnodes NODE`` lists ``state = free,offline`` and ``note = TEXT`` (pbsnodes(8)).
+    """
+    out = run_command([str(cfg.tools.pbsnodes), node], timeout=cfg.tools.command_timeout).stdout
+    fields = {}
+    for line in out.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            fields[key] = value
+    if "offline" not in fields.get("state", ""):
+        return None
+    return fields.get("note") == note
+
+
+def online(cfg: Config, node: str) -> None:
+    """``pbsnodes -c -N "" NODE``: clear OFFLINE and the note."""
+    run_command([str(cfg.tools.pbsnodes), "-c", "-N", "", node], timeout=cfg.tools.command_timeout)
+
+
 def offline(cfg: Config, note: str) -> bool:
     """``pbsnodes -o -N NOTE <this node>``; False (logged) if that failed."""
-    clean = "".join(c if c.isprintable() else "?" for c in note)[:200]
+    clean = offline_note(note)
     node = socket.gethostname()
     try:
         run_command(

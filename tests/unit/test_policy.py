@@ -1,0 +1,149 @@
+"""The batch hooks' failure policy: whose fault decides the job's and the node's fate."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from vmbatch import config
+from vmbatch.errors import (
+    ConfigError,
+    GuestBootTimeoutError,
+    ImageCoolOffError,
+    ImageDownloadError,
+    ImageError,
+    LibvirtUnavailableError,
+    MountError,
+    UnknownImageError,
+)
+from vmbatch.hooks import batch, policy
+from vmbatch.hooks.jobstate import UserDir
+from vmbatch.hooks.policy import ImageHealth, Outcome
+from vmbatch.hooks.request import Resources
+
+
+def _cfg(tmp_path: Path, **batch_keys: object) -> config.Config:
+    return config.parse(
+        {
+            "paths": {"job_dir": str(tmp_path / "jobs")},
+            "libvirt": {"uri": "test:///nowhere"},
+            "batch": {
+                "default_image": "demo",
+                "state_dir": str(tmp_path / "state"),
+                "user_dir": str(tmp_path / "run"),
+                "accounting_log": str(tmp_path / "acct.jsonl"),
+                **batch_keys,
+            },
+            "images": {"demo": {"source": str(tmp_path / "missing.qcow2")}},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "scheduler", "restarts", "outcome", "status"),
+    [
+        (UnknownImageError("no such image"), "slurm", 0, Outcome.FAIL, 65),
+        (ImageError("not a disk image"), "slurm", 0, Outcome.FAIL, 65),
+        (GuestBootTimeoutError("no SSH"), "slurm", 0, Outcome.FAIL, 75),
+        (ImageDownloadError("server down"), "slurm", 0, Outcome.REQUEUE, 199),
+        (MountError("nfs down"), "slurm", 2, Outcome.REQUEUE, 199),
+        (MountError("nfs down"), "slurm", 3, Outcome.HOLD, 200),
+        (ImageDownloadError("server down"), "torque", 0, Outcome.FAIL, 75),
+        (LibvirtUnavailableError("gone"), "slurm", 0, Outcome.NODE, 69),
+        (ConfigError(["bad"]), "torque", 0, Outcome.NODE, 69),
+    ],
+)
+def test_only_node_faults_take_the_node_out(
+    tmp_path: Path,
+    error: Exception,
+    scheduler: str,
+    restarts: int,
+    outcome: Outcome,
+    status: int,
+) -> None:
+    from vmbatch.errors import VmBatchError
+
+    assert isinstance(error, VmBatchError)
+    d = policy.decide(_cfg(tmp_path), error, scheduler=scheduler, restarts=restarts, node="n1")
+    assert (d.outcome, d.status) == (outcome, status)
+    assert str(error) in d.message
+
+
+def test_image_faults_requeue_when_configured_and_holding_can_be_turned_off(
+    tmp_path: Path,
+) -> None:
+    cfg = _cfg(tmp_path, image_failure="requeue", hold_exit=0, max_requeues=1)
+    err = GuestBootTimeoutError("no SSH within 8s")
+    first = policy.decide(cfg, err, scheduler="slurm", restarts=0, node="n1")
+    assert first.outcome is Outcome.REQUEUE and "node n1 stays in service" in first.message
+    last = policy.decide(cfg, err, scheduler="slurm", restarts=1, node="n1")
+    assert (last.outcome, last.status) == (Outcome.FAIL, 75)
+    assert "already ran 2 times" in last.message
+
+
+def test_restart_count_from_the_prolog_environment() -> None:
+    assert policy.restart_count({"SLURM_JOB_RESTART_COUNT": "2"}) == 2
+    assert policy.restart_count({}) == 0
+    assert policy.restart_count({"SLURM_JOB_RESTART_COUNT": "x"}) == 0
+
+
+def test_an_image_failing_again_and_again_is_refused_for_its_cooloff(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, image_failures=3, image_failure_window=100.0, image_cooloff=50.0)
+    health = ImageHealth(cfg)
+    err = GuestBootTimeoutError("no SSH within 8s")
+    assert not health.failed("demo", err, now=1000.0)
+    assert not health.failed("demo", err, now=1150.0)  # the first is out of the window
+    assert not health.failed("demo", err, now=1160.0)
+    health.check("demo", now=1161.0)  # two in the window: still used
+    assert health.failed("demo", err, now=1170.0)
+    with pytest.raises(ImageCoolOffError, match="failed on this node 3 times") as info:
+        health.check("demo", now=1200.0)
+    assert "vmbatch image cooloff --clear demo" in str(info.value)
+    assert not policy.counts_against_image(info.value)  # a refusal is not a new failure
+    health.check("demo", now=1221.0)  # the cool-off is over
+    health.check("other", now=1200.0)
+    assert oct(health.path.stat().st_mode & 0o777) == "0o600"
+    assert oct(health.path.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_boot_forgets_the_failures_and_an_admin_can_lift_a_cooloff(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, image_failures=2)
+    health = ImageHealth(cfg)
+    err = GuestBootTimeoutError("no SSH")
+    health.failed("demo", err)
+    health.succeeded("demo")
+    assert not health.failed("demo", err)  # counting starts again
+    assert health.failed("demo", err)
+    with pytest.raises(ImageCoolOffError):
+        health.check("demo")
+    assert health.clear("demo") == ["demo"]
+    health.check("demo")
+    assert health.statuses() == []
+
+
+def test_a_failed_image_reaches_the_job_with_the_policys_exit_status(tmp_path: Path) -> None:
+    """The prologue (exit 0) leaves the message and status; the starter exits with it."""
+    cfg = _cfg(tmp_path, image_failures=1)
+    user = "nobody"
+    bj = batch.BatchJob("slurm", "78", user, Resources(), restarts=0)
+    error = batch.prologue(cfg, bj)
+    assert isinstance(error, ImageError) and error.fault is policy.Fault.IMAGE
+    userdir = UserDir(cfg.batch.user_dir, "78")
+    assert userdir.read(UserDir.STATUS) == b"65\n"
+    with pytest.raises(ImageCoolOffError):
+        ImageHealth(cfg).check("demo")  # one failure was enough here
+    # the next job is refused without trying, and that refusal is not counted again
+    error = batch.prologue(cfg, batch.BatchJob("slurm", "79", user, Resources()))
+    assert isinstance(error, ImageCoolOffError)
+    assert len(ImageHealth(cfg).statuses()[0].failures) == 1
+    job = batch.StarterJob("78", b"#!/bin/sh\n", (), {}, None)
+    with pytest.raises(batch.PrologueFailedError) as info:
+        batch.starter(cfg, job, io.BytesIO(), io.BytesIO())
+    assert info.value.status == 65 and "missing.qcow2" in str(info.value)
+
+
+def test_requeue_and_hold_need_different_exit_statuses(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="requeue_exit and hold_exit are both 199"):
+        _cfg(tmp_path, hold_exit=199)
