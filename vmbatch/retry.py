@@ -18,6 +18,7 @@ from vmbatch.errors import (
     GuestConnectionError,
     ImageDownloadError,
     JobBusyError,
+    LibvirtError,
     LibvirtTimeoutError,
     LibvirtUnavailableError,
     MountError,
@@ -123,6 +124,18 @@ LIBVIRT_CONNECT_POLICY = RetryPolicy(
     max_attempts=3,
 )
 
+#: Starting a domain that libvirt refused as "resource busy" (VIR_ERR_RESOURCE_BUSY: the
+#: host is busy); any other refusal is final. createXML starts nothing when it fails.
+LIBVIRT_CREATE_POLICY = RetryPolicy(
+    name="LibvirtCreatePolicy",
+    retry_on=(LibvirtError,),
+    retry_if=is_transient,
+    wait_seconds=1.0,
+    wait_max=4.0,
+    max_attempts=4,
+    max_delay=30.0,
+)
+
 #: Image downloads: connection errors, read stalls and 5xx answers, resumed each time.
 DOWNLOAD_POLICY = RetryPolicy(
     name="DownloadPolicy",
@@ -182,6 +195,7 @@ ALL_POLICIES = (
     SSH_CONNECT_POLICY,
     SSH_RECONNECT_POLICY,
     LIBVIRT_CONNECT_POLICY,
+    LIBVIRT_CREATE_POLICY,
     DOWNLOAD_POLICY,
     NFS_MOUNT_POLICY,
     STATE_LOCK_POLICY,

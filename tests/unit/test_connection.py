@@ -110,3 +110,44 @@ def test_destroy_waits_for_a_create_that_timed_out(test_uri: str) -> None:
         conn._conn = real
         assert conn.destroy("vmbatch-slow") is True
         assert not conn.is_running("vmbatch-slow")
+
+
+def test_a_busy_host_is_asked_again_and_other_refusals_are_final(
+    test_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VIR_ERR_RESOURCE_BUSY is retried through LibvirtCreatePolicy, with its log line."""
+    import tenacity
+
+    monkeypatch.setattr(tenacity.nap, "sleep", lambda s: None)
+
+    def err(code: int) -> libvirt.libvirtError:
+        e = libvirt.libvirtError("busy")
+        e.err = (code, libvirt.VIR_FROM_QEMU, "busy", 2, None, None, None, 0, 0)
+        return e
+
+    with Connection(LibvirtConfig(uri=test_uri)) as conn:
+        real = conn._conn
+        calls: list[str] = []
+
+        class Busy:
+            def createXML(self, xml: str, flags: int) -> object:  # noqa: N802 - libvirt's name
+                calls.append("create")
+                if len(calls) < 3:
+                    raise err(libvirt.VIR_ERR_RESOURCE_BUSY)
+                return real.createXML(xml, flags)
+
+        conn._conn = Busy()
+        conn.create("vmbatch-busy", _xml("vmbatch-busy", "8"))
+        conn._conn = real
+        assert calls == ["create"] * 3 and conn.is_running("vmbatch-busy")
+
+        class Refuses:
+            def createXML(self, xml: str, flags: int) -> object:  # noqa: N802
+                calls.append("refused")
+                raise err(libvirt.VIR_ERR_INTERNAL_ERROR)
+
+        conn._conn = Refuses()
+        with pytest.raises(LibvirtError, match="libvirt could not start domain vmbatch-no"):
+            conn.create("vmbatch-no", _xml("vmbatch-no", "7"))
+        conn._conn = real
+        assert calls.count("refused") == 1

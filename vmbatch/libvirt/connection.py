@@ -35,7 +35,7 @@ from vmbatch.errors import (
     PortForwardError,
 )
 from vmbatch.libvirt.domain import DOMAIN_PREFIX, NETDEV_ID, JobMetadata, read_metadata
-from vmbatch.retry import LIBVIRT_CONNECT_POLICY
+from vmbatch.retry import LIBVIRT_CONNECT_POLICY, LIBVIRT_CREATE_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ def map_error(exc: libvirt.libvirtError, what: str) -> LibvirtError:
         return DomainDefinitionError(
             text, hint="check the image entry and [vm] settings with `vmbatch config check`"
         )
+    if code == libvirt.VIR_ERR_RESOURCE_BUSY:
+        # "resource busy" (the host or a device is busy): worth another try shortly.
+        return LibvirtError(text, hint="the host is busy; retried", transient=True)
     return LibvirtError(text)
 
 
@@ -223,7 +226,10 @@ class Connection:
         is gone, so a slow start cannot leak a running VM.
         """
         try:
-            self._bounded(f"start domain {name}", self.raw.createXML, xml, 0)
+            # A "busy" refusal started nothing (createXML is all or nothing): try again.
+            for attempt in LIBVIRT_CREATE_POLICY.retrying():
+                with attempt:
+                    self._bounded(f"start domain {name}", self.raw.createXML, xml, 0)
         except LibvirtTimeoutError as exc:
             if exc.worker is not None:
                 self._pending_creates[name] = exc.worker
