@@ -194,6 +194,13 @@ class BatchConfig:
     #: Torque's ``epilogue.precancel`` (``qdel`` waits for it) stops trying to reach the
     #: job's VM after this many seconds (plus the wait and attempt under way).
     precancel_timeout: float = 30.0
+    #: The reaper (``vmbatch cleanup --stale``) leaves alone every job whose prologue
+    #: started less than this many seconds ago (whatever the scheduler says), and every
+    #: file with no owner that changed more recently.
+    reap_grace: float = 600.0
+    #: pbs_mom's job files (``<PBS_HOME>/mom_priv/jobs``): a Torque job runs on this node
+    #: while its ``<id>.JB`` is there (the reaper's test; Slurm's is ``squeue``).
+    torque_jobs_dir: Path = Path("/var/spool/torque/mom_priv/jobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,6 +674,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("max_memory", lambda v: v == 0 or v >= 64, "must be 0 (no cap) or at least 64 (MiB)"),
         ("reserve_memory", lambda v: v >= 0, "must be >= 0 (MiB)"),
         ("precancel_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: one attempt)"),
+        ("reap_grace", lambda v: v >= 0, "must be >= 0 seconds"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
