@@ -356,3 +356,22 @@ def test_the_cache_sweep_keeps_what_a_live_fetch_holds(tmp_path: Path, test_uri:
     # Once the fetch that held it is gone, its partial file is abandoned too.
     later = cache.sweep(older_than=600, now=NOW)
     assert sorted(s.path.name for s in later) == [".held.img.part", "held.img.lock"]
+
+
+def test_a_failed_prologues_vm_that_outlived_its_teardown_is_destroyed(
+    tmp_path: Path, test_uri: str
+) -> None:
+    """A prologue whose teardown could not destroy its VM (libvirtd hung) records FAILED;
+    the epilogue then touches only files. The reaper, with libvirt at hand, destroys it."""
+    cfg = _cfg(tmp_path, test_uri)
+    StateStore(cfg.batch.state_dir).write(
+        Record("80", "slurm", "alice", boot_id="old", phase=FAILED)
+    )
+    with Connection(LibvirtConfig(uri=test_uri)) as conn:
+        _domain(conn, cfg, "80", "slurm", cfg.paths.job_dir)
+        report = reaper.reap(cfg, scheduler_check=_never, conn=conn, now=NOW)
+        assert report.removed == [
+            "job 80: domain vmbatch-80 destroyed, state record removed (the node rebooted since"
+            " its prologue)"
+        ]
+        assert conn.list_vmbatch() == []

@@ -411,8 +411,9 @@ def _finish_locked(
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
     try:
-        if record is not None and record.phase == FAILED:
-            # The prologue's own teardown ran when it failed; only files may be left.
+        if record is not None and record.phase == FAILED and conn is None:
+            # The prologue's own teardown ran when it failed; only files may be left (a
+            # caller with a connection, the reaper, also makes sure no VM is left).
             lifecycle.teardown(cfg, None, name, jobdir)
         else:
             if conn is None:
