@@ -216,25 +216,40 @@ def ps(ctx: click.Context) -> None:
 @click.option(
     "--stale",
     is_flag=True,
-    help="Also every batch job whose prologue ran before this node's last reboot, and every"
-    " `vmbatch run` VM (or its files) whose `vmbatch run` process is gone; and if vmbatch"
-    " drained (Slurm) or offlined (Torque) this node and its reason is unchanged, return it"
-    " to service once the node checks of `vmbatch doctor` pass.",
+    help="Run the reaper: remove every VM, QEMU process, injection appliance, job file,"
+    " user directory, state record, image in-use marker and dead download that no live"
+    " job owns (batch jobs the scheduler no longer runs here, older than [batch].reap_grace;"
+    " `vmbatch run` jobs whose process is gone; anything from before the last reboot); and"
+    " if vmbatch drained (Slurm) or offlined (Torque) this node and its reason is unchanged,"
+    " return it to service once the node checks of `vmbatch doctor` pass.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="With --stale: only list what would be removed, and why.",
 )
 @click.pass_context
-def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
+def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
     accounting line). Safe for jobs that are already gone. A job that a prologue or epilogue
-    is working on right now is skipped (exit 75: run it again later)."""
+    is working on right now is skipped (exit 75: run it again later).
+
+    With --stale (as root; from cron or the vmbatch-reaper systemd timer), one line per
+    thing removed goes to stdout: "job 42: domain vmbatch-42 destroyed, ... (job no longer
+    known to Slurm)". What is left alone although it looks stale goes to stderr, with the
+    reason; the exit status is 75 if something could not be decided (scheduler or libvirtd
+    unreachable) or removed. Nothing of a job that still runs is ever touched
+    (docs/admin-guide.md, "Reaper")."""
+    from vmbatch import reaper
     from vmbatch.hooks import batch
-    from vmbatch.hooks.jobstate import StateStore
-    from vmbatch.state import boot_id
 
     cfg = _load(ctx)
     if not job_ids and not stale:
         raise click.UsageError("name job ids, or --stale")
-    todo = list(job_ids)
+    if dry_run and not stale:
+        raise click.UsageError("--dry-run works with --stale")
+    problems: list[str] = []
     if stale:
         from vmbatch.doctor import node_checks
         from vmbatch.hooks.policy import resume_node
@@ -244,14 +259,14 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
         )
         if said:
             click.echo(said)
-        now = boot_id()
-        todo += [r.job_id for r in StateStore(cfg.batch.state_dir).records() if r.boot_id != now]
-        with Connection(cfg.libvirt) as conn:
-            for run_id in lifecycle.orphaned_runs(cfg, conn):
-                lifecycle.reap_run(cfg, conn, run_id)
-                click.echo(f"job {run_id}: cleaned up (its `vmbatch run` process is gone)")
+        report = reaper.reap(cfg, dry_run=dry_run, env=os.environ)
+        for line in report.removed:
+            click.echo(line)
+        for line in report.skipped + report.undecided + report.failed:
+            click.echo(line, err=True)
+        problems += report.undecided + report.failed
     busy = []
-    for job_id in dict.fromkeys(todo):
+    for job_id in dict.fromkeys(job_ids):
         try:
             batch.finish(cfg, batch.check_job_id(job_id))
         except JobBusyError as exc:  # a hook is on it right now: never tear down under it
@@ -263,6 +278,11 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool) -> None:
         raise JobBusyError(
             f"{len(busy)} job(s) skipped while another vmbatch hook holds them: {' '.join(busy)}",
             hint="run the same command again later",
+        )
+    if problems:
+        raise HostError(
+            f"the reaper left {len(problems)} thing(s) undecided or not removed (listed above)",
+            hint="run `vmbatch cleanup --stale` again once the scheduler and libvirtd answer",
         )
 
 

@@ -212,6 +212,13 @@ class BatchConfig:
     #: A job vmbatch asked to requeue this many times (``SLURM_JOB_RESTART_COUNT``) is held
     #: (or failed) instead, with the reason in its output: never a loop.
     max_requeues: int = 3
+    #: The reaper (``vmbatch cleanup --stale``) leaves alone every job whose prologue
+    #: started less than this many seconds ago (whatever the scheduler says), and every
+    #: file with no owner that changed more recently.
+    reap_grace: float = 600.0
+    #: pbs_mom's job files (``<PBS_HOME>/mom_priv/jobs``): a Torque job runs on this node
+    #: while its ``<id>.JB`` is there (the reaper's test; Slurm's is ``squeue``).
+    torque_jobs_dir: Path = Path("/var/spool/torque/mom_priv/jobs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +703,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("requeue_exit", lambda v: 1 <= v <= 255, "must be an exit status 1-255"),
         ("hold_exit", lambda v: 0 <= v <= 255, "must be an exit status 1-255 (0: fail instead)"),
         ("max_requeues", lambda v: v >= 0, "must be >= 0 (0: never requeue)"),
+        ("reap_grace", lambda v: v >= 0, "must be >= 0 seconds"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),

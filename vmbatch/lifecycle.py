@@ -54,7 +54,7 @@ from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DomainSpec, JobMetadata, build_xml, domain_name
 from vmbatch.retry import LIBVIRT_TEARDOWN_POLICY, SSH_CONNECT_POLICY
-from vmbatch.state import JobDir, is_alive, process_identity
+from vmbatch.state import JobDir, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -374,40 +374,6 @@ def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> No
             f" {user.uid}/{user.gid}; the job was not started",
             hint="the image has a conflicting account of that name; remove it from the image",
         )
-
-
-def orphaned_runs(cfg: Config, conn: Connection) -> list[str]:
-    """Job ids of ``vmbatch run`` VMs (or their files) whose ``vmbatch run`` process is gone.
-
-    A run has no epilogue: if its process is SIGKILLed (or the node's OOM killer takes it),
-    nothing else would destroy its VM. Its job directory names the owner process
-    (``owner``: PID, start time, boot id); a domain of a run with no job directory at all
-    lost its files to a teardown that could not destroy it. Runs whose owner still lives
-    are never touched.
-    """
-    found: set[str] = set()
-    for dom in conn.list_vmbatch():
-        meta = dom.metadata
-        if meta is None or meta.scheduler != "none":
-            continue
-        jobdir = JobDir(cfg.paths.job_dir, meta.job_id)
-        if not jobdir.path.exists():
-            found.add(meta.job_id)
-    if cfg.paths.job_dir.is_dir():
-        for path in cfg.paths.job_dir.iterdir():
-            try:
-                owner = (path / "owner").read_text().strip()
-            except OSError:
-                continue  # not a run, or not started far enough to be one
-            if not is_alive(owner):
-                found.add(path.name)
-    return sorted(found)
-
-
-def reap_run(cfg: Config, conn: Connection, job_id: str) -> None:
-    """Destroy an orphaned run's VM and remove its files (see :func:`orphaned_runs`)."""
-    teardown(cfg, conn, domain_name(job_id), JobDir(cfg.paths.job_dir, job_id))
-    ImageCache(cfg).release_job(job_id)
 
 
 def _destroy(cfg: Config, conn: Connection, name: str) -> bool:

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmbatch import state
 from vmbatch.errors import CommandError, CommandTimeoutError, HostError
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,64 @@ def _carries(pid: int, entry: bytes) -> bool:
         return entry in (proc / "environ").read_bytes().split(b"\0")
     except OSError:  # gone, or not ours to read
         return False
+
+
+def tags_in_use(required: Mapping[str, str]) -> dict[str, list[int]]:
+    """Every tag carried by a live process of ours (same effective uid) whose environment
+    also holds each ``required`` entry, with the PIDs carrying it.
+
+    The reaper's view of injection appliances (``required``: the libguestfs cache directory
+    of its configuration, so that another configuration's appliances are not its own).
+    """
+    prefix = f"{TAG_VAR}=".encode()
+    needed = {f"{k}={v}".encode() for k, v in required.items()}
+    me, uid = os.getpid(), os.geteuid()
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            env = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:  # gone, or not ours to read
+            continue
+        if not needed <= env:
+            continue
+        for item in env:
+            tag = item[len(prefix) :].decode(errors="replace") if item.startswith(prefix) else ""
+            if TAG_PATTERN.fullmatch(tag):
+                found.setdefault(tag, []).append(int(entry.name))
+    return found
+
+
+def kill_identified(pid: int, identity: str, *, timeout: float) -> bool:
+    """SIGKILL process ``pid`` if it still is the process ``identity`` names
+    (:func:`vmbatch.state.process_identity`); wait up to ``timeout`` seconds for it to die.
+
+    Returns False if it was gone (or its PID reused) before the signal. The pidfd is opened
+    first and the identity checked after, so the signal can only reach the process that
+    was checked. Raises :class:`HostError` if it is still alive after ``timeout``.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if state.process_identity(pid) != identity:
+            return False
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        if not select.select([fd], [], [], max(timeout, 0.0))[0]:
+            raise HostError(
+                f"process {pid} is still alive {timeout:.0f}s after SIGKILL",
+                hint="it is stuck in the kernel; check `ps -o pid,stat,wchan,cmd -p PID`",
+            )
+        return True
+    finally:
+        os.close(fd)
 
 
 def tagged(tag: str) -> list[int]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -278,9 +279,20 @@ def _node_without_libvirt(bs: BatchSite, pbsnodes: str) -> None:
     )
 
 
-def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite) -> None:
-    calls = batch_site.site.root / "pbsnodes.calls"
-    _node_without_libvirt(batch_site, f'printf "%s\\n" "$@" > {calls}')  # records its argv
+def test_node_problem_requeues_takes_the_node_offline_and_vmbatch_brings_it_back(
+    batch_site: BatchSite,
+) -> None:
+    site = batch_site.site
+    calls, note, cleared = (site.root / n for n in ("pbsnodes.calls", "note", "cleared"))
+    healthy = site.config.read_text()
+    # Stands in for pbs_server's view: `-o -N NOTE` sets it, `NODE` lists it, `-c` clears.
+    _node_without_libvirt(
+        batch_site,
+        f'case "$1" in\n-o) printf "%s\\n" "$@" > {calls}; printf "%s" "$3" > {note} ;;\n'
+        f'-c) printf "%s\\n" "$@" > {cleared} ;;\n'
+        f'*) echo "$1"; echo "     state = free,offline"; echo "     note = $(cat {note})" ;;\n'
+        "esac",
+    )
     mom = Mom(batch_site, "true\n")
     pro = mom.prologue()
     assert pro.returncode == 2, pro.stderr.decode()
@@ -288,6 +300,15 @@ def test_node_problem_requeues_and_takes_the_node_offline(batch_site: BatchSite)
     args = calls.read_text().splitlines()
     assert args[:2] == ["-o", "-N"] and "libvirt" in args[2]
     assert mom.epilogue(-2).returncode == 0
+    # The reaper leaves the node offline while libvirtd does not answer...
+    reaper = site.vmbatch("cleanup", "--stale")
+    assert "stays out of service" in reaper.stdout.decode() and not cleared.exists()
+    # ... and brings it back, with vmbatch's own note cleared, once it does.
+    tools = site.config.read_text().split("[libvirt]")[0].removeprefix(healthy)
+    site.config.write_text(healthy + tools)
+    reaper = site.vmbatch("cleanup", "--stale")
+    assert "returned to service" in reaper.stdout.decode(), reaper
+    assert cleared.read_text().splitlines() == ["-c", "-N", "", socket.gethostname()]
 
 
 def test_no_loop_when_pbsnodes_cannot_take_the_node_offline(batch_site: BatchSite) -> None:

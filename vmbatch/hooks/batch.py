@@ -419,17 +419,25 @@ def finish(
     exit_status: int | None = None,
     account: bool = False,
     lock_wait: float = 1.0,
-) -> None:
+    if_unchanged: bool = False,
+) -> bool:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
 
     Works from ``record`` (or the stored one) and falls back to what the job id implies,
     holding the job's lock (JobBusyError if another hook keeps it past ``lock_wait``).
     Raises HostError if the VM could not be destroyed; the record is then kept so that
     ``vmbatch cleanup`` can finish later.
+
+    With ``if_unchanged`` nothing is done (False is returned) unless the stored record, once
+    the lock is held, is still ``record`` (None: still no record): the reaper decided on
+    what it read before, and a new prologue of the same job id may have replaced it since.
     """
     store = StateStore(cfg.batch.state_dir)
     with store.exclusive(job_id, wait=lock_wait):
+        if if_unchanged and store.read(job_id) != record:
+            return False
         _finish_locked(cfg, store, job_id, record, conn, exit_status, account=account)
+    return True
 
 
 def _finish_locked(
@@ -450,8 +458,9 @@ def _finish_locked(
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
     try:
-        if record is not None and record.phase == FAILED:
-            # The prologue's own teardown ran when it failed; only files may be left.
+        if record is not None and record.phase == FAILED and conn is None:
+            # The prologue's own teardown ran when it failed; only files may be left (a
+            # caller with a connection, the reaper, also makes sure no VM is left).
             lifecycle.teardown(cfg, None, name, jobdir)
         else:
             if conn is None:

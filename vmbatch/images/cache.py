@@ -11,8 +11,10 @@ place)::
     NAME-KEY.img.meta     JSON: SHA-256 of the file as stored (also for unpacked copies of
                           compressed sources), the server's ETag/Last-Modified, fetch time
     NAME-KEY.img.used     its mtime is the image's last use (LRU eviction)
-    NAME-KEY.img.jobs/    one file per job using it, holding the host's boot id: an image
-                          is never evicted while it has a marker from this boot
+    NAME-KEY.img.jobs/    one file per job using it, holding the host's boot id and, on a
+                          second line, the process that wrote it (PID:START:BOOT, see
+                          :func:`vmbatch.state.process_identity`): an image is never evicted
+                          while it has a marker from this boot
 
 Single flight: the fetching process holds an exclusive ``flock`` on the lock file; others
 block on it and find the image in place when they get it. A fetcher that dies loses the
@@ -25,9 +27,16 @@ No eviction race: a job writes its in-use marker *before* it looks for the image
 shared lock, and eviction checks the markers only while it holds the exclusive lock. Either
 the evictor sees the marker and skips the image, or the job waits for the lock and then finds
 the image gone and fetches it again. Markers left by a crash or a reboot are recognized by
-their boot id and ignored. Eviction happens when a download needs room (LRU images not in
-use go first, until the new image fits under ``[cache].max_size_gib`` and leaves
+their boot id and ignored; markers of this boot whose job is gone are released by the
+reaper (:meth:`ImageCache.markers`). Eviction happens when a download needs room (LRU images
+not in use go first, until the new image fits under ``[cache].max_size_gib`` and leaves
 ``[disks].reserve_gib`` free) and on ``vmbatch image prune``.
+
+Left-overs of fetchers that died (:meth:`ImageCache.sweep`, for the reaper): a partial file
+is removed once nobody holds its image's lock and it has not changed for a while (until then
+it is kept for the next fetch to resume); a fetcher's own partial file (``.part.PID``) and a
+metadata temp file (``.meta.PID``) once process PID is gone; a lock file, ``.used``,
+``.meta`` or empty ``.jobs/`` whose image is gone, under the image's exclusive lock.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +132,47 @@ class CacheEntry:
     size: int
     last_used: float | None
     jobs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """One in-use marker of this boot: ``job`` (a safe job id) uses ``image``."""
+
+    path: Path
+    image: Path
+    job: str
+    #: The process that wrote it (PID:START:BOOT), None in markers of older versions.
+    writer: str | None
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """A file :meth:`ImageCache.sweep` removed (or would remove), and why."""
+
+    path: Path
+    what: str
+    why: str
+
+
+#: A fetcher's own partial file (``.NAME.img.part.PID``, also ``.unpacked``) or metadata
+#: temp file (``.NAME.img.meta.PID``): see ``_fetch_locked`` and ``_write_meta``.
+_OWN_FILE = re.compile(r"\.(?P<image>.+\.img)\.(?P<kind>part|meta)\.(?P<pid>[0-9]+)(\.unpacked)?")
+
+
+def _image_of(name: str) -> str | None:
+    """The image file a cache entry belongs to (``X.img`` for ``X.img.lock``,
+    ``.X.img.part``, ...); None for a fetcher's own files and anything else."""
+    if _OWN_FILE.fullmatch(name):
+        return None
+    m = re.fullmatch(r"\.?(.+\.img)(\.lock|\.used|\.meta|\.jobs|\.part|\.part\.unpacked)?", name)
+    if m is None or (name.startswith(".") != (m[2] in (".part", ".part.unpacked"))):
+        return None
+    return m[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 class ImageCache:
@@ -308,13 +359,15 @@ class ImageCache:
     # -- use tracking and eviction ----------------------------------------------------
 
     def mark_used(self, path: Path, job_id: str) -> Path:
-        """Record that ``job_id`` uses ``path``: its marker holds this boot's id."""
+        """Record that ``job_id`` uses ``path``: its marker holds this boot's id and the
+        identity of the process writing it (the reaper keeps a marker while it lives)."""
         jobs = _side(path, ".jobs")
         marker = jobs / safe_job_id(job_id)
+        writer = state.process_identity(os.getpid()) or ""
         while True:
             jobs.mkdir(mode=0o755, exist_ok=True)
             try:
-                marker.write_text(state.boot_id() + "\n")
+                marker.write_text(f"{state.boot_id()}\n{writer}\n")
                 return marker
             except FileNotFoundError:
                 continue  # a remover took the empty directory away just now
@@ -338,7 +391,7 @@ class ImageCache:
         live = []
         for marker in jobs.iterdir():
             try:
-                owner = marker.read_text().strip()
+                owner = marker.read_text().partition("\n")[0].strip()
             except OSError:
                 continue
             if owner and owner != boot:
@@ -351,6 +404,121 @@ class ImageCache:
             else:
                 live.append(marker.name)  # empty: being written right now, counts as live
         return tuple(sorted(live))
+
+    def markers(self) -> list[Marker]:
+        """Every in-use marker of this boot (of cached images and of images gone since)."""
+        if not self.dir.is_dir():
+            return []
+        boot = state.boot_id()
+        found = []
+        for jobs in sorted(self.dir.glob("*.img.jobs")):
+            image = jobs.with_name(jobs.name[: -len(".jobs")])
+            try:
+                names = sorted(p.name for p in jobs.iterdir())
+            except OSError:
+                continue
+            for name in names:
+                path = jobs / name
+                try:
+                    text = path.read_text()
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue  # released meanwhile
+                first, _, rest = text.partition("\n")
+                if first.strip() and first.strip() != boot:
+                    continue  # an earlier boot's: _jobs drops it
+                found.append(Marker(path, image, name, rest.strip() or None, mtime))
+        return found
+
+    def sweep(self, *, older_than: float, now: float, dry_run: bool = False) -> list[Swept]:
+        """Remove what fetchers that died left in the cache (see the module docstring).
+
+        A partial file counts as abandoned only when its image's lock is free (no process
+        fetches it) and it has not changed since ``now - older_than``. With ``dry_run``
+        nothing is removed; the result says what would be.
+        """
+        if not self.dir.is_dir():
+            return []
+        names = sorted(p.name for p in self.dir.iterdir())
+        swept: list[Swept] = []
+        fetching: set[str] = set()  # images a stall-takeover fetcher is fetching right now
+        for name in names:
+            m = _OWN_FILE.fullmatch(name)
+            if m is None:
+                continue
+            if _pid_alive(int(m["pid"])):
+                fetching.add(m["image"])
+                continue
+            what = "metadata temp file" if m["kind"] == "meta" else "partial download"
+            item = Swept(self.dir / name, what, f"process {m['pid']} that wrote it is gone")
+            if not dry_run:
+                item.path.unlink(missing_ok=True)
+            swept.append(item)
+        for image in sorted({i for n in names if (i := _image_of(n)) is not None}):
+            swept += self._sweep_image(
+                self.dir / image, names, image in fetching, older_than, now, dry_run
+            )
+        return swept
+
+    def _sweep_image(
+        self,
+        final: Path,
+        names: list[str],
+        fetching: bool,
+        older_than: float,
+        now: float,
+        dry_run: bool,
+    ) -> list[Swept]:
+        """:meth:`sweep` for one image, under its exclusive lock (skipped while held)."""
+        parts = [final.with_name(f".{final.name}{s}") for s in (".part", ".part.unpacked")]
+        cached = final.name in names
+        if cached and not any(p.name in names for p in parts):
+            return []  # nothing of a fetch to look at: do not even take the lock
+        lock_path = _side(final, ".lock")
+        had_lock = lock_path.name in names
+        held: contextlib.AbstractContextManager[object]
+        if dry_run and not had_lock:
+            held = contextlib.nullcontext()  # nobody can hold a lock file that is not there
+        else:
+            lock = _try_lock(lock_path, fcntl.LOCK_EX)  # (creates a missing lock file)
+            if lock is None:
+                return []  # being fetched, looked up or removed right now: leave it alone
+            held = lock
+        swept: list[Swept] = []
+        with held:
+            kept = False
+            for part in parts:
+                try:
+                    idle = now - part.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if idle < older_than:
+                    kept = True  # kept for the next fetch to resume
+                    continue
+                why = f"no process fetches it; unchanged for {idle / 60:.0f} min"
+                swept.append(Swept(part, "partial download", why))
+            final_gone = not cached and not final.exists()
+            if final_gone and not kept and not fetching:
+                gone = "its image is not in the cache"
+                for suffix in (".used", ".meta"):
+                    if _side(final, suffix).exists():
+                        swept.append(Swept(_side(final, suffix), f"{suffix} file", gone))
+                jobs = _side(final, ".jobs")
+                with contextlib.suppress(OSError):
+                    if jobs.is_dir() and not any(jobs.iterdir()):
+                        swept.append(Swept(jobs, "empty .jobs directory", gone))
+                if had_lock:
+                    swept.append(Swept(lock_path, "lock file", f"{gone}; nobody holds it"))
+            if not dry_run:
+                for item in swept:
+                    with contextlib.suppress(OSError):
+                        if item.path.is_dir():
+                            item.path.rmdir()  # only if still empty
+                        else:
+                            item.path.unlink(missing_ok=True)
+                if final_gone and not kept and not fetching:
+                    lock_path.unlink(missing_ok=True)  # while held: see _try_lock
+        return swept
 
     def entries(self) -> list[CacheEntry]:
         if not self.dir.is_dir():

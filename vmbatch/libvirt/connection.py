@@ -34,7 +34,13 @@ from vmbatch.errors import (
     LibvirtUnavailableError,
     PortForwardError,
 )
-from vmbatch.libvirt.domain import DOMAIN_PREFIX, NETDEV_ID, JobMetadata, read_metadata
+from vmbatch.libvirt.domain import (
+    DOMAIN_PREFIX,
+    NETDEV_ID,
+    JobMetadata,
+    read_files,
+    read_metadata,
+)
 from vmbatch.retry import LIBVIRT_CONNECT_POLICY, LIBVIRT_CREATE_POLICY
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ class DomainInfo:
 
     name: str
     metadata: JobMetadata | None
+    #: Host files its XML names (disk sources, console log): whose job directory it uses.
+    files: tuple[str, ...] = ()
 
 
 def _silent(_ctx: object, _err: object) -> None:
@@ -309,8 +317,23 @@ class Connection:
                 xml = str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
             except DomainNotFound:
                 continue
-            result.append(DomainInfo(name, read_metadata(xml)))
+            result.append(DomainInfo(name, read_metadata(xml), read_files(xml)))
         return result
+
+    def known_domains(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Names and UUIDs of every domain libvirt knows, running or defined (any name).
+
+        A QEMU process whose ``-uuid`` is not among them is not libvirt's any more.
+        """
+
+        def ids() -> tuple[frozenset[str], frozenset[str]]:
+            doms = self.raw.listAllDomains(0)
+            # name() and UUIDString() read the handle's own copy: no further round trip.
+            return frozenset(str(d.name()) for d in doms), frozenset(
+                str(d.UUIDString()).lower() for d in doms
+            )
+
+        return self._bounded("list domains", ids)
 
 
 _HOSTFWD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)")

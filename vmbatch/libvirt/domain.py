@@ -252,3 +252,15 @@ def read_metadata(xml: str) -> JobMetadata | None:
         return job.findtext(f"{{{METADATA_NS}}}{tag}", default="")
 
     return JobMetadata(get("id"), get("user"), get("scheduler"), get("image"), get("version"))
+
+
+def read_files(xml: str) -> tuple[str, ...]:
+    """The host files a domain's XML names: disk sources and the serial console's log.
+
+    The reaper tells this node's (this configuration's) VMs from others by them: every
+    vmbatch VM has its overlay, seed and console log in its job directory.
+    """
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    files = [s.get("file", "") for s in root.iterfind("devices/disk/source")]
+    files += [g.get("file", "") for g in root.iterfind("devices/serial/log")]
+    return tuple(f for f in files if f)
