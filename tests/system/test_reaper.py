@@ -82,6 +82,43 @@ def test_a_sigkilled_run_is_reaped_and_a_live_one_is_left_alone(
             proc.communicate(timeout=120)
 
 
+def test_the_next_prologue_reaps_what_a_killed_run_left(
+    batch_site: BatchSite, libvirt_conn: Connection
+) -> None:
+    """Issue 14: the reaper's cheap pass runs at the start of each prologue, so a node
+    without the timer still loses a SIGKILLed run's VM at its next job."""
+    site = batch_site.site
+    doomed = site.popen("run", "--image", "demo", "--", "sh", "-c", "echo running; sleep 600")
+    try:
+        _started(doomed)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=30)
+        assert len(site_domains(libvirt_conn, site.root)) == 1
+        user = batch_site.user.name
+        hook = Path(sys.executable).with_name("vmbatch-prologue")
+        # A Torque prologue for a job that names no image: it boots nothing itself.
+        script = site.root / "5.srv.SC"
+        script.write_text("#!/bin/sh\n#VMBATCH image=nosuch\ntrue\n")
+        argv = [str(hook), "--config", str(site.config), "5.srv", user, user, "j", "", "q", ""]
+        pro = subprocess.run([*argv, str(script)], capture_output=True, timeout=300, check=False)
+        assert pro.returncode == 0, pro.stderr.decode()
+        assert b"reaper: removed 1 leftover(s)" in pro.stderr, pro.stderr.decode()
+        assert site_domains(libvirt_conn, site.root) == set()
+        assert not site.job_dir.exists() or not any(site.job_dir.iterdir())
+        epi = Path(sys.executable).with_name("vmbatch-epilogue")
+        done = subprocess.run(
+            [str(epi), "--config", str(site.config), "5.srv", user, user, "j", "", "", "", "0"],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+        doomed.communicate(timeout=60)
+
+
 # -- QEMU processes libvirt does not know ----------------------------------------------------
 
 

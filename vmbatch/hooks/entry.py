@@ -92,6 +92,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         cfg = _load(path)
     except VmBatchError as exc:
         return _node_problem(None, is_slurm, env, exc, table, argv)
+    _reap_quickly(cfg)
     try:
         bj = _slurm_job(cfg, env) if is_slurm else _torque_job(argv)
     except VmBatchError as exc:
@@ -107,6 +108,29 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         return table[Disposition.ABORT_JOB]
     log.error("job %s: %s", bj.job_id, error)
     return _node_problem(cfg, is_slurm, env, error, table, argv)
+
+
+def _reap_quickly(cfg: config.Config) -> None:
+    """The reaper's cheap pass before each prologue (:func:`vmbatch.reaper.reap`): what a
+    reboot, a killed `vmbatch run`, a lost QEMU or a killed injection left, and dead
+    downloads. It never asks the scheduler (each job older than the grace would cost a
+    query: that is the timer's job) and never fails the prologue. Only a count is logged:
+    Torque puts the prologue's stderr into the job's .e file, and the report names other
+    users' jobs."""
+    from vmbatch import reaper  # imports hooks.batch
+
+    try:
+        report = reaper.reap(
+            cfg, scheduler_check=lambda _s, _j: reaper.Verdict(True, "left to the timer")
+        )
+    except Exception as exc:  # noqa: BLE001 - housekeeping must not fail the job
+        log.warning("the reaper's pass before the prologue failed: %s", exc)
+        return
+    if report.removed:
+        log.info(
+            "reaper: removed %d leftover(s) of jobs that no longer run on this node",
+            len(report.removed),
+        )
 
 
 def _node_problem(
