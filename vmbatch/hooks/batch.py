@@ -270,7 +270,7 @@ def _cause(exc: VmBatchError) -> str:
 
 def _vm_may_remain(record: Record) -> bool:
     """Whether a failed prologue's teardown may not have reached libvirtd (dead or hung):
-    its VM may still run (a restarted libvirtd finds it again), so clean up through libvirt."""
+    its VM may still run (a restarted libvirtd takes it over), so clean up through libvirt."""
     kind = (record.cause or "").partition(":")[0]
     return kind in (LibvirtUnavailableError.__name__, LibvirtTimeoutError.__name__)
 

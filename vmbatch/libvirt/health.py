@@ -20,13 +20,17 @@ libvirtd dies, stops answering, or grows until the OOM killer comes (issue 14). 
   ``[libvirt].max_rss_mib``; these restarts count against the same budget.
 
 Restarting libvirtd leaves running VMs alone ("Restarting libvirtd does not impact running
-guests", libvirtd(8), https://libvirt.org/manpages/libvirtd.html): a new libvirtd finds the
-transient job VMs again by their status files in /run/libvirt/qemu (seen in
-tests/system/test_libvirt_health.py). The connections other processes held are lost, and
-vmbatch's callers reconnect (teardown retries on fresh connections, the prologue tries
-once more).
-The probe uses ``virConnectGetLibVersion``, which libvirtd answers without asking QEMU
-(https://libvirt.org/html/libvirt-libvirt-host.html#virConnectGetLibVersion).
+guests", libvirtd(8), https://libvirt.org/manpages/libvirtd.html): the new libvirtd takes
+the transient job VMs over again, or stops one it cannot take over (seen in some runs of
+tests/system/test_libvirt_health.py: a half-booted VM, its disks already removed, stopped
+by the new libvirtd with ``reason=daemon``). The connections other processes held are
+lost, and vmbatch's callers reconnect (teardown retries on fresh connections, the prologue
+tries once more).
+
+The probe asks for libvirt's own version (``virConnectGetLibVersion``,
+https://libvirt.org/html/libvirt-libvirt-host.html#virConnectGetLibVersion), not the
+hypervisor's: that one may make libvirtd probe QEMU, which took 4-30 s on a host with
+broken KVM (docs/design.md, "Broken KVM hosts").
 """
 
 from __future__ import annotations
