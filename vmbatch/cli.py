@@ -144,7 +144,8 @@ def run(
 @click.option("--reprobe", is_flag=True, help="Probe KVM again instead of using the cached answer.")
 @click.pass_context
 def doctor_cmd(ctx: click.Context, reprobe: bool) -> None:
-    """Check libvirtd, QEMU tools, the accelerator, directories and images."""
+    """Check libvirtd (its restarts by vmbatch, its memory), QEMU tools, the accelerator,
+    directories and images."""
     try:
         cfg = _load(ctx)
     except ConfigError as exc:

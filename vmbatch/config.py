@@ -52,6 +52,20 @@ class LibvirtConfig:
     #: How long teardown keeps trying, on fresh connections, to destroy a VM while
     #: libvirtd is dead or hangs (it may be restarted or resume meanwhile).
     teardown_timeout: float = 120.0
+    #: libvirtd health (:mod:`vmbatch.libvirt.health`): the command that restarts libvirtd
+    #: when it is dead or does not answer (argv, first item an absolute path; empty: never
+    #: restart). The default needs systemd as PID 1; elsewhere name the site's own script.
+    restart_command: tuple[str, ...] = ("/usr/bin/systemctl", "restart", "libvirtd.service")
+    #: At most this many restarts within ``restart_window`` seconds (0: never restart);
+    #: past it the node is reported unhealthy.
+    restart_max: int = 3
+    restart_window: float = 3600.0
+    #: How long one restart may take: the command, then libvirtd answering again.
+    restart_wait: float = 60.0
+    #: Restart libvirtd before a job starts when its resident memory passes this many MiB
+    #: (0: never). Its PID comes from ``pid_file``.
+    max_rss_mib: int = 0
+    pid_file: Path = Path("/run/libvirtd.pid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,10 +383,11 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
 def root_paths(cfg: Config) -> list[Path]:
     """What root runs, reads or writes in on every job: each must be root's alone.
 
-    Directories the hooks create files in; the programs they run; the site's user-data and
-    the cache's source directories. Images, kernels and firmware are checked when a job
-    uses one (:func:`vmbatch.images.catalog.resolve`): one badly placed image fails its
-    own jobs, not the node.
+    Directories the hooks create files in; the programs they run (libvirtd's restart command
+    too); the site's user-data, the cache's source directories and libvirtd's PID file
+    (whose process root inspects, and restarts libvirtd for). Images, kernels and firmware
+    are checked when a job uses one (:func:`vmbatch.images.catalog.resolve`): one badly
+    placed image fails its own jobs, not the node.
     """
     tools = (getattr(cfg.tools, f.name) for f in dataclasses.fields(cfg.tools))
     return [
@@ -385,6 +400,8 @@ def root_paths(cfg: Config) -> list[Path]:
         *(tool for tool in tools if isinstance(tool, Path)),
         *([cfg.context.site_user_data] if cfg.context.site_user_data else []),
         *cfg.cache.image_dirs,
+        *([Path(cfg.libvirt.restart_command[0])] if cfg.libvirt.restart_command else []),
+        cfg.libvirt.pid_file,
     ]
 
 
@@ -683,6 +700,16 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("keepalive_interval", lambda v: v >= 0, "must be >= 0"),
         ("keepalive_count", lambda v: v >= 0, "must be >= 0"),
         ("teardown_timeout", lambda v: v >= 0, "must be >= 0 seconds"),
+        (
+            "restart_command",
+            lambda v: not v or (v[0].startswith("/") and all(v)),
+            "must be [] (never restart) or a command whose first item is an absolute path"
+            " and no item empty",
+        ),
+        ("restart_max", lambda v: v >= 0, "must be >= 0 (0: never restart)"),
+        ("restart_window", lambda v: v > 0, "must be > 0 seconds"),
+        ("restart_wait", lambda v: v > 0, "must be > 0 seconds"),
+        ("max_rss_mib", lambda v: v >= 0, "must be >= 0 (MiB; 0: no ceiling)"),
     ),
     "vm": (
         ("memory", lambda v: v >= 64, "must be at least 64 (MiB)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from vmbatch.guest.mounts import NfsSource
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.catalog import check_trusted, inspect
 from vmbatch.images.disks import check_free_space
+from vmbatch.libvirt import health
 from vmbatch.libvirt.connection import Connection
 
 
@@ -36,6 +38,7 @@ class Check:
 def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     """Every check, in the order an admin would fix things."""
     checks = node_checks(cfg, reprobe=reprobe)
+    checks[1:1] = [_restarts(cfg), _memory(cfg)]
     for name in sorted(cfg.images):
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
@@ -120,6 +123,55 @@ def _libvirt(cfg: Config) -> Check:
             " and check [libvirt].uri",
         )
     return Check(True, "libvirtd", f"libvirt {lib}, QEMU {hv} at {cfg.libvirt.uri}")
+
+
+def _restarts(cfg: Config) -> Check:
+    """The restarts vmbatch made of libvirtd in the window, against the budget."""
+    lv = cfg.libvirt
+    what = "libvirtd restarts"
+    if not lv.restart_command or lv.restart_max == 0:
+        return Check(True, what, "off ([libvirt].restart_command or restart_max): never restarted")
+    try:
+        recent = health.in_window(
+            health.RestartLog(cfg.batch.state_dir).read(), time.time(), lv.restart_window
+        )
+    except VmBatchError as exc:
+        return Check(True, what, f"unknown: {exc}")
+    detail = f"{len(recent)} of {lv.restart_max} allowed in the last {lv.restart_window:.0f} s"
+    if recent:
+        last = recent[-1]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.time))
+        detail += f"; last at {when}: {last.reason}"
+    if len(recent) >= lv.restart_max:
+        return Check(
+            False,
+            what,
+            detail + "; exhausted: jobs fail while libvirtd does not answer",
+            "find out why libvirtd fails (its log) and restart it by hand; the count drops"
+            " as restarts age out of [libvirt].restart_window",
+        )
+    return Check(True, what, detail)
+
+
+def _memory(cfg: Config) -> Check:
+    """libvirtd's resident memory against ``[libvirt].max_rss_mib``."""
+    lv = cfg.libvirt
+    what = "libvirtd memory"
+    rss = health.rss_mib(cfg)
+    if rss is None:
+        detail = f"no live process named by {lv.pid_file}: RSS unknown"
+        if lv.max_rss_mib > 0:
+            return Check(
+                False,
+                what,
+                detail + ", so [libvirt].max_rss_mib cannot work",
+                "set [libvirt].pid_file to the PID file libvirtd writes",
+            )
+        return Check(True, what, detail)
+    if lv.max_rss_mib == 0:
+        return Check(True, what, f"RSS {rss} MiB (no ceiling: [libvirt].max_rss_mib = 0)")
+    over = "; over it: restarted before the next job" if rss > lv.max_rss_mib else ""
+    return Check(True, what, f"RSS {rss} MiB, ceiling {lv.max_rss_mib} MiB{over}")
 
 
 def _tool(label: str, path: Path, cfg: Config, fix: str = "") -> Check:

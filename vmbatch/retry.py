@@ -36,6 +36,10 @@ class GuestNotReady(Exception):  # noqa: N818 - a polling signal, not an error u
     """Raised inside the SSH wait loop while the guest does not answer yet."""
 
 
+class LockBusy(Exception):  # noqa: N818 - a polling signal, not an error users see
+    """Raised inside a lock wait while another process holds the lock."""
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """A named retry policy. ``max_delay`` or ``max_attempts`` (or both) bound it."""
@@ -190,6 +194,27 @@ STATE_LOCK_POLICY = RetryPolicy(
     max_delay=1.0,
 )
 
+#: Waiting for libvirtd to answer after vmbatch restarted it: poll (each probe bounded by
+#: ``[libvirt].timeout``) until ``[libvirt].restart_wait`` (the caller's ``max_delay``).
+LIBVIRTD_READY_POLICY = RetryPolicy(
+    name="LibvirtdReadyPolicy",
+    retry_on=(LibvirtUnavailableError, LibvirtTimeoutError),
+    wait_seconds=0.5,
+    wait_max=2.0,
+    max_delay=60.0,
+    log_level=logging.DEBUG,
+)
+
+#: Waiting for another hook that is restarting libvirtd (it holds the restart lock) for
+#: as long as a restart may take (the caller's ``max_delay``).
+LIBVIRTD_RESTART_LOCK_POLICY = RetryPolicy(
+    name="LibvirtdRestartLockPolicy",
+    retry_on=(LockBusy,),
+    wait_seconds=0.2,
+    max_delay=150.0,
+    log_level=logging.DEBUG,
+)
+
 ALL_POLICIES = (
     SSH_READY_POLICY,
     SSH_CONNECT_POLICY,
@@ -200,4 +225,6 @@ ALL_POLICIES = (
     NFS_MOUNT_POLICY,
     STATE_LOCK_POLICY,
     LIBVIRT_TEARDOWN_POLICY,
+    LIBVIRTD_READY_POLICY,
+    LIBVIRTD_RESTART_LOCK_POLICY,
 )

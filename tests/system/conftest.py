@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -44,9 +45,22 @@ def guest_dir() -> Path:
     return built_guest("tiny")
 
 
+class SessionConnection(Connection):
+    """The tests' shared connection; opened again once libvirtd closed it (a test killed
+    and restarted libvirtd: tests/system/test_libvirt_health.py), so later tests work."""
+
+    @property
+    def raw(self) -> Any:
+        # virConnectIsAlive asks the client library, not libvirtd: it cannot hang.
+        if self._conn is None or not self._conn.isAlive():
+            self.close()
+            self.open()
+        return super().raw
+
+
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[Connection]:
-    conn = Connection(LibvirtConfig())
+    conn = SessionConnection(LibvirtConfig())
     try:
         conn.open()
     except Exception as exc:  # noqa: BLE001 - turned into a clear failure

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import Site
+from tests.system.conftest import Site, site_domains
 from vmbatch import config, lifecycle
 from vmbatch.contextualize import ContextSpec, nocloud
 from vmbatch.contextualize.keys import generate
@@ -57,12 +57,13 @@ def test_death_by_signal_is_128_plus_n_and_console_log_kept(site: Site) -> None:
     assert len(logs) == 1 and logs[0].stat().st_size > 0
 
 
-def _wait_for_domain(conn: Connection, timeout: float = 60) -> str:
+def _wait_for_domain(conn: Connection, site: Site, timeout: float = 60) -> str:
+    """The name of this test's domain (another test's may run beside it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        doms = conn.list_vmbatch()
+        doms = sorted(site_domains(conn, site.root))
         if doms:
-            return doms[0].name
+            return doms[0]
         time.sleep(0.05)
     raise AssertionError("no vmbatch domain appeared")
 
@@ -78,7 +79,7 @@ def _terminate(proc: subprocess.Popen[bytes]) -> bytes:
 def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection) -> None:
     proc = site.popen("run", "--image", "demo", "--", "true")
     try:
-        name = _wait_for_domain(libvirt_conn)
+        name = _wait_for_domain(libvirt_conn, site)
         ps = site.vmbatch("ps").stdout.decode()  # the job is visible while it boots
         row = next(line for line in ps.splitlines() if line.startswith(name))
         assert row.split()[1].startswith("run-") and row.split()[3] == "demo"

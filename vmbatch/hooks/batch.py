@@ -40,7 +40,14 @@ from typing import Any, BinaryIO
 from vmbatch import lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
-from vmbatch.errors import HostError, JobBusyError, JobError, VmBatchError
+from vmbatch.errors import (
+    HostError,
+    JobBusyError,
+    JobError,
+    LibvirtTimeoutError,
+    LibvirtUnavailableError,
+    VmBatchError,
+)
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks import policy
@@ -50,6 +57,7 @@ from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
 from vmbatch.images.disks import DiskBudget
 from vmbatch.job import JobSpec, JobUser
+from vmbatch.libvirt import health
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 
@@ -133,7 +141,32 @@ def prologue(
 
     Never raises a :class:`VmBatchError`: the caller maps the returned error's disposition
     to the scheduler's exit code (and drains/offlines the node for node problems).
+
+    libvirtd's health (:mod:`vmbatch.libvirt.health`): first it is restarted if its memory
+    passed ``[libvirt].max_rss_mib``; if the attempt then fails because libvirtd is dead or
+    does not answer, it is restarted (within the budget) and, once it answers, the job
+    gets one more attempt on a fresh connection, which first cleans up the failed one.
     """
+    health.maybe_restart_for_rss(cfg)
+    error = _prologue_attempt(cfg, bj, conn, timings)
+    if not isinstance(error, LibvirtUnavailableError | LibvirtTimeoutError):
+        return error
+    outcome = health.recovery(cfg, str(error))
+    if not outcome.healthy:
+        return type(error)(
+            f"{error.message}; {outcome.detail}",
+            hint="see libvirtd's log, restart it by hand, then bring the node back",
+        )
+    log.warning("job %s: %s; preparing the job's VM once more", bj.job_id, outcome.detail)
+    return _prologue_attempt(cfg, bj, None, timings)
+
+
+def _prologue_attempt(
+    cfg: Config,
+    bj: BatchJob,
+    conn: Connection | None,
+    timings: MutableMapping[str, float] | None,
+) -> VmBatchError | None:
     store = StateStore(cfg.batch.state_dir)
     try:
         check_job_id(bj.job_id)
@@ -262,6 +295,13 @@ def _tell_starter(
 
 def _cause(exc: VmBatchError) -> str:
     return f"{type(exc).__name__}: {exc.message}"
+
+
+def _vm_may_remain(record: Record) -> bool:
+    """Whether a failed prologue's teardown may not have reached libvirtd (dead or hung):
+    its VM may still run (a restarted libvirtd takes it over), so clean up through libvirt."""
+    kind = (record.cause or "").partition(":")[0]
+    return kind in (LibvirtUnavailableError.__name__, LibvirtTimeoutError.__name__)
 
 
 # -- the job starter ------------------------------------------------------------------
@@ -458,7 +498,12 @@ def _finish_locked(
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
     try:
-        if record is not None and record.phase == FAILED and conn is None:
+        if (
+            record is not None
+            and record.phase == FAILED
+            and conn is None
+            and not _vm_may_remain(record)
+        ):
             # The prologue's own teardown ran when it failed; only files may be left (a
             # caller with a connection, the reaper, also makes sure no VM is left).
             lifecycle.teardown(cfg, None, name, jobdir)

@@ -220,6 +220,11 @@ class Connection:
 
     # -- operations -----------------------------------------------------------------------
 
+    def ping(self) -> None:
+        """One round trip to libvirtd that touches no hypervisor (``virConnectGetLibVersion``;
+        the hypervisor's version may probe QEMU, which takes seconds on some hosts)."""
+        self._bounded("answer", self.raw.getLibVersion)
+
     def version(self) -> tuple[str, str]:
         """(libvirt library version, hypervisor version) as dotted strings."""
         lib = self._bounded("read the libvirt version", self.raw.getLibVersion)
