@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -267,7 +269,7 @@ class BatchSite:
         for d in (self.state_dir, self.user_dir, self.site.job_dir):
             if d.is_dir():
                 found += list(d.iterdir())  # lock files included: they go with the record
-        # The node's own state (image failures, vmbatch's drain), not any job's.
+        # The node's own state (image failures, vmbatch's drain, libvirtd restarts): no job's.
         return [p for p in found if p != self.state_dir / "node"]
 
 
@@ -292,3 +294,22 @@ accounting_log = "{bs.accounting}"
     )
     yield bs
     assert not bs.leftovers(), f"batch hooks left files behind: {bs.leftovers()}"
+
+
+@pytest.fixture
+def libvirtd() -> Iterator[int]:
+    """The PID of the running libvirtd (tests may stop or kill it); afterwards libvirtd runs
+    and answers, in any case (SIGCONT, else scripts/ensure-libvirtd)."""
+    from tests.system import libvirtdctl
+
+    pid = libvirtdctl.pid()
+    if not libvirtdctl.is_libvirtd(pid):
+        pytest.skip("libvirtd was not started by scripts/ensure-libvirtd (no /run/libvirtd.pid)")
+    assert pid is not None
+    try:
+        yield pid
+    finally:
+        for each in {pid, libvirtdctl.pid()}:
+            if libvirtdctl.is_libvirtd(each):
+                os.kill(each, signal.SIGCONT)  # type: ignore[arg-type]
+        subprocess.run([str(libvirtdctl.ENSURE), sys.executable], check=True, timeout=300)

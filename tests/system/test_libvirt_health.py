@@ -20,91 +20,24 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import pytest
-
-from tests.system.conftest import ROOT, BatchSite
+from tests.system.conftest import BatchSite
+from tests.system.libvirtdctl import PIDFILE, is_libvirtd, restart_script, signal_libvirtd
+from tests.system.libvirtdctl import pid as libvirtd_pid
 from tests.system.test_torque import Mom
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 
-PIDFILE = Path("/run/libvirtd.pid")
-ENSURE = ROOT / "scripts" / "ensure-libvirtd"
 JOB = "#!/bin/sh\necho job ran in $(uname -n)\n"
-
-
-def _pid() -> int | None:
-    try:
-        return int(PIDFILE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _is_libvirtd(pid: int | None) -> bool:
-    try:
-        return pid is not None and Path(f"/proc/{pid}/comm").read_text().strip() == "libvirtd"
-    except OSError:
-        return False
-
-
-def _signal_libvirtd(pid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to libvirtd ``pid`` through a pidfd, checked to be libvirtd after it is
-    open: a PID reused meanwhile is never signalled."""
-    fd = os.pidfd_open(pid)
-    try:
-        assert _is_libvirtd(pid), f"pid {pid} is no longer libvirtd"
-        signal.pidfd_send_signal(fd, sig)
-    finally:
-        os.close(fd)
-
-
-@pytest.fixture
-def libvirtd() -> Iterator[int]:
-    """The PID of the running libvirtd; afterwards libvirtd runs and answers, in any case."""
-    pid = _pid()
-    if not _is_libvirtd(pid):
-        pytest.skip("libvirtd was not started by scripts/ensure-libvirtd (no /run/libvirtd.pid)")
-    assert pid is not None
-    try:
-        yield pid
-    finally:
-        for each in {pid, _pid()}:
-            if _is_libvirtd(each):
-                os.kill(each, signal.SIGCONT)  # type: ignore[arg-type]
-        subprocess.run([str(ENSURE), sys.executable], check=True, timeout=300)
-
-
-def _restart_script(root: Path) -> tuple[Path, Path]:
-    """The test's restart command (root-owned, 0755) and the file it counts its runs in."""
-    runs = root / "restart-runs"
-    script = root / "restart-libvirtd"
-    script.write_text(
-        f"""#!/bin/sh
-set -eu
-echo run >> {runs}
-pid=$(cat {PIDFILE} 2>/dev/null || true)
-if [ -n "$pid" ] && [ "$(cat /proc/$pid/comm 2>/dev/null)" = libvirtd ]; then
-  kill -KILL "$pid"
-  # ensure-libvirtd starts none while the PID is alive: wait until it is reaped (bounded).
-  i=0
-  while [ -e /proc/$pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-fi
-exec {ENSURE} {sys.executable}
-"""
-    )
-    script.chmod(0o755)
-    return script, runs
 
 
 def _configure(bs: BatchSite) -> Path:
     """Short libvirt timeouts, the test's restart command; returns its run counter."""
-    script, runs = _restart_script(bs.site.root)
+    script, runs = restart_script(bs.site.root)
     bs.site.write(
         f"""
 [libvirt]
@@ -184,7 +117,7 @@ def _run_job_and_finish(bs: BatchSite, mom: Mom) -> None:
 def _restarts(bs: BatchSite) -> list[dict[str, object]]:
     """The node's restart record; removed, as it is not the job's (the fixture then checks
     that nothing of the job is left in the state directory)."""
-    path = bs.state_dir / "libvirtd" / "restarts.json"
+    path = bs.state_dir / "node" / "libvirtd-restarts.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     restarts: list[dict[str, object]] = json.loads(path.read_text())["restarts"]
@@ -200,11 +133,11 @@ def test_a_stopped_libvirtd_is_restarted_and_the_job_then_runs(
     it, and the prologue's second attempt boots the job's VM."""
     runs = _configure(batch_site)
     mom = Mom(batch_site, JOB)
-    _signal_libvirtd(libvirtd, signal.SIGSTOP)
+    signal_libvirtd(libvirtd, signal.SIGSTOP)
     try:
         pro = mom.prologue()
     finally:
-        if _is_libvirtd(libvirtd):
+        if is_libvirtd(libvirtd):
             os.kill(libvirtd, signal.SIGCONT)
     log = pro.stderr.decode()
     assert pro.returncode == 0, log
@@ -213,9 +146,9 @@ def test_a_stopped_libvirtd_is_restarted_and_the_job_then_runs(
         "libvirtd restarted (1/2 in the last 3600 s): libvirtd does not answer within 5 s"
         f" (pid {libvirtd} is stopped)"
     ) in log, log
-    new = _pid()
-    assert new != libvirtd and _is_libvirtd(new), "a new libvirtd runs"
-    assert not _is_libvirtd(libvirtd), "the stopped one is gone"
+    new = libvirtd_pid()
+    assert new != libvirtd and is_libvirtd(new), "a new libvirtd runs"
+    assert not is_libvirtd(libvirtd), "the stopped one is gone"
     assert runs.read_text() == "run\n", "one restart"
     (restart,) = _restarts(batch_site)
     assert str(restart["reason"]).startswith("libvirtd does not answer within 5 s")
@@ -249,7 +182,7 @@ def test_libvirtd_killed_during_boot_is_restarted_and_the_job_then_runs(
         first = _qemu_pids(name)
         assert len(first) == 1, first
         # The guest needs seconds more to boot under TCG: libvirtd dies during the boot.
-        _signal_libvirtd(libvirtd, signal.SIGKILL)
+        signal_libvirtd(libvirtd, signal.SIGKILL)
         assert lines.wait_for(None, 400), lines.text()
         proc.wait(timeout=60)
         log = lines.text()

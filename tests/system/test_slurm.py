@@ -10,6 +10,7 @@ production install: the hooks find this test's configuration through ``VMBATCH_C
 from __future__ import annotations
 
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -256,6 +257,28 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
     assert "DRAIN" not in slurm.cluster.node()["State"]
     _scancel(slurm, job_id)
     slurm.settled(job_id)
+
+
+def test_libvirtd_killed_is_restarted_by_the_prologue_the_node_stays_and_the_job_runs(
+    slurm: SlurmSite, libvirtd: int
+) -> None:
+    """Issue 14: libvirtd SIGKILLed before a job: its Prolog finds libvirtd dead, restarts
+    it with [libvirt].restart_command, and the job completes; the node is never drained."""
+    from tests.system.libvirtdctl import restart_script, signal_libvirtd
+
+    script, runs = restart_script(slurm.bs.site.root)
+    _dropin(
+        slurm,
+        "60-restart.toml",
+        f'[libvirt]\ntimeout = 5\nrestart_command = ["{script}"]\nrestart_wait = 240\n',
+    )
+    signal_libvirtd(libvirtd, signal.SIGKILL)
+    job_id = slurm.submit("#!/bin/sh\necho ran-after-restart\n")
+    job = slurm.settled(job_id, timeout=400)
+    assert job["JobState"] == "COMPLETED", (job, slurm.output(job_id))
+    assert "ran-after-restart" in slurm.output(job_id)
+    assert runs.read_text().splitlines() == ["run"]  # restarted once, by the Prolog
+    assert "DRAIN" not in slurm.cluster.node()["State"]
 
 
 def _wait_restarts(

@@ -10,8 +10,8 @@ libvirtd dies, stops answering, or grows until the OOM killer comes (issue 14). 
 - :func:`recover` restarts it with ``[libvirt].restart_command``, at most ``restart_max``
   times per ``restart_window`` seconds, then reports the node unhealthy. The count must
   survive the hook processes that make it, so each restart is recorded (time and reason) in
-  ``[batch].state_dir/libvirtd/restarts.json`` (directory 0700, file 0600, written
-  atomically) *before* the command runs, and a ``flock`` on ``restart.lock`` beside it
+  ``[batch].state_dir/node/libvirtd-restarts.json`` (directory 0700, file 0600, written
+  atomically) *before* the command runs, and a ``flock`` on ``libvirtd-restart.lock`` beside it
   serialises the hooks: a second prologue that finds libvirtd down waits for the first one's
   restart and then finds it healthy, instead of restarting it again. flock(2): the lock goes
   with its holder, so a SIGKILLed hook never blocks the next.
@@ -64,7 +64,7 @@ from vmbatch.state import atomic_write
 log = logging.getLogger(__name__)
 
 #: Below ``[batch].state_dir``: the restart record and its lock (not job state).
-STATE_SUBDIR = "libvirtd"
+STATE_SUBDIR = "node"  # the node-wide state directory, as vmbatch.hooks.policy uses
 #: libvirtd's socket for ``qemu:///system`` (libvirtd.conf ``unix_sock_dir``'s default).
 SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
 
@@ -99,13 +99,13 @@ def _when(restart: Restart) -> float:
 
 
 class RestartLog:
-    """``[batch].state_dir/libvirtd/``: the restarts vmbatch made, and the restart lock."""
+    """``[batch].state_dir/node/``: the restarts vmbatch made, and the restart lock."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.dir = state_dir / STATE_SUBDIR
-        self.path = self.dir / "restarts.json"
-        self.lock_path = self.dir / "restart.lock"
+        self.path = self.dir / "libvirtd-restarts.json"
+        self.lock_path = self.dir / "libvirtd-restart.lock"
 
     def _ensure(self) -> None:
         try:
