@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import lifecycle, signals, state
+from vmbatch import faults, lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import Disposition, HostError, JobBusyError, JobError, VmBatchError
@@ -159,6 +159,7 @@ def _prologue_locked(
     conn: Connection | None,
     timings: MutableMapping[str, float] | None,
 ) -> VmBatchError | None:
+    faults.point(cfg, "prologue.locked")
     userdir = UserDir(cfg.batch.user_dir, bj.job_id)
     record = Record(
         job_id=bj.job_id,
@@ -171,16 +172,19 @@ def _prologue_locked(
         started=time.time(),
     )
     store.write(record)
+    faults.point(cfg, "prologue.recorded")
     identity: JobUser | None = None
     try:
         identity = JobUser.from_host(bj.user)
         record = store.write(dataclasses.replace(record, uid=identity.uid, gid=identity.gid))
         spec = job_spec(cfg, bj, identity)
         record = store.write(dataclasses.replace(record, image=spec.image))
+        faults.point(cfg, "prologue.sized")
         log.info(
             "job %s: image %s, %d cores, %d MiB", bj.job_id, spec.image, spec.vcpus, spec.memory
         )
         guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
+        faults.point(cfg, "prologue.vm_started")
     except VmBatchError as exc:
         store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
         if identity is not None and exc.disposition is Disposition.ABORT_JOB:
@@ -194,6 +198,7 @@ def _prologue_locked(
                 boot_seconds=round(time.time() - record.started, 3),
             )
         )
+        faults.point(cfg, "prologue.boot_recorded")
         info = {
             "job_id": bj.job_id,
             "image": spec.image,
@@ -211,7 +216,9 @@ def _prologue_locked(
                 UserDir.GUEST: (json.dumps(info, sort_keys=True) + "\n").encode(),
             },
         )
+        faults.point(cfg, "prologue.userdir_written")
         store.write(dataclasses.replace(record, phase=READY))
+        faults.point(cfg, "prologue.ready")
     except BaseException as exc:
         with signals.deferred():
             guest.close()
@@ -325,6 +332,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     try:
         with signals.interruptible():
             session.start()
+        faults.point(cfg, "starter.job_started")
         return session.follow(out, err)
     finally:
         if session.client is not None:
@@ -423,11 +431,15 @@ def _finish_locked(
         if own and conn is not None:
             conn.close()
         UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
+    faults.point(cfg, "finish.userdir_removed")
     if account:
         write_accounting(cfg, job_id, record, exit_status)
+        faults.point(cfg, "finish.accounted")
     # Also a marker a prologue killed before it could record the image (SIGKILL).
     ImageCache(cfg).release_job(job_id)
+    faults.point(cfg, "finish.image_released")
     store.remove(job_id)
+    faults.point(cfg, "finish.record_removed")
 
 
 def write_accounting(

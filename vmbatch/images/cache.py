@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vmbatch import state
+from vmbatch import faults, state
 from vmbatch.config import Config, ImageConfig
 from vmbatch.errors import DiskSpaceError, ImageError, VmBatchError
 from vmbatch.images.download import (
@@ -152,6 +152,7 @@ class ImageCache:
         self._check_file_url(entry)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         marker = self.mark_used(final, job_id) if job_id is not None else None
+        faults.point(self.cfg, "image.marked")
         try:
             held = _try_lock(_side(final, ".lock"), fcntl.LOCK_SH)
             if held is not None:
@@ -241,6 +242,7 @@ class ImageCache:
             validators=validators,
             room=lambda need: self.make_room(entry.name, need, keep=final),
             before_rename=lambda result: self._write_meta(entry, final, result),
+            debug=self.cfg.debug,
         )
 
     def _check_file_url(self, entry: ImageConfig) -> None:
