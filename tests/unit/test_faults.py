@@ -11,6 +11,8 @@ import pytest
 
 from vmbatch import config, faults
 from vmbatch.errors import ConfigError
+from vmbatch.hooks.jobstate import Record, StateStore
+from vmbatch.images.cache import ImageCache
 
 PACKAGE = Path(faults.__file__).resolve().parent
 NOBODY = 65534
@@ -130,3 +132,33 @@ def test_only_roots_configuration_arms_points(tmp_path: Path) -> None:
         config.load(main)
     (dropin / "90-faults.toml").write_text("[vm]\nmemory = 512\n")
     assert config.load(main).vm.memory == 512
+
+
+def test_epilogue_releases_the_marker_of_an_image_that_never_arrived(tmp_path: Path) -> None:
+    """A prologue SIGKILLed mid-download leaves its marker beside a missing image."""
+    cfg = config.parse({"paths": {"cache_dir": str(tmp_path)}})
+    cache = ImageCache(cfg)
+    cache.dir.mkdir()
+    missing = cache.dir / "demo-0123456789abcdef.img"
+    present = cache.dir / "other-0123456789abcdef.img"
+    present.write_bytes(b"x")
+    for path in (missing, present):
+        cache.mark_used(path, "42")
+        cache.mark_used(path, "43")
+    cache.release_job("42")
+    assert sorted(p.name for p in (missing.parent / (missing.name + ".jobs")).iterdir()) == ["43"]
+    assert sorted(p.name for p in (present.parent / (present.name + ".jobs")).iterdir()) == ["43"]
+    cache.release_job("43")
+    assert not (missing.parent / (missing.name + ".jobs")).exists()
+    assert (present.parent / (present.name + ".jobs")).is_dir()  # the image's own sidecar
+
+
+def test_removing_a_record_also_removes_a_half_written_one(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.write(Record("7", "slurm", "alice"))
+    killed = store.dir / ".7.json.12345.tmp"  # atomic_write's temp file, writer SIGKILLed
+    killed.write_text("{")
+    other = store.dir / ".70.json.12345.tmp"
+    other.write_text("{")
+    store.remove("7")
+    assert sorted(p.name for p in store.dir.iterdir()) == [".70.json.12345.tmp"]

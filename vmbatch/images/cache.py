@@ -326,10 +326,21 @@ class ImageCache:
         (_side(path, ".jobs") / safe_job_id(job_id)).unlink(missing_ok=True)
 
     def release_job(self, job_id: str) -> None:
-        """The job uses no cached image any more (whatever it had marked); idempotent."""
-        if self.dir.is_dir():
-            for path in self.dir.glob("*.img"):
-                self.release(path, job_id)
+        """The job uses no cached image any more (whatever it had marked); idempotent.
+
+        Also the marker of an image that never arrived: a job killed while the image was
+        looked up or fetched marked it first (SIGKILL skips :meth:`ensure`'s own clean-up),
+        and a marker of this boot would keep the image from eviction once another job
+        fetched it. Such a ``.jobs`` directory goes when it is empty (:meth:`mark_used`
+        recreates it if another job is marking it right now).
+        """
+        if not self.dir.is_dir():
+            return
+        for jobs in self.dir.glob("*.img.jobs"):
+            (jobs / safe_job_id(job_id)).unlink(missing_ok=True)
+            if not jobs.with_suffix("").exists():
+                with contextlib.suppress(OSError):
+                    jobs.rmdir()  # only if empty
 
     def _jobs(self, path: Path) -> tuple[str, ...]:
         """Jobs of this boot using ``path``; markers from before a reboot are removed."""
