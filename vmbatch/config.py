@@ -236,6 +236,20 @@ class BatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DebugConfig:
+    """Fault injection for crash-consistency tests and soaks (:mod:`vmbatch.faults`).
+
+    Only root's configuration may arm points: :func:`load` refuses ``fault_points`` in a
+    file that is not root's alone, whoever loads it.
+    """
+
+    #: Named steps (``faults.registry()``) at which a vmbatch process kills itself.
+    fault_points: tuple[str, ...] = ()
+    #: What an armed point does: ``kill`` sends the process SIGKILL.
+    fault_action: Literal["kill"] = "kill"
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -304,6 +318,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     job: JobConfig = field(default_factory=JobConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     mounts: Mapping[str, MountConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
@@ -320,6 +335,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "context": ContextConfig,
     "job": JobConfig,
     "batch": BatchConfig,
+    "debug": DebugConfig,
 }
 
 
@@ -344,6 +360,8 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
     environment is the job's). ``as_root`` (root-run hooks and commands) also requires every
     file read and every path of :func:`root_paths` to be under root's sole control
     (:mod:`vmbatch.trust`): whoever names the file, root reads only what root wrote.
+    ``[debug].fault_points`` (:mod:`vmbatch.faults`) is refused unless every file read is
+    root's alone, also without ``as_root``: only root arms fault injection.
     """
     explicit = path is not None or (honour_env and bool(os.environ.get(ENV_VAR)))
     files = config_files(path, honour_env=honour_env)
@@ -375,6 +393,13 @@ def load(path: Path | None = None, *, honour_env: bool = True, as_root: bool = F
     cfg = _build(merged, problems, tuple(read))
     if cfg is not None and as_root:
         problems += _untrusted(root_paths(cfg))
+    if cfg is not None and cfg.debug.fault_points and not as_root:
+        # Whoever loads it (the job starter runs as the job's user): only root arms faults.
+        problems += [
+            f"[debug].fault_points: only root's configuration may arm fault points, and {why}"
+            for f in read
+            if (why := trust.untrusted_reason(f)) is not None
+        ]
     if problems or cfg is None:
         raise ConfigError(problems, source=str(files[0]))
     return cfg
@@ -467,6 +492,11 @@ def _build(data: dict[str, Any], problems: list[str], files: tuple[Path, ...]) -
             "[mounts] need [vm].outbound_network = true: guests reach NFS servers through"
             " QEMU's user-mode NAT (set it, or remove the [mounts.*] tables)"
         )
+    debug = sections["debug"]
+    if debug is not None and debug.fault_points:
+        from vmbatch import faults  # imports this module: only needed when armed
+
+        problems += faults.problems(debug.fault_points)
     batch = sections["batch"]
     if batch is not None and batch.requeue_exit == batch.hold_exit:
         problems.append(

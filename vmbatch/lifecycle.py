@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 import paramiko
 
-from vmbatch import __version__, accel, signals
+from vmbatch import __version__, accel, faults, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, inject, nocloud
 from vmbatch.contextualize.keys import generate
@@ -240,6 +240,7 @@ def start_vm(
     with timer("image"):
         image = resolve(cfg, job.image, allow_path=job.allow_image_path, job_id=job.job_id)
     release = ImageCache(cfg).release if image.cached else None
+    faults.point(cfg, "start.image_resolved")
     try:
         check_free_space(cfg)
         with signals.deferred():
@@ -248,11 +249,13 @@ def start_vm(
             if job.scheduler == "none":  # vmbatch run: no epilogue; the reaper needs this
                 owner = process_identity(os.getpid()) or ""
                 jobdir.write(jobdir.owner, owner.encode(), 0o644)
+        faults.point(cfg, "start.jobdir_created")
         if conn is None:
             conn = Connection(cfg.libvirt).open()
         live = conn
         with timer("disks"):
             disks = job_disks(cfg, image, jobdir)
+        faults.point(cfg, "start.disks_created")
         with timer("seed"):
             client_key = generate(f"vmbatch-{job.job_id}")
             host_key = generate(f"vmbatch-host-{job.job_id}")
@@ -271,6 +274,7 @@ def start_vm(
                 admin_keys=(admin_key.public_openssh,) if admin_key else (),
             )
             seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
+        faults.point(cfg, "start.seed_written")
         spec = DomainSpec(
             name=name,
             domain_type=choice.domain_type,
@@ -291,7 +295,9 @@ def start_vm(
         with timer("create"):
             with signals.deferred():  # a VM started must be known to teardown
                 conn.create(name, build_xml(spec))
+            faults.point(cfg, "start.domain_created")
             port = conn.forward_port(name, cfg.ssh.port)
+        faults.point(cfg, "start.port_forwarded")
         log.info("VM %s started, SSH forwarded to 127.0.0.1:%d", name, port)
         endpoint = ssh.Endpoint(
             port=port,
@@ -319,6 +325,7 @@ def start_vm(
                         " must allow it (PermitRootLogin prohibit-password)"
                     )
                 raise
+        faults.point(cfg, "start.ssh_ready")
         if admin_key is not None:
             with timer("mount"):
                 mounts.mount_all(client, cfg.mounts.values(), image.name)
@@ -415,6 +422,7 @@ def teardown(
         except VmBatchError as exc:
             log.error("could not destroy VM %s: %s", name, exc)
             failure = exc
+        faults.point(cfg, "teardown.destroyed")
     if jobdir is not None:
         try:
             inject.stop_leftovers(jobdir)
@@ -429,5 +437,6 @@ def teardown(
             except OSError as exc:
                 log.warning("could not keep the console log in %s: %s", keep, exc)
         jobdir.remove()
+        faults.point(cfg, "teardown.jobdir_removed")
     if failure is not None:
         raise failure

@@ -60,7 +60,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmbatch import accel, process
+from vmbatch import accel, faults, process
 from vmbatch.config import Config
 from vmbatch.contextualize import sshd
 from vmbatch.contextualize.base import ContextSpec
@@ -296,7 +296,9 @@ def appliance(cfg: Config, disk: Path, workdir: Path) -> Iterator[Guestfish]:
     try:
         try:
             gf.start()
+            faults.point(cfg, "inject.daemon_started")
             gf("run", timeout=cfg.context.inject_timeout)
+            faults.point(cfg, "inject.appliance_running")
         except CommandTimeoutError:
             raise
         except CommandError as exc:

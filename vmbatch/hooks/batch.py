@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import lifecycle, signals, state
+from vmbatch import faults, lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
@@ -198,6 +198,7 @@ def _prologue_locked(
     conn: Connection | None,
     timings: MutableMapping[str, float] | None,
 ) -> VmBatchError | None:
+    faults.point(cfg, "prologue.locked")
     userdir = UserDir(cfg.batch.user_dir, bj.job_id)
     record = Record(
         job_id=bj.job_id,
@@ -210,6 +211,7 @@ def _prologue_locked(
         started=time.time(),
     )
     store.write(record)
+    faults.point(cfg, "prologue.recorded")
     identity: JobUser | None = None
     health = ImageHealth(cfg)
     try:
@@ -217,11 +219,13 @@ def _prologue_locked(
         record = store.write(dataclasses.replace(record, uid=identity.uid, gid=identity.gid))
         spec = job_spec(cfg, bj, identity)
         record = store.write(dataclasses.replace(record, image=spec.image))
+        faults.point(cfg, "prologue.sized")
         log.info(
             "job %s: image %s, %d cores, %d MiB", bj.job_id, spec.image, spec.vcpus, spec.memory
         )
         health.check(spec.image)
         guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
+        faults.point(cfg, "prologue.vm_started")
     except VmBatchError as exc:
         store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
         if record.image and policy.counts_against_image(exc):
@@ -238,6 +242,7 @@ def _prologue_locked(
                 boot_seconds=round(time.time() - record.started, 3),
             )
         )
+        faults.point(cfg, "prologue.boot_recorded")
         info = {
             "job_id": bj.job_id,
             "image": spec.image,
@@ -255,7 +260,9 @@ def _prologue_locked(
                 UserDir.GUEST: (json.dumps(info, sort_keys=True) + "\n").encode(),
             },
         )
+        faults.point(cfg, "prologue.userdir_written")
         store.write(dataclasses.replace(record, phase=READY))
+        faults.point(cfg, "prologue.ready")
     except BaseException as exc:
         with signals.deferred():
             guest.close()
@@ -412,6 +419,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     try:
         with signals.interruptible():
             session.start()
+        faults.point(cfg, "starter.job_started")
         return session.follow(out, err)
     finally:
         if session.client is not None:
@@ -524,11 +532,15 @@ def _finish_locked(
         if own and conn is not None:
             conn.close()
         UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
+    faults.point(cfg, "finish.userdir_removed")
     if account:
         write_accounting(cfg, job_id, record, exit_status)
+        faults.point(cfg, "finish.accounted")
     # Also a marker a prologue killed before it could record the image (SIGKILL).
     ImageCache(cfg).release_job(job_id)
+    faults.point(cfg, "finish.image_released")
     store.remove(job_id)
+    faults.point(cfg, "finish.record_removed")
 
 
 def write_accounting(

@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -122,8 +123,12 @@ class StateStore:
             return None
 
     def remove(self, job_id: str) -> None:
-        """Drop the record (call under :meth:`exclusive`, which then drops its lock file)."""
-        self.path(job_id).unlink(missing_ok=True)
+        """Drop the record (call under :meth:`exclusive`, which then drops its lock file),
+        and any temporary file of a write that was killed half-way (:func:`atomic_write`)."""
+        path = self.path(job_id)
+        path.unlink(missing_ok=True)
+        for tmp in self.dir.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def records(self) -> list[Record]:
         """Every readable record (for ``vmbatch cleanup``)."""

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vmbatch import state
+from vmbatch import faults, state
 from vmbatch.config import Config, ImageConfig
 from vmbatch.errors import DiskSpaceError, ImageError, VmBatchError
 from vmbatch.images.download import (
@@ -203,6 +203,7 @@ class ImageCache:
         self._check_file_url(entry)
         self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         marker = self.mark_used(final, job_id) if job_id is not None else None
+        faults.point(self.cfg, "image.marked")
         try:
             held = _try_lock(_side(final, ".lock"), fcntl.LOCK_SH)
             if held is not None:
@@ -292,6 +293,7 @@ class ImageCache:
             validators=validators,
             room=lambda need: self.make_room(entry.name, need, keep=final),
             before_rename=lambda result: self._write_meta(entry, final, result),
+            debug=self.cfg.debug,
         )
 
     def _check_file_url(self, entry: ImageConfig) -> None:
@@ -377,10 +379,21 @@ class ImageCache:
         (_side(path, ".jobs") / safe_job_id(job_id)).unlink(missing_ok=True)
 
     def release_job(self, job_id: str) -> None:
-        """The job uses no cached image any more (whatever it had marked); idempotent."""
-        if self.dir.is_dir():
-            for path in self.dir.glob("*.img"):
-                self.release(path, job_id)
+        """The job uses no cached image any more (whatever it had marked); idempotent.
+
+        Also the marker of an image that never arrived: a job killed while the image was
+        looked up or fetched marked it first (SIGKILL skips :meth:`ensure`'s own clean-up),
+        and a marker of this boot would keep the image from eviction once another job
+        fetched it. Such a ``.jobs`` directory goes when it is empty (:meth:`mark_used`
+        recreates it if another job is marking it right now).
+        """
+        if not self.dir.is_dir():
+            return
+        for jobs in self.dir.glob("*.img.jobs"):
+            (jobs / safe_job_id(job_id)).unlink(missing_ok=True)
+            if not jobs.with_suffix("").exists():
+                with contextlib.suppress(OSError):
+                    jobs.rmdir()  # only if empty
 
     def _jobs(self, path: Path) -> tuple[str, ...]:
         """Jobs of this boot using ``path``; markers from before a reboot are removed."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from vmbatch import process
+from vmbatch import faults, process
 from vmbatch.config import Config
 from vmbatch.errors import DiskBudgetError, DiskSpaceError, HostError
 from vmbatch.images.cache import free_bytes
@@ -105,6 +105,7 @@ def job_disks(cfg: Config, image: ImageSpec, jobdir: JobDir) -> tuple[DiskSpec, 
     """Create the job's overlay and extra disks in ``jobdir``; return them in guest order:
     root (vda), then the CernVM-FS cache disk, then the scratch disk, each if configured."""
     disks = [DiskSpec(create_overlay(cfg, image, jobdir.overlay), "qcow2")]
+    faults.point(cfg, "disks.overlay_created")
     for size, path, serial in (
         (image.cvmfs_cache_gib, jobdir.cvmfs_cache, CVMFS_SERIAL),
         (image.scratch_gib, jobdir.scratch, SCRATCH_SERIAL),

@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from vmbatch import faults
+from vmbatch.config import DebugConfig
 from vmbatch.errors import (
     DiskSpaceError,
     ImageDownloadError,
@@ -147,18 +149,20 @@ def fetch(
     validators: Validators | None = None,
     room: Room | None = None,
     before_rename: Callable[[FetchResult], None] | None = None,
+    debug: DebugConfig | None = None,
 ) -> FetchResult:
     """Fetch ``url`` (http, https or file) to ``dest``: verified, unpacked, renamed atomically.
 
     ``part`` is the partial file to write and resume (default ``.<dest name>.part``).
     With ``validators`` the request is conditional and may return ``not_modified``.
+    ``debug`` arms the fault points inside the transfer loops (:mod:`vmbatch.faults`).
     """
     scheme = urlsplit(url).scheme
     part = part or dest.with_name(f".{dest.name}.part")
     if checksum is None:
         part.unlink(missing_ok=True)  # unverifiable: never stitch onto an unknown partial
     if scheme == "file":
-        _copy_local(name, Path(urlsplit(url).path), part, progress, room)
+        _copy_local(name, Path(urlsplit(url).path), part, progress, room, debug)
         seen = Validators()
     elif scheme in ("http", "https"):
         own = session is None
@@ -172,6 +176,7 @@ def fetch(
             room,
             resumable=checksum is not None,
             validators=validators,
+            debug=debug,
         )
         try:
             for attempt in DOWNLOAD_POLICY.retrying():
@@ -240,7 +245,12 @@ def _no_space(name: str, path: Path, exc: OSError) -> DiskSpaceError:
 
 
 def _copy_local(
-    name: str, src: Path, part: Path, progress: Progress | None, room: Room | None
+    name: str,
+    src: Path,
+    part: Path,
+    progress: Progress | None,
+    room: Room | None,
+    debug: DebugConfig | None = None,
 ) -> None:
     """Copy a local (e.g. NFS-mounted) file into ``part``; a local copy is never resumed."""
     try:
@@ -252,6 +262,7 @@ def _copy_local(
             while chunk := inp.read(CHUNK):
                 out.write(chunk)
                 done += len(chunk)
+                faults.point(debug, "image.copy.chunk")
                 if progress is not None:
                     progress(done, total)
             out.flush()
@@ -284,12 +295,14 @@ class _Download:
         *,
         resumable: bool,
         validators: Validators | None,
+        debug: DebugConfig | None = None,
     ) -> None:
         self.name, self.url, self.part, self.sess = name, url, part, sess
         self.timeout, self.progress, self.room = timeout, progress, room
         #: A partial file from elsewhere may be resumed (a checksum will catch a mix-up).
         self.resumable = resumable
         self.validators = validators
+        self.debug = debug
         #: Validators of the first full answer in this fetch, for If-Range on retries.
         self.seen: Validators | None = None
         self.not_modified = False
@@ -367,6 +380,7 @@ class _Download:
                     for chunk in resp.iter_content(NET_CHUNK):
                         fh.write(chunk)
                         done += len(chunk)
+                        faults.point(self.debug, "image.download.chunk")
                         if self.progress is not None:
                             self.progress(done, total)
                         if time.monotonic() - last_log > 10:
