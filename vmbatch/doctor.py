@@ -13,6 +13,7 @@ from vmbatch import accel, process
 from vmbatch.config import Config, MountConfig
 from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
+from vmbatch.hooks import slurm
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.catalog import check_trusted, inspect
 from vmbatch.images.disks import check_free_space
@@ -42,6 +43,9 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     for name in sorted(cfg.images):
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
+    requeue = _slurm_requeue(cfg)
+    if requeue is not None:
+        checks.append(requeue)
     for name in sorted(cfg.mounts):
         checks.append(_mount(cfg.mounts[name]))
     return checks
@@ -81,6 +85,48 @@ def _cooloffs(cfg: Config) -> list[Check]:
                 Check(False, f"image {name}", exc.message, f"once fixed: {exc.hint or ''}")
             )
     return checks
+
+
+def exit_codes(text: str) -> set[int]:
+    """The exit statuses of a slurm.conf list such as ``1-9,18`` (``(null)``: none)."""
+    codes: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            codes.update(range(int(low), int(high or low) + 1))
+    return codes
+
+
+def _slurm_requeue(cfg: Config) -> Check | None:
+    """On a Slurm node, slurm.conf must list ``[batch].requeue_exit`` in ``RequeueExit`` and
+    ``hold_exit`` in ``RequeueExitHold``, or the failure policy's requeue ends the job
+    (``ExitCode=199``) instead. None where Slurm cannot be asked (no scontrol, Torque)."""
+    if not cfg.tools.scontrol.exists() or not slurm.config_present(os.environ):
+        return None
+    try:
+        out = process.run(
+            [str(cfg.tools.scontrol), "show", "config"],
+            timeout=min(cfg.tools.command_timeout, 20.0),
+        ).stdout
+    except VmBatchError:
+        return None
+    values = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    want = [("RequeueExit", cfg.batch.requeue_exit), ("RequeueExitHold", cfg.batch.hold_exit)]
+    missing = [f"{k}={c}" for k, c in want if c and c not in exit_codes(values.get(k, ""))]
+    if missing:
+        return Check(
+            False,
+            "slurm requeue",
+            f"slurm.conf lacks {' and '.join(missing)}: jobs vmbatch requeues or holds would"
+            " fail instead (exit status 199/200)",
+            f"add {' '.join(missing)} to slurm.conf (conf/slurm/slurm.conf.vmbatch), then"
+            " `scontrol reconfigure`",
+        )
+    return Check(True, "slurm requeue", ", ".join(f"{k}={c}" for k, c in want if c))
 
 
 def _free_space(cfg: Config) -> Check:

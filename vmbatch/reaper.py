@@ -72,7 +72,7 @@ from vmbatch import process, state, trust
 from vmbatch.config import Config
 from vmbatch.contextualize import inject
 from vmbatch.errors import CommandError, HostError, JobBusyError, VmBatchError
-from vmbatch.hooks import batch
+from vmbatch.hooks import batch, slurm
 from vmbatch.hooks.jobstate import FAILED, Record, StateStore, UserDir
 from vmbatch.images.cache import ImageCache, Marker
 from vmbatch.libvirt.connection import Connection, DomainInfo
@@ -194,6 +194,9 @@ class SchedulerQuery:
             return Verdict(None, f"Slurm not asked ({self.failure})")
         if not batch.JOB_ID.fullmatch(job_id):
             return Verdict(None, f"job id {job_id[:60]!r} is not a Slurm job id")
+        if not slurm.config_present(self.env):
+            self.failure = "no slurm.conf: set SLURM_CONF for the reaper"
+            return Verdict(None, f"Slurm not asked ({self.failure})")
         try:
             res = process.run(
                 [str(self.cfg.tools.squeue), "-h", f"--jobs={job_id}", "--states=all",

@@ -147,3 +147,11 @@ def test_a_failed_image_reaches_the_job_with_the_policys_exit_status(tmp_path: P
 def test_requeue_and_hold_need_different_exit_statuses(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="requeue_exit and hold_exit are both 199"):
         _cfg(tmp_path, hold_exit=199)
+
+
+def test_slurm_exit_code_lists_for_the_doctors_requeue_check() -> None:
+    from vmbatch.doctor import exit_codes
+
+    assert exit_codes("199") == {199}
+    assert exit_codes("1-3,18") == {1, 2, 3, 18}
+    assert exit_codes("(null)") == set()

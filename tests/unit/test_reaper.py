@@ -99,14 +99,18 @@ def test_slurm_is_asked_until_it_fails_once(
         return process.Result(tuple(argv), 1, "", "Unable to contact slurm controller\n")
 
     monkeypatch.setattr(process, "run", fake_run)
-    query = reaper.SchedulerQuery(Config(), {"SLURM_CONF": "/etc/x.conf", "HOME": "/root"})
+    conf = tmp_path / "slurm.conf"
+    assert reaper.SchedulerQuery(Config(), {"SLURM_CONF": str(conf)})("slurm", "4").runs is None
+    assert calls == []  # no slurm.conf: no query (it would look up DNS SRV records)
+    conf.write_text("")
+    query = reaper.SchedulerQuery(Config(), {"SLURM_CONF": str(conf), "HOME": "/root"})
     assert query("slurm", "5").runs is True
     assert calls[0][1:] == ["-h", "--jobs=5", "--states=all", "--format=%T"]
     assert query("slurm", "6").runs is None
     later = query("slurm", "7")
     assert later.runs is None and "not asked" in later.reason
     assert len(calls) == 2
-    assert query.env == {"SLURM_CONF": "/etc/x.conf"}
+    assert query.env == {"SLURM_CONF": str(conf)}
     assert query("slurm", "../x").runs is None  # never on the command line
     assert query("lsf", "1").runs is None
 

@@ -40,6 +40,20 @@ from vmbatch.process import run as run_command
 log = logging.getLogger(__name__)
 
 
+#: Where Slurm's clients find slurm.conf when ``SLURM_CONF`` is not set: the usual file, and
+#: the copy slurmd caches on a "configless" node (https://slurm.schedmd.com/configless_slurm.html).
+DEFAULT_CONFS = (Path("/etc/slurm/slurm.conf"), Path("/run/slurm/conf/slurm.conf"))
+
+
+def config_present(env: Mapping[str, str]) -> bool:
+    """Whether Slurm's clients would find a slurm.conf. Without one they look up DNS SRV
+    records (configless Slurm): vmbatch never sends such a query where no Slurm is set up."""
+    named = env.get("SLURM_CONF")
+    if named:
+        return Path(named).is_file()
+    return any(p.is_file() for p in DEFAULT_CONFS)
+
+
 def _env(env: Mapping[str, str], key: str) -> str:
     value = env.get(key, "")
     if not value:
