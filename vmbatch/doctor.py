@@ -104,10 +104,7 @@ def _slurm_requeue(cfg: Config) -> Check | None:
     if not cfg.tools.scontrol.exists() or not slurm.config_present(os.environ):
         return None
     try:
-        out = process.run(
-            [str(cfg.tools.scontrol), "show", "config"],
-            timeout=min(cfg.tools.command_timeout, 20.0),
-        ).stdout
+        out = slurm.scontrol(cfg, "show", "config", env=os.environ)
     except VmBatchError:
         return None
     values = {}

@@ -9,6 +9,7 @@ production install: the hooks find this test's configuration through ``VMBATCH_C
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -248,6 +249,8 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
     assert job["JobState"] == "PENDING", job
     assert "DRAIN" not in slurm.cluster.node()["State"]
     assert "vmbatch requeued the job (run 1 of at most 2)" in slurm.output(job_id)
+    doctor = slurm.bs.site.vmbatch("doctor", env={**os.environ, **slurm.cluster.env()})
+    assert "ok   slurm requeue: RequeueExit=199, RequeueExitHold=200" in doctor.stdout.decode()
     slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")  # skip Slurm's wait
     job = _wait_restarts(slurm, job_id, 2, {"SPECIAL_EXIT", "PENDING"})
     assert job["JobState"] == "SPECIAL_EXIT", job  # RequeueExitHold: requeued and held
