@@ -325,9 +325,16 @@ def test_a_libvirtd_that_accepts_but_never_answers_times_out(tmp_path: Path) -> 
 
 
 @pytest.mark.usefixtures("clock")
-def test_a_prologue_failed_by_libvirtd_is_finished_through_libvirt(tmp_path: Path) -> None:
-    """Its teardown may not have reached libvirtd, so its VM may run on: the epilogue must
-    make sure through libvirt, and says so while libvirtd is unreachable (record kept)."""
+def test_a_prologue_failed_by_libvirtd_is_finished_through_libvirt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its teardown may not have reached libvirtd, so its VM may run on: while a QEMU
+    process of its domain runs, the epilogue must make sure through libvirt, and says so
+    while libvirtd is unreachable (record kept); without one, nothing of it runs."""
+    from vmbatch import reaper
+
+    qemus = [reaper.QemuProcess(4242, "4242:1:boot", "vmbatch-5", None)]
+    monkeypatch.setattr(reaper, "find_qemus", lambda job_dir, emulator: qemus)
     cfg = config.parse(
         {
             "paths": {"job_dir": str(tmp_path / "jobs")},
@@ -345,6 +352,9 @@ def test_a_prologue_failed_by_libvirtd_is_finished_through_libvirt(tmp_path: Pat
     with pytest.raises(HostError, match="could not make sure its VM vmbatch-5 is gone"):
         batch.finish(cfg, "5")
     assert store.read("5") == failed
+    qemus.clear()  # the VM's QEMU is gone: files only, even with libvirtd unreachable
+    batch.finish(cfg, "5")
+    assert store.read("5") is None
     store.write(Record("6", "slurm", "u", phase=FAILED, cause="JobError: no such user"))
     batch.finish(cfg, "6")  # nothing was started: no libvirt needed
     assert store.read("6") is None

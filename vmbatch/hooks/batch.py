@@ -304,11 +304,18 @@ def _cause(exc: VmBatchError) -> str:
     return f"{type(exc).__name__}: {exc.message}"
 
 
-def _vm_may_remain(record: Record) -> bool:
-    """Whether a failed prologue's teardown may not have reached libvirtd (dead or hung):
-    its VM may still run (a restarted libvirtd takes it over), so clean up through libvirt."""
+def _vm_may_remain(cfg: Config, record: Record, name: str) -> bool:
+    """Whether a failed prologue's teardown may not have reached libvirtd (dead or hung)
+    while its VM runs: then clean up through libvirt (a restarted libvirtd takes the VM
+    over). A VM is a QEMU process: if none on this host is named ``name`` (one of this
+    configuration's, :func:`vmbatch.reaper.find_qemus`), nothing of it runs, whether
+    libvirtd answers or not (a prologue that never reached libvirtd made none)."""
+    from vmbatch.reaper import find_qemus  # the reaper imports this module
+
     kind = (record.cause or "").partition(":")[0]
-    return kind in (LibvirtUnavailableError.__name__, LibvirtTimeoutError.__name__)
+    if kind not in (LibvirtUnavailableError.__name__, LibvirtTimeoutError.__name__):
+        return False
+    return any(q.name == name for q in find_qemus(cfg.paths.job_dir, cfg.tools.qemu_system))
 
 
 # -- the job starter ------------------------------------------------------------------
@@ -510,7 +517,7 @@ def _finish_locked(
             record is not None
             and record.phase == FAILED
             and conn is None
-            and not _vm_may_remain(record)
+            and not _vm_may_remain(cfg, record, name)
         ):
             # The prologue's own teardown ran when it failed; only files may be left (a
             # caller with a connection, the reaper, also makes sure no VM is left).
