@@ -155,3 +155,18 @@ def test_slurm_exit_code_lists_for_the_doctors_requeue_check() -> None:
     assert exit_codes("199") == {199}
     assert exit_codes("1-3,18") == {1, 2, 3, 18}
     assert exit_codes("(null)") == set()
+
+
+def test_an_epilogue_run_again_after_a_crash_writes_no_second_accounting_line(
+    tmp_path: Path,
+) -> None:
+    from vmbatch.hooks.jobstate import FAILED, Record, StateStore
+
+    cfg = _cfg(tmp_path)
+    store = StateStore(cfg.batch.state_dir)
+    store.write(Record("80", "slurm", "u", phase=FAILED, cause="JobError: x", accounted=True))
+    batch.finish(cfg, "80", exit_status=1, account=True)  # the first run had written it
+    assert not cfg.batch.accounting_log.exists() and store.read("80") is None
+    store.write(Record("81", "slurm", "u", phase=FAILED, cause="JobError: x"))
+    batch.finish(cfg, "81", exit_status=1, account=True)
+    assert len(cfg.batch.accounting_log.read_text().splitlines()) == 1

@@ -540,8 +540,10 @@ def _finish_locked(
             conn.close()
         UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
     faults.point(cfg, "finish.userdir_removed")
-    if account:
+    if account and not (record is not None and record.accounted):
         write_accounting(cfg, job_id, record, exit_status)
+        if record is not None:  # an epilogue killed from here on writes no second line
+            store.write(dataclasses.replace(record, accounted=True))
         faults.point(cfg, "finish.accounted")
     # Also a marker a prologue killed before it could record the image (SIGKILL).
     ImageCache(cfg).release_job(job_id)

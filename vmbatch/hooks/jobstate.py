@@ -70,6 +70,8 @@ class Record:
     #: Why the prologue failed: the message and the disposition's value.
     error: str | None = None
     cause: str | None = None
+    #: The epilogue wrote the job's accounting line (a rerun after a crash writes none).
+    accounted: bool = False
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()
