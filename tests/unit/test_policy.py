@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
 
-from vmbatch import config
+from vmbatch import config, state
 from vmbatch.errors import (
     ConfigError,
     GuestBootTimeoutError,
@@ -147,3 +148,21 @@ def test_a_failed_image_reaches_the_job_with_the_policys_exit_status(tmp_path: P
 def test_requeue_and_hold_need_different_exit_statuses(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="requeue_exit and hold_exit are both 199"):
         _cfg(tmp_path, hold_exit=199)
+
+
+def test_the_node_stays_out_while_the_hook_that_drained_it_still_runs(tmp_path: Path) -> None:
+    """Found by bench/soak.py: the reaper resumed the node between a failing Prolog's drain
+    and its exit, and slurmctld then drained it again as "Prolog error", a reason vmbatch
+    never undoes. While the draining hook (here: this process) lives, the node stays out,
+    before the scheduler or the node checks are even asked."""
+    cfg = _cfg(tmp_path)
+    hook = state.process_identity(os.getpid())
+    assert hook is not None
+    policy.mark_out(cfg, policy.NodeMark("slurm", "n1", "vmbatch: libvirt gone", 1.0, hook=hook))
+    assert policy.read_mark(cfg) == policy.NodeMark(
+        "slurm", "n1", "vmbatch: libvirt gone", 1.0, hook=hook
+    )
+    checked: list[bool] = []
+    said = policy.resume_node(cfg, failing=lambda: checked.append(True) or [])
+    assert said is not None and "stays out of service" in said and f"pid {os.getpid()}" in said
+    assert checked == [] and policy.read_mark(cfg) is not None

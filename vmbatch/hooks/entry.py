@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config, trust
+from vmbatch import config, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, torque
@@ -139,7 +139,10 @@ def _node_problem(
         if not torque.offline(cfg, reason):
             return _fail_job_here(cfg, argv, error)
         note = torque.offline_note(reason)
-        policy.mark_out(cfg, policy.NodeMark("torque", socket.gethostname(), note, time.time()))
+        hook = state.process_identity(os.getpid()) or ""
+        policy.mark_out(
+            cfg, policy.NodeMark("torque", socket.gethostname(), note, time.time(), hook=hook)
+        )
     if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
         disposition = Disposition.OFFLINE_NODE
     return table[disposition]
@@ -149,7 +152,10 @@ def _drain(cfg: config.Config, node: str, reason: str, env: Mapping[str, str]) -
     """Drain the node, and remember it so that vmbatch resumes it once the cause cleared."""
     clean = slurm.drain(cfg, node, reason, env)
     if clean is not None:
-        mark = policy.NodeMark("slurm", node, clean, time.time(), env.get("SLURM_CONF", ""))
+        mark = policy.NodeMark(
+            "slurm", node, clean, time.time(), env.get("SLURM_CONF", ""),
+            hook=state.process_identity(os.getpid()) or "",
+        )  # fmt: skip
         policy.mark_out(cfg, mark)
 
 

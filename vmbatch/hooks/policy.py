@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmbatch import state
 from vmbatch.config import Config
 from vmbatch.errors import Disposition, Fault, ImageCoolOffError, VmBatchError
 from vmbatch.hooks import slurm, torque
@@ -267,6 +268,9 @@ class NodeMark:
     time: float
     #: Slurm: the ``SLURM_CONF`` slurmd gave the Prolog (scontrol needs it to find the cluster).
     slurm_conf: str = ""
+    #: The hook that took the node out (:func:`vmbatch.state.process_identity`): the node
+    #: stays out while it runs (see :func:`resume_node`).
+    hook: str = ""
 
 
 def _mark_path(cfg: Config) -> Path:
@@ -284,6 +288,7 @@ def mark_out(cfg: Config, mark: NodeMark) -> None:
                 reason=mark.reason,
                 time=mark.time,
                 slurm_conf=mark.slurm_conf,
+                hook=mark.hook,
             )
     except OSError as exc:
         log.error("could not record that vmbatch took node %s out: %s", mark.node, exc)
@@ -298,6 +303,7 @@ def read_mark(cfg: Config) -> NodeMark | None:
             reason=str(data["reason"]),
             time=float(data["time"]),  # type: ignore[arg-type]
             slurm_conf=str(data.get("slurm_conf", "")),
+            hook=str(data.get("hook", "")),
         )
     except (KeyError, TypeError, ValueError):
         return None
@@ -319,6 +325,14 @@ def resume_node(cfg: Config, *, failing: Callable[[], list[str]]) -> str | None:
     mark = read_mark(cfg)
     if mark is None:
         return None
+    if mark.hook and state.is_alive(mark.hook):
+        # Found by bench/soak.py: the reaper resumed the node between the Prolog's drain and
+        # its exit; slurmctld then drained the node again for the failed Prolog, with its own
+        # reason "Prolog error", which is not vmbatch's to undo: out until an admin came.
+        return (
+            f"node {mark.node}: stays out of service ({mark.reason}): the hook that took it"
+            f" out (pid {mark.hook.split(':')[0]}) is still running"
+        )
     env = {"SLURM_CONF": mark.slurm_conf} if mark.slurm_conf else {}
     try:
         if mark.scheduler == "slurm":
