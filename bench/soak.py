@@ -125,6 +125,9 @@ class Job:
     lines: int
     sleep: int
     fault: str | None
+    #: When in its window the fault strikes (0-1), drawn with the rest of the schedule so
+    #: that a seed replays the same jobs and faults (the threads draw nothing).
+    fault_at: float = 0.0
     id: str = ""
     submitted: float = 0.0
     #: What the injection did ("" while nothing was done), and whether it hit.
@@ -349,7 +352,7 @@ def fault(
 def _libvirtd_kill(soak: Soak, job: Job) -> str:
     if not soak.wait_running(job, "vmbatch-prologue"):
         return "missed: the prologue never showed"
-    time.sleep(soak.rng.uniform(0, 4))
+    time.sleep(4 * job.fault_at)
     with soak.libvirtd_lock:
         pid = soak.libvirtd.signal(signal.SIGKILL)
         if pid is None:
@@ -364,7 +367,7 @@ def _libvirtd_kill(soak: Soak, job: Job) -> str:
 def _libvirtd_stop(soak: Soak, job: Job) -> str:
     if not soak.wait_running(job, "vmbatch-prologue"):
         return "missed: the prologue never showed"
-    time.sleep(soak.rng.uniform(0, 4))
+    time.sleep(4 * job.fault_at)
     stop_for = soak.opts.libvirt_timeout + LIBVIRTD_STOP_EXTRA
     with soak.libvirtd_lock:
         pid = soak.libvirtd.signal(signal.SIGSTOP)
@@ -441,7 +444,7 @@ def _kill_hook(soak: Soak, job: Job, program: str, window: float) -> str:
     if pidfd is None:
         return f"missed: no {program} seen"
     try:
-        time.sleep(soak.rng.uniform(0, window))
+        time.sleep(window * job.fault_at)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -553,7 +556,17 @@ def catalog(soak: Soak, demo: str) -> str:
     sshlate = body.replace(initrd.group(0), f'initrd = "{late}"')
     source = re.search(r'^source = "(.*)"$', body, re.M)
     assert source is not None
-    sha = hashlib.sha256(Path(source.group(1)).read_bytes()).hexdigest()
+    # The tiny guest's disk is 196 KiB, less than one read of vmbatch's download (256 KiB):
+    # a stall could never be resumed. 4 MiB of filler where the guest never looks fix that.
+    remote_disk = soak.root / "images" / "remote.qcow2"
+    shutil.copyfile(source.group(1), remote_disk)
+    subprocess.run(
+        ["/usr/bin/qemu-io", "-f", "qcow2", "-c", "write -q -P 0x5a 32M 4M", str(remote_disk)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    data = remote_disk.read_bytes()
+    soak.server.state.resources[soak.server.path] = Resource(data)
+    sha = hashlib.sha256(data).hexdigest()
     remote = body.replace(source.group(0), f'source = "{soak.server.url}"\nsha256 = "{sha}"')
     return f"{demo}\n[images.broken]{broken}\n[images.sshlate]{sshlate}\n[images.remote]{remote}\n"
 
@@ -566,9 +579,8 @@ class ImageServer:
 
     path = "/tiny/disk.qcow2"
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self) -> None:
         self.state = Server()
-        self.state.resources[self.path] = Resource(body)
         self._cm: contextlib.AbstractContextManager[Server] | None = None
         self._lock = threading.Lock()
         self._down = False
@@ -668,7 +680,7 @@ class Soak:
         self.read_timeout = 5.0
         self.libvirtd = PrivateLibvirtd(self.root / "libvirt")
         self.libvirtd_lock = threading.RLock()
-        self.server = ImageServer((opts.guest.resolve() / "disk.qcow2").read_bytes())
+        self.server = ImageServer()
         self.cluster: SlurmCluster | None = None
         self.user: HostUser | None = None
         self.jobs: dict[str, Job] = {}
@@ -801,6 +813,7 @@ accounting_log = "{self.accounting}"
             lines=self.rng.choice((0, 1, 5, 50, 200)),
             sleep=self.rng.choice((0, 0, 1, 2)),
             fault=kind.name if kind else None,
+            fault_at=self.rng.random(),
         )
 
     def submit(self) -> Job:
