@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,33 @@ def test_the_node_stays_out_while_the_hook_that_drained_it_still_runs(tmp_path: 
     said = policy.resume_node(cfg, failing=lambda: checked.append(True) or [])
     assert said is not None and "stays out of service" in said and f"pid {os.getpid()}" in said
     assert checked == [] and policy.read_mark(cfg) is not None
+
+
+def test_two_hooks_taking_the_node_out_at_once_record_the_reason_it_kept(
+    tmp_path: Path,
+) -> None:
+    """Found by bench/soak.py: two Prologs failing at once drained the node in one order and
+    recorded their reasons in the other; the reaper then took vmbatch's own drain for an
+    admin's and left the node out for good. Drain and record are one step now: a second
+    hook's drain waits until the first one's record is written."""
+    cfg = _cfg(tmp_path)
+    node_reason: list[str] = []  # what the scheduler shows, last one wins
+    second_done = threading.Event()
+
+    def second() -> None:
+        policy.take_out(cfg, lambda: node_reason.append("vmbatch: B") or "vmbatch: B", mark)
+        second_done.set()
+
+    def first_out() -> str:
+        node_reason.append("vmbatch: A")
+        threading.Thread(target=second).start()
+        second_done.wait(0.5)  # without the lock, the second hook would finish in here
+        return "vmbatch: A"
+
+    def mark(reason: str) -> policy.NodeMark:
+        return policy.NodeMark("slurm", "n1", reason, 1.0)
+
+    assert policy.take_out(cfg, first_out, mark) == "vmbatch: A"
+    assert second_done.wait(10)
+    recorded = policy.read_mark(cfg)
+    assert recorded is not None and recorded.reason == node_reason[-1] == "vmbatch: B"
