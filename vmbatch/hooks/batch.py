@@ -40,7 +40,14 @@ from typing import Any, BinaryIO
 from vmbatch import lifecycle, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
-from vmbatch.errors import HostError, JobBusyError, JobError, VmBatchError
+from vmbatch.errors import (
+    HostError,
+    JobBusyError,
+    JobError,
+    LibvirtTimeoutError,
+    LibvirtUnavailableError,
+    VmBatchError,
+)
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks import policy
@@ -52,6 +59,7 @@ from vmbatch.images.disks import DiskBudget
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
+from vmbatch.retry import LIBVIRT_TEARDOWN_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -454,11 +462,9 @@ def _finish_locked(
             # The prologue's own teardown ran when it failed; only files may be left.
             lifecycle.teardown(cfg, None, name, jobdir)
         else:
-            if conn is None:
-                conn = Connection(cfg.libvirt).open()
-            names = {name} | {
-                d.name for d in conn.list_vmbatch() if d.metadata and d.metadata.job_id == job_id
-            }
+            given = conn
+            conn, names = _job_domains(cfg, conn, job_id, name)
+            own = conn is not given
             for each in sorted(names):
                 lifecycle.teardown(cfg, conn, each, jobdir)
     except HostError as exc:
@@ -475,6 +481,37 @@ def _finish_locked(
     # Also a marker a prologue killed before it could record the image (SIGKILL).
     ImageCache(cfg).release_job(job_id)
     store.remove(job_id)
+
+
+def _job_domains(
+    cfg: Config, conn: Connection | None, job_id: str, name: str
+) -> tuple[Connection, set[str]]:
+    """A connection and the job's domains (its name, and any with its job id in the
+    metadata). While libvirtd is dead or hangs, again on fresh connections until
+    ``[libvirt].teardown_timeout``, as the destroy itself does: found by bench/soak.py, an
+    Epilog gave up after one ``[libvirt].timeout`` while libvirtd was stopped for a few
+    seconds more, and its job's VM ran on after libvirtd resumed. A connection the caller
+    passed in is tried first and never closed here; the one returned is the caller's to
+    close if it is not the caller's own."""
+
+    def domains(c: Connection) -> set[str]:
+        listed = c.list_vmbatch()
+        return {name} | {d.name for d in listed if d.metadata and d.metadata.job_id == job_id}
+
+    if conn is not None:
+        try:
+            return conn, domains(conn)
+        except (LibvirtUnavailableError, LibvirtTimeoutError) as exc:
+            log.warning("could not list the VMs of job %s (%s); trying anew", job_id, exc)
+    for attempt in LIBVIRT_TEARDOWN_POLICY.retrying(max_delay=cfg.libvirt.teardown_timeout):
+        with attempt:
+            fresh = Connection(cfg.libvirt).open()
+            try:
+                return fresh, domains(fresh)
+            except BaseException:
+                fresh.close()
+                raise
+    raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
 def write_accounting(
