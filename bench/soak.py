@@ -85,6 +85,9 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 EXIT_CODES = (0, 0, 0, 0, 1, 2, 3, 7, 42, 127, 255)
 MAX_RELEASES = 3
 LIBVIRTD_STOP_EXTRA = 5.0  # a SIGSTOP lasts [libvirt].timeout + this
+#: A drain of vmbatch's that the reaper (run every 5 s meanwhile) has not undone after this
+#: long is a finding; the harness resumes the node so that the rest of the run counts.
+DRAIN_PATIENCE = 600.0
 
 
 def log(msg: str) -> None:
@@ -180,6 +183,7 @@ class Report:
     drains_vmbatch: list[str] = field(default_factory=list)
     drains_hook_kill: list[str] = field(default_factory=list)
     drains_unexplained: list[str] = field(default_factory=list)
+    drains_stuck: list[str] = field(default_factory=list)
     left_drained: str = ""
     leaks: dict[str, list[str]] = field(default_factory=dict)
     disk: dict[str, int] = field(default_factory=dict)
@@ -207,6 +211,8 @@ class Report:
             out.append(f"node left drained: {self.left_drained}")
         if self.drains_unexplained:
             out.append(f"{len(self.drains_unexplained)} unexplained drain(s)")
+        if self.drains_stuck:
+            out.append(f"{len(self.drains_stuck)} drain(s) of vmbatch's the reaper never undid")
         if self.harness_errors:
             out.append(f"{len(self.harness_errors)} harness error(s)")
         return out
@@ -244,6 +250,7 @@ class Report:
         row("drains by vmbatch (node fault), undone by the reaper", len(self.drains_vmbatch))
         row("drains by Slurm after an injected hook kill, resumed", len(self.drains_hook_kill))
         row("drains nobody explained (must be 0)", len(self.drains_unexplained))
+        row("vmbatch drains the reaper left for 10 min (must be 0)", len(self.drains_stuck))
         row("nodes left drained (must be 0)", 1 if self.left_drained else 0)
         for what, items in sorted(self.leaks.items()):
             row(f"leaked {what} (must be 0)", len(items))
@@ -285,6 +292,7 @@ class Report:
             ("drains by vmbatch", self.drains_vmbatch),
             ("drains after hook kills", self.drains_hook_kill),
             ("UNEXPLAINED drains", self.drains_unexplained),
+            ("STUCK drains (resumed by the harness)", self.drains_stuck),
             ("reaper errors", self.reaper_errors),
             ("HARNESS errors", self.harness_errors),
         ):
@@ -316,7 +324,11 @@ def percentiles(values: list[float]) -> dict[int, float]:
 
 #: arm(soak, job) runs before the victim is submitted (main thread, quick); inject(soak, job)
 #: runs in its own thread once the job id is known. Each returns a note on what it did; a
-#: note starting with "missed" or "skipped" means the fault did not happen.
+#: note starting with "missed" or "skipped" means the fault did not happen. A new kind is one
+#: decorated function: e.g. vmbatch's root-only fault points, once they exist, would be an
+#: ``arm`` that writes the point into a drop-in of ``soak.config`` (and an ``inject`` that
+#: removes it once the victim's hook has passed it); a libvirtd that vmbatch restarts itself
+#: ([libvirt] restart command) makes ``restart_libvirtd`` below unnecessary.
 FaultFn = Callable[["Soak", Job], str]
 
 
@@ -687,8 +699,11 @@ class Soak:
         self.order: list[Job] = []
         self.threads: list[threading.Thread] = []
         self.stopping = threading.Event()
+        #: SIGINT/SIGTERM: end as at the time limit (cancel, settle, count, report).
+        self.interrupted = threading.Event()
         self.hook_killed_at = -1e9
         self.drain_seen = ""
+        self.drained_since = 0.0
         self.last_reaper = 0.0
 
     # -- set-up -------------------------------------------------------------------------
@@ -962,13 +977,20 @@ accounting_log = "{self.accounting}"
             self.drain_seen = ""
             return
         reason = node.get("Reason", "")
+        now = time.monotonic()
         if reason != self.drain_seen:
-            self.drain_seen = reason
+            self.drain_seen, self.drained_since = reason, now
             log(f"node drained: {reason}")
             if reason.startswith("vmbatch:"):
                 self.report.drains_vmbatch.append(reason)
         if reason.startswith("vmbatch:"):
-            if time.monotonic() - self.last_reaper > 5:
+            if now - self.drained_since > DRAIN_PATIENCE:
+                # The reaper should have undone it long ago: a finding. Resume it, as an
+                # admin would, so that the rest of the run still counts.
+                self.report.drains_stuck.append(reason)
+                log(f"STUCK: drained {DRAIN_PATIENCE:.0f} s by vmbatch, resuming: {reason}")
+                self._resume()
+            elif now - self.last_reaper > 5:
                 self.reaper("vmbatch drained the node")
         elif time.monotonic() - self.hook_killed_at < 120:
             self.report.drains_hook_kill.append(reason)
@@ -1014,6 +1036,8 @@ accounting_log = "{self.accounting}"
         cancelled_at = 0.0
         while True:
             now = time.monotonic()
+            if self.interrupted.is_set():
+                deadline = min(deadline, now)
             view = self.poll()
             self.update(view)
             self.check_node()
@@ -1031,9 +1055,10 @@ accounting_log = "{self.accounting}"
             if not open_jobs and (self.report.submitted >= opts.jobs or now >= deadline):
                 return
             if now >= deadline and not cancelled_at:
-                log(f"time limit: cancelling the {len(open_jobs)} jobs still in flight")
+                why = "interrupted" if self.interrupted.is_set() else "time limit reached"
+                log(f"{why}: cancelling the {len(open_jobs)} jobs still in flight")
                 cancelled_at = now
-                self.cancel(open_jobs, "time limit reached")
+                self.cancel(open_jobs, why)
             held = [j for j in open_jobs if j.releases >= MAX_RELEASES and j.held]
             for j in held:
                 if not j.cancelled and _held(view.get(j.id, {})):
@@ -1284,6 +1309,10 @@ def run(opts: Options) -> Report:
     rep = soak.report
     t0 = time.monotonic()
     log(f"soak in {soak.root}: seed {soak.seed}, faults {[k.name for k in soak.kinds]}")
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: soak.interrupted.set())
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(soak.libvirtd)
@@ -1315,6 +1344,8 @@ def run(opts: Options) -> Report:
         rep.harness_errors.append(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         rep.minutes = (time.monotonic() - t0) / 60
         if opts.keep or rep.problems():
             rep.kept = str(soak.root)
