@@ -1391,7 +1391,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(opts)
     print(report.render())
     if args.json:
-        args.json.write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+        fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
+        args.json.write_text(json.dumps(fields, indent=1, default=str))
     return report.exit_status()
 
 
