@@ -9,7 +9,7 @@ GUESTS     := /var/cache/vmbatch/guests
 CONF_DIR   := /etc/vmbatch
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv daemons guest-tiny guest-debian config demo test lint unit bench clean
+.PHONY: all deps venv daemons guest-tiny guest-debian config demo test lint unit bench soak clean
 
 all: demo
 
@@ -63,6 +63,11 @@ bench: venv daemons guest-tiny guest-debian
 	$(VENV)/bin/python bench/context.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/session.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/slurm.py --guest $(GUESTS)/tiny
+
+# The soak (docs/design.md, "Soak"): its own Slurm and libvirtd, about an hour here.
+SOAK_ARGS ?= --jobs 500 --fault-rate 0.1
+soak: venv guest-tiny
+	$(VENV)/bin/python bench/soak.py --guest $(GUESTS)/tiny $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from boot import raw_boot, tiny_config  # noqa: E402
 
 from tests.system.slurmcluster import SlurmCluster  # noqa: E402
+from tests.system.slurmhooks import BIN, vmbatch_cluster  # noqa: E402
 from vmbatch import accel  # noqa: E402
 
-BIN = ROOT / ".venv" / "bin"
 WORK = Path("/var/lib/vmbatch/bench-slurm")
 
 
@@ -99,24 +99,13 @@ def main() -> int:
         f'accounting_log = "{root}/accounting.jsonl"\n{register}'
     )
     times = root / "epilog.times"
-    prolog = root / "prolog"
-    prolog.write_text(f"#!/bin/sh\nVMBATCH_CONFIG={cfg_file} exec {BIN}/vmbatch-prologue\n")
-    epilog = root / "epilog"
+    epilog = root / "epilog-timed"
     epilog.write_text(
         f"#!/bin/sh\nt0=$(/usr/bin/date +%s.%N)\nVMBATCH_CONFIG={cfg_file}"
         f" {BIN}/vmbatch-epilogue; rc=$?\n"
         f'echo "$t0 $(/usr/bin/date +%s.%N)" >> {times}\nexit $rc\n'
     )
-    for p in (prolog, epilog):
-        p.chmod(0o755)
-    bundle = root / "bundle"
-    shutil.copytree(ROOT / "conf" / "slurm" / "bundle", bundle)
-    subprocess.run(["chmod", "-R", "a+rX", str(bundle)], check=True)
-    lua = (ROOT / "conf" / "slurm" / "job_submit.lua").read_text()
-    lua = lua.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
-    oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
-    oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={cfg_file} {BIN}/")
-    oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
+    epilog.chmod(0o755)
     choice = accel.choose(tiny_config(guest))
     print(f"guest {guest}; accelerator {choice.accel}; {args.rounds} rounds of a 1 s job")
     first: list[float] = []
@@ -124,10 +113,10 @@ def main() -> int:
     total: list[float] = []
     raw: list[float] = []
     try:
-        with SlurmCluster(
-            prolog=prolog, epilog=epilog, extra_conf=["PrologFlags=Alloc"],
-            oci_conf=oci, job_submit_lua=lua,
-        ) as cluster, cluster.test_user("vmbench", 4690) as user:  # fmt: skip
+        with (
+            vmbatch_cluster(root, cfg_file, epilog=epilog) as cluster,
+            cluster.test_user("vmbench", 4690) as user,
+        ):
             for i in range(args.rounds):
                 f, e, t = one_job(cluster, user.name, user.home, root, times, i)
                 first.append(f)

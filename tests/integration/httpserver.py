@@ -188,10 +188,12 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve() -> Iterator[Server]:
-    """Run a server on a free port of 127.0.0.1 for the duration of the block."""
-    state = Server()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+def serve(port: int = 0, state: Server | None = None) -> Iterator[Server]:
+    """Run a server on 127.0.0.1 for the duration of the block: on a free port, or again on
+    ``port`` with an earlier block's ``state`` (its resources and records), so that a test
+    can take the server down and bring it back."""
+    state = state or Server()
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(state))
     httpd.daemon_threads = True
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -119,7 +119,11 @@ class SlurmCluster:
         job_submit_lua: str | None = None,
         base: Path = BASE,
         def_mem_per_cpu: int = 512,
+        cpus: int | None = None,
     ) -> None:
+        """``cpus``: the node's CPUs (default: this host's); more than the host has is
+        accepted through ``SlurmdParameters=config_overrides`` (jobs of one CPU each then run
+        ``cpus`` at a time)."""
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-", dir=base))
         self.dir.chmod(0o755)
@@ -132,7 +136,8 @@ class SlurmCluster:
         self.logs: dict[str, Path] = {}
         for sub in ("etc", "state", "spool", "log", "run", "home"):
             (self.dir / sub).mkdir(mode=0o755)
-        cpus = len(os.sched_getaffinity(0))
+        host_cpus = len(os.sched_getaffinity(0))
+        cpus = cpus or host_cpus
         total_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
         d = self.dir
         lines = [
@@ -164,6 +169,7 @@ class SlurmCluster:
             "ReturnToService=2",
             "MailProg=/bin/true",
         ]
+        lines += ["SlurmdParameters=config_overrides"] if cpus > host_cpus else []
         lines += [f"Prolog={prolog}"] if prolog else []
         lines += [f"Epilog={epilog}"] if epilog else []
         if oci_conf is not None:

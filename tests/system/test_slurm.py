@@ -10,7 +10,6 @@ production install: the hooks find this test's configuration through ``VMBATCH_C
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import ROOT, BatchSite, HostUser
+from tests.system.conftest import BatchSite, HostUser
 from tests.system.slurmcluster import SlurmCluster
+from tests.system.slurmhooks import vmbatch_cluster
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 
-BIN = ROOT / ".venv" / "bin"
 MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
@@ -54,39 +53,9 @@ class SlurmSite:
         return job
 
 
-def _shim(path: Path, config: Path, program: str) -> Path:
-    """What scripts/prologue is in production, plus VMBATCH_CONFIG for this test."""
-    path.write_text(f'#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / program} "$@"\n')
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture
 def slurm(batch_site: BatchSite) -> Iterator[SlurmSite]:
-    root = batch_site.site.root
-    config = batch_site.site.config
-    bundle = root / "slurm-bundle"
-    shutil.copytree(ROOT / "conf" / "slurm" / "bundle", bundle)
-    for p in (bundle, bundle / "rootfs", bundle / "config.json"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    lua = (ROOT / "conf" / "slurm" / "job_submit.lua").read_text()
-    lua = lua.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
-    oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
-    oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={config} {BIN}/")
-    oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
-    cluster = SlurmCluster(
-        prolog=_shim(root / "prolog", config, "vmbatch-prologue"),
-        epilog=_shim(root / "epilog", config, "vmbatch-epilogue"),
-        extra_conf=[
-            "PrologFlags=Alloc",
-            "PrologEpilogTimeout=600",
-            "RequeueExit=199",
-            "RequeueExitHold=200",
-        ],
-        oci_conf=oci,
-        job_submit_lua=lua,
-    )
-    with cluster:  # started on entry
+    with vmbatch_cluster(batch_site.site.root, batch_site.site.config) as cluster:  # started
         yield SlurmSite(batch_site, cluster)
         node = cluster.node()
         assert "DRAIN" not in node["State"], f"node drained: {node.get('Reason')}"

@@ -398,3 +398,32 @@ def test_finish_releases_an_image_marker_the_record_never_named(tmp_path: Path) 
     finally:
         conn.close()
     assert [e.jobs for e in cache.entries()] == [()]
+
+
+def test_the_epilogue_outlasts_a_libvirtd_that_hangs_past_one_call_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    """Found by bench/soak.py: with libvirtd SIGSTOPped a little longer than
+    [libvirt].timeout, the Epilog's first connection timed out and it gave up at once (the
+    node drained, the record kept) instead of trying again until teardown_timeout like the
+    destroy; the job's VM ran on after libvirtd resumed."""
+    from vmbatch.config import LibvirtConfig
+    from vmbatch.errors import LibvirtTimeoutError
+    from vmbatch.libvirt.connection import Connection
+
+    cfg = _finish_cfg(tmp_path)
+    StateStore(tmp_path / "state").write(Record("7", "slurm", "u", phase=READY))
+    opened: list[str] = []
+
+    class Hung:
+        def open(self) -> Connection:
+            raise LibvirtTimeoutError("libvirt did not connect to test:///nowhere within 10s")
+
+    def connection(_: object) -> object:
+        opened.append("hung" if not opened else "answers")
+        return Hung() if opened[-1] == "hung" else Connection(LibvirtConfig(uri="test:///default"))
+
+    monkeypatch.setattr(batch, "Connection", connection)
+    batch.finish(cfg, "7")  # type: ignore[arg-type]
+    assert opened == ["hung", "answers"] and clock.sleeps == [1.0]
+    assert StateStore(tmp_path / "state").read("7") is None

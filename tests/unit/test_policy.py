@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from vmbatch import config
+from vmbatch import config, state
 from vmbatch.errors import (
     ConfigError,
     GuestBootTimeoutError,
@@ -170,3 +172,51 @@ def test_an_epilogue_run_again_after_a_crash_writes_no_second_accounting_line(
     store.write(Record("81", "slurm", "u", phase=FAILED, cause="JobError: x"))
     batch.finish(cfg, "81", exit_status=1, account=True)
     assert len(cfg.batch.accounting_log.read_text().splitlines()) == 1
+
+
+def test_the_node_stays_out_while_the_hook_that_drained_it_still_runs(tmp_path: Path) -> None:
+    """Found by bench/soak.py: the reaper resumed the node between a failing Prolog's drain
+    and its exit, and slurmctld then drained it again as "Prolog error", a reason vmbatch
+    never undoes. While the draining hook (here: this process) lives, the node stays out,
+    before the scheduler or the node checks are even asked."""
+    cfg = _cfg(tmp_path)
+    hook = state.process_identity(os.getpid())
+    assert hook is not None
+    policy.mark_out(cfg, policy.NodeMark("slurm", "n1", "vmbatch: libvirt gone", 1.0, hook=hook))
+    assert policy.read_mark(cfg) == policy.NodeMark(
+        "slurm", "n1", "vmbatch: libvirt gone", 1.0, hook=hook
+    )
+    checked: list[bool] = []
+    said = policy.resume_node(cfg, failing=lambda: checked.append(True) or [])
+    assert said is not None and "stays out of service" in said and f"pid {os.getpid()}" in said
+    assert checked == [] and policy.read_mark(cfg) is not None
+
+
+def test_two_hooks_taking_the_node_out_at_once_record_the_reason_it_kept(
+    tmp_path: Path,
+) -> None:
+    """Found by bench/soak.py: two Prologs failing at once drained the node in one order and
+    recorded their reasons in the other; the reaper then took vmbatch's own drain for an
+    admin's and left the node out for good. Drain and record are one step now: a second
+    hook's drain waits until the first one's record is written."""
+    cfg = _cfg(tmp_path)
+    node_reason: list[str] = []  # what the scheduler shows, last one wins
+    second_done = threading.Event()
+
+    def second() -> None:
+        policy.take_out(cfg, lambda: node_reason.append("vmbatch: B") or "vmbatch: B", mark)
+        second_done.set()
+
+    def first_out() -> str:
+        node_reason.append("vmbatch: A")
+        threading.Thread(target=second).start()
+        second_done.wait(0.5)  # without the lock, the second hook would finish in here
+        return "vmbatch: A"
+
+    def mark(reason: str) -> policy.NodeMark:
+        return policy.NodeMark("slurm", "n1", reason, 1.0)
+
+    assert policy.take_out(cfg, first_out, mark) == "vmbatch: A"
+    assert second_done.wait(10)
+    recorded = policy.read_mark(cfg)
+    assert recorded is not None and recorded.reason == node_reason[-1] == "vmbatch: B"

@@ -60,6 +60,7 @@ from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt import health
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
+from vmbatch.retry import LIBVIRT_TEARDOWN_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -523,11 +524,9 @@ def _finish_locked(
             # caller with a connection, the reaper, also makes sure no VM is left).
             lifecycle.teardown(cfg, None, name, jobdir)
         else:
-            if conn is None:
-                conn = Connection(cfg.libvirt).open()
-            names = {name} | {
-                d.name for d in conn.list_vmbatch() if d.metadata and d.metadata.job_id == job_id
-            }
+            given = conn
+            conn, names = _job_domains(cfg, conn, job_id, name)
+            own = conn is not given
             for each in sorted(names):
                 lifecycle.teardown(cfg, conn, each, jobdir)
     except HostError as exc:
@@ -550,6 +549,37 @@ def _finish_locked(
     faults.point(cfg, "finish.image_released")
     store.remove(job_id)
     faults.point(cfg, "finish.record_removed")
+
+
+def _job_domains(
+    cfg: Config, conn: Connection | None, job_id: str, name: str
+) -> tuple[Connection, set[str]]:
+    """A connection and the job's domains (its name, and any with its job id in the
+    metadata). While libvirtd is dead or hangs, again on fresh connections until
+    ``[libvirt].teardown_timeout``, as the destroy itself does: found by bench/soak.py, an
+    Epilog gave up after one ``[libvirt].timeout`` while libvirtd was stopped for a few
+    seconds more, and its job's VM ran on after libvirtd resumed. A connection the caller
+    passed in is tried first and never closed here; the one returned is the caller's to
+    close if it is not the caller's own."""
+
+    def domains(c: Connection) -> set[str]:
+        listed = c.list_vmbatch()
+        return {name} | {d.name for d in listed if d.metadata and d.metadata.job_id == job_id}
+
+    if conn is not None:
+        try:
+            return conn, domains(conn)
+        except (LibvirtUnavailableError, LibvirtTimeoutError) as exc:
+            log.warning("could not list the VMs of job %s (%s); trying anew", job_id, exc)
+    for attempt in LIBVIRT_TEARDOWN_POLICY.retrying(max_delay=cfg.libvirt.teardown_timeout):
+        with attempt:
+            fresh = Connection(cfg.libvirt).open()
+            try:
+                return fresh, domains(fresh)
+            except BaseException:
+                fresh.close()
+                raise
+    raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
 def write_accounting(

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config, trust
+from vmbatch import config, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, torque
@@ -160,10 +160,16 @@ def _node_problem(
     if is_slurm and env.get("SLURMD_NODENAME"):
         _drain(cfg, env["SLURMD_NODENAME"], reason, env)
     elif not is_slurm:
-        if not torque.offline(cfg, reason):
+        hook = state.process_identity(os.getpid()) or ""
+        note = policy.take_out(
+            cfg,
+            lambda: torque.offline_note(reason) if torque.offline(cfg, reason) else None,
+            lambda note: policy.NodeMark(
+                "torque", socket.gethostname(), note, time.time(), hook=hook
+            ),
+        )
+        if note is None:
             return _fail_job_here(cfg, argv, error)
-        note = torque.offline_note(reason)
-        policy.mark_out(cfg, policy.NodeMark("torque", socket.gethostname(), note, time.time()))
     if disposition is Disposition.ABORT_JOB:  # malformed hook call: not the job's fault
         disposition = Disposition.OFFLINE_NODE
     return table[disposition]
@@ -171,10 +177,14 @@ def _node_problem(
 
 def _drain(cfg: config.Config, node: str, reason: str, env: Mapping[str, str]) -> None:
     """Drain the node, and remember it so that vmbatch resumes it once the cause cleared."""
-    clean = slurm.drain(cfg, node, reason, env)
-    if clean is not None:
-        mark = policy.NodeMark("slurm", node, clean, time.time(), env.get("SLURM_CONF", ""))
-        policy.mark_out(cfg, mark)
+    hook = state.process_identity(os.getpid()) or ""
+    policy.take_out(
+        cfg,
+        lambda: slurm.drain(cfg, node, reason, env),
+        lambda clean: policy.NodeMark(
+            "slurm", node, clean, time.time(), env.get("SLURM_CONF", ""), hook=hook
+        ),
+    )
 
 
 def _fail_job_here(cfg: config.Config, argv: Sequence[str], error: VmBatchError) -> int:

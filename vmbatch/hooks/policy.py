@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmbatch import state
 from vmbatch.config import Config
 from vmbatch.errors import Disposition, Fault, ImageCoolOffError, VmBatchError
 from vmbatch.hooks import slurm, torque
@@ -267,30 +268,28 @@ class NodeMark:
     time: float
     #: Slurm: the ``SLURM_CONF`` slurmd gave the Prolog (scontrol needs it to find the cluster).
     slurm_conf: str = ""
+    #: The hook that took the node out (:func:`vmbatch.state.process_identity`): the node
+    #: stays out while it runs (see :func:`resume_node`).
+    hook: str = ""
 
 
 def _mark_path(cfg: Config) -> Path:
     return node_state_dir(cfg) / "out-of-service.json"
 
 
-def mark_out(cfg: Config, mark: NodeMark) -> None:
-    """Remember that vmbatch took the node out, so that it may bring it back itself."""
-    try:
-        with _locked(_mark_path(cfg)) as data:
-            data.clear()
-            data.update(
-                scheduler=mark.scheduler,
-                node=mark.node,
-                reason=mark.reason,
-                time=mark.time,
-                slurm_conf=mark.slurm_conf,
-            )
-    except OSError as exc:
-        log.error("could not record that vmbatch took node %s out: %s", mark.node, exc)
+def _store(data: dict[str, object], mark: NodeMark) -> None:
+    data.clear()
+    data.update(
+        scheduler=mark.scheduler,
+        node=mark.node,
+        reason=mark.reason,
+        time=mark.time,
+        slurm_conf=mark.slurm_conf,
+        hook=mark.hook,
+    )
 
 
-def read_mark(cfg: Config) -> NodeMark | None:
-    data = _read(_mark_path(cfg))
+def _load(data: Mapping[str, object]) -> NodeMark | None:
     try:
         return NodeMark(
             scheduler=str(data["scheduler"]),
@@ -298,14 +297,64 @@ def read_mark(cfg: Config) -> NodeMark | None:
             reason=str(data["reason"]),
             time=float(data["time"]),  # type: ignore[arg-type]
             slurm_conf=str(data.get("slurm_conf", "")),
+            hook=str(data.get("hook", "")),
         )
     except (KeyError, TypeError, ValueError):
         return None
 
 
+def mark_out(cfg: Config, mark: NodeMark) -> None:
+    """Remember that vmbatch took the node out, so that it may bring it back itself."""
+    try:
+        with _locked(_mark_path(cfg)) as data:
+            _store(data, mark)
+    except OSError as exc:
+        log.error("could not record that vmbatch took node %s out: %s", mark.node, exc)
+
+
+def take_out(
+    cfg: Config, out: Callable[[], str | None], mark: Callable[[str], NodeMark]
+) -> str | None:
+    """Take the node out with ``out()`` (which returns the reason as the scheduler got it,
+    or None if that failed) and record ``mark(reason)``, both under the record's lock.
+
+    Found by bench/soak.py: two Prologs failing at once drained the node in one order and
+    recorded their reasons in the other; the reaper then saw a reason other than the
+    recorded one, took the drain for an admin's and left the node out for good. Under the
+    lock the last reason set is the one recorded, and :func:`resume_node` (same lock) cannot
+    resume the node between a drain and its record.
+    """
+    try:
+        with _locked(_mark_path(cfg)) as data:
+            reason = out()
+            if reason is not None:
+                _store(data, mark(reason))
+            return reason
+    except OSError as exc:  # the record's directory is unusable: still take the node out
+        log.error("could not record that vmbatch took the node out: %s", exc)
+        return out()
+
+
+def read_mark(cfg: Config) -> NodeMark | None:
+    return _load(_read(_mark_path(cfg)))
+
+
 def clear_mark(cfg: Config) -> None:
     with _locked(_mark_path(cfg)) as data:
         data.clear()
+
+
+def _hook_running(mark: NodeMark) -> str | None:
+    """Found by bench/soak.py: the reaper resumed the node between a failing Prolog's drain
+    and its exit; slurmctld then drained the node again for the failed Prolog, with its own
+    reason "Prolog error", which is not vmbatch's to undo: out until an admin came. So the
+    node stays out while the hook that took it out runs."""
+    if mark.hook and state.is_alive(mark.hook):
+        return (
+            f"node {mark.node}: stays out of service ({mark.reason}): the hook that took it"
+            f" out (pid {mark.hook.split(':')[0]}) is still running"
+        )
+    return None
 
 
 def resume_node(cfg: Config, *, failing: Callable[[], list[str]]) -> str | None:
@@ -314,36 +363,45 @@ def resume_node(cfg: Config, *, failing: Callable[[], list[str]]) -> str | None:
     ``failing()`` lists what is still wrong (the node checks of ``vmbatch doctor``). Only a
     drain/offline that is still vmbatch's own (same reason, as recorded when it was set) is
     ended; one an admin set or changed meanwhile is left alone, and so is the record of a
-    node that is back already. Returns what happened, for the caller's report.
+    node that is back already. The decision and the resume happen under the record's lock
+    (:func:`take_out`), the checks before it. Returns what happened, for the caller's report.
     """
-    mark = read_mark(cfg)
-    if mark is None:
+    first = read_mark(cfg)
+    if first is None:
         return None
-    env = {"SLURM_CONF": mark.slurm_conf} if mark.slurm_conf else {}
-    try:
-        if mark.scheduler == "slurm":
-            ours = slurm.drained_by(cfg, mark.node, mark.reason, env)
-        else:
-            ours = torque.offline_by(cfg, mark.node, mark.reason)
-    except VmBatchError as exc:
-        return f"node {mark.node}: cannot ask the scheduler whether it is still out ({exc})"
-    if not ours:
-        clear_mark(cfg)
-        return (
-            f"node {mark.node}: back in service already"
-            if ours is None
-            else f"node {mark.node}: taken out for another reason meanwhile; left to the admin"
-        )
+    if busy := _hook_running(first):
+        return busy
     still = failing()
-    if still:
-        return f"node {mark.node}: stays out of service ({mark.reason}): {still[0]}"
-    try:
-        if mark.scheduler == "slurm":
-            slurm.resume(cfg, mark.node, env)
-        else:
-            torque.online(cfg, mark.node)
-    except VmBatchError as exc:
-        return f"node {mark.node}: could not return it to service ({exc})"
-    clear_mark(cfg)
+    with _locked(_mark_path(cfg)) as data:
+        mark = _load(data)
+        if mark is None:
+            return None
+        if busy := _hook_running(mark):
+            return busy
+        env = {"SLURM_CONF": mark.slurm_conf} if mark.slurm_conf else {}
+        try:
+            if mark.scheduler == "slurm":
+                ours = slurm.drained_by(cfg, mark.node, mark.reason, env)
+            else:
+                ours = torque.offline_by(cfg, mark.node, mark.reason)
+        except VmBatchError as exc:
+            return f"node {mark.node}: cannot ask the scheduler whether it is still out ({exc})"
+        if not ours:
+            data.clear()
+            return (
+                f"node {mark.node}: back in service already"
+                if ours is None
+                else f"node {mark.node}: taken out for another reason meanwhile; left to the admin"
+            )
+        if still:
+            return f"node {mark.node}: stays out of service ({mark.reason}): {still[0]}"
+        try:
+            if mark.scheduler == "slurm":
+                slurm.resume(cfg, mark.node, env)
+            else:
+                torque.online(cfg, mark.node)
+        except VmBatchError as exc:
+            return f"node {mark.node}: could not return it to service ({exc})"
+        data.clear()
     log.warning("node %s returned to service: %r has cleared", mark.node, mark.reason)
     return f"node {mark.node}: returned to service (the cause {mark.reason!r} has cleared)"

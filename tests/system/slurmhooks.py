@@ -1,0 +1,66 @@
+"""vmbatch's hooks installed in a :class:`SlurmCluster` as docs/admin-slurm.md says.
+
+Prolog/Epilog are shims that exec vmbatch's hooks, ``PrologFlags=Alloc``, ``job_submit.lua``
+gives every job vmbatch's OCI bundle, ``oci.conf`` runs ``vmbatch-starter``, and slurm.conf
+turns the starter's requeue/hold statuses into requeues (``RequeueExit``/``RequeueExitHold``,
+docs/admin-guide.md "Failure policy"). The only difference from a production install: the
+hooks find the test's configuration through ``VMBATCH_CONFIG``. Used by the Slurm system
+tests, bench/slurm.py and bench/soak.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tests.system.slurmcluster import SlurmCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / ".venv" / "bin"
+#: slurm.conf lines of docs/admin-slurm.md (the requeue statuses are [batch]'s defaults).
+HOOK_CONF = (
+    "PrologFlags=Alloc",
+    "PrologEpilogTimeout=600",
+    "RequeueExit=199",
+    "RequeueExitHold=200",
+)
+
+
+def hook_shim(path: Path, config: Path, program: str) -> Path:
+    """What scripts/prologue is in production, plus VMBATCH_CONFIG: exec ``program``."""
+    path.write_text(f'#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / program} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def vmbatch_cluster(
+    root: Path,
+    config: Path,
+    *,
+    epilog: Path | None = None,
+    extra_conf: tuple[str, ...] | list[str] = (),
+    **cluster_args: object,
+) -> SlurmCluster:
+    """A (not yet started) cluster whose jobs run in VMs through vmbatch's hooks.
+
+    The shims, the bundle copy and nothing else are written under ``root`` (root-owned,
+    world-traversable: slurmd, the job user and QEMU pass through it). ``epilog`` replaces
+    the plain Epilog shim (bench/slurm.py times it); ``extra_conf`` follows HOOK_CONF.
+    """
+    bundle = root / "slurm-bundle"
+    shutil.copytree(ROOT / "conf" / "slurm" / "bundle", bundle)
+    for p in (bundle, bundle / "rootfs", bundle / "config.json"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    lua = (ROOT / "conf" / "slurm" / "job_submit.lua").read_text()
+    lua = lua.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
+    oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
+    oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={config} {BIN}/")
+    oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
+    return SlurmCluster(
+        prolog=hook_shim(root / "prolog", config, "vmbatch-prologue"),
+        epilog=epilog or hook_shim(root / "epilog", config, "vmbatch-epilogue"),
+        extra_conf=[*HOOK_CONF, *extra_conf],
+        oci_conf=oci,
+        job_submit_lua=lua,
+        **cluster_args,  # type: ignore[arg-type]
+    )
