@@ -64,7 +64,7 @@ bench: venv daemons guest-tiny guest-debian
 	$(VENV)/bin/python bench/session.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/slurm.py --guest $(GUESTS)/tiny
 
-# The soak (docs/design.md, "Soak"): its own Slurm and libvirtd, about an hour here.
+# The soak (docs/design.md, "Soak"): its own Slurm and libvirtd, ~40 min here.
 SOAK_ARGS ?= --jobs 500 --fault-rate 0.1
 soak: venv guest-tiny
 	$(VENV)/bin/python bench/soak.py --guest $(GUESTS)/tiny $(SOAK_ARGS)
