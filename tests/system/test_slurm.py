@@ -73,6 +73,16 @@ def test_plain_job_runs_in_a_vm_with_its_exit_code(slurm: SlurmSite) -> None:
     assert (record["job_id"], record["exit_status"], record["image"]) == (job_id, 7, "demo")
 
 
+def test_a_job_exiting_with_the_requeue_status_itself_is_not_requeued(
+    slurm: SlurmSite,
+) -> None:
+    """Found by the soak: `exit 199` in a script was requeued by RequeueExit after every run."""
+    job_id = slurm.submit("#!/bin/sh\necho ran\nexit 199\n")
+    job = slurm.settled(job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), job
+    assert "reserves for vmbatch's requeues" in slurm.output(job_id)
+
+
 def test_unknown_image_fails_the_job_with_a_message_and_keeps_the_node(
     slurm: SlurmSite,
 ) -> None:

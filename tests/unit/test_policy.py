@@ -220,3 +220,17 @@ def test_two_hooks_taking_the_node_out_at_once_record_the_reason_it_kept(
     assert second_done.wait(10)
     recorded = policy.read_mark(cfg)
     assert recorded is not None and recorded.reason == node_reason[-1] == "vmbatch: B"
+
+
+def test_a_jobs_own_exit_status_never_requeues_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by bench/soak.py: a script ending `exit 199` was requeued by RequeueExit after
+    every run. Its status becomes 1, with the reason on its stderr; others pass through."""
+    from vmbatch.hooks import entry
+
+    cfg = _cfg(tmp_path)
+    assert [entry.reserved_status(cfg, s) for s in (0, 7, 198, 255)] == [0, 7, 198, 255]
+    assert capsys.readouterr().err == ""
+    assert entry.reserved_status(cfg, 199) == 1 and entry.reserved_status(cfg, 200) == 1
+    assert "reserves for vmbatch's requeues" in capsys.readouterr().err

@@ -255,7 +255,8 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
         # As root (Torque's run_privileged) the environment is the job's: qsub -v sets it.
         cfg = _load(path, honour_env=not privileged)
         job = _slurm_starter(argv) if is_slurm else _torque_starter(cfg, env, privileged)
-        return batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+        status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+        return reserved_status(cfg, status) if is_slurm else status
     except JobInterruptedError as exc:
         sys.stderr.write(f"vmbatch: {exc} before the job started\n")
         return 128 + exc.signum
@@ -265,6 +266,21 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except VmBatchError as exc:
         sys.stderr.write(f"vmbatch: error: {exc}\n")
         return CLI[exc.disposition]
+
+
+def reserved_status(cfg: config.Config, status: int) -> int:
+    """A Slurm job's own exit status, unless slurm.conf reserves it for vmbatch's requeues
+    (``[batch].requeue_exit``/``hold_exit`` in ``RequeueExit``/``RequeueExitHold``): passed
+    through, such a job would be requeued again after every run, for ever (seen in the
+    soak). It becomes 1, and the job's stderr says why."""
+    if status not in {cfg.batch.requeue_exit, cfg.batch.hold_exit} - {0}:
+        return status
+    sys.stderr.write(
+        f"vmbatch: the job exited with status {status}, which this site reserves for"
+        " vmbatch's requeues (slurm.conf RequeueExit/RequeueExitHold); it is reported as 1"
+        " so that Slurm does not requeue the job\n"
+    )
+    return 1
 
 
 def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
