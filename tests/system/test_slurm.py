@@ -216,12 +216,12 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
     job is held through RequeueExitHold with the reason in its output: never a loop."""
     from tests.system.slurmcluster import free_port
 
-    _dropin(
-        slurm,
-        "50-remote.toml",
-        f'[batch]\nuser_images = ["remote"]\nmax_requeues = 1\n'
+    remote = (
         f'[images.remote]\nsource = "http://127.0.0.1:{free_port()}/disk.qcow2"\n'
-        f'sha256 = "{"0" * 64}"\n',
+        f'sha256 = "{"0" * 64}"\n'
+    )
+    dropin = _dropin(
+        slurm, "50-remote.toml", f'[batch]\nuser_images = ["remote"]\nmax_requeues = 1\n{remote}'
     )
     job_id = slurm.submit("#!/bin/sh\n#VMBATCH image=remote\necho should-not-run\n")
     job = _wait_restarts(slurm, job_id, 1)
@@ -230,8 +230,14 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
     assert "vmbatch requeued the job (run 1 of at most 2)" in slurm.output(job_id)
     doctor = slurm.bs.site.vmbatch("doctor", env={**os.environ, **slurm.cluster.env()})
     assert "ok   slurm requeue: RequeueExit=199, RequeueExitHold=200" in doctor.stdout.decode()
-    slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")  # skip Slurm's wait
-    job = _wait_restarts(slurm, job_id, 2, {"SPECIAL_EXIT", "PENDING"})
+    _scancel(slurm, job_id)
+    slurm.settled(job_id)
+    # At max_requeues the job is held instead. (A second run of the same job is not waited
+    # for: Slurm 22.05 may start a rerun on the same node without its Prolog, see
+    # docs/design.md "Soak"; a job already past the limit shows the same decision.)
+    dropin.write_text(f'[batch]\nuser_images = ["remote"]\nmax_requeues = 0\n{remote}')
+    job_id = slurm.submit("#!/bin/sh\n#VMBATCH image=remote\necho should-not-run\n")
+    job = _wait_restarts(slurm, job_id, 1, {"SPECIAL_EXIT", "PENDING"})
     assert job["JobState"] == "SPECIAL_EXIT", job  # RequeueExitHold: requeued and held
     out = slurm.output(job_id)
     assert "cannot download http://127.0.0.1:" in out, out
