@@ -6,14 +6,17 @@ through, and 128+N after a signal N, like a shell. The hook columns follow the s
 documented contracts (see ../shared/PLATFORM.md and docs/admin-guide.md) and are used by the
 batch-system hooks:
 
+Which of these a hook uses is decided by the error's fault (:mod:`vmbatch.hooks.policy`):
+job, transient and image faults always end the prologue with 0 and reach the job through
+the starter (its message and exit status: fail, requeue or hold); only node faults use the
+non-zero columns below.
+
 - Torque prologue: 0 runs the job, 1 aborts it, any other non-zero requeues it. An aborted
-  job's .o/.e files are not delivered, so the user would never learn why: job problems
-  return 0 and the job starter prints the reason into the job's stderr and fails the job
-  (status 65). Other problems return 2 (requeue) and take the node offline (``pbsnodes -o``
-  with vmbatch's note): pbs_mom redispatches a requeued job at once, to the same node.
+  job's .o/.e files are not delivered, so the user would never learn why. Node faults
+  return 2 (requeue) and take the node offline (``pbsnodes -o`` with vmbatch's note):
+  pbs_mom redispatches a requeued job at once, to the same node.
 - Slurm Prolog: any non-zero drains the node and requeues+holds the job, so only node
-  problems may return non-zero (the node is drained with vmbatch's reason); job problems
-  are reported to the job by the starter and return 0.
+  faults return non-zero (the node is drained with vmbatch's reason).
 - Slurm Epilog: non-zero drains the node; only when the VM may still be running.
 """
 
