@@ -24,6 +24,8 @@ from vmbatch.libvirt.domain import domain_name
 
 MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+#: A requeued job waiting to run again; held after RequeueExitHold: SPECIAL_EXIT.
+WAITING = {"PENDING", "SPECIAL_EXIT"}
 
 
 @dataclass
@@ -151,9 +153,10 @@ def test_libvirt_down_drains_the_node_naming_libvirt_and_vmbatch_resumes_it(
     assert "DRAIN" not in slurm.cluster.node()["State"]
     # The held job is released and runs.
     slurm.cluster.scontrol("release", job_id)
-    # A requeued job is eligible again only 120 s later (cred_expire); the admin may say now.
-    slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")
-    job = slurm.settled(job_id, timeout=180)
+    # A requeued job is eligible again only 120 s later (cred_expire). Not hurried with
+    # `StartTime=now`: slurmd then started the rerun without its Prolog ("reissued job
+    # credential"), and the starter found no VM (bench/soak.py; docs/design.md, "Soak").
+    job = slurm.settled(job_id, timeout=300)
     assert job["JobState"] == "COMPLETED" and "second-try-ran" in slurm.output(job_id)
 
 
@@ -216,10 +219,12 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
     assert job["JobState"] == "PENDING", job
     assert "DRAIN" not in slurm.cluster.node()["State"]
     assert "vmbatch requeued the job (run 1 of at most 2)" in slurm.output(job_id)
-    slurm.cluster.scontrol("update", f"jobid={job_id}", "StartTime=now")  # skip Slurm's wait
+    # Slurm's own 120 s wait: hurried with `StartTime=now`, the rerun ran without its Prolog
+    # (see test_libvirt_down_drains_the_node_naming_libvirt_and_vmbatch_resumes_it).
     job = _wait_restarts(slurm, job_id, 2)
     _settle_node(slurm)
-    assert job["JobState"] == "PENDING" and "held" in job["Reason"].lower(), job
+    # RequeueExitHold: SPECIAL_EXIT (slurm.conf(5)), shown as PENDING in some versions.
+    assert job["JobState"] in WAITING and "held" in job["Reason"].lower(), job
     out = slurm.output(job_id)
     assert "cannot download http://127.0.0.1:" in out, out
     assert "is held" in out and "scontrol release" in out, out
@@ -230,10 +235,10 @@ def test_an_image_server_that_is_down_requeues_the_job_without_draining_then_hol
 
 def _wait_restarts(slurm: SlurmSite, job_id: str, restarts: int) -> dict[str, str]:
     """The job after its ``restarts``-th requeue (its Epilog done)."""
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while (job := slurm.cluster.job(job_id)).get("Restarts") != str(restarts) or job.get(
         "JobState"
-    ) != "PENDING":
+    ) not in WAITING:
         assert time.monotonic() < deadline, job
         time.sleep(0.2)  # polling with a deadline
     _settle_node(slurm)
