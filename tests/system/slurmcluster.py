@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -168,6 +169,9 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "MailProg=/bin/true",
+            # Job ids of concurrent or earlier test clusters never meet (domain names, state
+            # records and guest directories are keyed by the job id); extra_conf may override.
+            f"FirstJobId={random.randrange(10_000, 5_000_000)}",  # noqa: S311 - not a secret
         ]
         lines += ["SlurmdParameters=config_overrides"] if cpus > host_cpus else []
         lines += [f"Prolog={prolog}"] if prolog else []
