@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import libvirt
 import pytest
 
 from tests.system.nfsserver import NfsServer
+from tests.system.slurmcluster import SlurmCluster
+from tests.system.slurmhooks import vmbatch_cluster
 from vmbatch.config import LibvirtConfig
 from vmbatch.job import JobUser
 from vmbatch.libvirt.connection import Connection
@@ -313,3 +316,49 @@ def libvirtd() -> Iterator[int]:
             if libvirtdctl.is_libvirtd(each):
                 os.kill(each, signal.SIGCONT)  # type: ignore[arg-type]
         subprocess.run([str(libvirtdctl.ENSURE), sys.executable], check=True, timeout=300)
+
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+@dataclass
+class SlurmSite:
+    bs: BatchSite
+    cluster: SlurmCluster
+
+    @property
+    def user(self) -> HostUser:
+        return self.bs.user
+
+    def srun(
+        self, *args: str, input_: bytes | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``srun ARGS`` as the job user from their home, as they would type it."""
+        return subprocess.run(
+            ["runuser", "-u", self.user.name, "--", "srun", *args],
+            input=input_, cwd=self.user.home, env=self.cluster.env(), capture_output=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def submit(self, script: str) -> str:
+        return self.cluster.sbatch(script, self.user.name, self.user.home)
+
+    def output(self, job_id: str) -> str:
+        return (self.user.home / f"slurm-{job_id}.out").read_text(errors="replace")
+
+    def settled(self, job_id: str, timeout: float = 120) -> dict[str, str]:
+        """Wait until the job ended and its Epilog ran (the node is no longer COMPLETING)."""
+        job = self.cluster.wait_job(job_id, FINISHED, timeout)
+        deadline = time.monotonic() + timeout
+        while "COMPLETING" in self.cluster.node()["State"] or self.bs.leftovers():
+            assert time.monotonic() < deadline, (self.cluster.node(), self.bs.leftovers())
+            time.sleep(0.2)  # polling with a deadline
+        return job
+
+
+@pytest.fixture
+def slurm(batch_site: BatchSite) -> Iterator[SlurmSite]:
+    with vmbatch_cluster(batch_site.site.root, batch_site.site.config) as cluster:  # started
+        yield SlurmSite(batch_site, cluster)
+        node = cluster.node()
+        assert "DRAIN" not in node["State"], f"node drained: {node.get('Reason')}"

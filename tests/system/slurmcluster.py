@@ -19,8 +19,8 @@ Facts relied on, from slurm.conf(5) of 22.05 unless noted:
   ``JobCompLoc``: exit codes without slurmdbd.
 - ``Prolog``/``Epilog`` run as root on the node; a failing Prolog drains the node and requeues
   the job held. ``PrologFlags=Alloc`` runs the Prolog at allocation instead of at first step.
-- oci.conf(5) and job_submit.lua are read from the directory of slurm.conf;
-  ``JobSubmitPlugins=lua`` enables the latter.
+- oci.conf(5), job_submit.lua and cli_filter.lua are read from the directory of slurm.conf;
+  ``JobSubmitPlugins=lua`` and ``CliFilterPlugins=lua`` enable the last two.
 - ``extra_conf`` lines come after the defaults; a repeated key overrides (seen in 22.05).
 - A finished job stays visible to ``scontrol show job`` for ``MinJobAge`` (default 300 s).
 """
@@ -118,6 +118,7 @@ class SlurmCluster:
         extra_conf: list[str] | None = None,
         oci_conf: str | None = None,
         job_submit_lua: str | None = None,
+        cli_filter_lua: str | None = None,
         base: Path = BASE,
         def_mem_per_cpu: int = 512,
         cpus: int | None = None,
@@ -181,6 +182,9 @@ class SlurmCluster:
         if job_submit_lua is not None:
             (self.dir / "etc" / "job_submit.lua").write_text(job_submit_lua)
             lines.append("JobSubmitPlugins=lua")
+        if cli_filter_lua is not None:
+            (self.dir / "etc" / "cli_filter.lua").write_text(cli_filter_lua)
+            lines.append("CliFilterPlugins=lua")
         lines += extra_conf or []
         lines += [
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus}"

@@ -1,7 +1,8 @@
 """vmbatch's hooks installed in a :class:`SlurmCluster` as docs/admin-slurm.md says.
 
 Prolog/Epilog are shims that exec vmbatch's hooks, ``PrologFlags=Alloc``, ``job_submit.lua``
-gives every job vmbatch's OCI bundle, ``oci.conf`` runs ``vmbatch-starter``, and slurm.conf
+gives every job vmbatch's OCI bundle (``cli_filter.lua`` every ``srun`` step), ``oci.conf``
+runs ``vmbatch-starter``, and slurm.conf
 turns the starter's requeue/hold statuses into requeues (``RequeueExit``/``RequeueExitHold``,
 docs/admin-guide.md "Failure policy"). The only difference from a production install: the
 hooks find the test's configuration through ``VMBATCH_CONFIG``. Used by the Slurm system
@@ -53,6 +54,8 @@ def vmbatch_cluster(
         p.chmod(0o755 if p.is_dir() else 0o644)
     lua = (ROOT / "conf" / "slurm" / "job_submit.lua").read_text()
     lua = lua.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
+    cli = (ROOT / "conf" / "slurm" / "cli_filter.lua").read_text()
+    cli = cli.replace('"/etc/vmbatch/slurm-bundle"', f'"{bundle}"')
     oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
     oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={config} {BIN}/")
     oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
@@ -62,5 +65,6 @@ def vmbatch_cluster(
         extra_conf=[*HOOK_CONF, *extra_conf],
         oci_conf=oci,
         job_submit_lua=lua,
+        cli_filter_lua=cli,
         **cluster_args,  # type: ignore[arg-type]
     )

@@ -12,53 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.system.conftest import BatchSite, HostUser
-from tests.system.slurmcluster import SlurmCluster
-from tests.system.slurmhooks import vmbatch_cluster
+from tests.system.conftest import SlurmSite
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 
 MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-
-
-@dataclass
-class SlurmSite:
-    bs: BatchSite
-    cluster: SlurmCluster
-
-    @property
-    def user(self) -> HostUser:
-        return self.bs.user
-
-    def submit(self, script: str) -> str:
-        return self.cluster.sbatch(script, self.user.name, self.user.home)
-
-    def output(self, job_id: str) -> str:
-        return (self.user.home / f"slurm-{job_id}.out").read_text(errors="replace")
-
-    def settled(self, job_id: str, timeout: float = 120) -> dict[str, str]:
-        """Wait until the job ended and its Epilog ran (the node is no longer COMPLETING)."""
-        job = self.cluster.wait_job(job_id, FINISHED, timeout)
-        deadline = time.monotonic() + timeout
-        while "COMPLETING" in self.cluster.node()["State"] or self.bs.leftovers():
-            assert time.monotonic() < deadline, (self.cluster.node(), self.bs.leftovers())
-            time.sleep(0.2)  # polling with a deadline
-        return job
-
-
-@pytest.fixture
-def slurm(batch_site: BatchSite) -> Iterator[SlurmSite]:
-    with vmbatch_cluster(batch_site.site.root, batch_site.site.config) as cluster:  # started
-        yield SlurmSite(batch_site, cluster)
-        node = cluster.node()
-        assert "DRAIN" not in node["State"], f"node drained: {node.get('Reason')}"
 
 
 def test_plain_job_runs_in_a_vm_with_its_exit_code(slurm: SlurmSite) -> None:

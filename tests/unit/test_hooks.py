@@ -427,3 +427,34 @@ def test_the_epilogue_outlasts_a_libvirtd_that_hangs_past_one_call_timeout(
     batch.finish(cfg, "7")  # type: ignore[arg-type]
     assert opened == ["hung", "answers"] and clock.sleeps == [1.0]
     assert StateStore(tmp_path / "state").read("7") is None
+
+
+# -- Slurm job steps (issue 15) ---------------------------------------------------------
+
+
+def test_step_names_from_oci_conf_percent_s() -> None:
+    from vmbatch.hooks import slurm
+
+    assert slurm.step_name("") is None and slurm.step_name("4294967291") is None  # batch
+    assert slurm.step_name("4294967290") == "interactive"
+    assert slurm.step_name("0") == "0" and slurm.step_name("12") == "12"
+    for bad in ("-1", "1;id", "x", "1" * 11):
+        with pytest.raises(HostError, match="RunTimeRun must end with"):
+            slurm.step_name(bad)
+
+
+def test_a_step_sends_scripts_by_content_and_runs_commands_by_name(tmp_path: Path) -> None:
+    from vmbatch.hooks import slurm
+
+    (tmp_path / "job.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    (tmp_path / "a.out").write_bytes(b"\x7fELF...")
+    assert slurm.step_program(("./job.sh", "x"), str(tmp_path)) == (
+        b"#!/bin/sh\necho hi\n",
+        ("x",),
+    )
+    assert slurm.step_program((f"{tmp_path}/job.sh",), None)[0] == b"#!/bin/sh\necho hi\n"
+    # A binary, a bare name (even if the cwd holds such a file: exec uses PATH), a missing
+    # path, and a directory are all left to the guest.
+    (tmp_path / "hostname").write_bytes(b"#!/bin/sh\necho not-me\n")
+    for args in (("./a.out",), ("hostname",), ("./nope",), (str(tmp_path),)):
+        assert slurm.step_program(args, str(tmp_path)) == (None, args)

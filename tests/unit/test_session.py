@@ -77,7 +77,7 @@ def test_start_script_changes_to_the_workdir_or_says_why_not() -> None:
 def test_command_script_runs_argv_exactly() -> None:
     script = command_script(("printf", "%s\n", "$(x)", "a b")).decode()
     assert script.startswith("#!/bin/sh\n")
-    assert shlex.split(script, comments=True) == ["exec", "printf", "%s\n", "$(x)", "a b"]
+    assert shlex.split(script.split("\nexec ", 1)[1]) == ["printf", "%s\n", "$(x)", "a b"]
 
 
 def test_guest_dir_is_one_plain_path_component() -> None:

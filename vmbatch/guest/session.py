@@ -99,11 +99,21 @@ class GuestJob:
     kill_grace: float = 30.0
     #: Arguments for the script (``sbatch job.sh a b``, ``qsub -F "a b"``).
     args: tuple[str, ...] = ()
+    #: A job step beside the job's main script (Slurm ``srun``: the step number or
+    #: ``interactive``): its own directory in the guest. None: the job's script.
+    step: str | None = None
 
 
 def command_script(argv: tuple[str, ...]) -> bytes:
-    """A job script that runs ``argv`` exactly (for ``vmbatch run -- ARGV``)."""
-    return ("#!/bin/sh\nexec " + shlex.join(argv) + "\n").encode()
+    """A job script that runs ``argv`` exactly (``vmbatch run -- ARGV``, ``srun ARGV``),
+    or says that the command is not in the VM (exit 127, as a shell does)."""
+    cmd = shlex.quote(argv[0])
+    return (
+        "#!/bin/sh\n"
+        f"command -v -- {cmd} >/dev/null 2>&1 || {{ printf 'vmbatch: %s: command not found"
+        f" in the job'\\''s VM\\n' {cmd} >&2; exit 127; }}\n"
+        f"exec {shlex.join(argv)}\n"
+    ).encode()
 
 
 def job_environment(env: Mapping[str, str], deny: frozenset[str] = ENV_DENY) -> dict[str, str]:
@@ -203,8 +213,10 @@ def _closed_after(
         timer.cancel()
 
 
-def guest_dir(job_id: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:64]
+def guest_dir(job_id: str, step: str | None = None) -> str:
+    """The job's directory in the guest; each step of the job has its own."""
+    name = job_id if step is None else f"{job_id}.{step}"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80]
     return f"/var/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
 
 
@@ -228,7 +240,7 @@ class Session:
         self._connect = connect
         self._is_alive = is_alive
         self.job = job
-        self.dir = guest_dir(job.job_id)
+        self.dir = guest_dir(job.job_id, job.step)
         self.reconnect_timeout = reconnect_timeout
         self.liveness_interval = liveness_interval
         self.liveness_timeout = liveness_timeout

@@ -331,6 +331,8 @@ class StarterJob:
     args: tuple[str, ...]
     environment: Mapping[str, str]
     workdir: str | None
+    #: A Slurm job step (``srun``): its number or ``interactive``; None: the job's script.
+    step: str | None = None
 
 
 class StarterError(VmBatchError):
@@ -414,6 +416,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         environment=job_environment(job.environment, ENV_DENY | frozenset(cfg.job.env_deny)),
         workdir=guest_workdir(cfg, workdir),
         kill_grace=cfg.job.kill_grace,
+        step=job.step,
     )
     session = Session(
         connect=lambda: ssh.connect(endpoint),

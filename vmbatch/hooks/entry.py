@@ -284,18 +284,26 @@ def reserved_status(cfg: config.Config, status: int) -> int:
 
 
 def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
-    """``vmbatch-starter slurm %j [%b]``: the job from the bundle copy in the cwd."""
+    """``vmbatch-starter slurm %j %b %s``: the job's script, or a step (``srun``), from
+    the bundle copy in the cwd. A step's working directory is the ``PWD`` srun passed (22.05
+    gives a container step none; :mod:`vmbatch.hooks.slurm`)."""
     job_id = batch.check_job_id(argv[2])
     bundle = Path.cwd()
     if not (bundle / "config.json").is_file() and len(argv) > 3:
         bundle = Path(argv[3])
+    step = slurm.step_name(argv[4] if len(argv) > 4 else "")
     args, env, cwd = slurm.bundle_process(bundle)
-    first = Path(args[0])
-    if first.is_file():
-        script, rest = first.read_bytes(), args[1:]
-    else:  # a job step run directly (srun COMMAND)
-        script, rest = command_script(args), ()
-    return batch.StarterJob(job_id, script, rest, env, cwd)
+    if step is None:
+        first = Path(args[0])
+        if first.is_file():  # the batch script, bind-mounted
+            return batch.StarterJob(job_id, first.read_bytes(), args[1:], env, cwd)
+        return batch.StarterJob(job_id, command_script(args), (), env, cwd)
+    pwd_ = env.get("PWD", "")
+    cwd = cwd or (pwd_ if pwd_.startswith("/") else None)
+    script, rest = slurm.step_program(args, cwd)
+    if script is None:
+        script, rest = command_script(rest), ()
+    return batch.StarterJob(job_id, script, rest, env, cwd, step=step)
 
 
 def _torque_starter(

@@ -19,6 +19,15 @@ Facts relied on (slurm.conf(5) "Prolog and Epilog Scripts", oci.conf(5), measure
   Prolog's ``SLURM_JOB_WORK_DIR`` goes to the starter), written from the user's
   request and so treated as untrusted input. ``exec`` in RunTimeRun makes the starter the
   step's process, so a cancelled job's status is the starter's (143 after SIGTERM).
+- Job steps (``srun``, ``salloc``'s steps, the interactive step) reach ``RunTimeRun`` only
+  when the step itself names a container: 22.05 copies the job's container to the batch
+  step alone (``build_batch_step``), a step's comes from ``srun --container`` /
+  ``SRUN_CONTAINER``. ``conf/slurm/cli_filter.lua`` sets it for every ``srun``. ``%s`` is
+  the step id: a number, or 0xfffffffb for the batch step and 0xfffffffa for the
+  interactive step (slurm.h). slurmstepd runs a container step with one task per node
+  (more fail with "Task launch ... Unspecified error", measured), execs ``RunTimeRun`` in
+  the task with the task's stdio (the pseudo-terminal with ``--pty``), and writes no
+  working directory for the step (its ``cwd`` becomes the bundle copy).
 - All four of RunTimeRun/Query/Kill/Delete must be set; RunTimeQuery must print the OCI
   state JSON (``{"ociVersion", "id", "status", "pid", "bundle"}``) or the step fails with
   status 123 ("RunTimeQuery failed rc:0 output:").
@@ -38,6 +47,44 @@ from vmbatch.hooks.request import Resources
 from vmbatch.process import run as run_command
 
 log = logging.getLogger(__name__)
+
+#: ``%s`` of the batch step and of ``salloc``'s interactive step (slurm.h, 22.05).
+BATCH_STEP = str(0xFFFFFFFB)
+INTERACTIVE_STEP = str(0xFFFFFFFA)
+
+
+def step_name(step_id: str) -> str | None:
+    """oci.conf's ``%s`` as vmbatch names the step: None for the batch step (and for an
+    oci.conf that passes no ``%s``), ``interactive``, or the step number."""
+    if step_id in ("", BATCH_STEP):
+        return None
+    if step_id == INTERACTIVE_STEP:
+        return "interactive"
+    if not step_id.isdigit() or len(step_id) > 10:
+        raise HostError(
+            f"oci.conf passed {step_id[:40]!r} as the step id",
+            hint="RunTimeRun must end with '%j %b %s' (conf/slurm/oci.conf)",
+        )
+    return str(int(step_id))
+
+
+def step_program(args: tuple[str, ...], cwd: str | None) -> tuple[bytes | None, tuple[str, ...]]:
+    """What a step (``srun ARGS``) runs in the VM: ``(script, args)`` where a script file
+    named with a path is sent by content, like the batch script (the VM may not see the
+    node's files); ``(None, args)``: run ``args`` as a command in the VM, found on the
+    guest's PATH (srun resolves nothing unless ``--test-only``/``LaunchParameters=test_exec``).
+    Read as the job's user: only files the user can read."""
+    first = args[0]
+    if "/" in first:
+        path = Path(first) if first.startswith("/") or cwd is None else Path(cwd) / first
+        try:
+            with path.open("rb") as f:
+                head = f.read(2)
+                if head == b"#!" and path.is_file():
+                    return head + f.read(), args[1:]
+        except OSError:
+            pass  # not on the node: perhaps in the VM; the guest says if it is not
+    return None, args
 
 
 #: Where Slurm's clients find slurm.conf when ``SLURM_CONF`` is not set: the usual file, and
