@@ -8,9 +8,13 @@ back whole, once. So the connection is only a window onto files in the guest:
    quoted here-document, so no content is ever on a command line or read as syntax):
    ``supervisor.sh`` (:file:`vmbatch/guest/supervisor.sh`), ``start`` (the environment as
    ``export NAME='value'`` lines, quoted with :func:`shlex.quote`, then ``cd`` to the working
-   directory and ``exec`` the job), ``job`` (the script, 0700) and an empty ``stdin``, into
-   ``/var/tmp/vmbatch-<job>`` (0700, the job user's; /var/tmp, not /tmp, which is a RAM
-   tmpfs on some distributions and would hold all of the job's output in memory).
+   directory and ``exec`` the job), ``job`` (the script, 0700) and ``stdin``, into
+   ``/var/tmp/vmbatch-<job>`` (``-<job>.<step>`` for a Slurm step; 0700, the job user's;
+   /var/tmp, not /tmp, which is a RAM tmpfs on some distributions and would hold all of
+   the job's output in memory). ``stdin`` is empty, or a regular file's bytes uploaded
+   first on their own channel (checked by count), or a named pipe that a second channel
+   feeds from the host's pipe while the job runs; the supervisor holds the pipe open until
+   the host marks the end of input (``stdin.eof``), so the job sees end of file then.
 2. **Start**: ``sh supervisor.sh DIR WALLTIME GRACE`` starts the job with ``setsid`` (its
    own process group), redirects its stdout/stderr to files, writes its status when it ends
    and returns at once.
@@ -23,6 +27,9 @@ back whole, once. So the connection is only a window onto files in the guest:
 4. **Signals**: SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 received by the host side are
    sent to the job's process group (``kill -SIG -- -PGID`` as the job's user). After a
    terminating one, the group gets SIGKILL if it is still there ``kill_grace`` seconds later.
+
+An interactive job (the host's stdin is a terminal: ``srun --pty``) is not detached:
+:meth:`Session.attach` runs it on a pseudo-terminal in the guest, as ``ssh -t`` does.
 
 The status is the shell's: the exit code, or 128+N after death by signal N. A guest that
 stops while the job runs (crash, poweroff), or stops answering (checked by running ``true``
@@ -42,17 +49,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import importlib.resources
 import logging
+import os
 import re
 import select
 import shlex
 import signal
+import stat
+import struct
+import termios
 import threading
 import time
+import tty
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import paramiko
 
@@ -161,8 +174,18 @@ def start_script(env: Mapping[str, str], workdir: str | None, args: tuple[str, .
 _EOF = "VMBATCH-END-OF-FILE"
 
 
-def install_script(dir_: str, files: Mapping[str, bytes], walltime: int, grace: float) -> bytes:
-    """A sh script (sent on stdin) that writes ``files`` into ``dir_`` and starts the job.
+def install_script(
+    dir_: str,
+    files: Mapping[str, bytes],
+    walltime: int,
+    grace: float,
+    *,
+    start: bool = True,
+    fifo: bool = False,
+) -> bytes:
+    """A sh script (sent on stdin) that writes ``files`` into ``dir_`` and starts the job
+    (``start=False``: only writes them). ``fifo``: ``stdin`` is made a named pipe that the
+    host streams the job's stdin into (:meth:`Session.start`).
 
     Contents travel base64-encoded in quoted here-documents (``base64 -d``: coreutils and
     busybox), so no byte of them is ever read as shell syntax; one exec channel instead of
@@ -173,10 +196,11 @@ def install_script(dir_: str, files: Mapping[str, bytes], walltime: int, grace: 
     for name, content in files.items():
         encoded = base64.encodebytes(content).decode("ascii")
         lines += [f"base64 -d > {d}/{shlex.quote(name)} <<'{_EOF}'", encoded + _EOF]
-    lines += [
-        f"chmod 0700 {d}/job",
-        f"exec sh {d}/supervisor.sh {d} {int(walltime)} {int(grace)}",
-    ]
+    if fifo:
+        lines.append(f"[ -p {d}/stdin ] || mkfifo {d}/stdin")
+    lines.append(f"chmod 0700 {d}/job")
+    if start:
+        lines.append(f"exec sh {d}/supervisor.sh {d} {int(walltime)} {int(grace)}")
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
@@ -220,6 +244,31 @@ def guest_dir(job_id: str, step: str | None = None) -> str:
     return f"/var/tmp/vmbatch-{safe}"  # noqa: S108 - in the guest: fresh VM, only the job's user
 
 
+def _winsize(fd: int) -> tuple[int, int]:
+    """(columns, rows) of the terminal on ``fd``; 80x24 if it does not say."""
+    rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+    return (cols or 80, rows or 24)
+
+
+def _stdin_kind(fd: int | None) -> str:
+    """How a descriptor becomes the job's stdin: ``empty`` (none, /dev/null, unreadable),
+    ``file`` (uploaded), ``stream`` (a pipe or socket, copied while the job runs) or
+    ``terminal`` (:meth:`Session.attach`)."""
+    if fd is None:
+        return "empty"
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return "empty"
+    if os.isatty(fd):
+        return "terminal"
+    if stat.S_ISREG(st.st_mode):
+        return "file" if st.st_size > 0 else "empty"
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        return "stream"
+    return "empty"  # /dev/null and other devices
+
+
 class Session:
     """One job in one guest. ``connect`` returns a fresh logged-in client."""
 
@@ -236,7 +285,11 @@ class Session:
         client: paramiko.SSHClient | None = None,
         watch: Callable[[], None] | None = None,
         watch_interval: float = 1.0,
+        stdin: int | None = None,
     ) -> None:
+        """``stdin``: a descriptor whose data becomes the job's stdin (a regular file is
+        uploaded before the job starts, a pipe or socket is streamed while it runs, a
+        terminal is for :meth:`attach`); None: the job's stdin is empty."""
         self._connect = connect
         self._is_alive = is_alive
         self.job = job
@@ -260,6 +313,10 @@ class Session:
         self.watch = watch
         self.watch_interval = watch_interval
         self._watch_at = 0.0
+        self.stdin = stdin
+        self._stdin_kind = _stdin_kind(stdin)
+        self._feeder: threading.Thread | None = None
+        self._fed = threading.Event()
 
     # -- connection -------------------------------------------------------------------
     def _transport(self) -> paramiko.Transport:
@@ -373,23 +430,111 @@ class Session:
 
     # -- the job ----------------------------------------------------------------------
     def start(self) -> None:
-        """Upload the files and start the job (detached), in one round trip."""
-        supervisor = importlib.resources.files("vmbatch.guest").joinpath("supervisor.sh")
-        files = {
-            "supervisor.sh": supervisor.read_bytes(),
-            "start": start_script(self.job.environment, self.job.workdir, self.job.args).encode(),
-            "job": self.job.script,
-            "stdin": b"",
-        }
+        """Upload the files and start the job (detached), in one round trip (a regular
+        file as stdin is uploaded first; a pipe is streamed from then on)."""
+        if self._stdin_kind == "file":
+            self._until_done("sending the job's stdin", self._upload_stdin)
+        files = self._files()
+        if self._stdin_kind in ("file", "stream"):  # uploaded already; a named pipe
+            del files["stdin"]
         status, _, err = self._robust_exec(
             "exec /bin/sh -s",
-            install_script(self.dir, files, self.job.walltime, self.job.kill_grace),
-        )
+            install_script(
+                self.dir, files, self.job.walltime, self.job.kill_grace,
+                fifo=self._stdin_kind == "stream",
+            ),
+        )  # fmt: skip
         if status != 0:
             raise GuestConnectionError(
                 f"could not upload and start the job in the guest (status {status}):"
                 f" {err.decode(errors='replace').strip()[-300:]}"
             )
+        if self._stdin_kind == "stream":
+            self._feeder = threading.Thread(target=self._feed_stdin, daemon=True)
+            self._feeder.start()
+
+    @property
+    def interactive(self) -> bool:
+        """The job's stdin is a terminal: run it with :meth:`attach`."""
+        return self._stdin_kind == "terminal"
+
+    def _stdin_fd(self) -> int:
+        if self.stdin is None:
+            raise ValueError("the session was given no stdin")
+        return self.stdin
+
+    def _files(self) -> dict[str, bytes]:
+        supervisor = importlib.resources.files("vmbatch.guest").joinpath("supervisor.sh")
+        return {
+            "supervisor.sh": supervisor.read_bytes(),
+            "start": start_script(self.job.environment, self.job.workdir, self.job.args).encode(),
+            "job": self.job.script,
+            "stdin": b"",
+        }
+
+    def _upload_stdin(self) -> None:
+        """Copy the regular file on ``stdin`` to the guest's ``stdin``, byte for byte (sent
+        again whole after a drop; the guest's byte count must match)."""
+        fd = self._stdin_fd()
+        d = shlex.quote(self.dir)
+        size = os.fstat(fd).st_size
+        transport = self._transport()
+        chan = transport.open_session(timeout=self.exec_timeout)
+        try:
+            chan.exec_command(
+                _sh(
+                    f"umask 077; mkdir -p {d} && chmod 0700 {d} && cat > {d}/stdin.part"
+                    f' && [ "$(wc -c < {d}/stdin.part)" -eq {size} ]'
+                    f" && mv {d}/stdin.part {d}/stdin"
+                )
+            )
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+                if not chunk:
+                    break
+                chan.sendall(chunk)
+                offset += len(chunk)
+            chan.shutdown_write()
+            status = chan.recv_exit_status()
+        finally:
+            chan.close()
+        if status < 0:
+            raise GuestConnectionError("the SSH connection to the guest dropped")
+        if status != 0:
+            raise GuestConnectionError(
+                f"could not copy the job's stdin ({size} bytes) into the guest (status {status})"
+            )
+        self.heard += 1
+
+    def _feed_stdin(self) -> None:
+        """Stream the host's stdin (a pipe) into the guest's ``stdin`` FIFO, then mark its
+        end. A dropped connection ends the job's stdin early (said on the job's stderr)."""
+        fd = self._stdin_fd()
+        d = shlex.quote(self.dir)
+        try:
+            transport = self._transport()
+            chan = transport.open_session()
+            try:
+                chan.exec_command(_sh(f"exec cat > {d}/stdin"))
+                while data := os.read(fd, 65536):
+                    if chan.exit_status_ready():  # the job no longer reads its stdin
+                        break
+                    chan.sendall(data)
+                chan.shutdown_write()
+                chan.recv_exit_status()
+            finally:
+                chan.close()
+        except (*_DROPS, ValueError) as exc:
+            log.warning("the job's stdin was cut short: %s", exc)
+        finally:
+            self._fed.set()
+        with contextlib.suppress(*_DROPS, GuestLostError):
+            self._end_stdin()
+
+    def _end_stdin(self) -> None:
+        d = shlex.quote(self.dir)
+        self._exec(f": > {d}/stdin.eof")
 
     def follow(self, out: BinaryIO, err: BinaryIO) -> int:
         """Copy the job's output until it ends; return its status. Signals are forwarded."""
@@ -518,13 +663,102 @@ class Session:
 
     def _handle_signals(self, pending: signals.Pending) -> None:
         for signum in pending.take():
-            self.send_signal(signum)
-            if signum in TERMINATING and self._kill_at is None:
-                self._kill_at = time.monotonic() + self.job.kill_grace
+            self._forward(signum)
+        self._kill_if_due()
+
+    def _forward(self, signum: int) -> None:
+        self.send_signal(signum)
+        if signum in TERMINATING and self._kill_at is None:
+            self._kill_at = time.monotonic() + self.job.kill_grace
+
+    def _kill_if_due(self) -> None:
         if self._kill_at is not None and time.monotonic() >= self._kill_at:
             self._kill_at = float("inf")  # once
             log.warning("the job did not end %.0fs after the signal: SIGKILL", self.job.kill_grace)
             self.send_signal(signal.SIGKILL)
+
+    # -- an interactive job (a terminal) ----------------------------------------------
+    def attach(self, out: BinaryIO) -> int:
+        """Run the job on a pseudo-terminal in the guest, attached to the terminal on
+        ``stdin`` (``srun --pty``), as ``ssh -t`` does; return its status.
+
+        The local terminal is put in raw mode, so every key (Ctrl-C, Ctrl-D, Ctrl-Z) goes to
+        the guest's terminal, whose line discipline turns it into the signal or end of file
+        the foreground program expects; the terminal's size is sent at start and after
+        every SIGWINCH (``resize_pty``). Signals sent to this process (``scancel``) go to
+        the job as for a detached job. An interactive job lives as long as its connection:
+        if the connection drops, the guest's sshd hangs the job up (SIGHUP) and this ends
+        with :class:`GuestLostError`; there is nothing to follow again.
+        """
+        fd = self._stdin_fd()
+        status, _, err = self._robust_exec(
+            "exec /bin/sh -s", install_script(self.dir, self._files(), 0, 0, start=False)
+        )
+        if status != 0:
+            raise GuestConnectionError(
+                f"could not upload the job to the guest (status {status}):"
+                f" {err.decode(errors='replace').strip()[-300:]}"
+            )
+        transport = self._transport()
+        chan = transport.open_session()
+        d = shlex.quote(self.dir)
+        cols, rows = _winsize(fd)
+        chan.get_pty(term=self.job.environment.get("TERM") or "vt100", width=cols, height=rows)
+        # The session leader of the guest's terminal: its pid is the job's process group.
+        chan.exec_command(_sh(f"echo $$ > {d}/pid; exec sh {d}/start {d}"))
+        saved = termios.tcgetattr(fd)
+        try:
+            tty.setraw(fd, termios.TCSANOW)
+            with signals.forwarded((*FORWARDED, signal.SIGWINCH)) as pending:
+                self._interact(fd, chan, transport, out, pending)
+            code = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        finally:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            chan.close()
+        if code < 0:
+            raise GuestLostError(
+                "the connection to the job's VM dropped; an interactive job ends with its"
+                " connection",
+                hint="see the VM's console log if the VM stopped",
+            )
+        return code
+
+    def _interact(
+        self,
+        fd: int,
+        chan: paramiko.Channel,
+        transport: paramiko.Transport,
+        out: BinaryIO,
+        pending: signals.Pending,
+    ) -> None:
+        reading = True
+        while True:
+            for signum in pending.take():
+                if signum == signal.SIGWINCH:
+                    chan.resize_pty(*_winsize(fd))
+                else:
+                    self._forward(signum)
+            self._kill_if_due()
+            watched: list[Any] = [chan, fd] if reading else [chan]
+            ready, _, _ = select.select(watched, [], [], 0.2)
+            if chan.recv_ready():
+                data = chan.recv(65536)
+                out.write(data)
+                out.flush()
+            if reading and fd in ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the terminal's other side went away
+                    data = b""
+                if data:
+                    chan.sendall(data)
+                else:
+                    reading = False
+                    chan.shutdown_write()
+            if chan.exit_status_ready() and not chan.recv_ready():
+                return
+            if chan.closed or not transport.is_active():
+                return
 
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the job's process group in the guest."""

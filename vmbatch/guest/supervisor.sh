@@ -10,7 +10,8 @@
 # Contract with the host:
 # - the job runs as `setsid sh DIR/start DIR`: its own session and process group, whose id
 #   is written to DIR/pid before anything else can ask for it (written to DIR/pid.new,
-#   then renamed); stdin is /dev/null, stdout and stderr go to DIR/stdout and DIR/stderr;
+#   then renamed); stdin is DIR/stdin (a file, or a named pipe the host writes into until
+#   it creates DIR/stdin.eof), stdout and stderr go to DIR/stdout and DIR/stderr;
 # - when it ends, its status as the shell reports it (exit code, or 128+N after signal N)
 #   is written to DIR/status (via rename, so a reader sees all of it or nothing);
 # - WALLTIME > 0: after that many seconds the process group gets SIGTERM, GRACE seconds
@@ -27,6 +28,17 @@ umask 077
 if mkdir "$D/started" 2>/dev/null; then
     (
         trap '' HUP
+        keeper=
+        if [ -p "$D/stdin" ]; then
+            # A named pipe the host streams the job's stdin into: hold it open for writing
+            # (read-write: no wait for a reader) until the host marks its end, so that the
+            # job sees end of file then, not when one of the host's writers goes away.
+            (
+                exec 3<>"$D/stdin"
+                while [ ! -e "$D/stdin.eof" ]; do sleep 0.2 2>/dev/null || sleep 1; done
+            ) &
+            keeper=$!
+        fi
         setsid sh "$D/start" "$D" <"$D/stdin" >"$D/stdout" 2>"$D/stderr" &
         pid=$!
         echo "$pid" >"$D/pid.new" && mv "$D/pid.new" "$D/pid"
@@ -44,6 +56,7 @@ if mkdir "$D/started" 2>/dev/null; then
         wait "$pid"
         st=$?
         [ -z "$dog" ] || kill "$dog" 2>/dev/null
+        [ -z "$keeper" ] || kill "$keeper" 2>/dev/null
         echo "$st" >"$D/status.new" && mv "$D/status.new" "$D/status"
     ) </dev/null >>"$D/supervisor.log" 2>&1 &
 fi

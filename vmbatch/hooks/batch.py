@@ -333,6 +333,10 @@ class StarterJob:
     workdir: str | None
     #: A Slurm job step (``srun``): its number or ``interactive``; None: the job's script.
     step: str | None = None
+    #: The descriptor holding the job's stdin (Slurm: the task's stdin: the ``--input``
+    #: file, srun's pipe, or ``--pty``'s terminal); None: empty (Torque: the starter's stdin
+    #: is pbs_mom's pipe with the script's path).
+    stdin: int | None = None
 
 
 class StarterError(VmBatchError):
@@ -426,8 +430,12 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         liveness_interval=cfg.ssh.liveness_interval,
         liveness_timeout=cfg.ssh.connect_timeout,
         watch=DiskBudget(cfg, state.JobDir(cfg.paths.job_dir, job.job_id)),
+        stdin=job.stdin,
     )
     try:
+        if session.interactive:  # srun --pty
+            with signals.interruptible():
+                return session.attach(out)
         with signals.interruptible():
             session.start()
         faults.point(cfg, "starter.job_started")
