@@ -184,3 +184,20 @@ def test_srun_pty_gives_a_terminal_in_the_vm(slurm: SlurmSite) -> None:
     finally:
         term.kill()
     assert _ended(slurm, 1)[0]["exit_status"] == 5
+
+
+def test_srun_inside_a_batch_script_runs_in_the_same_vm(slurm: SlurmSite) -> None:
+    """docs/user-guide.md "Job steps": vmbatch's srun in the VM runs the step there."""
+    job_id = slurm.submit(
+        "#!/bin/sh\n"
+        "echo here > /tmp/mark\n"
+        "srun -n 2 --mem=100M sh -c 'echo task-$SLURM_PROCID-$(cat /tmp/mark)' | sort\n"
+        "srun -N 2 hostname; echo refused=$?\n"
+        "srun sh -c 'exit 4'; echo step=$?\n"
+    )
+    job = slurm.settled(job_id)
+    out = slurm.output(job_id)
+    assert job["ExitCode"] == "0:0", out
+    assert "task-0-here\ntask-1-here\n" in out, out
+    assert "vmbatch: srun: a step inside a job's VM runs on its node only" in out
+    assert "refused=2\n" in out and "step=4\n" in out, out

@@ -208,3 +208,11 @@ def test_a_stopped_domain_ends_reconnecting_at_once(clock: FakeClock) -> None:
     with pytest.raises(GuestLostError, match="the VM stopped while the job was running"):
         session.send_signal(15)
     assert guest.logins == 1 and clock.sleeps == []
+
+
+def test_start_script_puts_the_job_tools_first_on_path_after_the_jobs_own_path() -> None:
+    lines = start_script({"PATH": "/opt/x/bin:/usr/bin"}, None, tools=True).splitlines()
+    assert lines.index("export PATH=/opt/x/bin:/usr/bin") < lines.index(
+        'export PATH="$1/bin:${PATH:-/usr/local/bin:/usr/bin:/bin}"'
+    )
+    assert not any("$1/bin" in ln for ln in start_script({}, None).splitlines())

@@ -333,6 +333,7 @@ class StarterJob:
     workdir: str | None
     #: A Slurm job step (``srun``): its number or ``interactive``; None: the job's script.
     step: str | None = None
+    scheduler: str = ""
     #: The descriptor holding the job's stdin (Slurm: the task's stdin: the ``--input``
     #: file, srun's pipe, or ``--pty``'s terminal); None: empty (Torque: the starter's stdin
     #: is pbs_mom's pipe with the script's path).
@@ -421,6 +422,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         workdir=guest_workdir(cfg, workdir),
         kill_grace=cfg.job.kill_grace,
         step=job.step,
+        srun=job.scheduler == "slurm",
     )
     session = Session(
         connect=lambda: ssh.connect(endpoint),

@@ -296,14 +296,18 @@ def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
     if step is None:
         first = Path(args[0])
         if first.is_file():  # the batch script, bind-mounted
-            return batch.StarterJob(job_id, first.read_bytes(), args[1:], env, cwd, stdin=0)
-        return batch.StarterJob(job_id, command_script(args), (), env, cwd, stdin=0)
+            return batch.StarterJob(
+                job_id, first.read_bytes(), args[1:], env, cwd, stdin=0, scheduler="slurm"
+            )
+        return batch.StarterJob(
+            job_id, command_script(args), (), env, cwd, stdin=0, scheduler="slurm"
+        )
     pwd_ = env.get("PWD", "")
     cwd = cwd or (pwd_ if pwd_.startswith("/") else None)
     script, rest = slurm.step_program(args, cwd)
     if script is None:
         script, rest = command_script(rest), ()
-    return batch.StarterJob(job_id, script, rest, env, cwd, step=step, stdin=0)
+    return batch.StarterJob(job_id, script, rest, env, cwd, step=step, stdin=0, scheduler="slurm")
 
 
 def _torque_starter(
