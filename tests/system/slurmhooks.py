@@ -59,10 +59,15 @@ def vmbatch_cluster(
     oci = (ROOT / "conf" / "slurm" / "oci.conf").read_text()
     oci = oci.replace("exec /opt/vmbatch/bin/", f"exec env VMBATCH_CONFIG={config} {BIN}/")
     oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
+    taskprolog = root / "taskprolog"
+    taskprolog.write_text(
+        f"#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / 'vmbatch-starter'} slurm-taskprolog\n"
+    )
+    taskprolog.chmod(0o755)
     return SlurmCluster(
         prolog=hook_shim(root / "prolog", config, "vmbatch-prologue"),
         epilog=epilog or hook_shim(root / "epilog", config, "vmbatch-epilogue"),
-        extra_conf=[*HOOK_CONF, *extra_conf],
+        extra_conf=[*HOOK_CONF, f"TaskProlog={taskprolog}", *extra_conf],
         oci_conf=oci,
         job_submit_lua=lua,
         cli_filter_lua=cli,

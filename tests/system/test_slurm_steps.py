@@ -201,3 +201,22 @@ def test_srun_inside_a_batch_script_runs_in_the_same_vm(slurm: SlurmSite) -> Non
     assert "task-0-here\ntask-1-here\n" in out, out
     assert "vmbatch: srun: a step inside a job's VM runs on its node only" in out
     assert "refused=2\n" in out and "step=4\n" in out, out
+
+
+def test_a_step_without_the_container_is_refused_not_run_on_the_node(slurm: SlurmSite) -> None:
+    """srun from a client whose slurm.conf lacks cli_filter (a login node set up without
+    it): the step names no container; vmbatch's TaskProlog fails it with the reason."""
+    bare = slurm.cluster.dir / "etc-bare"
+    bare.mkdir(mode=0o755)
+    conf = slurm.cluster.conf.read_text()
+    (bare / "slurm.conf").write_text(
+        "\n".join(ln for ln in conf.splitlines() if not ln.startswith("CliFilterPlugins"))
+    )
+    r = subprocess.run(
+        ["runuser", "-u", slurm.user.name, "--", "srun", "sh", "-c", "cat /proc/cmdline"],
+        cwd=slurm.user.home, env={**slurm.cluster.env(), "SLURM_CONF": str(bare / "slurm.conf")},
+        capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0, r
+    assert b"would run on the node, outside the job's VM" in r.stdout, r
+    assert MARKER.encode() not in r.stdout

@@ -458,3 +458,38 @@ def test_a_step_sends_scripts_by_content_and_runs_commands_by_name(tmp_path: Pat
     (tmp_path / "hostname").write_bytes(b"#!/bin/sh\necho not-me\n")
     for args in (("./a.out",), ("hostname",), ("./nope",), (str(tmp_path),)):
         assert slurm.step_program(args, str(tmp_path)) == (None, args)
+
+
+def test_task_prolog_refuses_a_step_outside_the_vm_of_a_job_that_has_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmbatch.hooks import entry
+
+    users = tmp_path / "users"
+    conf = tmp_path / "vmbatch.toml"
+    conf.write_text(f'[batch]\nuser_dir = "{users}"\n')
+    spool = tmp_path / "spool"
+    bundle = spool / "oci-job00042-00003"
+    bundle.mkdir(parents=True)
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    argv = ["vmbatch-starter", "--config", str(conf), "slurm-taskprolog"]
+    env = {"SLURM_JOB_ID": "42"}
+
+    monkeypatch.chdir(elsewhere)
+    assert entry.run_starter(argv, env) == 0  # no VM for job 42 here: not ours to judge
+    (users / "42").mkdir(parents=True)
+    assert entry.run_starter(argv, env) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("print vmbatch: error: this step of job 42 would run on the node")
+    monkeypatch.chdir(bundle)  # a container step's task: in the VM
+    assert entry.run_starter(argv, env) == 0
+    for name in ("oci-job00043-00003", "oci-job00042-x"):  # another job's; not a bundle
+        (spool / name).mkdir()
+        monkeypatch.chdir(spool / name)
+        assert entry.run_starter(argv, env) == 1
+    spool.chmod(0o777)  # a directory anyone could have made it in
+    monkeypatch.chdir(bundle)
+    assert entry.run_starter(argv, env) == 1
+    spool.chmod(0o755)
+    assert entry.run_starter(argv, {}) == 0  # not a Slurm job
