@@ -18,7 +18,8 @@ import termios
 import time
 from pathlib import Path
 
-from tests.system.conftest import SlurmSite
+from tests.system.conftest import BatchSite, SlurmSite
+from tests.system.slurmhooks import vmbatch_cluster
 
 MARKER = "cryptomgr.notests"  # on the tiny guest's kernel command line, not the host's
 
@@ -96,7 +97,9 @@ class _Terminal:
     """``srun --pty`` run as the user on a pseudo-terminal this test drives, as a person
     at a terminal would."""
 
-    def __init__(self, slurm: SlurmSite, rows: int, cols: int, *args: str) -> None:
+    def __init__(
+        self, slurm: SlurmSite, rows: int, cols: int, *args: str, command: str = "srun --pty"
+    ) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes srun on the terminal
             try:
@@ -104,8 +107,8 @@ class _Terminal:
                 os.chdir(slurm.user.home)
                 os.execve(  # noqa: S606 - no shell: the argv as given
                     "/usr/sbin/runuser",
-                    ["runuser", "-u", slurm.user.name, "--", "srun", "--pty", *args],
-                    {**slurm.cluster.env(), "TERM": "xterm"},
+                    ["runuser", "-u", slurm.user.name, "--", *command.split(), *args],
+                    {**slurm.cluster.env(), "TERM": "xterm", "SHELL": "/bin/sh"},
                 )
             finally:
                 os._exit(127)
@@ -220,3 +223,22 @@ def test_a_step_without_the_container_is_refused_not_run_on_the_node(slurm: Slur
     assert r.returncode != 0, r
     assert b"would run on the node, outside the job's VM" in r.stdout, r
     assert MARKER.encode() not in r.stdout
+
+
+def test_salloc_with_an_interactive_step_gives_a_shell_in_the_vm(batch_site: BatchSite) -> None:
+    """``LaunchParameters=use_interactive_step``: salloc's shell is an interactive step on
+    the node (srun --pty $SHELL), and so a terminal in the job's VM."""
+    root, config = batch_site.site.root, batch_site.site.config
+    extra = ["LaunchParameters=use_interactive_step"]
+    with vmbatch_cluster(root, config, extra_conf=extra) as cluster:
+        slurm = SlurmSite(batch_site, cluster)
+        term = _Terminal(slurm, 24, 80, command="salloc")
+        try:
+            term.type(b"tty; cat /proc/cmdline; echo T=$?\n")
+            shown = term.expect(b"T=0")
+            assert b"/dev/pts/" in shown and MARKER.encode() in shown, shown
+            term.type(b"exit 0\n")
+            assert term.status() == 0
+        finally:
+            term.kill()
+        assert _ended(slurm, 1)
