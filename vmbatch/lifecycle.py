@@ -152,6 +152,7 @@ class Guest:
             workdir=job.workdir,
             walltime=job.walltime,
             kill_grace=self.cfg.job.kill_grace,
+            image=self.image or job.image,
         )
 
     def close(self) -> None:

@@ -414,6 +414,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         environment=job_environment(job.environment, ENV_DENY | frozenset(cfg.job.env_deny)),
         workdir=guest_workdir(cfg, workdir),
         kill_grace=cfg.job.kill_grace,
+        image=str(info.get("image") or ""),
     )
     session = Session(
         connect=lambda: ssh.connect(endpoint),
