@@ -90,7 +90,7 @@ def test_boot_script_without_gshadow_and_with_a_privileged_primary(
     ok = groups.boot_script(_plan("new names and gids"), str(etc))
     assert _run(shell, ok).returncode == 0
     assert (etc / "group").read_text() == (
-        "root:x:0:\nsudo:x:27:\nphysics::4343:\natlas::5000:alice\n"
+        "root:x:0:\nsudo:x:27:\nphysics:x:4343:\natlas:x:5000:alice\n"
     )
     assert not (etc / "gshadow").exists()
     # Primary gid 27 is the image's sudo: nothing is written, the error is on the console,

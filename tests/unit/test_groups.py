@@ -164,10 +164,10 @@ def test_apply_gives_groups_by_the_rules(case: str) -> None:
     assert groups.apply(_plan(case), group, gshadow)[:2] == (group, gshadow)
 
 
-def test_apply_without_gshadow_writes_no_password_field() -> None:
+def test_apply_without_gshadow_still_writes_a_password_field() -> None:
     group, gshadow, _ = groups.apply(_plan("new names and gids"), "root::0:\n", None)
     assert gshadow is None
-    assert group == "root::0:\nphysics::4343:\natlas::5000:alice\n"
+    assert group == "root::0:\nphysics:x:4343:\natlas:x:5000:alice\n"  # busybox needs the x
 
 
 def test_primary_gid_privileged_in_the_image_refuses_the_job() -> None:
@@ -185,7 +185,7 @@ def test_injection_uses_the_site_list() -> None:
     _, group, _, _ = add_account(
         user, "root:x:0:0::/root:/bin/sh\n", IMAGE_GROUP, None, None, 1, ["dialout"]
     )
-    assert "dialout:x:20:\n" in group and "atlas::5000:alice\n" in group
+    assert "dialout:x:20:\n" in group and "atlas:x:5000:alice\n" in group
 
 
 # -- after login -------------------------------------------------------------------------

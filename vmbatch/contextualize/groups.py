@@ -23,7 +23,10 @@ image's files from the host). For each group (node name N, gid G), in this order
    already has a group called N (with another gid, e.g. the node's ``users`` is 1000, the
    image's 100): then it is created as ``vmbatch-gG`` (logged), never merged with the image's.
 
-Memberships go straight into the member lists of ``/etc/group`` and ``/etc/gshadow`` (the
+New groups get ``x`` as password field, with or without ``/etc/gshadow`` (busybox's own
+group parser, as in the tiny test guest, does not resolve a line whose password field is
+empty; for glibc ``x`` without gshadow is a password nothing matches). Memberships go
+straight into the member lists of ``/etc/group`` and ``/etc/gshadow`` (the
 account does not exist yet when ``bootcmd`` runs, and ``gpasswd``/``usermod`` need it; group
 membership is read from those lists by ``initgroups(3)`` at login), so the cloud-config
 ``users`` entry names only the primary gid, and cloud-init never adds a group vmbatch left
@@ -103,8 +106,7 @@ add() {
   for f in "$G" "$S"; do
     [ ! -s "$f" ] || [ -z "$(tail -c 1 "$f")" ] || echo >>"$f"
   done
-  pw=; [ ! -f "$S" ] || pw=x
-  printf '%s:%s:%s:%s\n' "$1" "$pw" "$2" "$3" >>"$G"
+  printf '%s:x:%s:%s\n' "$1" "$2" "$3" >>"$G"
   [ ! -f "$S" ] || printf '%s:!::%s\n' "$1" "$3" >>"$S"
 }
 group() {
@@ -219,7 +221,7 @@ def apply(groups: GroupPlan, group: str, gshadow: str | None) -> tuple[str, str 
             notes.append(f"gid {gid} ({name} on the node) is {new} in the guest: {name} is"
                          " privileged or another gid's name")  # fmt: skip
         members = "" if primary else groups.user
-        gr.append([new, "x" if gsh is not None else "", str(gid), members])
+        gr.append([new, "x", str(gid), members])
         if gsh is not None:
             gsh.append([new, "!", "", members])
     return _join(gr), _join(gsh) if gsh is not None else None, notes
