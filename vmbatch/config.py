@@ -37,6 +37,7 @@ ContextName = Literal["nocloud", "cernvm", "inject"]
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # They end up in amiconfig ini lines and a shell-sourced µCernVM block: no separators
 # (',' ' ' newline) and nothing a shell or ini parser would interpret.
+_GROUP = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}")  # vmbatch.job.USER_NAME
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PROXY = re.compile(r"[A-Za-z0-9.:/;|@_+%=-]{0,1024}")
 
@@ -172,6 +173,9 @@ class ContextConfig:
     #: For ``context = "inject"``: how long the libguestfs appliance may take to start
     #: (and to flush at the end); ~17 s under TCG, a few seconds with KVM.
     inject_timeout: float = 300.0
+    #: Group names never given to the job's user in the guest, on top of the built-in list
+    #: (:data:`vmbatch.contextualize.groups.PRIVILEGED`: sudo, wheel, adm, docker, disk, ...).
+    privileged_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -798,6 +802,12 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
             "cernvm_organisations",
             lambda v: all(_REPO.fullmatch(o) for o in v),
             "each must be a plain name (letters, digits, '.', '_', '-')",
+        ),
+        (
+            "privileged_groups",
+            lambda v: all(_GROUP.fullmatch(g) for g in v),
+            "each must be a group name (a letter or '_', then letters, digits, '.', '_', '-';"
+            " at most 32)",
         ),
     ),
     "mount": (

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import getpass
 import grp
+import logging
+import os
 import pwd
 import re
 import uuid
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vmbatch.errors import JobError
+
+log = logging.getLogger(__name__)
 
 #: User and group names: the portable set (POSIX 3.437) with a leading letter or '_',
 #: at most 32 characters (useradd's limit); no '$' (Samba machine accounts), no spaces.
@@ -82,21 +86,63 @@ class JobUser:
 
     @classmethod
     def from_host(cls, name: str) -> JobUser:
-        """The identity of ``name`` in the node's user database."""
+        """The identity of ``name`` in the node's user and group databases.
+
+        The groups are those the node gives ``name`` at login: ``os.getgrouplist``
+        (getgrouplist(3): every NSS source of the node, /etc/group, LDAP, sssd, ...), each
+        named by ``grp.getgrgid``; read here, in the prologue, never from the job. A
+        supplementary group whose name cannot go into the guest (no name, gid 0, or not a
+        portable name, see :data:`USER_NAME`: spaces, shell metacharacters, over 32
+        characters) is left out with a warning; a primary group without a usable name keeps
+        its gid under the name ``vmbatch-gGID``. Which groups the guest gives is decided by
+        :mod:`vmbatch.contextualize.groups` (privileged groups are never given).
+        """
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
             raise JobError(f"user {name!r} does not exist on this node") from None
-        try:
-            primary = grp.getgrgid(pw.pw_gid).gr_name
-        except KeyError:
-            raise JobError(f"user {name!r}: primary gid {pw.pw_gid} has no group") from None
-        groups = tuple(
-            (g.gr_name, g.gr_gid)
-            for g in grp.getgrall()
-            if name in g.gr_mem and g.gr_gid != pw.pw_gid
+        primary = _group_name(pw.pw_gid)
+        why = _unusable(primary, pw.pw_gid)
+        if why is not None:
+            fallback = f"vmbatch-g{pw.pw_gid}"
+            log.warning("user %s: primary group %r: %s; in the guest it is %s", name, primary,
+                        why, fallback)  # fmt: skip
+            primary = fallback
+        groups: list[tuple[str, int]] = []
+        for gid in dict.fromkeys(os.getgrouplist(name, pw.pw_gid)):
+            if gid == pw.pw_gid:
+                continue
+            group = _group_name(gid)
+            why = _unusable(group, gid)
+            if why is not None:
+                log.warning("user %s: group %r (gid %d) is not given in the guest: %s", name,
+                            group, gid, why)  # fmt: skip
+                continue
+            groups.append((str(group), gid))
+        return cls(name, pw.pw_uid, pw.pw_gid, str(primary), pw.pw_dir, tuple(groups))
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+def _unusable(name: str | None, gid: int) -> str | None:
+    """Why the node's group cannot go into the guest's files and commands as it is."""
+    if name is None:
+        return f"gid {gid} has no name on this node"
+    if gid == 0 or name == "root":
+        return "the root group is never given in the guest"
+    if not 0 < gid <= _MAX_ID:
+        return f"gid {gid} is out of range"
+    if not USER_NAME.fullmatch(name):
+        return (
+            "not a portable group name (letters, digits, '.', '_', '-', at most 32, starting"
+            " with a letter or '_')"
         )
-        return cls(name, pw.pw_uid, pw.pw_gid, primary, pw.pw_dir, groups)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

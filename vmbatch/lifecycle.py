@@ -35,7 +35,7 @@ import paramiko
 
 from vmbatch import __version__, accel, faults, signals
 from vmbatch.config import Config
-from vmbatch.contextualize import ContextSpec, get_method, inject, nocloud
+from vmbatch.contextualize import ContextSpec, get_method, groups, inject, nocloud
 from vmbatch.contextualize.keys import generate
 from vmbatch.errors import (
     GuestConnectionError,
@@ -152,6 +152,7 @@ class Guest:
             workdir=job.workdir,
             walltime=job.walltime,
             kill_grace=self.cfg.job.kill_grace,
+            image=self.image or job.image,
         )
 
     def close(self) -> None:
@@ -256,6 +257,16 @@ def start_vm(
         with timer("disks"):
             disks = job_disks(cfg, image, jobdir)
         faults.point(cfg, "start.disks_created")
+        privileged = groups.PRIVILEGED | frozenset(cfg.context.privileged_groups)
+        if job.identity is not None:
+            for group, gid in groups.plan(job.identity, privileged).skipped:
+                log.warning(
+                    "group %s (gid %d) of %s is not given in the guest: a privileged group"
+                    " (built-in list and [context].privileged_groups)",
+                    group,
+                    gid,
+                    job.user,
+                )
         with timer("seed"):
             client_key = generate(f"vmbatch-{job.job_id}")
             host_key = generate(f"vmbatch-host-{job.job_id}")
@@ -272,6 +283,7 @@ def start_vm(
                 authorized_keys=(client_key.public_openssh,),
                 host_key=host_key,
                 admin_keys=(admin_key.public_openssh,) if admin_key else (),
+                privileged_groups=privileged,
             )
             seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
         faults.point(cfg, "start.seed_written")
@@ -332,7 +344,7 @@ def start_vm(
             client.close()
             client = _login(endpoint)
         if job.identity is not None:
-            verify_identity(client, job.identity, image.name)
+            verify_identity(client, job.identity, image.name, privileged)
         return Guest(
             cfg,
             job,
@@ -365,21 +377,58 @@ def _login(endpoint: ssh.Endpoint) -> paramiko.SSHClient:
     raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
-def verify_identity(client: paramiko.SSHClient, user: JobUser, image: str) -> None:
-    """Refuse to run the job unless the guest account has exactly the job's uid and gid.
+#: What :func:`verify_identity` runs in the guest: one line each for uid, gid, the primary
+#: group's name, the gids and the names of all groups (a number where a gid has no name).
+IDENTITY_COMMAND = (
+    'id -u; id -g; echo "$(id -gn 2>/dev/null)"; echo "$(id -G)"; echo "$(id -Gn 2>/dev/null)"'
+)
+
+
+def verify_identity(
+    client: paramiko.SSHClient,
+    user: JobUser,
+    image: str,
+    privileged: frozenset[str] = groups.PRIVILEGED,
+) -> None:
+    """Refuse to run the job unless the guest account is the job's (see :func:`check_identity`).
 
     Contextualization cannot always enforce it (cloud-init skips an account that already
-    exists in the image), so it is checked, fail-closed, before the job's command runs.
+    exists in the image; a primary gid may be a privileged group of the image), so it is
+    checked, fail-closed, before the job's command runs.
     """
     out, err = io.BytesIO(), io.BytesIO()
-    status = ssh.run(client, ("sh", "-c", "id -u; id -g"), out, err)
-    uid, gid = ([*out.getvalue().split(), b"?", b"?"])[:2]
-    if status != 0 or (uid, gid) != (str(user.uid).encode(), str(user.gid).encode()):
+    status = ssh.run(client, ("sh", "-c", IDENTITY_COMMAND), out, err)
+    check_identity(
+        status, out.getvalue().decode(errors="replace"), groups.plan(user, privileged), user, image
+    )
+
+
+def check_identity(
+    status: int, output: str, plan: groups.GroupPlan, user: JobUser, image: str
+) -> None:
+    """The guest account must have exactly the job's uid and gid and no privileged group.
+
+    ``output`` is :data:`IDENTITY_COMMAND`'s. Groups the node gives but the guest does not
+    (left out by the rules of :mod:`vmbatch.contextualize.groups`) are logged.
+    """
+    lines = [*output.splitlines(), "", "", "", "", ""]
+    uid, gid = (lines[0].strip() or "?"), (lines[1].strip() or "?")
+    if status != 0 or (uid, gid) != (str(user.uid), str(user.gid)):
         raise ImageError(
             f"image {image!r}: the guest account {user.name!r} has uid/gid"
-            f" {uid.decode(errors='replace')}/{gid.decode(errors='replace')}, expected"
-            f" {user.uid}/{user.gid}; the job was not started",
+            f" {uid}/{gid}, expected {user.uid}/{user.gid}; the job was not started",
             hint="the image has a conflicting account of that name; remove it from the image",
+        )
+    primary, gids, names = lines[2].strip(), lines[3].split(), lines[4].split()
+    groups.check_guest(plan, primary, names, image)
+    missing = sorted({g for _, g in plan.members} - {int(g) for g in gids if g.isdigit()})
+    log.info("job user %s in the guest: groups %s (gids %s)", user.name, " ".join(names),
+             " ".join(gids))  # fmt: skip
+    if missing:
+        log.warning(
+            "gid(s) %s of %s are not given in the guest (see its console log)",
+            " ".join(map(str, missing)),
+            user.name,
         )
 
 

@@ -299,6 +299,46 @@ accounting_log = "{bs.accounting}"
     assert not bs.leftovers(), f"batch hooks left files behind: {bs.leftovers()}"
 
 
+@dataclass(frozen=True)
+class NodeGroups:
+    """Supplementary groups of the host user, made by the test: ``plain`` must reach the
+    guest under its name, ``privileged`` is listed in ``[context].privileged_groups``."""
+
+    plain: str
+    privileged: str
+
+    def node_view(self, user: HostUser) -> tuple[str, list[str]]:
+        """``id -gn USER`` and ``id -Gn USER`` on the node, as the job's user sees them."""
+        gn, all_ = (
+            subprocess.run(
+                ["id", opt, user.name], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
+            for opt in ("-gn", "-Gn")
+        )
+        return gn, all_.split()
+
+
+@pytest.fixture
+def node_groups(batch_site: BatchSite) -> Iterator[NodeGroups]:
+    """Two supplementary groups for the batch site's user (free gids from groupadd), and
+    the one named as privileged in the site's config; both removed afterwards."""
+    user = batch_site.user.name
+    groups = NodeGroups(f"{user}g", f"{user}p")
+    made: list[str] = []
+    try:
+        for name in (groups.plain, groups.privileged):
+            subprocess.run(["groupadd", name], check=True, timeout=30, capture_output=True)
+            made.append(name)
+            subprocess.run(
+                ["gpasswd", "-a", user, name], check=True, timeout=30, capture_output=True
+            )
+        batch_site.site.write(f'\n[context]\nprivileged_groups = ["{groups.privileged}"]\n')
+        yield groups
+    finally:
+        for name in made:
+            subprocess.run(["groupdel", name], check=False, timeout=30, capture_output=True)
+
+
 @pytest.fixture
 def libvirtd() -> Iterator[int]:
     """The PID of the running libvirtd (tests may stop or kill it); afterwards libvirtd runs

@@ -16,6 +16,7 @@ stays as it was. The guests (guests/debian/build.sh) are:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from pathlib import Path
@@ -27,9 +28,17 @@ from tests.system.nfsserver import NfsServer
 from vmbatch import config, lifecycle
 from vmbatch.job import JobSpec, interactive
 
+#: The job's user, with node groups that meet Debian's own (base-passwd: dialout 20, sudo 27,
+#: users 100): atlas is new, dialout the same, mysql's gid is the image's sudo (not given),
+#: users is 100 in the image (5100 becomes vmbatch-g5100), docker is privileged by name.
+USER = dataclasses.replace(
+    ALICE,
+    groups=(("atlas", 5000), ("dialout", 20), ("mysql", 27), ("users", 5100), ("docker", 998)),
+)
 #: What the job prints: its identity, host, home, and how a password login attempt ends.
 IDENTITY_SCRIPT = (
-    "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) user=$(id -un);"
+    "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) user=$(id -un)"
+    " group=$(id -gn) names=$(id -Gn | tr ' ' ,);"
     " echo host=$(hostname);"
     ' echo home=$HOME owner=$(stat -c %u:%g "$HOME");'
     " ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
@@ -53,7 +62,7 @@ def _sha(path: Path) -> str:
 
 def _run(site: Site, image: str, extra: str) -> tuple[JobSpec, list[str], str]:
     """Run IDENTITY_SCRIPT + ``extra`` as alice; return the job, its lines, the console."""
-    job = interactive(image, ("sh", "-c", IDENTITY_SCRIPT + extra), identity=ALICE)
+    job = interactive(image, ("sh", "-c", IDENTITY_SCRIPT + extra), identity=USER)
     out, err = io.BytesIO(), io.BytesIO()
     status = lifecycle.run_job(config.load(site.config), job, out, err)
     assert status == 0, err.getvalue().decode()
@@ -62,7 +71,19 @@ def _run(site: Site, image: str, extra: str) -> tuple[JobSpec, list[str], str]:
 
 
 def _assert_identity(job: JobSpec, lines: list[str]) -> None:
-    assert lines[0] == "uid=4242 gid=4343 groups=4343,5000 user=alice"
+    fields = dict(f.split("=", 1) for f in lines[0].split())
+    assert (fields["uid"], fields["gid"], fields["user"], fields["group"]) == (
+        "4242",
+        "4343",
+        "alice",
+        "physics",
+    )
+    # The node's names where the image allows them (any order after the primary group).
+    gids, names = fields["groups"].split(","), fields["names"].split(",")
+    assert (gids[0], names[0]) == ("4343", "physics")
+    assert sorted(zip(gids[1:], names[1:], strict=True)) == sorted(
+        [("20", "dialout"), ("5000", "atlas"), ("5100", "vmbatch-g5100")]
+    )  # not 27 (the image's sudo), not docker
     assert lines[1] == f"host=vmbatch-{job.job_id}"
     assert lines[2] == "home=/home/alice owner=4242:4343"
     assert "Permission denied (publickey)" in lines[3]  # no password login offered
@@ -87,6 +108,8 @@ def test_cloud_init_creates_the_job_user(site: Site, debian_dir: Path, method: s
     assert lines[4] == "status: done"  # cloud-init finished without errors
     assert lines[5] == "site snippet applied"  # the site's snippet was merged
     assert "Datasource DataSourceNoCloud" in console
+    # The boot script says why gid 27 is left out (cloud-init copies bootcmd's output).
+    assert "vmbatch: groups: not given: gid 27 (mysql on the node) is the image's" in console
     assert "Invalid cloud-config" not in console  # our user-data passes cloud-init's schema
     assert _sha(debian_dir / "disk.qcow2") == before
 

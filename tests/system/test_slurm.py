@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.system.conftest import SlurmSite
+from tests.system.conftest import NodeGroups, SlurmSite
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 
@@ -31,6 +31,36 @@ def test_plain_job_runs_in_a_vm_with_its_exit_code(slurm: SlurmSite) -> None:
     assert any(f"JobId={job_id} " in ln and "ExitCode=7:0" in ln for ln in slurm.cluster.jobcomp())
     (record,) = slurm.bs.records()
     assert (record["job_id"], record["exit_status"], record["image"]) == (job_id, 7, "demo")
+
+
+def test_job_has_the_nodes_group_names_except_privileged_ones(
+    slurm: SlurmSite, node_groups: NodeGroups
+) -> None:
+    job_id = slurm.submit("#!/bin/sh\necho primary=$(id -gn)\necho all=$(id -Gn)\n")
+    job = slurm.settled(job_id)
+    assert job["ExitCode"] == "0:0", slurm.output(job_id)
+    out = dict(ln.split("=", 1) for ln in slurm.output(job_id).splitlines() if "=" in ln)
+    primary, node_all = node_groups.node_view(slurm.user)
+    assert primary == slurm.user.name and {node_groups.plain, node_groups.privileged} <= set(
+        node_all
+    )  # the node gives both
+    assert out["primary"] == primary
+    assert out["all"].split() == [g for g in node_all if g != node_groups.privileged]
+
+
+def test_a_script_for_an_interpreter_the_image_lacks_names_it_and_the_image(
+    slurm: SlurmSite,
+) -> None:
+    job_id = slurm.submit("#!/bin/bash\necho should-not-run\n")  # the tiny guest: busybox
+    job = slurm.settled(job_id)
+    out = slurm.output(job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "127:0"), out
+    assert (
+        "vmbatch: cannot run the job script: its interpreter /bin/bash is not in image 'demo'"
+        " (first line: #!/bin/bash)\n"
+        "vmbatch: install it in the image, or change the script's first line (e.g. #!/bin/sh)\n"
+    ) in out
+    assert "should-not-run" not in out and "not found" not in out
 
 
 def test_a_job_exiting_with_the_requeue_status_itself_is_not_requeued(

@@ -15,7 +15,7 @@ import yaml
 
 from vmbatch import config
 from vmbatch.config import ContextName
-from vmbatch.contextualize import REGISTRY, ContextSpec, get_method, sshd
+from vmbatch.contextualize import REGISTRY, ContextSpec, get_method, groups, sshd
 from vmbatch.contextualize.keys import generate
 from vmbatch.contextualize.nocloud import build_iso, load_site_user_data, meta_data, user_data
 from vmbatch.errors import ConfigError, Disposition, JobError
@@ -112,16 +112,27 @@ def test_user_data_creates_the_job_user_with_exact_ids_and_no_root_access() -> N
         "shell": "/bin/bash",
         "lock_passwd": True,
         "ssh_authorized_keys": list(spec.authorized_keys),
-        "groups": "5000",
-    }
+    }  # no "groups": the boot script gives them (cloud-init would also give left-out ones)
     assert "ssh_authorized_keys" not in data  # nothing for root or the default user
     assert data["disable_root"] is True and data["ssh_pwauth"] is False
     assert data["bootcmd"] == [
         sshd.prepend_command(),  # first: see test_sshd_refuses_passwords_...
-        "getent group 4343 >/dev/null || groupadd -g 4343 physics || groupadd -g 4343"
-        " vmbatch-g4343",
-        "getent group 5000 >/dev/null || groupadd -g 5000 atlas || groupadd -g 5000 vmbatch-g5000",
+        groups.boot_script(groups.plan(ALICE)),  # run for real in tests/integration
     ]
+
+
+def test_groups_script_gets_the_node_groups_but_no_privileged_one() -> None:
+    user = dataclasses.replace(ALICE, groups=(("atlas", 5000), ("sudo", 27), ("lab", 5001)))
+    spec = dataclasses.replace(_spec(user=user), privileged_groups=frozenset({"lab"}))
+    text = user_data(spec)
+    script = yaml.safe_load(text)["bootcmd"][1]
+    calls = [ln for ln in script.splitlines() if ln.startswith("group ")]
+    assert calls == ["group physics 4343 primary", "group atlas 5000 member"]
+    privileged = shlex.split(next(ln for ln in script.splitlines() if ln.startswith("P=")))[0]
+    assert {"sudo", "wheel", "docker", "adm", "lab"} <= set(privileged[2:].split())
+    # A literal block: the tiny guest's init runs exactly those items of bootcmd.
+    assert "\n- |-\n  (\n  " + groups.MARKER + "\n" in text
+    assert "\t" not in script and not any(ln.endswith(" ") for ln in script.splitlines())
 
 
 @pytest.mark.parametrize("user", [ALICE, None], ids=["job-user", "root-debug"])

@@ -53,7 +53,7 @@ def test_images_without_shadow_files_get_a_locked_passwd_field() -> None:
     passwd, group, shadow, gshadow = add_account(ALICE, PASSWD, "root::0:\n", None, None, 1)
     assert _lines(passwd)[-1][1] == "!"
     assert shadow is None and gshadow is None
-    assert ["physics", "", "4343", ""] in _lines(group)
+    assert ["physics", "x", "4343", ""] in _lines(group)
 
 
 def test_injecting_twice_changes_nothing() -> None:

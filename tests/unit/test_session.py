@@ -74,6 +74,19 @@ def test_start_script_changes_to_the_workdir_or_says_why_not() -> None:
     assert "does not exist in the guest" in line
 
 
+def test_start_script_names_the_image_as_one_quoted_value_before_exec() -> None:
+    # Run by sh, dash, bash and busybox in tests/integration/test_start_script.py.
+    image = "it's; $(reboot)\n`id`"
+    text = start_script({"PATH": "/bin"}, "/w", ("a",), image)
+    assignment = text[text.index("vmbatch_where=") : text.index("\n(\n")]
+    assert shlex.split(assignment) == [f"vmbatch_where=image '{image}'"]  # one word
+    lines = text.splitlines()
+    cd = next(i for i, ln in enumerate(lines) if ln.startswith("cd -- /w || "))
+    assert cd < lines.index("(")
+    assert lines[-2:] == [") || exit 127", 'exec "$1/job" a']  # the check, then exec
+    assert "vmbatch_where='the guest'\"'\"'s image'" in start_script({}, None)
+
+
 def test_command_script_runs_argv_exactly() -> None:
     script = command_script(("printf", "%s\n", "$(x)", "a b")).decode()
     assert script.startswith("#!/bin/sh\n")

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vmbatch.contextualize.groups import PRIVILEGED
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.job import JobUser
 from vmbatch.libvirt.domain import DiskSpec
@@ -28,6 +29,9 @@ class ContextSpec:
     #: Keys for root, held by vmbatch only (mounting shared filesystems needs root); empty
     #: unless the site has ``[mounts]``, so no job's guest accepts a root login otherwise.
     admin_keys: tuple[str, ...] = ()
+    #: Group names never given to the job's user in the guest (:mod:`.groups`):
+    #: the built-in list plus ``[context].privileged_groups``.
+    privileged_groups: frozenset[str] = PRIVILEGED
 
     @property
     def login_user(self) -> str:

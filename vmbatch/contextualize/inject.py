@@ -31,6 +31,9 @@ What is written (paths in the guest):
 
 - ``/etc/passwd``, ``/etc/group``, ``/etc/shadow``, ``/etc/gshadow`` (the last two if they
   exist): the job's user with its uid, primary gid and groups, locked password (``!``);
+  the groups with the node's names and gids, by the rules of :mod:`.groups` (the same
+  as the cloud-init methods' boot script; privileged groups are never given; a primary
+  gid that is a privileged group of the image refuses the job);
 - the home directory (0700) and ``~/.ssh/authorized_keys`` (0700/0600, owned by the user);
 - ``/etc/ssh/ssh_host_ed25519_key`` (0600) and ``.pub``; every other ``ssh_host_*`` file
   is removed so sshd serves only the pinned key;
@@ -57,12 +60,12 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vmbatch import accel, faults, process
 from vmbatch.config import Config
-from vmbatch.contextualize import sshd
+from vmbatch.contextualize import groups, sshd
 from vmbatch.contextualize.base import ContextSpec
 from vmbatch.errors import (
     CommandError,
@@ -107,19 +110,19 @@ def add_account(
     shadow: str | None,
     gshadow: str | None,
     today: int,
+    privileged: Iterable[str] = groups.PRIVILEGED,
 ) -> tuple[str, str, str | None, str | None]:
     """Add ``user`` to the account databases; return the new (passwd, group, shadow, gshadow).
 
     An existing account of that name is accepted only with the same uid and gid (it is then
     left as it is, apart from group memberships); otherwise ImageError, as with NoCloud.
-    Each group is found by gid; a missing one is created with the job's group name, or
-    ``vmbatch-gGID`` if that name belongs to another gid. The user becomes a member of its
-    supplementary groups. The password is locked (``!``): keys only.
+    The groups follow :mod:`.groups` (the node's names and gids; privileged groups never
+    given; clashes with the image's groups logged). The password is locked (``!``): keys
+    only.
     """
-    pw, gr = _entries(passwd), _entries(group)
+    pw = _entries(passwd)
     sh = _entries(shadow) if shadow is not None else None
-    gsh = _entries(gshadow) if gshadow is not None else None
-    if any(len(e) < 7 for e in pw) or any(len(e) < 4 for e in gr):
+    if any(len(e) < 7 for e in pw) or any(len(e) < 4 for e in _entries(group)):
         raise ImageError("the image's /etc/passwd or /etc/group is malformed; refused")
     mine = [e for e in pw if e[0] == user.name]
     if mine:
@@ -136,33 +139,10 @@ def add_account(
                    "", user.home, user.shell])  # fmt: skip
         if sh is not None and not any(e[0] == user.name for e in sh):
             sh.append([user.name, "!", str(today), "0", "99999", "7", "", "", ""])
-    for name, gid in [(user.group, user.gid), *user.groups]:
-        member = gid != user.gid
-        found = [e for e in gr if e[2] == str(gid)]
-        if found:
-            entry = found[0]
-            if member:
-                members = [m for m in entry[3].split(",") if m]
-                if user.name not in members:
-                    entry[3] = ",".join([*members, user.name])
-                if gsh is not None:
-                    for g in gsh:
-                        if g[0] == entry[0] and len(g) >= 4:
-                            gm = [m for m in g[3].split(",") if m]
-                            if user.name not in gm:
-                                g[3] = ",".join([*gm, user.name])
-            continue
-        if any(e[0] == name for e in gr):
-            name = f"vmbatch-g{gid}"
-        gr.append([name, "x" if gsh is not None else "", str(gid), user.name if member else ""])
-        if gsh is not None:
-            gsh.append([name, "!", "", user.name if member else ""])
-    return (
-        _join(pw),
-        _join(gr),
-        _join(sh) if sh is not None else None,
-        _join(gsh) if gsh is not None else None,
-    )
+    new_group, new_gshadow, notes = groups.apply(groups.plan(user, privileged), group, gshadow)
+    for note in notes:
+        log.warning("offline injection: groups: %s", note)
+    return _join(pw), new_group, _join(sh) if sh is not None else None, new_gshadow
 
 
 def sshd_config(original: str, user: JobUser | None, admin: bool = False) -> str:
@@ -411,7 +391,10 @@ class Inject:
             if passwd is None or group is None:
                 raise ImageError("offline injection: the image has no /etc/passwd or /etc/group")
             shadow, gshadow = read("/etc/shadow"), read("/etc/gshadow")
-            new = add_account(user, passwd, group, shadow, gshadow, int(time.time() // 86400))
+            new = add_account(
+                user, passwd, group, shadow, gshadow, int(time.time() // 86400),
+                spec.privileged_groups,
+            )  # fmt: skip
             write("/etc/passwd", new[0], 0o644)
             write("/etc/group", new[1], 0o644)
             if new[2] is not None:

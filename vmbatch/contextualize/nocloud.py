@@ -27,14 +27,17 @@ image whose cloud-init does not run ``bootcmd`` keeps its own sshd settings (and
 the job's groups too).
 
 The job's user (``users``, cloud-init's users-groups module, 22.4 as in Debian 12): name,
-``uid``, ``primary_group`` and ``groups`` by *number*, ``homedir``, ``shell``,
-``lock_passwd: true`` (no password login) and the per-job key in ``ssh_authorized_keys``;
-no ``default`` entry, so the image's default user gets no key; ``create_groups: false``,
-because cloud-init would otherwise create a group *named* "4242" for a numeric group.
-The groups themselves are made with their exact gids by a ``bootcmd`` (which runs before
-users-groups): for each, ``groupadd -g GID NAME`` unless a group with that gid exists,
-falling back to the name ``vmbatch-gGID`` if NAME is taken by another gid. All values are
-validated by :class:`~vmbatch.job.JobUser` and quoted with ``shlex.quote`` as well.
+``uid``, ``primary_group`` by *number*, ``homedir``, ``shell``, ``lock_passwd: true`` (no
+password login) and the per-job key in ``ssh_authorized_keys``; no ``default`` entry, so the
+image's default user gets no key; ``create_groups: false``, because cloud-init would
+otherwise create a group *named* "4242" for a numeric group; no ``groups``: the job's
+groups, with the node's names and gids, and its memberships are made by the second
+``bootcmd`` (which runs before users-groups), the script of
+:func:`vmbatch.contextualize.groups.boot_script` (its module doc has the rules: privileged
+groups are never given, clashes with the image's groups are resolved and logged). It is
+a multi-line string, so the dumper writes it as a literal block (the tiny test guest runs
+the literal-block items of ``bootcmd``). All values are validated by
+:class:`~vmbatch.job.JobUser` and quoted with ``shlex.quote`` as well.
 Root gets no key and ``disable_root: true``, unless the site mounts shared filesystems: then
 vmbatch's per-job admin key goes to root through a ``users`` entry named ``root`` (for an
 existing user cloud-init skips the creation but still installs ``ssh_authorized_keys``;
@@ -57,7 +60,6 @@ same files, relying on this exact layout (see ``guests/tiny/init``).
 from __future__ import annotations
 
 import io
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,7 @@ import yaml
 from vmbatch.config import Config
 from vmbatch.contextualize import sshd
 from vmbatch.contextualize.base import ContextSpec
+from vmbatch.contextualize.groups import boot_script, plan
 from vmbatch.errors import ConfigError
 from vmbatch.libvirt.domain import DiskSpec
 from vmbatch.state import JobDir
@@ -136,12 +139,6 @@ def _dump(data: dict[str, Any]) -> str:
     )
 
 
-def _group_command(name: str, gid: int) -> str:
-    """Shell command making sure a group with ``gid`` exists (see the module doc)."""
-    g, n, alt = shlex.quote(str(gid)), shlex.quote(name), shlex.quote(f"vmbatch-g{gid}")
-    return f"getent group {g} >/dev/null || groupadd -g {g} {n} || groupadd -g {g} {alt}"
-
-
 def user_data(spec: ContextSpec) -> str:
     """The ``#cloud-config`` document for ``spec``."""
     data: dict[str, Any] = {
@@ -156,8 +153,7 @@ def user_data(spec: ContextSpec) -> str:
     if user is None:
         data["ssh_authorized_keys"] = [*spec.authorized_keys, *spec.admin_keys]
     else:
-        groups = [(user.group, user.gid), *user.groups]
-        data["bootcmd"] += [_group_command(name, gid) for name, gid in groups]
+        data["bootcmd"].append(boot_script(plan(user, spec.privileged_groups)))
         entry: dict[str, Any] = {
             "name": user.name,
             "uid": user.uid,
@@ -168,8 +164,6 @@ def user_data(spec: ContextSpec) -> str:
             "lock_passwd": True,
             "ssh_authorized_keys": list(spec.authorized_keys),
         }
-        if user.groups:
-            entry["groups"] = ",".join(str(gid) for _, gid in user.groups)
         data["users"] = [entry]
         if spec.admin_keys:
             root = {"name": "root", "lock_passwd": True, "ssh_authorized_keys": [*spec.admin_keys]}

@@ -423,6 +423,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         kill_grace=cfg.job.kill_grace,
         step=job.step,
         srun=job.scheduler == "slurm",
+        image=str(info.get("image") or ""),
     )
     session = Session(
         connect=lambda: ssh.connect(endpoint),
