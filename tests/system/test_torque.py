@@ -435,3 +435,47 @@ def test_cleanup_finishes_a_job_whose_epilogue_never_ran(
     assert done.returncode == 0, done.stderr.decode()
     assert not libvirt_conn.is_running(domain_name(mom.job_id))
     assert not batch_site.leftovers()
+
+
+def _on_terminal(mom: Mom, argv: list[str], privileged: bool = False) -> tuple[int, bytes]:
+    """The starter as pbs_mom runs it for ``qsub -I``: the user's terminal as stdin and
+    output (here a pseudo-terminal this test reads), ``SHELL [-c COMMAND]`` as arguments."""
+    u = mom.bs.user
+    master, slave = os.openpty()
+    env = {"PBS_JOBID": mom.job_id, "HOME": str(u.home), "PATH": "/bin:/usr/bin",
+           "TERM": "xterm", **mom.bs.env}  # fmt: skip
+    starter = mom.shim() if privileged else BIN / "vmbatch-starter"
+    proc = subprocess.Popen(
+        [str(starter), *argv], env=env, cwd=u.home, stdin=slave, stdout=slave, stderr=slave,
+        start_new_session=True,
+        **({} if privileged else {"user": u.uid, "group": u.gid, "extra_groups": []}),
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)  # ends with EIO once the starter has exited
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return proc.wait(timeout=300), seen
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_interactive_job_runs_its_shell_on_a_terminal_in_the_vm(batch_site: BatchSite) -> None:
+    """``qsub -I -x COMMAND``: the shell runs the command on a terminal in the guest."""
+    mom = Mom(batch_site, "")
+    assert mom.prologue().returncode == 0
+    status, seen = _on_terminal(mom, ["/bin/bash", "-c", "tty; cat /proc/cmdline; exit 6"])
+    assert status == 6, seen
+    assert b"your shell /bin/bash is not in the job's VM; starting /bin/sh" in seen  # busybox
+    assert b"/dev/pts/" in seen and MARKER.encode() in seen, seen
+    # A privileged starter has no trusted job id for an interactive job: refused.
+    status, seen = _on_terminal(mom, ["/bin/sh"], privileged=True)
+    assert status == 65 and b"interactive jobs (qsub -I) cannot be started" in seen, seen
+    assert mom.epilogue(status).returncode == 0

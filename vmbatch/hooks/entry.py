@@ -24,6 +24,7 @@ import logging
 import os
 import pwd
 import re
+import shlex
 import socket
 import sys
 import time
@@ -257,7 +258,12 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         # As root (Torque's run_privileged) the environment is the job's: qsub -v sets it.
         cfg = _load(path, honour_env=not privileged)
-        job = _slurm_starter(argv) if is_slurm else _torque_starter(cfg, env, privileged)
+        if is_slurm:
+            job = _slurm_starter(argv)
+        elif os.isatty(0):  # qsub -I: the user's terminal, no script path on stdin
+            job = _torque_interactive(argv, env, privileged)
+        else:
+            job = _torque_starter(cfg, env, privileged)
         status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
         return reserved_status(cfg, status) if is_slurm else status
     except JobInterruptedError as exc:
@@ -385,6 +391,44 @@ def _torque_starter(
     if privileged:
         _become_job_user(cfg, job_id)
     return batch.StarterJob(job_id, script, args, dict(env), None)
+
+
+def _torque_interactive(
+    argv: Sequence[str], env: Mapping[str, str], privileged: bool
+) -> batch.StarterJob:
+    """``qsub -I``: pbs_mom runs ``$job_starter SHELL [-c COMMAND]`` (``qsub -x``) with the
+    user's terminal as stdin instead of the script pipe (Torque 6.1 ``start_exec.c``:
+    ``setup_interactive_command_if_present``, ``mom_jobstarter_execute_job``). The shell
+    (or the command) runs on a terminal in the job's VM.
+
+    The job id is ``PBS_JOBID``, from the job's environment: as the user that gains
+    nothing (only the user's own VM directory is readable). As root there is no trusted
+    source for it (no script file names the job), so the privileged starter refuses."""
+    if privileged:
+        raise JobError(
+            "interactive jobs (qsub -I) cannot be started by a privileged job starter (no"
+            " trusted job id); not started",
+            hint="use nodes without $job_starter_run_privileged (docs/admin-torque.md)",
+        )
+    job_id = batch.check_job_id(env.get("PBS_JOBID", ""))
+    shell = argv[1] if len(argv) > 1 and argv[1].startswith("/") else "/bin/sh"
+    command = tuple(argv[2:4]) if len(argv) >= 4 and argv[2] == "-c" else ()
+    return batch.StarterJob(
+        job_id, interactive_shell_script(shell, command), (), dict(env), None, stdin=0
+    )
+
+
+def interactive_shell_script(shell: str, command: tuple[str, ...] = ()) -> bytes:
+    """A job script that runs the user's shell in the VM (``/bin/sh`` if the image has
+    none such, saying so), with ``-c COMMAND`` if given."""
+    q = shlex.quote(shell)
+    return (
+        "#!/bin/sh\n"
+        f"s={q}\n"
+        'command -v -- "$s" >/dev/null 2>&1 || { printf \'vmbatch: your shell %s is not in'
+        " the job'\\''s VM; starting /bin/sh\\n' \"$s\" >&2; s=/bin/sh; }\n"
+        f'exec "$s" {shlex.join(command)}\n'
+    ).encode()
 
 
 def _privileged_job_id(path: str, job_id: str | None, claimed: str | None) -> str:
