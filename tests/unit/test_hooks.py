@@ -493,3 +493,14 @@ def test_task_prolog_refuses_a_step_outside_the_vm_of_a_job_that_has_one(
     assert entry.run_starter(argv, env) == 1
     spool.chmod(0o755)
     assert entry.run_starter(argv, {}) == 0  # not a Slurm job
+
+
+def test_the_step_comes_from_the_bundle_copy_when_oci_conf_passes_no_step_id() -> None:
+    from vmbatch.hooks import slurm
+
+    def name(d: str) -> str | None:
+        return slurm.step_name(slurm.step_of_bundle(Path("/spool") / d))
+
+    assert name("oci-job00042-00003") == "3" and name("oci-job00042-batch") is None
+    assert name("oci-job1234567-interactive") == "interactive"
+    assert name("somewhere-else") is None  # not slurmstepd's copy: the batch script

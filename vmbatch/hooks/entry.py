@@ -345,7 +345,7 @@ def _slurm_starter(argv: Sequence[str]) -> batch.StarterJob:
     bundle = Path.cwd()
     if not (bundle / "config.json").is_file() and len(argv) > 3:
         bundle = Path(argv[3])
-    step = slurm.step_name(argv[4] if len(argv) > 4 else "")
+    step = slurm.step_name(argv[4] if len(argv) > 4 else slurm.step_of_bundle(bundle))
     args, env, cwd = slurm.bundle_process(bundle)
     if step is None:
         first = Path(args[0])

@@ -68,6 +68,16 @@ def step_name(step_id: str) -> str | None:
     return str(int(step_id))
 
 
+def step_of_bundle(bundle: Path) -> str:
+    """The step id from the name of slurmstepd's bundle copy, ``oci-job<id>-<step>``
+    (``container.c``: ``_generate_bundle_path``), for an oci.conf whose RunTimeRun passes
+    no ``%s``: else every step of a job would share the batch script's guest directory."""
+    m = re.fullmatch(r"oci-job\d+-(\d+|batch|interactive)", bundle.name)
+    if m is None:
+        return ""
+    return {"batch": BATCH_STEP, "interactive": INTERACTIVE_STEP}.get(m.group(1), m.group(1))
+
+
 def step_program(args: tuple[str, ...], cwd: str | None) -> tuple[bytes | None, tuple[str, ...]]:
     """What a step (``srun ARGS``) runs in the VM: ``(script, args)`` where a script file
     named with a path is sent by content, like the batch script (the VM may not see the
