@@ -43,9 +43,7 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     for name in sorted(cfg.images):
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
-    requeue = _slurm_requeue(cfg)
-    if requeue is not None:
-        checks.append(requeue)
+    checks += _slurm_checks(cfg)
     for name in sorted(cfg.mounts):
         checks.append(_mount(cfg.mounts[name]))
     return checks
@@ -97,21 +95,44 @@ def exit_codes(text: str) -> set[int]:
     return codes
 
 
-def _slurm_requeue(cfg: Config) -> Check | None:
-    """On a Slurm node, slurm.conf must list ``[batch].requeue_exit`` in ``RequeueExit`` and
-    ``hold_exit`` in ``RequeueExitHold``, or the failure policy's requeue ends the job
-    (``ExitCode=199``) instead. None where Slurm cannot be asked (no scontrol, Torque)."""
+def _slurm_checks(cfg: Config) -> list[Check]:
+    """What slurm.conf must say for vmbatch (``scontrol show config``); nothing where
+    Slurm cannot be asked (no scontrol, Torque)."""
     if not cfg.tools.scontrol.exists() or not slurm.config_present(os.environ):
-        return None
+        return []
     try:
         out = slurm.scontrol(cfg, "show", "config", env=os.environ)
     except VmBatchError:
-        return None
+        return []
     values = {}
     for line in out.splitlines():
         key, sep, value = line.partition("=")
         if sep:
             values[key.strip()] = value.strip()
+    return [_slurm_requeue(cfg, values), _slurm_steps(values)]
+
+
+def _slurm_steps(values: dict[str, str]) -> Check:
+    """``srun`` steps reach the VM only through ``cli_filter.lua`` (docs/admin-slurm.md);
+    the TaskProlog is the safety net for steps that do not."""
+    plugins = values.get("CliFilterPlugins", "")
+    task_prolog = values.get("TaskProlog", "")
+    if "lua" not in plugins:
+        return Check(
+            False,
+            "slurm steps",
+            f"CliFilterPlugins is {plugins or '(null)'}: srun steps name no container and run"
+            " on the node, outside the job's VM",
+            "add CliFilterPlugins=lua and install conf/slurm/cli_filter.lua next to slurm.conf"
+            " on every host that runs srun (docs/admin-slurm.md)",
+        )
+    net = f"TaskProlog={task_prolog}" if task_prolog not in ("", "(null)") else "no TaskProlog"
+    return Check(True, "slurm steps", f"CliFilterPlugins={plugins}, {net}")
+
+
+def _slurm_requeue(cfg: Config, values: dict[str, str]) -> Check:
+    """``[batch].requeue_exit`` must be in ``RequeueExit`` and ``hold_exit`` in
+    ``RequeueExitHold``, or the failure policy's requeue ends the job (``ExitCode=199``)."""
     want = [("RequeueExit", cfg.batch.requeue_exit), ("RequeueExitHold", cfg.batch.hold_exit)]
     missing = [f"{k}={c}" for k, c in want if c and c not in exit_codes(values.get(k, ""))]
     if missing:

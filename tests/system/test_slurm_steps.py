@@ -42,6 +42,10 @@ def test_srun_runs_its_command_in_the_jobs_vm_with_the_exit_status(slurm: SlurmS
     (record,) = _ended(slurm, 1)
     assert record["exit_status"] == 3, record
 
+    env = {**os.environ, **slurm.cluster.env()}
+    doctor = slurm.bs.site.vmbatch("doctor", env=env).stdout.decode()
+    assert "ok   slurm steps: CliFilterPlugins=lua, TaskProlog=/" in doctor, doctor
+
     missing = slurm.srun("no-such-command", "x")
     assert missing.returncode == 127, missing
     assert b"vmbatch: no-such-command: command not found in the job's VM" in missing.stderr

@@ -158,3 +158,12 @@ def test_process_identity_tells_a_reused_pid_apart() -> None:
     assert not state.is_alive(f"{pid}:{int(start) + 1}:{boot}")  # same PID, later process
     assert not state.is_alive(f"{pid}:{start}:another-boot")
     assert not state.is_alive("") and not state.is_alive("x:1:2")
+
+
+def test_doctor_says_when_srun_steps_would_run_outside_the_vm() -> None:
+    from vmbatch import doctor
+
+    bad = doctor._slurm_steps({"CliFilterPlugins": "(null)", "TaskProlog": "(null)"})
+    assert not bad.ok and "run on the node, outside the job's VM" in bad.detail
+    good = doctor._slurm_steps({"CliFilterPlugins": "lua", "TaskProlog": "/x/taskprolog"})
+    assert good.ok and good.detail == "CliFilterPlugins=lua, TaskProlog=/x/taskprolog"
