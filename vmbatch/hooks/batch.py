@@ -41,6 +41,7 @@ from vmbatch import accel, faults, lifecycle, limits, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
+    GuestLostError,
     HostError,
     JobBusyError,
     JobError,
@@ -279,6 +280,7 @@ def _prologue_locked(
             "user": identity.name,
             "host_key": guest.endpoint.host_key.public_openssh,
             "workdir": bj.workdir,
+            "memory_limit_mib": spec.memory_limit,
         }
         userdir.create(
             identity.uid,
@@ -456,6 +458,14 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
             session.start()
         faults.point(cfg, "starter.job_started")
         return session.follow(out, err)
+    except GuestLostError as exc:
+        limit = info.get("memory_limit_mib")
+        if isinstance(limit, int):
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                f"the host's kernel stops a VM whose QEMU passes its memory limit of {limit}"
+                " MiB (the job's memory, QEMU's own share included)"
+            )
+        raise
     finally:
         if session.client is not None:
             session.client.close()
@@ -540,6 +550,7 @@ def _finish_locked(
     name = record.domain if record and record.domain else domain_name(job_id)
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
+    usage = _qemu_usage(cfg, name) if account else None
     try:
         if (
             record is not None
@@ -567,7 +578,7 @@ def _finish_locked(
         UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
     faults.point(cfg, "finish.userdir_removed")
     if account and not (record is not None and record.accounted):
-        write_accounting(cfg, job_id, record, exit_status)
+        write_accounting(cfg, job_id, record, exit_status, usage)
         if record is not None:  # an epilogue killed from here on writes no second line
             store.write(dataclasses.replace(record, accounted=True))
         faults.point(cfg, "finish.accounted")
@@ -609,8 +620,24 @@ def _job_domains(
     raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
+def _qemu_usage(cfg: Config, name: str) -> limits.QemuUsage | None:
+    """The usage of the job's QEMU so far, read before it is destroyed (None: none runs).
+    The scheduler does not see it: QEMU is libvirtd's child, in libvirt's cgroup, not in
+    the job's (docs/admin-slurm.md, docs/admin-torque.md "Accounting")."""
+    from vmbatch.reaper import find_qemus  # the reaper imports this module
+
+    for qemu in find_qemus(cfg.paths.job_dir, cfg.tools.qemu_system):
+        if qemu.name == name:
+            return limits.qemu_usage(qemu.pid)
+    return None
+
+
 def write_accounting(
-    cfg: Config, job_id: str, record: Record | None, exit_status: int | None
+    cfg: Config,
+    job_id: str,
+    record: Record | None,
+    exit_status: int | None,
+    usage: limits.QemuUsage | None = None,
 ) -> None:
     """Append one JSON line for the job to ``[batch].accounting_log`` (best effort)."""
     now = time.time()
@@ -628,6 +655,10 @@ def write_accounting(
         "run_seconds": run,
         "exit_status": exit_status,
         "cause": record.cause if record else "no prologue state (prologue did not run)",
+        "cpus": record.cpus if record else None,
+        "memory_limit_mib": record.memory_limit_mib if record else None,
+        "qemu_cpu_seconds": usage.cpu_seconds if usage else None,
+        "qemu_peak_rss_mib": usage.peak_rss_mib if usage else None,
     }
     path = cfg.batch.accounting_log
     try:
