@@ -255,3 +255,69 @@ def test_without_libvirt_cgroups_pinning_holds_and_a_memory_limit_is_refused(sit
             pytest.fail("the VM ran without its memory limit")
         with Connection(cfg.libvirt) as conn:
             assert conn.list_vmbatch() == []  # the VM refused its limit was destroyed
+
+
+def _starter_cpus(job_id: str, uid: int) -> frozenset[int]:
+    """Cpus_allowed_list of the job's starter (``vmbatch-starter slurm JOBID``, the batch
+    step's process, in the step's cgroup), found by its command line and the user's uid."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            starter = [a.endswith(b"/vmbatch-starter") for a in argv].index(True)
+            if entry.stat().st_uid != uid or argv[starter + 1 : starter + 3] != [
+                b"slurm",
+                job_id.encode(),
+            ]:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        m = re.search(r"^Cpus_allowed_list:\s*(\S+)$", status, re.M)
+        assert m, status
+        return parse_cpu_list(m[1])
+    raise AssertionError(f"no starter of job {job_id} found")
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpuset/cpuset.cpus").exists(), reason="needs a cgroup v1 cpuset"
+)
+def test_with_task_cgroup_each_vm_runs_on_its_jobs_slurm_cpuset(batch_site: BatchSite) -> None:
+    """``TaskPlugin=task/cgroup`` with ``ConstrainCores=yes``: Slurm's own cpuset for each
+    job (where its batch step, the starter, runs) is exactly the CPUs of the job's VM. And
+    the reason vmbatch reads ``CPU_IDs`` instead of that cpuset: when the Prolog runs, even
+    with ``PrologFlags=Contain``, Slurm has not made the job's cgroup yet (the probe in
+    front of the Prolog finds none)."""
+    root = batch_site.site.root
+    probe = root / "probe-prolog"
+    probe.write_text(
+        "#!/bin/sh\n"
+        f"ls -d /sys/fs/cgroup/cpuset/slurm*/uid_*/job_$SLURM_JOB_ID > {root}/cg-$SLURM_JOB_ID"
+        " 2>/dev/null\n"
+        f"exec {root}/prolog\n"
+    )
+    probe.chmod(0o755)
+    cluster = vmbatch_cluster(
+        root,
+        batch_site.site.config,
+        extra_conf=["TaskPlugin=task/cgroup", "PrologFlags=Alloc,Contain", f"Prolog={probe}"],
+    )
+    (cluster.dir / "etc" / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=yes\n")
+    with cluster:
+        slurm = SlurmSite(batch_site, cluster)
+        jobs = [slurm.submit(TICKER), slurm.submit(TICKER)]
+        for job_id in jobs:
+            _wait_output(slurm, job_id, "started\n")
+        vms = {}
+        for job_id in jobs:
+            assert (root / f"cg-{job_id}").read_text() == ""  # no job cgroup at Prolog time
+            threads = _thread_cpus(_qemu_pid(slurm, job_id))
+            (vms[job_id],) = set(threads.values())
+            assert vms[job_id] == _starter_cpus(job_id, batch_site.user.uid)
+        assert not vms[jobs[0]] & vms[jobs[1]], vms
+        for job_id in jobs:
+            _scancel(slurm, job_id)
+        for job_id in jobs:
+            slurm.settled(job_id)
+        assert "DRAIN" not in cluster.node()["State"]
