@@ -340,3 +340,37 @@ def test_an_ambiguous_cpu_record_fails_the_job_not_the_node(tmp_path: Path) -> N
     record = StateStore(cfg.batch.state_dir).read("6")
     assert record is not None and record.phase == "failed"
     batch.finish(cfg, "6", exit_status=65, account=True)
+
+
+def test_memory_cgroup_presence_from_the_mounts(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\n")
+    assert not limits.memory_cgroup_present(mounts)
+    mounts.write_text("cgroup /x cgroup rw,nosuid,memory 0 0\n")
+    assert limits.memory_cgroup_present(mounts)
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("cpuset cpu io pids\n")
+    mounts.write_text(f"cgroup2 {unified} cgroup2 rw 0 0\n")
+    assert not limits.memory_cgroup_present(mounts)
+    (unified / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert limits.memory_cgroup_present(mounts)
+
+
+def test_the_accounting_line_carries_the_vms_cpus_limit_and_qemus_usage(tmp_path: Path) -> None:
+    import json
+
+    from vmbatch.hooks import batch
+    from vmbatch.hooks.jobstate import READY, Record
+
+    cfg = _site(tmp_path)
+    record = Record(
+        "9", "slurm", "u", phase=READY, started=1.0, boot_seconds=2.0, cpus="2-3",
+        memory_limit_mib=512,
+    )  # fmt: skip
+    batch.write_accounting(cfg, "9", record, 0, limits.QemuUsage(12.5, 300))
+    batch.write_accounting(cfg, "10", None, None)  # no prologue: nothing known
+    first, second = (json.loads(ln) for ln in cfg.batch.accounting_log.read_text().splitlines())
+    assert (first["cpus"], first["memory_limit_mib"]) == ("2-3", 512)
+    assert (first["qemu_cpu_seconds"], first["qemu_peak_rss_mib"]) == (12.5, 300)
+    assert [second[k] for k in ("cpus", "qemu_cpu_seconds", "qemu_peak_rss_mib")] == [None] * 3
