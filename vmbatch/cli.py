@@ -72,7 +72,11 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     required=True,
     help="Catalog image name (root may also give a path to a local image file).",
 )
-@click.option("--memory", type=click.IntRange(min=64), help="Guest memory in MiB.")
+@click.option(
+    "--memory",
+    type=click.IntRange(min=64),
+    help="Guest memory in MiB (QEMU may use that plus its own overhead: [limits]).",
+)
 @click.option("--vcpus", type=click.IntRange(min=1), help="Number of guest CPUs.")
 @click.option(
     "--user",

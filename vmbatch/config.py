@@ -81,6 +81,26 @@ class VmConfig:
     vcpus: int = 1
     boot_timeout: float = 180.0
     outbound_network: bool = True
+    #: TCG's translation-block cache per VM in MiB (0: QEMU's own default, 1 GiB); part of
+    #: QEMU's memory overhead (:class:`LimitsConfig`). Ignored under KVM.
+    tcg_tb_cache_mib: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Holding each job's VM to its allocation (docs/admin-guide.md "Resource limits")."""
+
+    #: Pin the VM's vCPU and QEMU threads to the host CPUs the scheduler allocated to the
+    #: job (Slurm's CPU_IDs, Torque's cpuset); unpinned where the scheduler names none.
+    pin_cpus: bool = True
+    #: A hard limit on the VM's QEMU (libvirt's memory cgroup): the job's memory allocation;
+    #: the guest gets the allocation less QEMU's overhead.
+    memory_limit: bool = True
+    #: QEMU's own memory beyond the guest's RAM, measured (docs/design.md, "QEMU's
+    #: memory"): fixed MiB per VM plus MiB per GiB of guest RAM; under TCG plus the
+    #: translation-block cache ([vm].tcg_tb_cache_mib) and its bookkeeping.
+    qemu_overhead_mib: int = 128
+    qemu_overhead_per_gib: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +221,8 @@ class BatchConfig:
     #: Upper bounds for one VM (0: the node's cores / memory less ``reserve_memory``).
     max_vcpus: int = 0
     max_memory: int = 0
-    #: MiB of the node's memory never given to VMs (host, QEMU overhead, page cache).
+    #: MiB of the node's memory kept for the host itself (system, daemons); QEMU's own
+    #: overhead is counted per VM (:class:`LimitsConfig`).
     reserve_memory: int = 1024
     #: Root-only directory of per-job state records (what each prologue created).
     state_dir: Path = Path("/var/lib/vmbatch/state")
@@ -314,6 +335,7 @@ class Config:
 
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     vm: VmConfig = field(default_factory=VmConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
@@ -331,6 +353,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "libvirt": LibvirtConfig,
     "vm": VmConfig,
+    "limits": LimitsConfig,
     "paths": PathsConfig,
     "tools": ToolsConfig,
     "ssh": SshConfig,
@@ -750,6 +773,15 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("vcpus", lambda v: v >= 1, "must be at least 1"),
         ("boot_timeout", lambda v: v > 0, "must be > 0 seconds"),
         ("accel_probe_timeout", lambda v: v > 0, "must be > 0 seconds"),
+        (
+            "tcg_tb_cache_mib",
+            lambda v: v >= 0,
+            "must be >= 0 (MiB; 0: QEMU's default of 1 GiB)",
+        ),
+    ),
+    "limits": (
+        ("qemu_overhead_mib", lambda v: v >= 0, "must be >= 0 (MiB)"),
+        ("qemu_overhead_per_gib", lambda v: v >= 0, "must be >= 0 (MiB per GiB)"),
     ),
     "tools": (("command_timeout", lambda v: v > 0, "must be > 0 seconds"),),
     "job": (("kill_grace", lambda v: v >= 0, "must be >= 0 seconds"),),

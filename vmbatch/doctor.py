@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch import accel, process
+from vmbatch import accel, limits, process
 from vmbatch.config import Config, MountConfig
 from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
 from vmbatch.hooks import slurm
+from vmbatch.hooks.batch import host_memory_mib
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.images.catalog import check_trusted, inspect
 from vmbatch.images.disks import check_free_space
@@ -67,7 +68,36 @@ def node_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     if cfg.paths.console_log_dir is not None:
         checks.append(_directory("console log directory", cfg.paths.console_log_dir))
     checks.append(_free_space(cfg))
+    checks.append(_limits(cfg))
     return checks
+
+
+def _limits(cfg: Config) -> Check:
+    """[limits]: can libvirt hold VMs to a memory limit here, and what a VM costs."""
+    lim = cfg.limits
+    what = "resource limits"
+    try:
+        domain_type = accel.choose(cfg).domain_type
+    except VmBatchError:
+        domain_type = "qemu"  # reported by the accelerator's own check
+    one_gib = limits.hard_limit_mib(cfg, 1024, domain_type)
+    usable = host_memory_mib() - cfg.batch.reserve_memory
+    detail = (
+        f"CPU pinning {'on' if lim.pin_cpus else 'off'}; memory limit"
+        f" {'on' if lim.memory_limit else 'off'}; a 1024 MiB guest takes {one_gib} MiB with"
+        f" QEMU ({'TCG' if domain_type == 'qemu' else 'KVM'}); VMs may use {usable} MiB of"
+        f" this node (its memory less [batch].reserve_memory: the most slurm.conf RealMemory"
+        f" should say)"
+    )
+    if lim.memory_limit and not limits.memory_cgroup_present():
+        return Check(
+            False,
+            what,
+            detail + "; but no cgroup memory controller is mounted: libvirt cannot limit VMs",
+            "mount the cgroup memory controller (cgroup_enable=memory on the kernel command"
+            " line), or set [limits].memory_limit = false",
+        )
+    return Check(True, what, detail)
 
 
 def _cooloffs(cfg: Config) -> list[Check]:

@@ -45,6 +45,7 @@ node's (drain/offline it with the cause as the reason). Only node faults take a 
     │   │   ├── LibvirtTimeoutError               node       libvirtd did not answer (hung)
     │   │   └── DomainDefinitionError  OFFLINE_NODE  node    libvirt rejected the domain XML
     │   ├── InjectionToolError         OFFLINE_NODE  node    libguestfs missing or broken
+    │   ├── ResourceLimitError         OFFLINE_NODE  node    cannot pin or limit a VM here
     │   └── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
     ├── GuestError                  REQUEUE       transient  the VM did not behave
     │   ├── GuestBootTimeoutError                 image      no SSH within boot_timeout
@@ -240,6 +241,14 @@ class DomainDefinitionError(LibvirtError):
 
 class InjectionToolError(HostError):
     """libguestfs, needed for offline injection, is missing or cannot start on this node."""
+
+    disposition = Disposition.OFFLINE_NODE
+    fault = Fault.NODE
+
+
+class ResourceLimitError(HostError):
+    """The node cannot hold a VM to its allocation as configured ([limits]): libvirt has
+    no memory cgroup, or the scheduler's CPUs are not this host's."""
 
     disposition = Disposition.OFFLINE_NODE
     fault = Fault.NODE

@@ -169,6 +169,11 @@ class JobSpec:
     workdir: str | None = None
     #: Wall-clock limit in seconds enforced inside the guest (0: none).
     walltime: int = 0
+    #: Host CPUs (OS numbering) the VM's threads are pinned to; empty: not pinned.
+    cpus: frozenset[int] = frozenset()
+    #: Hard limit in MiB on the VM's QEMU (guest RAM plus QEMU's overhead); None: the
+    #: guest's ``memory`` plus the overhead formula, if ``[limits].memory_limit``.
+    memory_limit: int | None = None
 
 
 def interactive(

@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 import paramiko
 
-from vmbatch import __version__, accel, faults, signals
+from vmbatch import __version__, accel, faults, limits, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, groups, inject, nocloud
 from vmbatch.contextualize.keys import generate
@@ -287,10 +287,14 @@ def start_vm(
             )
             seed_disks = get_method(image.context, cfg).prepare(ctx, jobdir)
         faults.point(cfg, "start.seed_written")
+        memory = job.memory or image.memory
+        limit = job.memory_limit
+        if limit is None and cfg.limits.memory_limit:
+            limit = limits.hard_limit_mib(cfg, memory, choice.domain_type)
         spec = DomainSpec(
             name=name,
             domain_type=choice.domain_type,
-            memory_mib=job.memory or image.memory,
+            memory_mib=memory,
             vcpus=job.vcpus or image.vcpus,
             machine=cfg.vm.machine,
             disks=(*disks, *seed_disks),
@@ -303,10 +307,12 @@ def start_vm(
             cmdline=image.cmdline,
             firmware=image.firmware,
             outbound_network=cfg.vm.outbound_network,
+            cpuset=tuple(sorted(job.cpus)),
+            tb_cache_mib=cfg.vm.tcg_tb_cache_mib,
         )
         with timer("create"):
             with signals.deferred():  # a VM started must be known to teardown
-                conn.create(name, build_xml(spec))
+                conn.create(name, build_xml(spec), memory_limit_mib=limit)
             faults.point(cfg, "start.domain_created")
             port = conn.forward_port(name, cfg.ssh.port)
         faults.point(cfg, "start.port_forwarded")

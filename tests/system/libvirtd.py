@@ -12,6 +12,7 @@ path in the namespace        why
 ``/etc/libvirt``             a copy without autostarted networks (the host's
                              ``default`` network would clash with the shared
                              daemon's bridge); ``qemu.conf`` + ``namespaces = []``
+                             and the caller's ``qemu_conf`` lines
 ``/run/libvirt``             sockets (``libvirt-sock``, ``virtlogd-sock``) and
                              the running domains' status XML
 ``/var/lib/libvirt``         per-domain directories (monitor sockets)
@@ -73,8 +74,10 @@ def kvm_usable() -> bool:
 class PrivateLibvirtd:
     """libvirtd + virtlogd of our own; ``uri`` reaches it. Use as a context manager."""
 
-    def __init__(self, base: Path, *, hide_kvm: bool | None = None) -> None:
+    def __init__(self, base: Path, *, hide_kvm: bool | None = None, qemu_conf: str = "") -> None:
+        """``qemu_conf``: lines appended to the private copy of ``qemu.conf``."""
         self.base = base
+        self.qemu_conf = qemu_conf
         self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.socket = base / "run" / "libvirt-sock"
         self.uri = f"qemu+unix:///system?socket={self.socket}"
@@ -93,10 +96,11 @@ class PrivateLibvirtd:
             shutil.copytree("/etc/libvirt", etc, symlinks=True)
             shutil.rmtree(etc / "qemu" / "networks" / "autostart", ignore_errors=True)
             shutil.rmtree(etc / "storage" / "autostart", ignore_errors=True)
-            if self.hide_kvm:
-                # libvirt's per-QEMU /dev cannot replicate our bind mount on /dev/kvm.
-                with (etc / "qemu.conf").open("a") as fh:
+            with (etc / "qemu.conf").open("a") as fh:
+                if self.hide_kvm:
+                    # libvirt's per-QEMU /dev cannot replicate our bind mount on /dev/kvm.
                     fh.write("\nnamespaces = []\n")
+                fh.write(f"\n{self.qemu_conf}\n" if self.qemu_conf else "")
         for _, sub, owner, mode in _DIRS:
             d = self.base / sub
             d.mkdir(mode=mode, exist_ok=True)

@@ -49,6 +49,7 @@ CASES = {
     ),
     "kvm-disk-boot": _spec(domain_type="kvm", vcpus=4, memory_mib=4096, outbound_network=False),
     "tcg-named-cpu": _spec(tcg_cpu_model="qemu64"),
+    "tcg-pinned": _spec(cpuset=(1, 2, 3, 6), tb_cache_mib=128),
     "extra-disks": _spec(
         disks=(
             DiskSpec(JOB / "overlay.qcow2", "qcow2"),
@@ -140,3 +141,18 @@ def test_disks_get_targets_and_slots_in_order_and_serials_are_checked() -> None:
         build_xml(_spec(disks=(DiskSpec(JOB / "x", "qcow2", serial="a" * 21),)))
     with pytest.raises(ValueError, match="serial"):
         build_xml(_spec(disks=(DiskSpec(JOB / "x", "qcow2", serial="a b"),)))
+
+
+def test_pinning_and_the_translation_cache() -> None:
+    root = ET.fromstring(build_xml(_spec(cpuset=(3, 0, 1), tb_cache_mib=64)))
+    vcpu = root.find("vcpu")
+    assert vcpu is not None and vcpu.text == "2"
+    assert (vcpu.get("placement"), vcpu.get("cpuset")) == ("static", "0-1,3")
+    assert root.findtext("features/tcg/tb-cache") == "64"
+    assert root.find("features/tcg/tb-cache").get("unit") == "MiB"  # type: ignore[union-attr]
+    plain = ET.fromstring(build_xml(_spec()))
+    assert plain.find("vcpu").attrib == {}  # type: ignore[union-attr]
+    assert plain.find("features/tcg") is None  # QEMU's own default cache
+    kvm = ET.fromstring(build_xml(_spec(domain_type="kvm", tb_cache_mib=64)))
+    assert kvm.find("features/tcg") is None  # no translation under KVM
+    assert root.find("memtune") is None  # set live: see Connection.create

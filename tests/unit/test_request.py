@@ -9,6 +9,7 @@ import pytest
 from vmbatch.errors import Disposition, JobError
 from vmbatch.hooks.request import (
     Resources,
+    VmSize,
     choose_image,
     directives,
     size_vm,
@@ -108,8 +109,8 @@ def test_image_choice_follows_the_allow_list() -> None:
 def test_vm_size_follows_the_request_within_the_node() -> None:
     node = {"host_cpus": 8, "host_memory": 16384, "reserve_memory": 2048}
     defaults = {"default_vcpus": 1, "default_memory": 1024}
-    assert size_vm(Resources(), **defaults, **node) == (1, 1024)
-    assert size_vm(Resources(vcpus=4, memory_mib=8192), **defaults, **node) == (4, 8192)
+    assert size_vm(Resources(), **defaults, **node) == VmSize(1, 1024, 1024)
+    assert size_vm(Resources(vcpus=4, memory_mib=8192), **defaults, **node) == VmSize(4, 8192, 8192)
     with pytest.raises(JobError, match="can have at most 8 "):
         size_vm(Resources(vcpus=9), **defaults, **node)
     with pytest.raises(JobError, match="at most 14336 MiB"):

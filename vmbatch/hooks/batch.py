@@ -32,15 +32,16 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import faults, lifecycle, signals, state
+from vmbatch import accel, faults, lifecycle, limits, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
+    GuestLostError,
     HostError,
     JobBusyError,
     JobError,
@@ -60,6 +61,7 @@ from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt import health
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
+from vmbatch.limits import cpu_list
 from vmbatch.retry import LIBVIRT_TEARDOWN_POLICY
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,10 @@ class BatchJob:
     workdir: str | None = None
     #: How often the scheduler ran the job before (Slurm's ``SLURM_JOB_RESTART_COUNT``).
     restarts: int = 0
+    #: Asks the scheduler which host CPUs (OS numbers) the job has on this node; None
+    #: (or a None answer): it does not say. Called by the prologue, inside its error
+    #: handling: a JobError from it fails the job, never the node.
+    find_cpus: Callable[[], frozenset[int] | None] | None = None
 
 
 def check_job_id(job_id: str) -> str:
@@ -104,11 +110,14 @@ def host_memory_mib() -> int:
 
 
 def job_spec(cfg: Config, bj: BatchJob, identity: JobUser) -> JobSpec:
-    """The VM a job gets: its image choice and size, checked against the site's rules."""
+    """The VM a job gets: its image choice, size and host CPUs, checked against the site's
+    rules. Its memory hard limit is the job's memory grant where the scheduler made one
+    (the guest gets the grant less QEMU's overhead, :mod:`vmbatch.limits`)."""
     wanted = directives(bj.script) if bj.script is not None else {}
     image = choose_image(wanted.get("image"), cfg.batch.default_image, cfg.batch.user_images)
     entry = cfg.images[image]
-    vcpus, memory = size_vm(
+    domain_type = accel.choose(cfg).domain_type
+    size = size_vm(
         bj.resources,
         default_vcpus=entry.vcpus or cfg.vm.vcpus,
         default_memory=entry.memory or cfg.vm.memory,
@@ -117,17 +126,21 @@ def job_spec(cfg: Config, bj: BatchJob, identity: JobUser) -> JobSpec:
         reserve_memory=cfg.batch.reserve_memory,
         max_vcpus=cfg.batch.max_vcpus,
         max_memory=cfg.batch.max_memory,
+        overhead=lambda guest: limits.qemu_overhead_mib(cfg, guest, domain_type),
     )
+    cpus = bj.find_cpus() if cfg.limits.pin_cpus and bj.find_cpus is not None else None
     return JobSpec(
         job_id=bj.job_id,
         user=bj.user,
         image=image,
         argv=(),
         scheduler=bj.scheduler,
-        memory=memory,
-        vcpus=vcpus,
+        memory=size.memory,
+        vcpus=size.vcpus,
         identity=identity,
         walltime=bj.resources.walltime,
+        cpus=cpus or frozenset(),
+        memory_limit=size.host_memory if cfg.limits.memory_limit else None,
     )
 
 
@@ -219,10 +232,25 @@ def _prologue_locked(
         identity = JobUser.from_host(bj.user)
         record = store.write(dataclasses.replace(record, uid=identity.uid, gid=identity.gid))
         spec = job_spec(cfg, bj, identity)
-        record = store.write(dataclasses.replace(record, image=spec.image))
+        record = store.write(
+            dataclasses.replace(
+                record,
+                image=spec.image,
+                cpus=cpu_list(spec.cpus) if spec.cpus else None,
+                memory_limit_mib=spec.memory_limit,
+            )
+        )
         faults.point(cfg, "prologue.sized")
         log.info(
-            "job %s: image %s, %d cores, %d MiB", bj.job_id, spec.image, spec.vcpus, spec.memory
+            "job %s: image %s, %d cores (%s), %d MiB (%s)",
+            bj.job_id,
+            spec.image,
+            spec.vcpus,
+            f"pinned to host CPUs {record.cpus}" if record.cpus else "not pinned",
+            spec.memory,
+            f"hard limit {spec.memory_limit} MiB with QEMU"
+            if spec.memory_limit
+            else "no memory limit",
         )
         health.check(spec.image)
         guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
@@ -252,6 +280,7 @@ def _prologue_locked(
             "user": identity.name,
             "host_key": guest.endpoint.host_key.public_openssh,
             "workdir": bj.workdir,
+            "memory_limit_mib": spec.memory_limit,
         }
         userdir.create(
             identity.uid,
@@ -443,6 +472,14 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
             session.start()
         faults.point(cfg, "starter.job_started")
         return session.follow(out, err)
+    except GuestLostError as exc:
+        limit = info.get("memory_limit_mib")
+        if isinstance(limit, int):
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                f"the host's kernel stops a VM whose QEMU passes its memory limit of {limit}"
+                " MiB (the job's memory, QEMU's own share included)"
+            )
+        raise
     finally:
         if session.client is not None:
             session.client.close()
@@ -527,6 +564,7 @@ def _finish_locked(
     name = record.domain if record and record.domain else domain_name(job_id)
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
+    usage = _qemu_usage(cfg, name) if account else None
     try:
         if (
             record is not None
@@ -554,7 +592,7 @@ def _finish_locked(
         UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
     faults.point(cfg, "finish.userdir_removed")
     if account and not (record is not None and record.accounted):
-        write_accounting(cfg, job_id, record, exit_status)
+        write_accounting(cfg, job_id, record, exit_status, usage)
         if record is not None:  # an epilogue killed from here on writes no second line
             store.write(dataclasses.replace(record, accounted=True))
         faults.point(cfg, "finish.accounted")
@@ -596,8 +634,24 @@ def _job_domains(
     raise AssertionError("unreachable: the retry policy re-raises")  # pragma: no cover
 
 
+def _qemu_usage(cfg: Config, name: str) -> limits.QemuUsage | None:
+    """The usage of the job's QEMU so far, read before it is destroyed (None: none runs).
+    The scheduler does not see it: QEMU is libvirtd's child, in libvirt's cgroup, not in
+    the job's (docs/admin-slurm.md, docs/admin-torque.md "Accounting")."""
+    from vmbatch.reaper import find_qemus  # the reaper imports this module
+
+    for qemu in find_qemus(cfg.paths.job_dir, cfg.tools.qemu_system):
+        if qemu.name == name:
+            return limits.qemu_usage(qemu.pid)
+    return None
+
+
 def write_accounting(
-    cfg: Config, job_id: str, record: Record | None, exit_status: int | None
+    cfg: Config,
+    job_id: str,
+    record: Record | None,
+    exit_status: int | None,
+    usage: limits.QemuUsage | None = None,
 ) -> None:
     """Append one JSON line for the job to ``[batch].accounting_log`` (best effort)."""
     now = time.time()
@@ -615,6 +669,10 @@ def write_accounting(
         "run_seconds": run,
         "exit_status": exit_status,
         "cause": record.cause if record else "no prologue state (prologue did not run)",
+        "cpus": record.cpus if record else None,
+        "memory_limit_mib": record.memory_limit_mib if record else None,
+        "qemu_cpu_seconds": usage.cpu_seconds if usage else None,
+        "qemu_peak_rss_mib": usage.peak_rss_mib if usage else None,
     }
     path = cfg.batch.accounting_log
     try:

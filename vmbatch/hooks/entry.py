@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config, state, trust
+from vmbatch import config, limits, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, torque
@@ -222,7 +222,30 @@ def _slurm_job(cfg: config.Config, env: Mapping[str, str]) -> batch.BatchJob:
         script=slurm.batch_script(cfg, jid, env),
         workdir=env.get("SLURM_JOB_WORK_DIR") or None,
         restarts=policy.restart_count(env),
+        find_cpus=lambda: _slurm_cpus(cfg, jid, env),
     )
+
+
+def _slurm_cpus(cfg: config.Config, jid: str, env: Mapping[str, str]) -> frozenset[int] | None:
+    """The job's CPUs on this node as OS numbers (``CPU_IDs`` of ``scontrol show job -d``,
+    mapped as slurmd maps them); None, logged, where Slurm names none this host has."""
+    node = env.get("SLURMD_NODENAME", "")
+    ids = slurm.job_cpu_ids(cfg, jid, node, env) if node else None
+    if ids is None:
+        log.warning(
+            "job %s: Slurm names no CPUs of node %r for it; the VM is not pinned", jid, node
+        )
+        return None
+    cpus = limits.slurm_to_os(ids, limits.host_cpus())
+    if cpus is None:
+        log.warning(
+            "job %s: Slurm's CPU_IDs=%s are not this host's CPUs (slurm.conf describes node %s"
+            " otherwise than `slurmd -C`); the VM is not pinned",
+            jid,
+            limits.cpu_list(ids),
+            node,
+        )
+    return cpus
 
 
 def _torque_job(argv: Sequence[str]) -> batch.BatchJob:
@@ -233,7 +256,23 @@ def _torque_job(argv: Sequence[str]) -> batch.BatchJob:
             script = Path(tj.script).read_bytes()
         except OSError as exc:
             log.warning("cannot read the job script %s (%s): no directives", tj.script, exc)
-    return batch.BatchJob("torque", tj.job_id, tj.user, tj.resources, tj.name, script)
+    return batch.BatchJob(
+        "torque",
+        tj.job_id,
+        tj.user,
+        tj.resources,
+        tj.name,
+        script,
+        find_cpus=lambda: _torque_cpus(tj.job_id),
+    )
+
+
+def _torque_cpus(job_id: str) -> frozenset[int] | None:
+    """The job's pbs_mom cpuset; None, logged, if pbs_mom made none."""
+    cpus = torque.job_cpuset(batch.check_job_id(job_id))
+    if cpus is None:
+        log.info("job %s: pbs_mom made no cpuset for it; the VM is not pinned", job_id)
+    return cpus
 
 
 def prologue() -> None:

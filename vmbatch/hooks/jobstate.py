@@ -72,6 +72,10 @@ class Record:
     cause: str | None = None
     #: The epilogue wrote the job's accounting line (a rerun after a crash writes none).
     accounted: bool = False
+    #: Host CPUs the VM is pinned to (a CPU list; None: not pinned) and its memory hard
+    #: limit in MiB (None: none), for the accounting line.
+    cpus: str | None = None
+    memory_limit_mib: int | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()

@@ -18,7 +18,7 @@ Pure functions (no I/O), so each scheduler's format is unit-tested on its own:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmbatch.errors import JobError
@@ -177,6 +177,16 @@ def choose_image(requested: str | None, default: str, allowed: Sequence[str]) ->
     return requested
 
 
+@dataclass(frozen=True, slots=True)
+class VmSize:
+    """A job's VM: cores, guest RAM (MiB) and what it may use of the host's memory (MiB,
+    guest plus QEMU's overhead: its hard limit)."""
+
+    vcpus: int
+    memory: int
+    host_memory: int
+
+
 def size_vm(
     want: Resources,
     *,
@@ -187,30 +197,63 @@ def size_vm(
     reserve_memory: int,
     max_vcpus: int = 0,
     max_memory: int = 0,
-) -> tuple[int, int]:
-    """VM cores and memory (MiB) for a job: its request, else the defaults, within limits.
+    overhead: Callable[[int], int] = lambda _guest: 0,
+) -> VmSize:
+    """The VM for a job: its request, else the defaults, within limits.
 
-    A request beyond what the node can give (its cores; its memory minus ``reserve_memory``
-    for the host and QEMU; the site's ``max_*`` if set) is refused, not silently shrunk: the
-    job would not get what the scheduler granted it.
+    ``overhead(guest)`` is QEMU's own memory beside a guest of that size
+    (:func:`vmbatch.limits.qemu_overhead_mib`). A job granted memory gets a VM that fits
+    in the grant, QEMU included: the largest guest whose guest + overhead is within it,
+    and the grant is the VM's host memory. Otherwise the guest gets the default and the
+    VM that plus the overhead. A request beyond what the node can give (its cores; its
+    memory less ``reserve_memory``, the host's own share; the site's ``max_*``) is
+    refused, not silently shrunk: the job would not get what the scheduler granted it.
     """
     cpu_cap = min(host_cpus, max_vcpus or host_cpus)
     mem_cap = host_memory - reserve_memory
-    if max_memory:
-        mem_cap = min(mem_cap, max_memory)
     vcpus = want.vcpus or min(default_vcpus, cpu_cap)
-    memory = want.memory_mib or min(default_memory, mem_cap)
     if vcpus > cpu_cap:
         raise JobError(
             f"the job asks for {vcpus} cores; a VM on this node can have at most {cpu_cap}",
             hint="request fewer cores per node",
         )
-    if memory > mem_cap:
+    if want.memory_mib:
+        footprint = want.memory_mib
+        guest = _fit(footprint, overhead)
+    else:
+        guest = min(default_memory, max_memory or default_memory)
+        if guest + overhead(guest) > mem_cap:
+            guest = _fit(mem_cap, overhead)
+        footprint = guest + overhead(guest)
+    if footprint > mem_cap:
         raise JobError(
-            f"the job asks for {memory} MiB of memory; a VM on this node can have at most"
+            f"the job asks for {footprint} MiB of memory; a VM on this node can have at most"
             f" {mem_cap} MiB",
             hint="request less memory per node",
         )
-    if memory < 64:
-        raise JobError(f"the job asks for {memory} MiB of memory; a VM needs at least 64")
-    return vcpus, memory
+    if max_memory and guest > max_memory:
+        raise JobError(
+            f"the job's {footprint} MiB of memory would give its VM {guest} MiB; a VM on"
+            f" this node can have at most {max_memory} MiB",
+            hint="request less memory per node",
+        )
+    if guest < 64:
+        raise JobError(
+            f"the job's {footprint} MiB of memory hold no VM: a VM needs at least 64 MiB for"
+            f" its guest and {overhead(64)} MiB for QEMU itself",
+            hint=f"request at least {64 + overhead(64)} MiB per node",
+        )
+    return VmSize(vcpus, guest, footprint)
+
+
+def _fit(footprint: int, overhead: Callable[[int], int]) -> int:
+    """The largest guest whose guest + overhead(guest) is at most ``footprint`` (-1 if none);
+    ``overhead`` never decreases as the guest grows."""
+    lo, hi = -1, footprint
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if mid + overhead(mid) <= footprint:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

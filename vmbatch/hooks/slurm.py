@@ -31,6 +31,15 @@ Facts relied on (slurm.conf(5) "Prolog and Epilog Scripts", oci.conf(5), measure
 - All four of RunTimeRun/Query/Kill/Delete must be set; RunTimeQuery must print the OCI
   state JSON (``{"ociVersion", "id", "status", "pid", "bundle"}``) or the step fails with
   status 123 ("RunTimeQuery failed rc:0 output:").
+- The CPUs allocated to a job on a node are in ``scontrol show job -d``'s detail lines,
+  ``Nodes=HOSTLIST CPU_IDs=LIST Mem=MiB GRES=...`` (``slurm_sprint_job_info``, src/api/
+  job_info.c), as Slurm's abstract ids (:func:`vmbatch.limits.slurm_to_os`). The job's
+  task/cgroup cpuset does not exist yet when the Prolog runs: slurmd runs the Prolog
+  before it starts any slurmstepd (``_rpc_prolog`` in src/slurmd/slurmd/req.c: the
+  Prolog, then with ``PrologFlags=Contain`` the extern step, whose slurmstepd makes the
+  job's cgroup, ``<mount>/cpuset/slurm/uid_U/job_J`` on cgroup v1 and
+  ``<mount>/system.slice/slurmstepd.scope/job_J`` on v2); that cpuset is made from the
+  same allocation with the same abstract-to-OS mapping.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from pathlib import Path
 from vmbatch.config import Config
 from vmbatch.errors import HostError, JobError
 from vmbatch.hooks.request import Resources
+from vmbatch.limits import parse_cpu_list
 from vmbatch.process import run as run_command
 
 log = logging.getLogger(__name__)
@@ -179,6 +189,87 @@ def tres_memory_mib(tres: str) -> int | None:
         return None
     scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}[m[2]]
     return max(1, int(float(m[1]) * scale))
+
+
+#: A detail line of ``scontrol show job -d``: two spaces after the record's three.
+_DETAIL = re.compile(r"^     Nodes=(\S+) CPU_IDs=(\S+) Mem=[0-9]+ GRES=", re.M)
+
+
+def job_cpu_ids(cfg: Config, jid: str, node: str, env: Mapping[str, str]) -> frozenset[int] | None:
+    """Slurm's abstract ids of the CPUs job ``jid`` has on ``node``; None if none named."""
+    return parse_cpu_ids(scontrol(cfg, "show", "job", "-d", jid, env=env), node)
+
+
+def parse_cpu_ids(text: str, node: str) -> frozenset[int] | None:
+    """``CPU_IDs=`` of the detail lines naming ``node`` in ``scontrol show job -d``.
+
+    The record also holds text the job's owner chose (job name, working directory, output
+    paths, comment), which may contain line breaks and so imitate a detail line (seen:
+    ``sbatch -J $'x\\n     Nodes=NODE CPU_IDs=0-99 ...'``). Every line naming the node
+    must therefore agree; if they do not, the job is refused rather than pinned where its
+    owner chose.
+    """
+    found: set[frozenset[int]] = set()
+    for hosts, ids in _DETAIL.findall(text):
+        try:
+            if node not in expand_hostlist(hosts):
+                continue
+            found.add(parse_cpu_list(ids))
+        except ValueError:
+            found.add(frozenset({-1}))  # unreadable: disagrees with the real line
+    if len(found) > 1:
+        raise JobError(
+            f"the job's record names node {node} with {len(found)} different CPU sets;"
+            " its name, comment or paths imitate scontrol's output, so vmbatch cannot tell"
+            " which CPUs Slurm allocated",
+            hint="use a job name, comment and paths without line breaks",
+        )
+    return next(iter(found), None)
+
+
+_HOSTLIST_ITEM = re.compile(r"([^\[\],]*)\[([0-9,-]+)\]")
+_MAX_HOSTS = 100_000
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Slurm's hostlist notation (``n[01-03,7],login``) as names; ValueError if malformed.
+
+    Covers what ``hostlist_ranged_string`` prints for a job's nodes: comma-separated
+    items, each a prefix, then optionally bracketed ranges (zero-padded as written) and a
+    suffix, repeated (``rack[1-2]n[1-4]``).
+    """
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(expr):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"not a host list: {expr[:80]!r}")
+        if ch == "," and depth == 0:
+            items.append(expr[start:i])
+            start = i + 1
+    items.append(expr[start:])
+    names: list[str] = []
+    for item in items:
+        expanded = [""]
+        pos = 0
+        for m in _HOSTLIST_ITEM.finditer(item):
+            if m.start() != pos:
+                raise ValueError(f"not a host list: {expr[:80]!r}")
+            numbers = []
+            for part in m[2].split(","):
+                lo, _, hi = part.partition("-")
+                if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+                    raise ValueError(f"not a host range: {part!r}")
+                width = len(lo) if lo.startswith("0") else 0
+                numbers += [f"{n:0{width}d}" for n in range(int(lo), int(hi or lo) + 1)]
+            expanded = [e + m[1] + n for e in expanded for n in numbers]
+            if len(names) + len(expanded) > _MAX_HOSTS:
+                raise ValueError(f"host list too long: {expr[:80]!r}")
+            pos = m.end()
+        rest = item[pos:]
+        if (not rest and pos == 0) or "[" in rest or "]" in rest:
+            raise ValueError(f"not a host list: {expr[:80]!r}")
+        names += [e + rest for e in expanded]
+    return names
 
 
 def slurm_time(text: str) -> int:

@@ -18,6 +18,15 @@ configuration"; observed with a real pbs_mom 6.1.3, ../shared/PLATFORM.md):
 - ``epilogue.precancel``: on ``qdel`` of a running job, before the job is signalled, as
   the job's user, stdio /dev/null; its failure marks the node down, so it always exits 0,
   and ``qdel`` waits for it, so it gives up after ``[batch].precancel_timeout``.
+- The job's cpuset, where pbs_mom makes one, exists before the prologue runs
+  (``TMomFinalizeChild`` in src/resmom/start_exec.c of Torque 6.1.3 creates it, then
+  ``setup_batch_job`` runs the prologue): built ``--enable-cgroups`` (Torque 6),
+  ``<cpuset controller's mount>/torque/<job id>/cpuset.cpus`` (``init_subsystems`` in
+  src/resmom/trq_cgroups.c); built ``--enable-cpuset`` (Torque 4/5),
+  ``/dev/cpuset/torque/<job id>/cpus`` (``TTORQUECPUSET_PATH``, src/include/pbs_nodes.h;
+  ``cpuset.cpus`` where the cpuset file system is the cgroup one). Its CPUs are OS CPU
+  numbers. Without either, pbs_mom does not say which CPUs a job has (``exec_host``'s
+  ``node/N`` are slot numbers), and the VM is not pinned.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import shlex
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from vmbatch import trust
 from vmbatch.config import Config
 from vmbatch.errors import HostError, JobError
+from vmbatch.limits import parse_cpu_list
 from vmbatch.process import run as run_command
 
 log = logging.getLogger(__name__)
@@ -121,3 +132,45 @@ def offline(cfg: Config, note: str) -> bool:
         log.error("could not take node %s offline (%s): %s", node, exc, clean)
         return False
     return True
+
+
+#: The legacy cpuset file system's conventional mount point (Torque 4/5).
+LEGACY_CPUSET = Path("/dev/cpuset")
+
+
+def cpuset_files(job_id: str, mounts: str) -> list[Path]:
+    """Where pbs_mom keeps the job's cpuset, for the cpuset mounts in ``mounts``
+    (``/proc/self/mounts``): a cgroup v1 hierarchy with the ``cpuset`` controller, or the
+    legacy ``cpuset`` file system (also looked for at /dev/cpuset)."""
+    files = []
+    bases: list[tuple[Path, tuple[str, ...]]] = [(LEGACY_CPUSET, ("cpus", "cpuset.cpus"))]
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        where, fstype, options = Path(fields[1]), fields[2], fields[3].split(",")
+        if fstype == "cgroup" and "cpuset" in options:
+            bases.append((where, ("cpuset.cpus",)))
+        elif fstype == "cpuset":
+            bases.append((where, ("cpus", "cpuset.cpus")))
+    for base, names in dict.fromkeys(bases):
+        files += [base / "torque" / job_id / name for name in names]
+    return files
+
+
+def job_cpuset(job_id: str, mounts: Path = Path("/proc/self/mounts")) -> frozenset[int] | None:
+    """The OS CPUs of the job's pbs_mom cpuset; None if pbs_mom made none. A file that is
+    not root's alone (:mod:`vmbatch.trust`) is ignored: pbs_mom runs as root."""
+    for path in cpuset_files(job_id, mounts.read_text()):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if (why := trust.untrusted_reason(path)) is not None:
+            log.warning("ignoring the cpuset %s: %s", path, why)
+            continue
+        try:
+            return parse_cpu_list(text)
+        except ValueError:
+            log.warning("the cpuset %s holds no CPU list (%r)", path, text[:80])
+    return None

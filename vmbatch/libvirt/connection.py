@@ -33,6 +33,7 @@ from vmbatch.errors import (
     LibvirtTimeoutError,
     LibvirtUnavailableError,
     PortForwardError,
+    ResourceLimitError,
 )
 from vmbatch.libvirt.domain import (
     DOMAIN_PREFIX,
@@ -231,22 +232,53 @@ class Connection:
         hv = self._bounded("read the hypervisor version", self.raw.getVersion)
         return _dotted(lib), _dotted(hv)
 
-    def create(self, name: str, xml: str) -> None:
+    def create(self, name: str, xml: str, *, memory_limit_mib: int | None = None) -> None:
         """Start the transient domain ``name`` from ``xml``.
+
+        With ``memory_limit_mib`` the domain starts paused, gets that hard limit on its
+        memory cgroup (``virDomainSetMemoryParameters`` ``hard_limit``, live) and only then
+        runs: no guest instruction executes before the limit holds. Not ``<memtune>`` in
+        the XML: libvirt then also raises QEMU's ``RLIMIT_MEMLOCK`` to the limit
+        (``qemuDomainGetMemLockLimitBytes``, libvirt 9.0), which needs CAP_SYS_RESOURCE
+        and failed here ("cannot limit locked memory of process ...: Operation not
+        permitted"); the live setting changes the cgroup alone. If the limit cannot be set
+        the domain is destroyed and :class:`ResourceLimitError` raised.
 
         If libvirtd does not answer in time the call may still succeed later inside
         libvirtd; :meth:`destroy` then waits for it once more before deciding the domain
         is gone, so a slow start cannot leak a running VM.
         """
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if memory_limit_mib else 0
         try:
             # A "busy" refusal started nothing (createXML is all or nothing): try again.
             for attempt in LIBVIRT_CREATE_POLICY.retrying():
                 with attempt:
-                    self._bounded(f"start domain {name}", self.raw.createXML, xml, 0)
+                    self._bounded(f"start domain {name}", self.raw.createXML, xml, flags)
         except LibvirtTimeoutError as exc:
             if exc.worker is not None:
                 self._pending_creates[name] = exc.worker
             raise
+        if memory_limit_mib:
+            self._limit_and_resume(name, memory_limit_mib)
+
+    def _limit_and_resume(self, name: str, limit_mib: int) -> None:
+        dom = self._lookup(name)
+        params = {"hard_limit": limit_mib * 1024}  # KiB
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            self._bounded(f"limit the memory of {name}", dom.setMemoryParameters, params, live)
+        except (LibvirtTimeoutError, LibvirtUnavailableError):
+            raise
+        except LibvirtError as exc:
+            self.destroy(name)
+            cause = exc.__cause__
+            why = cause.get_error_message() if isinstance(cause, libvirt.libvirtError) else exc
+            raise ResourceLimitError(
+                f"libvirt cannot hold VM {name} to {limit_mib} MiB of memory: {why}",
+                hint="libvirt needs the cgroup memory controller for [limits].memory_limit;"
+                " give it one, or set memory_limit = false",
+            ) from exc
+        self._bounded(f"resume domain {name}", dom.resume)
 
     def is_running(self, name: str) -> bool:
         """True while the domain exists and runs (transient domains vanish when stopped)."""

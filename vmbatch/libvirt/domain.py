@@ -16,6 +16,16 @@ Choices worth knowing:
 - The serial console goes through virtlogd (``<log file=...>``), which writes the file as root
   with rollover, instead of QEMU writing it directly.
 - ``on_poweroff``/``on_crash`` destroy: a guest that stops ends the job's VM.
+- CPU pinning is ``<vcpu cpuset='...'>``: the vCPU threads and QEMU's own (emulator, I/O)
+  threads may run on those host CPUs only, and float among them, as a job's processes do in
+  the scheduler's cpuset (libvirt applies it with ``sched_setaffinity`` and, where it has
+  the cgroup cpuset controller, ``cpuset.cpus``).
+- Under TCG the translation-block cache is bounded (``<features><tcg><tb-cache>``, libvirt
+  8.0+, QEMU's ``-accel tcg,tb-size=``): QEMU 5.0+ reserves 1 GiB by default, and every
+  page of it the guest's code fills counts against the VM's memory limit.
+- The memory hard limit is not here: ``<memtune><hard_limit>`` also makes libvirt raise
+  QEMU's ``RLIMIT_MEMLOCK`` to the limit, which fails without CAP_SYS_RESOURCE (see
+  :meth:`vmbatch.libvirt.connection.Connection.create`, which sets it on the paused domain).
 - Identity (job id, user, scheduler, image, vmbatch version) lives in ``<metadata>`` under our
   namespace, so ``vmbatch ps`` and orphan clean-up can read it back from libvirt alone.
 """
@@ -27,6 +37,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from vmbatch.limits import cpu_list
 
 METADATA_NS = "https://vmbatch.dev/xmlns/job/1"
 METADATA_PREFIX = "vmbatch"
@@ -88,6 +100,10 @@ class DomainSpec:
     #: False: QEMU's ``restrict=on``, the guest reaches nothing outside, only the forwarded
     #: SSH port reaches it.
     outbound_network: bool = True
+    #: Host CPUs (OS numbering) the VM's threads may run on; empty: not pinned.
+    cpuset: tuple[int, ...] = ()
+    #: TCG's translation-block cache in MiB; 0: QEMU's default (1 GiB). Ignored under KVM.
+    tb_cache_mib: int = 0
 
 
 def domain_name(job_id: str) -> str:
@@ -104,11 +120,17 @@ def build_xml(spec: DomainSpec) -> str:
     _text(dom, "name", spec.name)
     _metadata(dom, spec.metadata)
     _text(dom, "memory", str(spec.memory_mib), unit="MiB")
-    _text(dom, "vcpu", str(spec.vcpus))
+    vcpu = _text(dom, "vcpu", str(spec.vcpus))
+    if spec.cpuset:
+        vcpu.set("placement", "static")
+        vcpu.set("cpuset", cpu_list(spec.cpuset))
     _os(dom, spec)
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
+    if spec.domain_type == "qemu" and spec.tb_cache_mib:
+        tcg = ET.SubElement(features, "tcg")
+        _text(tcg, "tb-cache", str(spec.tb_cache_mib), unit="MiB")
     _cpu(dom, spec)
     ET.SubElement(dom, "clock", offset="utc")
     _text(dom, "on_poweroff", "destroy")
