@@ -55,6 +55,8 @@ def test_slurm_allocated_memory_and_time_limit() -> None:
     assert slurm.tres_memory_mib("cpu=2,mem=1000M,node=1,billing=2") == 1000
     assert slurm.tres_memory_mib("cpu=1,mem=2G,node=1") == 2048
     assert slurm.tres_memory_mib("cpu=1,node=1") is None
+    # The whole job's memory: each node's VM gets its node's share (--mem is per node).
+    assert slurm.tres_memory_mib("cpu=4,mem=8G,node=2,billing=4") == 4096
     assert slurm.slurm_time("5:00") == 300
     assert slurm.slurm_time("1:02:03") == 3723
     assert slurm.slurm_time("2-00:00:01") == 172801

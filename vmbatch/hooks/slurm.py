@@ -183,12 +183,18 @@ def job_details(cfg: Config, jid: str, env: Mapping[str, str]) -> tuple[Resource
 
 
 def tres_memory_mib(tres: str) -> int | None:
-    """``mem=`` of a TRES list (``cpu=2,mem=1000M,node=1``) in MiB."""
+    """The memory of one node's share of a TRES list (``cpu=2,mem=1000M,node=1``) in MiB.
+
+    ``mem=`` is the whole job's (``--mem`` is per node: a two-node ``--mem=4G`` job shows
+    ``mem=8G,node=2``), so it is divided by ``node=``; with ``--mem-per-cpu`` and CPUs
+    spread unevenly over the nodes this is the even share."""
     m = re.search(r"(?:^|,)mem=([0-9.]+)([KMGTP]?)", tres.strip())
     if m is None:
         return None
     scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}[m[2]]
-    return max(1, int(float(m[1]) * scale))
+    n = re.search(r"(?:^|,)node=([0-9]+)(?:,|$)", tres.strip())
+    nodes = max(1, int(n[1])) if n else 1
+    return max(1, int(float(m[1]) * scale / nodes))
 
 
 #: A detail line of ``scontrol show job -d``: two spaces after the record's three.
