@@ -506,3 +506,32 @@ def test_the_step_comes_from_the_bundle_copy_when_oci_conf_passes_no_step_id() -
     assert name("oci-job00042-00003") == "3" and name("oci-job00042-batch") is None
     assert name("oci-job1234567-interactive") == "interactive"
     assert name("somewhere-else") is None  # not slurmstepd's copy: the batch script
+
+
+def test_a_slurm_batch_step_without_its_vm_is_requeued_then_held_not_failed(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Slurm 22.05 may rerun a requeued job without its Prolog: the starter finds no VM."""
+    import json
+
+    from vmbatch.hooks import entry
+
+    conf = tmp_path / "vmbatch.toml"
+    conf.write_text(f'[batch]\nuser_dir = "{tmp_path / "users"}"\nmax_requeues = 2\n')
+    bundle = tmp_path / "oci-job00042-batch"
+    bundle.mkdir()
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\necho hi\n")
+
+    def run(restarts: str, step: str = "4294967291") -> int:
+        process = {"args": [str(script)], "env": [f"SLURM_RESTART_COUNT={restarts}"]}
+        (bundle / "config.json").write_text(json.dumps({"process": process}))
+        argv = ["vmbatch-starter", "--config", str(conf), "slurm", "42", str(bundle), step]
+        return entry.run_starter(argv, {})
+
+    assert run("0") == 199
+    assert "vmbatch requeued the job (run 1 of at most 3)" in capfd.readouterr().err
+    assert run("2") == 200
+    assert "is held" in capfd.readouterr().err
+    assert run("0", step="3") == 75  # a step of an allocation: fails, nothing to requeue
+    assert "no VM was prepared for job 42" in capfd.readouterr().err

@@ -373,6 +373,11 @@ class StarterError(VmBatchError):
     """The job's VM is missing or was not made; the message goes to the job's stderr."""
 
 
+class NoVmPreparedError(StarterError):
+    """No prologue prepared a VM for the job on this node (it did not run, or failed
+    before it wrote anything): a transient fault of this run."""
+
+
 class PrologueFailedError(JobError):
     """The prologue failed for this job and left its message and the starter's exit status
     (the failure policy's decision: fail, requeue or hold the job)."""
@@ -432,7 +437,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     info = userdir.guest()
     key = userdir.read(UserDir.KEY)
     if info is None or key is None:
-        raise StarterError(
+        raise NoVmPreparedError(
             f"no VM was prepared for job {job.job_id} on this node ({userdir.path} is"
             " missing or incomplete)",
             hint="the vmbatch prologue did not run or failed: see the node's log",

@@ -35,7 +35,7 @@ from vmbatch import config, limits, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, torque
-from vmbatch.hooks.batch import PrologueFailedError, StarterError
+from vmbatch.hooks.batch import NoVmPreparedError, PrologueFailedError, StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
     CLI_INTERNAL_ERROR,
@@ -303,7 +303,12 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
             job = _torque_interactive(argv, env, privileged)
         else:
             job = _torque_starter(cfg, env, privileged)
-        status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+        try:
+            status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+        except NoVmPreparedError as exc:
+            if not is_slurm or job.step is not None:
+                raise
+            return _no_vm_for_batch_step(cfg, job, exc)
         return reserved_status(cfg, status) if is_slurm else status
     except JobInterruptedError as exc:
         sys.stderr.write(f"vmbatch: {exc} before the job started\n")
@@ -314,6 +319,25 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except VmBatchError as exc:
         sys.stderr.write(f"vmbatch: error: {exc}\n")
         return CLI[exc.disposition]
+
+
+def _no_vm_for_batch_step(
+    cfg: config.Config, job: batch.StarterJob, error: NoVmPreparedError
+) -> int:
+    """A Slurm batch step whose Prolog left nothing: Slurm 22.05 may start a requeued job's
+    rerun without its Prolog (docs/design.md, "Soak"). That is this run's fault, not the
+    job's: the failure policy requeues it (RequeueExit) and holds it at
+    ``[batch].max_requeues`` (the restart count is ``SLURM_RESTART_COUNT`` of the job's
+    environment), instead of failing a job that never ran."""
+    decision = policy.decide(
+        cfg,
+        error,
+        scheduler="slurm",
+        restarts=policy.restart_count(job.environment),
+        node=socket.gethostname(),
+    )
+    sys.stderr.write(f"vmbatch: error: {decision.message}\n")
+    return decision.status
 
 
 def _task_prolog(path: Path | None, env: Mapping[str, str]) -> int:
