@@ -112,20 +112,45 @@ class PathsConfig:
     console_log_dir: Path | None = None
 
 
+def first_present(*candidates: str) -> Callable[[], Path]:
+    """A default path: the first of ``candidates`` that exists on this host, else the first
+    (whose absence ``vmbatch doctor`` then reports). Distributions put programs in
+    different places: EL9's QEMU is ``/usr/libexec/qemu-kvm`` (qemu-kvm-core), Debian's
+    and Ubuntu's ``/usr/bin/qemu-system-x86_64``; Slurm and Torque built from source live
+    in ``/usr/local/bin``."""
+
+    def pick() -> Path:
+        for c in candidates:
+            if Path(c).exists():
+                return Path(c)
+        return Path(candidates[0])
+
+    return pick
+
+
 @dataclass(frozen=True, slots=True)
 class ToolsConfig:
-    """External programs, by absolute path (hooks run without PATH)."""
+    """External programs, by absolute path (hooks run without PATH). Defaults are found
+    per distribution (:func:`first_present`) unless configured."""
 
-    qemu_img: Path = Path("/usr/bin/qemu-img")
-    qemu_system: Path = Path("/usr/bin/qemu-system-x86_64")
+    qemu_img: Path = field(default_factory=first_present("/usr/bin/qemu-img"))
+    qemu_system: Path = field(
+        default_factory=first_present(
+            "/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm", "/usr/bin/qemu-kvm"
+        )
+    )
     #: libguestfs's shell, for images with ``context = "inject"`` (libguestfs-tools).
     guestfish: Path = Path("/usr/bin/guestfish")
     command_timeout: float = 60.0
     #: Scheduler clients the hooks call (Slurm: job details, draining the node; Torque:
     #: taking the node offline). Hooks run without PATH, so absolute paths.
-    scontrol: Path = Path("/usr/bin/scontrol")
-    squeue: Path = Path("/usr/bin/squeue")
-    pbsnodes: Path = Path("/usr/bin/pbsnodes")
+    scontrol: Path = field(
+        default_factory=first_present("/usr/bin/scontrol", "/usr/local/bin/scontrol")
+    )
+    squeue: Path = field(default_factory=first_present("/usr/bin/squeue", "/usr/local/bin/squeue"))
+    pbsnodes: Path = field(
+        default_factory=first_present("/usr/bin/pbsnodes", "/usr/local/bin/pbsnodes")
+    )
 
 
 @dataclass(frozen=True, slots=True)

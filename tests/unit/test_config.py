@@ -234,3 +234,13 @@ def test_mounts_are_validated() -> None:
         "[mounts]: more than one mount at /g",
     ]:
         assert needle in text, needle
+
+
+def test_tool_defaults_are_found_where_the_distribution_puts_them(tmp_path: Path) -> None:
+    from vmbatch.config import first_present
+
+    el9 = tmp_path / "libexec" / "qemu-kvm"
+    el9.parent.mkdir()
+    el9.touch()
+    assert first_present(str(tmp_path / "bin" / "qemu-system-x86_64"), str(el9))() == el9
+    assert first_present("/nonexistent/a", "/nonexistent/b")() == Path("/nonexistent/a")
