@@ -122,6 +122,7 @@ class SlurmCluster:
         base: Path = BASE,
         def_mem_per_cpu: int = 512,
         cpus: int | None = None,
+        daemon_env: dict[str, str] | None = None,
     ) -> None:
         """``cpus``: the node's CPUs (default: this host's); more than the host has is
         accepted through ``SlurmdParameters=config_overrides`` (jobs of one CPU each then run
@@ -135,6 +136,8 @@ class SlurmCluster:
         self.munge_socket = self.munge_dir / "munge.socket"
         self.jobcomp_file = self.dir / "log" / "jobcomp.txt"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: Extra environment of the daemons (slurmd passes it to the Prolog and RunTimeRun).
+        self.daemon_env = dict(daemon_env or {})
         self.logs: dict[str, Path] = {}
         for sub in ("etc", "state", "spool", "log", "run", "home"):
             (self.dir / sub).mkdir(mode=0o755)
@@ -212,6 +215,9 @@ class SlurmCluster:
             m / "munged.log", user="munge",
         )  # fmt: skip
         self._until(lambda: self.munge_socket.exists(), "munged socket", 20, "munged")
+        self._start_slurm()
+
+    def _start_slurm(self) -> None:
         log = self.dir / "log"
         self._spawn(
             "slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", str(self.conf)], log / "slurmctld.log"
@@ -226,8 +232,17 @@ class SlurmCluster:
         self._until(lambda: self.node().get("State", "").startswith("IDLE"), "node idle", 30,
                     "slurmd")  # fmt: skip
 
+    def restart(self) -> None:
+        """Restart slurmctld and slurmd (munged stays), e.g. after slurm.conf changed: what
+        ``systemctl restart slurmctld slurmd`` does on a production node."""
+        for name in ("slurmd", "slurmctld"):
+            proc = self.procs[name]
+            proc.terminate()
+            proc.wait(timeout=30)
+        self._start_slurm()
+
     def _spawn(self, name: str, argv: list[str], log: Path, user: str | None = None) -> None:
-        env = {"PATH": CLIENT_PATH, "LANG": "C.UTF-8", MARKER: str(self.dir)}
+        env = {"PATH": CLIENT_PATH, "LANG": "C.UTF-8", **self.daemon_env, MARKER: str(self.dir)}
         with open(self.dir / "log" / f"{name}.stderr", "wb") as out:
             self.procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
