@@ -99,7 +99,7 @@ class RetryPolicy:
 
 
 #: Waiting for the guest's SSH server: poll for the banner every 0.1 s (the user-mode network
-#: accepts connections before the guest listens, see PLATFORM.md) until ``boot_timeout``.
+#: accepts connections before the guest listens, see docs/platform.md) until ``boot_timeout``.
 SSH_READY_POLICY = RetryPolicy(
     name="SshReadyPolicy",
     retry_on=(GuestNotReady,),

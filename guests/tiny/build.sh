@@ -42,7 +42,7 @@ exec 3>&1 1>&2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${1:-/var/cache/vmbatch/guests}
 KERNEL_META=linux-image-cloud-amd64
-# Kernel command line. The speed options (see /work/shared/PLATFORM.md) skip the crypto
+# Kernel command line. The speed options (see docs/platform.md) skip the crypto
 # self-tests and three slow initcalls; quiet keeps serial output (slow under TCG) short.
 CMDLINE="console=ttyS0 quiet cryptomgr.notests"
 CMDLINE+=" initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list"

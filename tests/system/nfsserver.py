@@ -1,9 +1,9 @@
 """A real NFS server for tests: NFS-Ganesha 4.3 (VFS backend) on 127.0.0.1, NFSv4 only.
 
-The kernel NFS server cannot run on the test machines (PLATFORM.md). Ganesha is started by
+The kernel NFS server cannot run on the test machines (docs/platform.md). Ganesha is started by
 PID, in the foreground, with its configuration, log, PID file and recovery directory under
 the test's own directory, on a free loopback port; it is stopped by that PID. Settings
-(PLATFORM.md, NFS-Ganesha's ganesha-config(8)/ganesha-core-config(8)): ``Graceless``
+(docs/platform.md, NFS-Ganesha's ganesha-config(8)/ganesha-core-config(8)): ``Graceless``
 (no 90 s grace period at start), ``Only_Numeric_Owners`` (sec=sys uids as numbers, not
 mapped to nobody), ``Squash = No_Root_Squash``; NLM, RQUOTA and UDP off, because without
 rpcbind Ganesha 4.3 exits (status 2) when it cannot register them.

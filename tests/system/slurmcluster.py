@@ -74,7 +74,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def _pids(match: Callable[[Path], bool]) -> set[int]:
     """Live PIDs whose /proc entry satisfies MATCH. Zombies are skipped: orphans wait for
-    PID 1 to reap them, which on the test machines takes up to 2 s (PLATFORM.md)."""
+    PID 1 to reap them, which on the test machines takes up to 2 s (docs/platform.md)."""
     found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -6,7 +6,7 @@ Epilogue Scripts": the argument tables, "Prologue and epilogue scripts run as ro
 with the minimal environment", the exit-code table "0 ... job runs; 1 ... job aborted;
 other ... job requeued"; "Node manager (MOM) configuration": ``$job_starter`` and
 ``$job_starter_run_privileged``) and was observed with a real pbs_mom 6.1.3
-(../shared/PLATFORM.md, "Torque"):
+(docs/platform.md, "Torque"):
 
 - prologue: root, argv = job id, user, group, job name, resource list, queue, account,
   script copy; minimal environment (PATH=/bin:/usr/bin, PBS_O_WORKDIR, ...), umask 0077,

@@ -19,7 +19,7 @@ from vmbatch.hooks.request import (
     torque_time,
 )
 
-#: As pbs_mom 6.1.3 calls the prologue (PLATFORM.md): 8 arguments after the program.
+#: As pbs_mom 6.1.3 calls the prologue (docs/platform.md): 8 arguments after the program.
 TORQUE_ARGV = [
     "/var/spool/torque/mom_priv/prologue",
     "42.server.example.org",

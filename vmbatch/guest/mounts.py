@@ -5,7 +5,7 @@ method only when mounts are configured) and mounts each filesystem at the same p
 the node, parents before children, one ``mount`` attempt at a time:
 
 - ``mount -t nfs -o retry=0,...``: ``mount.nfs`` would otherwise retry for two minutes by
-  itself (nfs(5), ``retry=n``; PLATFORM.md); with ``retry=0`` it makes one attempt and
+  itself (nfs(5), ``retry=n``; docs/platform.md); with ``retry=0`` it makes one attempt and
   vmbatch decides the retries under :data:`~vmbatch.retry.NFS_MOUNT_POLICY`, bounded by the
   mount's ``timeout``. Each attempt runs under the guest's ``timeout -s KILL``, because a
   server that accepts the connection but never answers (stopped, overloaded) would hold

@@ -1,7 +1,7 @@
 """SSH to a job's guest: wait until it answers, log in with the pinned key, run a command.
 
 - Readiness: QEMU's user-mode network accepts TCP on the forwarded port at once, before the
-  guest listens (PLATFORM.md), so we first poll for the ``SSH-`` banner with short timeouts
+  guest listens (docs/platform.md), so we first poll for the ``SSH-`` banner with short timeouts
   and only then start a handshake. Between polls we check that the domain still runs, and
   stop at once if it died, with the end of its serial console in the error.
 - Host key: the per-job host key generated on the host is the only key in paramiko's

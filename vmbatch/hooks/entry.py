@@ -158,7 +158,7 @@ def _node_problem(
         cfg = config.Config()
     # Both for REQUEUE and OFFLINE_NODE: Slurm drains the node for any non-zero Prolog
     # anyway, and Torque redispatches a requeued job at once, to the same node, in a tight
-    # loop, unless the node is out of service (PLATFORM.md).
+    # loop, unless the node is out of service (docs/platform.md).
     if is_slurm and env.get("SLURMD_NODENAME"):
         _drain(cfg, env["SLURMD_NODENAME"], reason, env)
     elif not is_slurm:

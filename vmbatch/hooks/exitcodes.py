@@ -3,7 +3,7 @@
 ``vmbatch`` commands (``run``, ``doctor``, ...) exit with sysexits(3)-style codes so scripts
 can tell the cases apart; ``vmbatch run`` otherwise passes the guest command's own status
 through, and 128+N after a signal N, like a shell. The hook columns follow the schedulers'
-documented contracts (see ../shared/PLATFORM.md and docs/admin-guide.md) and are used by the
+documented contracts (see docs/platform.md and docs/admin-guide.md) and are used by the
 batch-system hooks:
 
 Which of these a hook uses is decided by the error's fault (:mod:`vmbatch.hooks.policy`):

@@ -30,7 +30,7 @@ How each scheduler is told, without draining a node for a job's or an image's fa
   ``SLURM_JOB_RESTART_COUNT`` counts earlier runs, so a job is requeued at most
   ``max_requeues`` times: never a loop.
 - Torque: a non-zero prologue other than 1 makes pbs_mom redispatch the job at once, to the
-  same node (../shared/PLATFORM.md measured ~95 times in 30 s), and exit 1 loses the job's
+  same node (docs/platform.md measured ~95 times in 30 s), and exit 1 loses the job's
   .o/.e files. Torque has no requeue-by-exit-status, so a transient or image failure fails
   the job once with the message in its .e file; only node faults take the node offline.
 """

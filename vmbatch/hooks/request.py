@@ -2,7 +2,7 @@
 
 Pure functions (no I/O), so each scheduler's format is unit-tested on its own:
 
-- Torque's prologue argv (PLATFORM.md, from a real pbs_mom 6.1.3, and Torque's
+- Torque's prologue argv (docs/platform.md, from a real pbs_mom 6.1.3, and Torque's
   "Prologue and epilogue scripts" documentation, argument table): job id, user, group, job
   name, requested resources (``nodes=1:ppn=2,walltime=00:10:00,mem=2gb``), queue, account,
   path of the job script copy. Resource values follow Torque's ``pbs_resources(7B)`` units:

@@ -1,7 +1,7 @@
 """Slurm 22.05: what the Prolog/Epilog environment, ``scontrol`` and the OCI bundle say.
 
 Facts relied on (slurm.conf(5) "Prolog and Epilog Scripts", oci.conf(5), measured in
-../shared/PLATFORM.md):
+docs/platform.md):
 
 - Prolog and Epilog run as root on the node with no arguments and no PATH; the environment
   holds ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID``, ``SLURM_JOB_GID``,

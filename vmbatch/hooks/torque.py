@@ -2,7 +2,7 @@
 
 Facts relied on (Torque 6 Administrator Guide, "Appendix G: Prologue and Epilogue
 Scripts" (argument tables, exit codes) and "$job_starter" in "Node manager (MOM)
-configuration"; observed with a real pbs_mom 6.1.3, ../shared/PLATFORM.md):
+configuration"; observed with a real pbs_mom 6.1.3, docs/platform.md):
 
 - prologue: root, argv = job id, user, group, job name, resource list, queue, account,
   job-script copy (``mom_priv/jobs/<id>.SC``); a minimal environment, stdin /dev/null.

@@ -45,7 +45,7 @@ METADATA_PREFIX = "vmbatch"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 #: QEMU's id of the guest's user-mode network; the monitor's ``hostfwd_add`` names it.
 NETDEV_ID = "vmbnet0"
-#: PCI slot of the NIC, outside the range libvirt assigns automatically (PLATFORM.md).
+#: PCI slot of the NIC, outside the range libvirt assigns automatically (docs/platform.md).
 _NET_ADDR = "0x10"
 DOMAIN_PREFIX = "vmbatch-"
 
