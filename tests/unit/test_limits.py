@@ -146,6 +146,14 @@ def test_huge_hostlists_are_refused() -> None:
         slurm.expand_hostlist("n[0-999999]")
 
 
+def test_huge_hostlists_are_refused_before_they_are_built() -> None:
+    """A job name may imitate a detail line (review of issue 15): ranges that would take
+    root's Prolog minutes and gigabytes are refused from their size alone."""
+    for hostile in ("n[0-99999999999]", "a[0-99999]b[0-99999]", "a[0-9999]b[0-99]c[0-99]"):
+        with pytest.raises(ValueError, match="too long"):
+            slurm.expand_hostlist(hostile)
+
+
 # -- Torque's cpuset ---------------------------------------------------------------------
 
 

@@ -260,16 +260,22 @@ def expand_hostlist(expr: str) -> list[str]:
         for m in _HOSTLIST_ITEM.finditer(item):
             if m.start() != pos:
                 raise ValueError(f"not a host list: {expr[:80]!r}")
-            numbers = []
+            numbers: list[str] = []
             for part in m[2].split(","):
                 lo, _, hi = part.partition("-")
                 if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
                     raise ValueError(f"not a host range: {part!r}")
+                # Counted before anything is built: the text may be the job owner's (a
+                # job name imitating a detail line), and n[0-99999999999] must not make
+                # root's Prolog build a list until it is killed.
+                count = int(hi or lo) - int(lo) + 1
+                if len(numbers) + count > _MAX_HOSTS:
+                    raise ValueError(f"host list too long: {expr[:80]!r}")
                 width = len(lo) if lo.startswith("0") else 0
                 numbers += [f"{n:0{width}d}" for n in range(int(lo), int(hi or lo) + 1)]
-            expanded = [e + m[1] + n for e in expanded for n in numbers]
-            if len(names) + len(expanded) > _MAX_HOSTS:
+            if len(names) + len(expanded) * len(numbers) > _MAX_HOSTS:
                 raise ValueError(f"host list too long: {expr[:80]!r}")
+            expanded = [e + m[1] + n for e in expanded for n in numbers]
             pos = m.end()
         rest = item[pos:]
         if (not rest and pos == 0) or "[" in rest or "]" in rest:
