@@ -27,7 +27,21 @@ function slurm_cli_pre_submit(options, offset)
     -- "Unspecified error".
     local ntasks = count(options["ntasks"])
     local per_node = count(options["ntasks-per-node"])
-    local nodes = math.max(count(options["nodes"]), count(os.getenv("SLURM_JOB_NUM_NODES")), 1)
+    local nodes = count(options["nodes"])
+    if nodes == 0 then
+        nodes = math.max(count(os.getenv("SLURM_JOB_NUM_NODES")), 1)
+    end
+    -- Inside an allocation srun takes its task counts from salloc's environment
+    -- (SLURM_NTASKS, SLURM_NTASKS_PER_NODE): a plain `srun CMD` there runs one task per
+    -- node in the VM instead of being refused.
+    if ntasks > nodes and options["ntasks"] == os.getenv("SLURM_NTASKS") then
+        options["ntasks"] = tostring(nodes)
+        ntasks = nodes
+    end
+    if per_node > 1 and options["ntasks-per-node"] == os.getenv("SLURM_NTASKS_PER_NODE") then
+        options["ntasks-per-node"] = "1"
+        per_node = 1
+    end
     if per_node > 1 or ntasks > nodes then
         slurm.log_error("vmbatch: a job step runs as one task per node in the job's VM;"
             .. " start the tasks inside the step instead (e.g. srun sh -c './a & ./b & wait')"

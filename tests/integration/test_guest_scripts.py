@@ -65,7 +65,7 @@ def test_guest_srun_runs_ntasks_copies_here_with_the_worst_status(
         (("--pty", "bash"), "--pty needs a terminal"),
         (("-o", "out", "true"), "use the shell's redirections"),
         (("--frobnicate", "true"), "option --frobnicate is not supported"),
-        (("-n", "x", "true"), "needs a positive number"),
+        (("-n", "x", "true"), "needs a number from 1 to 999"),
         (("-n",), "option -n needs a value"),
         ((), "no command given"),
     ],

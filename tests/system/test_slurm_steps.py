@@ -59,9 +59,10 @@ def test_srun_with_more_tasks_than_nodes_is_refused_with_a_reason(slurm: SlurmSi
 
 def test_steps_of_one_salloc_share_the_jobs_vm(slurm: SlurmSite) -> None:
     """Two steps of one allocation, one after the other, both in the job's one VM: the
-    first leaves a file in the guest that the second reads."""
+    first leaves a file in the guest that the second reads. The allocation has two tasks
+    (SLURM_NTASKS=2): a plain srun in it runs one task in the VM, it is not refused."""
     r = subprocess.run(
-        ["runuser", "-u", slurm.user.name, "--", "salloc", "-N1", "sh", "-c",
+        ["runuser", "-u", slurm.user.name, "--", "salloc", "-N1", "-n2", "sh", "-c",
          "srun sh -c 'echo step1 > /tmp/shared; cat /proc/cmdline';"
          " srun cat /tmp/shared; echo salloc-shell-on=$(hostname)"],
         cwd=slurm.user.home, env=slurm.cluster.env(), capture_output=True, timeout=300,
@@ -246,3 +247,16 @@ def test_salloc_with_an_interactive_step_gives_a_shell_in_the_vm(batch_site: Bat
         finally:
             term.kill()
         assert _ended(slurm, 1)
+
+
+def test_srun_pty_command_ended_by_ctrl_c_reports_130(slurm: SlurmSite) -> None:
+    """The step's own process dies of SIGINT: sshd says "exit-signal", which paramiko
+    does not pass on; the session's wrapper still reports 128+2 (review of issue 15)."""
+    term = _Terminal(slurm, 24, 80, "sh", "-c", "echo started; exec sleep 60")
+    try:
+        term.expect(b"started")
+        term.type(b"\x03")
+        assert term.status() == 130
+    finally:
+        term.kill()
+    assert _ended(slurm, 1)[0]["exit_status"] == 130

@@ -380,6 +380,7 @@ class Session:
         self._stdin_kind = _stdin_kind(stdin)
         self._feeder: threading.Thread | None = None
         self._fed = threading.Event()
+        self._stdin_ended = False
 
     # -- connection -------------------------------------------------------------------
     def _transport(self) -> paramiko.Transport:
@@ -578,33 +579,49 @@ class Session:
         self.heard += 1
 
     def _feed_stdin(self) -> None:
-        """Stream the host's stdin (a pipe) into the guest's ``stdin`` FIFO, then mark its
-        end. A dropped connection ends the job's stdin early (said on the job's stderr)."""
+        """Stream the host's stdin (a pipe) into the guest's ``stdin`` FIFO (a second
+        thread, on the connection the job was started on; it never logs in itself). A
+        dropped connection ends the job's stdin early (said on the job's stderr); the end
+        of input is then marked by :meth:`follow` once it has reconnected."""
         fd = self._stdin_fd()
         d = shlex.quote(self.dir)
         try:
-            transport = self._transport()
+            client = self.client
+            transport = client.get_transport() if client is not None else None
+            if transport is None or not transport.is_active():
+                raise GuestConnectionError("the SSH connection to the guest is closed")
             chan = transport.open_session()
             try:
-                chan.exec_command(_sh(f"exec cat > {d}/stdin"))
+                # Once the job has ended its stdin is no longer a named pipe (the supervisor
+                # removes it), so this never waits for a reader that will not come.
+                chan.exec_command(_sh(f"[ -p {d}/stdin ] || exit 0; exec cat > {d}/stdin"))
                 while data := os.read(fd, 65536):
                     if chan.exit_status_ready():  # the job no longer reads its stdin
                         break
                     chan.sendall(data)
                 chan.shutdown_write()
-                chan.recv_exit_status()
+                if chan.recv_exit_status() < 0:
+                    raise GuestConnectionError("the SSH connection to the guest dropped")
             finally:
                 chan.close()
-        except (*_DROPS, ValueError) as exc:
-            log.warning("the job's stdin was cut short: %s", exc)
-        finally:
             self._fed.set()
-        with contextlib.suppress(*_DROPS, GuestLostError):
-            self._end_stdin()
+            self._mark_end_of_stdin(transport)
+        except (*_DROPS, ValueError) as exc:
+            if not self._fed.is_set():
+                log.warning("the job's stdin was cut short: %s", exc)
+            self._fed.set()
 
-    def _end_stdin(self) -> None:
-        d = shlex.quote(self.dir)
-        self._exec(f": > {d}/stdin.eof")
+    def _mark_end_of_stdin(self, transport: paramiko.Transport) -> None:
+        """``stdin.eof``: the supervisor stops holding the pipe open, the job sees end of
+        file. Idempotent; raises on a dropped connection."""
+        self._exec_on(transport, f": > {shlex.quote(self.dir)}/stdin.eof", b"")
+        self._stdin_ended = True
+
+    def _end_stdin_if_due(self) -> None:
+        """After a reconnect: the feeder finished (or lost its connection) but the end of
+        input may not have reached the guest; mark it on the current connection."""
+        if self._fed.is_set() and not self._stdin_ended:
+            self._mark_end_of_stdin(self._transport())
 
     def follow(self, out: BinaryIO, err: BinaryIO) -> int:
         """Copy the job's output until it ends; return its status. Signals are forwarded."""
@@ -623,6 +640,7 @@ class Session:
 
     def _follow_once(self, out: BinaryIO, err: BinaryIO, pending: signals.Pending) -> None:
         """One follow channel, until the job's status file exists."""
+        self._end_stdin_if_due()
         transport = self._transport()
         chan = transport.open_session()
         heard = time.monotonic()
@@ -774,8 +792,16 @@ class Session:
         d = shlex.quote(self.dir)
         cols, rows = _winsize(fd)
         chan.get_pty(term=self.job.environment.get("TERM") or "vt100", width=cols, height=rows)
-        # The session leader of the guest's terminal: its pid is the job's process group.
-        chan.exec_command(_sh(f"echo $$ > {d}/pid; exec sh {d}/start {d}"))
+        # The session leader of the guest's terminal (its pid is the job's process group)
+        # runs the job as its child and outlives it (a no-op trap, which children do not
+        # inherit), to exit with the job's status: sshd reports a session whose process
+        # died of a signal as "exit-signal", which paramiko does not pass on.
+        chan.exec_command(
+            _sh(
+                f"echo $$ > {d}/pid; trap : INT TERM HUP QUIT; sh {d}/start {d}; st=$?;"
+                f' echo "$st" > {d}/status; exit "$st"'
+            )
+        )
         saved = termios.tcgetattr(fd)
         try:
             tty.setraw(fd, termios.TCSANOW)
@@ -785,6 +811,8 @@ class Session:
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             chan.close()
+        if code < 0 and self._kill_at is not None:
+            code = 128 + signal.SIGKILL  # our own SIGKILL after kill_grace took the session
         if code < 0:
             raise GuestLostError(
                 "the connection to the job's VM dropped; an interactive job ends with its"
@@ -825,9 +853,9 @@ class Session:
                 else:
                     reading = False
                     chan.shutdown_write()
-            if chan.exit_status_ready() and not chan.recv_ready():
-                return
-            if chan.closed or not transport.is_active():
+            if chan.recv_ready():
+                continue  # everything the guest sent is shown before the loop ends
+            if chan.exit_status_ready() or chan.closed or not transport.is_active():
                 return
 
     def send_signal(self, signum: int) -> None:

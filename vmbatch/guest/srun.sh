@@ -44,12 +44,12 @@ while [ $# -gt 0 ]; do
             fi
             case $opt in
                 -n|--ntasks)
-                    case $val in ''|*[!0-9]*|0) refuse "-n/--ntasks needs a positive number, not '$val'" ;; esac
+                    case $val in ''|*[!0-9]*|0|????*) refuse "-n/--ntasks needs a number from 1 to 999, not '$val'" ;; esac
                     ntasks=$val ;;
                 -N|--nodes)
                     case $val in 1|1-1|1-) ;; *) refuse "a step inside a job's VM runs on its node only (-N $val); run one job per node, or several tasks here with -n" ;; esac ;;
                 -D|--chdir) chdir=$val ;;
-                --ntasks-per-node) case $val in ''|*[!0-9]*|0) refuse "--ntasks-per-node needs a positive number" ;; esac
+                --ntasks-per-node) case $val in ''|*[!0-9]*|0|????*) refuse "--ntasks-per-node needs a number from 1 to 999" ;; esac
                     ntasks=$val ;;
             esac
             ;;
@@ -80,8 +80,11 @@ if [ "$ntasks" -eq 1 ]; then
 fi
 pids=
 i=0
+# Every task reads the step's stdin, as with Slurm's srun (an asynchronous command would
+# otherwise get /dev/null).
+exec 3<&0
 while [ "$i" -lt "$ntasks" ]; do
-    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$ntasks "$@" &
+    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$ntasks "$@" <&3 &
     pids="$pids $!"
     i=$((i + 1))
 done

@@ -56,7 +56,12 @@ if mkdir "$D/started" 2>/dev/null; then
         wait "$pid"
         st=$?
         [ -z "$dog" ] || kill "$dog" 2>/dev/null
-        [ -z "$keeper" ] || kill "$keeper" 2>/dev/null
+        if [ -n "$keeper" ]; then
+            # First the name, so that a late writer from the host creates a plain file
+            # instead of waiting for a reader that will never come; then the keeper.
+            rm -f "$D/stdin"
+            kill "$keeper" 2>/dev/null
+        fi
         echo "$st" >"$D/status.new" && mv "$D/status.new" "$D/status"
     ) </dev/null >>"$D/supervisor.log" 2>&1 &
 fi
