@@ -175,3 +175,18 @@ def test_local_checksum_files_only_from_the_image_directories(tmp_path: Path) ->
     cfg = config.parse({**base, "images": {"img": entry | {"checksum_url": f"file://{outside}"}}})
     with pytest.raises(ImageError, match=r"checksum_url .* is outside the image"):
         ImageCache(cfg).ensure(cfg.images["img"])
+
+
+def test_a_dead_fetchers_checksum_file_is_swept(tmp_path: Path, server: Server) -> None:
+    cache, cfg = _cache(tmp_path, server)
+    cache.dir.mkdir(parents=True)
+    final = cache.path_for(cfg.images["img"])
+    dead = 2**22 + 1  # above pid_max: no such process
+    left = [final.with_name(f".{final.name}.sums.{dead}{s}") for s in ("", ".part")]
+    for path in left:
+        path.write_text("x")
+    mine = final.with_name(f".{final.name}.sums.{os.getpid()}")  # a live fetcher's
+    mine.write_text("x")
+    swept = cache.sweep(older_than=3600, now=0)
+    assert sorted((s.path, s.what) for s in swept) == sorted((p, "checksum file") for p in left)
+    assert mine.exists() and not any(p.exists() for p in left)
