@@ -52,7 +52,7 @@ PACKAGES=(
     cloud-init python3-cffi-backend cloud-guest-utils
     netplan.io systemd-resolved
     linux-image-cloud-amd64 grub-pc
-    iproute2 netbase sudo ca-certificates less
+    e2fsprogs iproute2 netbase sudo ca-certificates less
 )
 # Partitions, in 512-byte sectors: BIOS boot partition (GRUB's core image) at 1 MiB, the
 # root filesystem from 4 MiB to the end (GPT type GUIDs from the UEFI spec / GRUB manual).
@@ -237,6 +237,9 @@ ff02::1		ip6-allnodes
 ff02::2		ip6-allrouters
 EOF
 ln -sfn /run/systemd/resolve/stub-resolv.conf "$ROOT/etc/resolv.conf"
+# The system locale (cloud-init's locale module keeps it; without one it sets en_US.UTF-8,
+# which Debian's locale-gen does not generate on request, and the module fails).
+echo LANG=C.UTF-8 >"$ROOT/etc/default/locale"
 in_root usermod -p '*' root
 in_root systemctl enable systemd-networkd.service systemd-resolved.service >&2
 # DHCP on any Ethernet NIC when nothing configures it, as NetworkManager's default
@@ -257,6 +260,10 @@ rm -f "$ROOT"/etc/ssh/ssh_host_*
 : >"$ROOT/etc/machine-id"
 rm -f "$ROOT/var/lib/dbus/machine-id"
 ln -s /etc/machine-id "$ROOT/var/lib/dbus/machine-id"
+
+# The initramfs again, now that /etc/fstab names the root (its fsck hook copies fsck.ext4
+# only then), as an installer's last step does.
+in_root update-initramfs -u -k "$KVER" >&2
 
 # --- bootloader: the image's own GRUB -------------------------------------------------
 mkdir -p "$ROOT/etc/default/grub.d"
