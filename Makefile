@@ -66,6 +66,7 @@ bench: venv daemons guest-tiny guest-debian guest-cloud
 	$(VENV)/bin/python bench/boot.py --guest $(GUESTS)/tiny
 	$(VENV)/bin/python bench/images.py
 	$(VENV)/bin/python bench/context.py --guest $(GUESTS)/debian
+	$(VENV)/bin/python bench/cloud_boot.py --guests $(GUESTS)
 	$(VENV)/bin/python bench/session.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/slurm.py --guest $(GUESTS)/tiny
 
