@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from vmbatch import trust
 from vmbatch.errors import ConfigError
@@ -305,13 +306,18 @@ class ImageConfig:
 
     ``source``: an absolute path (used in place), ``file:///abs/path`` (copied into the cache,
     only below ``[cache].image_dirs``), or an ``http(s)://`` URL (downloaded into the cache).
-    Remote and file:// sources need ``sha256`` or ``sha512`` unless ``verify = false``.
+    Remote and file:// sources need ``sha256``, ``sha512`` or ``checksum_url`` (the checksum
+    file a distribution publishes beside its images, :mod:`vmbatch.images.checksums`) unless
+    ``verify = false``. Without ``kernel`` the image boots from its own disk through its own
+    bootloader (firmware boot).
     """
 
     name: str
     source: str
     sha256: str | None = None
     sha512: str | None = None
+    #: URL (http(s):// or file:///) of a checksum file listing the source's file name.
+    checksum_url: str | None = None
     verify: bool = True
     format: ImageFormat | None = None
     kernel: Path | None = None
@@ -756,23 +762,52 @@ def _check_image(raw: Mapping[str, Any], where: str, problems: list[str]) -> Non
         value = raw.get(algo)
         if isinstance(value, str) and not re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value):
             problems.append(f"{where}.{algo}: must be {length} hex digits")
-    if "sha256" in raw and "sha512" in raw:
-        problems.append(f"{where}: give sha256 or sha512, not both")
-    has_sum = "sha256" in raw or "sha512" in raw
-    if (remote or local_url) and not has_sum and raw.get("verify", True) is not False:
+    given = [key for key in ("sha256", "sha512", "checksum_url") if key in raw]
+    if len(given) > 1:
         problems.append(
-            f"{where}: a downloaded image needs sha256 or sha512 (or verify = false to"
-            " accept it unchecked, at your own risk)"
+            f"{where}: give only one of sha256, sha512, checksum_url (not {' and '.join(given)})"
+        )
+    has_sum = "sha256" in raw or "sha512" in raw
+    sums_url = raw.get("checksum_url")
+    if isinstance(sums_url, str):
+        problems += _check_checksum_url(raw, where, sums_url, remote or local_url)
+    elif (remote or local_url) and not has_sum and raw.get("verify", True) is not False:
+        problems.append(
+            f"{where}: a downloaded image needs sha256, sha512 or checksum_url (or verify ="
+            " false to accept it unchecked, at your own risk)"
         )
     if raw.get("refresh_interval", 0) and (has_sum or not remote):
         problems.append(
-            f"{where}.refresh_interval: only unverified http(s) images can change (a checksum"
-            " pins the content); drop refresh_interval, or the checksum and set verify = false"
+            f"{where}.refresh_interval: only http(s) images without a fixed checksum can"
+            " change (a checksum pins the content); drop refresh_interval, or replace the"
+            " checksum by checksum_url (or verify = false)"
         )
     if "initrd" in raw and "kernel" not in raw:
         problems.append(f"{where}: initrd given without kernel (set kernel too, or drop initrd)")
     if raw.get("cmdline") and "kernel" not in raw:
         problems.append(f"{where}: cmdline given without kernel (set kernel too, or drop it)")
+
+
+def _check_checksum_url(raw: Mapping[str, Any], where: str, url: str, fetched: bool) -> list[str]:
+    """Problems of an image's ``checksum_url`` (the image's file name is looked up in it)."""
+    problems = []
+    if not url.startswith(("http://", "https://", "file:///")):
+        problems.append(f"{where}.checksum_url: must be an http(s):// or file:/// URL, got {url!r}")
+    if not fetched:
+        problems.append(
+            f"{where}.checksum_url: the source is an absolute path, used in place and never"
+            " verified; give it as file:///path to have it copied into the cache and verified,"
+            " or drop checksum_url"
+        )
+    if raw.get("verify", True) is False:
+        problems.append(f"{where}: checksum_url with verify = false; drop one of the two")
+    source = raw.get("source")
+    if isinstance(source, str) and not urlsplit(source).path.rpartition("/")[2]:
+        problems.append(
+            f"{where}.source: names no file to look up in the checksum file; point it at the"
+            " image file itself"
+        )
+    return problems
 
 
 _Rule = tuple[str, Callable[[Any], bool], str]

@@ -131,11 +131,13 @@ def test_remote_sources_need_a_checksum_unless_explicitly_unverified() -> None:
             }
         )
     text = "\n".join(info.value.problems)
-    assert "[images.a]: a downloaded image needs sha256 or sha512" in text
+    assert "[images.a]: a downloaded image needs sha256, sha512 or checksum_url" in text
     assert "[images.b].source: file:// URLs need an absolute path" in text
     assert "[images.b].sha256: must be 64 hex digits" in text
     assert "[images.c].source: must be an absolute path, file:///path or http(s)" in text
-    assert "[images.c]: give sha256 or sha512, not both" in text
+    assert (
+        "[images.c]: give only one of sha256, sha512, checksum_url (not sha256 and sha512)" in text
+    )
     cfg = config.parse(
         {
             "images": {"u": {"source": "http://127.0.0.1/u.img", "verify": False}},
@@ -147,6 +149,53 @@ def test_remote_sources_need_a_checksum_unless_explicitly_unverified() -> None:
         config.parse({"cache": {"image_dirs": "/srv"}})
     with pytest.raises(ConfigError, match=r"\[cache\]\.image_dirs: must be an absolute path"):
         config.parse({"cache": {"image_dirs": ["srv"]}})
+
+
+def test_a_checksum_file_url_stands_for_the_checksum() -> None:
+    base = "https://cloud.example.invalid/12/latest/"
+    cfg = config.parse(
+        {
+            "images": {
+                "debian": {
+                    "source": base + "debian-12-genericcloud-amd64.qcow2",
+                    "checksum_url": base + "SHA512SUMS",
+                    "refresh_interval": 86400,  # follows "latest": the checksum file changes
+                },
+                "local": {
+                    "source": "file:///var/lib/vmbatch/images/x.qcow2",
+                    "checksum_url": "file:///var/lib/vmbatch/images/SHA256SUMS",
+                },
+            }
+        }
+    )
+    assert cfg.images["debian"].checksum_url == base + "SHA512SUMS"
+    assert cfg.images["debian"].kernel is None  # boots from its own disk
+    with pytest.raises(ConfigError) as info:
+        config.parse(
+            {
+                "images": {
+                    "both": {
+                        "source": base + "a.qcow2",
+                        "sha256": "0" * 64,
+                        "checksum_url": base + "SHA256SUMS",
+                    },
+                    "scheme": {"source": base + "b.qcow2", "checksum_url": "ftp://x/SUMS"},
+                    "inplace": {"source": "/srv/c.qcow2", "checksum_url": base + "SUMS"},
+                    "unverified": {
+                        "source": base + "d.qcow2",
+                        "checksum_url": base + "SUMS",
+                        "verify": False,
+                    },
+                    "dir": {"source": base, "checksum_url": base + "SUMS"},
+                }
+            }
+        )
+    text = "\n".join(info.value.problems)
+    assert "[images.both]: give only one of sha256, sha512, checksum_url" in text
+    assert "[images.scheme].checksum_url: must be an http(s):// or file:/// URL" in text
+    assert "[images.inplace].checksum_url: the source is an absolute path, used in place" in text
+    assert "[images.unverified]: checksum_url with verify = false" in text
+    assert "[images.dir].source: names no file to look up in the checksum file" in text
 
 
 def test_extra_disks_and_refresh_are_checked() -> None:
@@ -168,8 +217,8 @@ def test_extra_disks_and_refresh_are_checked() -> None:
     text = "\n".join(info.value.problems)
     assert "[disks].reserve_gib: must be >= 0" in text
     assert "[disks].scratch_gib: must be >= 0 (0: no disk)" in text
-    assert "[images.pinned].refresh_interval: only unverified http(s) images" in text
-    assert "[images.local].refresh_interval: only unverified http(s) images" in text
+    assert "[images.pinned].refresh_interval: only http(s) images without a fixed" in text
+    assert "[images.local].refresh_interval: only http(s) images without a fixed" in text
     assert "[images.neg].cvmfs_cache_gib: must be >= 0" in text
     cfg = config.parse(
         {

@@ -96,6 +96,30 @@ def test_foreign_domain_has_no_metadata() -> None:
     assert read_metadata("<domain type='qemu'><name>other</name></domain>") is None
 
 
+def test_an_image_without_kernel_boots_from_its_base_disk_only() -> None:
+    for domain_type in ("qemu", "kvm"):
+        root = ET.fromstring(build_xml(_spec(domain_type=domain_type, disks=root_disks())))
+        assert root.find("os/kernel") is None and root.find("os/boot") is None
+        boots = [
+            (d.find("source").get("file"), b.get("order"))  # type: ignore[union-attr]
+            for d in root.iterfind("devices/disk")
+            if (b := d.find("boot")) is not None
+        ]
+        assert boots == [(str(JOB / "overlay.qcow2"), "1")]
+    direct = ET.fromstring(build_xml(CASES["tcg-direct-kernel"]))
+    assert direct.find("os/kernel") is not None
+    assert not list(direct.iter("boot"))  # the firmware loads the given kernel, no disk
+
+
+def root_disks() -> tuple[DiskSpec, ...]:
+    return (
+        DiskSpec(JOB / "overlay.qcow2", "qcow2"),
+        DiskSpec(JOB / "cvmfs-cache.qcow2", "qcow2", serial="vmbatch-cvmfs"),
+        DiskSpec(JOB / "context.iso", "raw", readonly=True),
+        DiskSpec(JOB / "seed.iso", "raw", readonly=True),
+    )
+
+
 def test_cpu_per_accelerator() -> None:
     kvm = ET.fromstring(build_xml(_spec(domain_type="kvm")))
     assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]

@@ -55,7 +55,8 @@ from typing import IO, Any
 
 from vmbatch import faults, state
 from vmbatch.config import Config, ImageConfig
-from vmbatch.errors import DiskSpaceError, ImageError, VmBatchError
+from vmbatch.errors import DiskSpaceError, ImageError, ImageSourceError, VmBatchError
+from vmbatch.images import checksums
 from vmbatch.images.download import (
     Checksum,
     FetchResult,
@@ -155,9 +156,14 @@ class Swept:
     why: str
 
 
-#: A fetcher's own partial file (``.NAME.img.part.PID``, also ``.unpacked``) or metadata
-#: temp file (``.NAME.img.meta.PID``): see ``_fetch_locked`` and ``_write_meta``.
-_OWN_FILE = re.compile(r"\.(?P<image>.+\.img)\.(?P<kind>part|meta)\.(?P<pid>[0-9]+)(\.unpacked)?")
+#: A fetcher's own partial file (``.NAME.img.part.PID``, also ``.unpacked``), metadata
+#: temp file (``.NAME.img.meta.PID``) or checksum file (``.NAME.img.sums.PID``, also
+#: ``.part``): see ``_fetch_locked``, ``_write_meta`` and ``_listed_checksum``.
+_OWN_FILE = re.compile(
+    r"\.(?P<image>.+\.img)\.(?P<kind>part|meta|sums)\.(?P<pid>[0-9]+)(\.unpacked|\.part)?"
+)
+#: A checksum file larger than this is not one (a checksum_url pointing at an image).
+MAX_CHECKSUM_FILE = 4 * 2**20
 
 
 def _image_of(name: str) -> str | None:
@@ -183,10 +189,14 @@ class ImageCache:
         self.dir = cfg.paths.cache_dir / "images"
 
     def path_for(self, entry: ImageConfig) -> Path:
+        """Where ``entry`` is cached. KEY is its checksum's prefix; with a checksum file (its
+        digest unknown until fetched) or none, a digest of the source and checksum URLs."""
         sums = checksum_of(entry)
-        key = (
-            sums.hexdigest[:16] if sums else hashlib.sha256(entry.source.encode()).hexdigest()[:16]
-        )
+        if sums:
+            key = sums.hexdigest[:16]
+        else:
+            origin = entry.source + ("\n" + entry.checksum_url if entry.checksum_url else "")
+            key = hashlib.sha256(origin.encode()).hexdigest()[:16]
         return self.dir / f"{entry.name}-{key}.img"
 
     # -- fetching ---------------------------------------------------------------------
@@ -279,34 +289,76 @@ class ImageCache:
         part: Path,
         progress: Progress | None,
         validators: Validators | None = None,
+        listed: Checksum | None = None,
     ) -> FetchResult:
+        """Fetch ``entry`` into ``final``, verified by its catalog checksum or by the one its
+        checksum file lists (``listed``, if already read; else read here first)."""
+        if entry.checksum_url and listed is None:
+            listed = self._listed_checksum(entry, entry.checksum_url, final)
         log.info("image %s: fetching %s", entry.name, entry.source)
         return fetch(
             entry.name,
             entry.source,
             final,
-            checksum=checksum_of(entry),
+            checksum=checksum_of(entry) or listed,
             connect_timeout=self.cfg.cache.connect_timeout,
             read_timeout=self.cfg.cache.read_timeout,
             progress=progress,
             part=part,
             validators=validators,
             room=lambda need: self.make_room(entry.name, need, keep=final),
-            before_rename=lambda result: self._write_meta(entry, final, result),
+            before_rename=lambda result: self._write_meta(entry, final, result, listed),
             debug=self.cfg.debug,
         )
 
-    def _check_file_url(self, entry: ImageConfig) -> None:
-        if not entry.source.startswith("file://"):
-            return
-        real = Path(os.path.realpath(entry.source[len("file://") :]))
-        roots = self.cfg.cache.image_dirs
-        if not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
-            raise ImageError(
-                f"image {entry.name!r}: {entry.source} is outside the image directories"
-                f" ({', '.join(str(r) for r in roots)})",
-                hint="move the file there or add its directory to [cache].image_dirs",
+    def _listed_checksum(self, entry: ImageConfig, url: str, final: Path) -> Checksum:
+        """Fetch ``entry``'s checksum file ``url`` (the download code's retries and
+        timeouts) and find the digest it lists for the source's file name."""
+        own = final.with_name(f".{final.name}.sums.{os.getpid()}")
+
+        def limit(size: int, _total: int | None = None) -> None:
+            if size > MAX_CHECKSUM_FILE:
+                raise ImageSourceError(
+                    f"image {entry.name!r}: the checksum file {url} is larger than"
+                    f" {MAX_CHECKSUM_FILE // 2**20} MiB: not a checksum file",
+                    hint=f"point [images.{entry.name}].checksum_url at the SHA256SUMS,"
+                    " SHA512SUMS or CHECKSUM file beside the image",
+                )
+
+        log.info("image %s: reading checksum file %s", entry.name, url)
+        try:
+            fetch(
+                entry.name,
+                url,
+                own,
+                checksum=None,
+                connect_timeout=self.cfg.cache.connect_timeout,
+                read_timeout=self.cfg.cache.read_timeout,
+                progress=limit,
+                part=own.with_name(own.name + ".part"),
+                room=limit,
+                debug=self.cfg.debug,
+                key="checksum_url",
             )
+            text = own.read_text(encoding="utf-8", errors="replace")
+        finally:
+            own.unlink(missing_ok=True)
+            own.with_name(own.name + ".part").unlink(missing_ok=True)
+        return checksums.find(text, checksums.file_name(entry.source), image=entry.name, url=url)
+
+    def _check_file_url(self, entry: ImageConfig) -> None:
+        """``file://`` sources and checksum files only from below ``[cache].image_dirs``."""
+        for key, url in (("source", entry.source), ("checksum_url", entry.checksum_url)):
+            if url is None or not url.startswith("file://"):
+                continue
+            real = Path(os.path.realpath(url[len("file://") :]))
+            roots = self.cfg.cache.image_dirs
+            if not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
+                raise ImageError(
+                    f"image {entry.name!r}: {key} {url} is outside the image directories"
+                    f" ({', '.join(str(r) for r in roots)})",
+                    hint="move the file there or add its directory to [cache].image_dirs",
+                )
 
     # -- metadata and conditional refresh ----------------------------------------------
 
@@ -318,9 +370,15 @@ class ImageCache:
             return None
         return data if isinstance(data, dict) else None
 
-    def _write_meta(self, entry: ImageConfig, final: Path, result: FetchResult) -> None:
+    def _write_meta(
+        self,
+        entry: ImageConfig,
+        final: Path,
+        result: FetchResult,
+        listed: Checksum | None = None,
+    ) -> None:
         meta = _side(final, ".meta")
-        data = {
+        data: dict[str, Any] = {
             "source": entry.source,
             "sha256": result.sha256,
             "size": result.size,
@@ -328,6 +386,9 @@ class ImageCache:
             "last_modified": result.validators.last_modified,
             "fetched_at": time.time(),
         }
+        if listed is not None:  # what the checksum file said: a refresh compares with it
+            data["checksum_url"] = entry.checksum_url
+            data["listed"] = {"algorithm": listed.algorithm, "hexdigest": listed.hexdigest}
         tmp = meta.with_name(f".{meta.name}.{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         tmp.chmod(0o644)
@@ -342,8 +403,12 @@ class ImageCache:
         )
 
     def _refresh(self, entry: ImageConfig, final: Path, part: Path) -> None:
-        """Revalidate a cached unverified image; keep the cached copy if that fails."""
+        """Revalidate a cached image (read its checksum file again, or ask the server
+        whether an unverified one changed); keep the cached copy if that fails."""
         meta = self.meta(final) or {}
+        if entry.checksum_url:
+            self._refresh_listed(entry, entry.checksum_url, final, part, meta)
+            return
         validators = Validators(meta.get("etag"), meta.get("last_modified"))
         try:
             result = self._fetch(entry, final, part, None, validators=validators)
@@ -357,6 +422,32 @@ class ImageCache:
             )
         else:
             log.info("image %s: the server has a new version; cached copy replaced", entry.name)
+
+    def _refresh_listed(
+        self, entry: ImageConfig, url: str, final: Path, part: Path, meta: dict[str, Any]
+    ) -> None:
+        """Read the checksum file again: the same digest keeps the cached copy, another one
+        fetches the image it now describes (a "latest" file that moved on)."""
+        try:
+            listed = self._listed_checksum(entry, url, final)
+            known = meta.get("listed") or {}
+            if (known.get("algorithm"), known.get("hexdigest")) == (
+                listed.algorithm,
+                listed.hexdigest,
+            ):
+                log.info("image %s: checksum file unchanged; cached copy kept", entry.name)
+                result = FetchResult(
+                    meta.get("sha256"),
+                    meta.get("size", 0),
+                    Validators(meta.get("etag"), meta.get("last_modified")),
+                )
+                self._write_meta(entry, final, result, listed)
+                return
+            self._fetch(entry, final, part, None, listed=listed)
+        except VmBatchError as exc:
+            log.warning("image %s: refresh failed (%s); using the cached copy", entry.name, exc)
+            return
+        log.info("image %s: the checksum file lists a new version; fetched it", entry.name)
 
     # -- use tracking and eviction ----------------------------------------------------
 
@@ -462,7 +553,9 @@ class ImageCache:
             if _pid_alive(int(m["pid"])):
                 fetching.add(m["image"])
                 continue
-            what = "metadata temp file" if m["kind"] == "meta" else "partial download"
+            what = {"meta": "metadata temp file", "sums": "checksum file"}.get(
+                m["kind"], "partial download"
+            )
             item = Swept(self.dir / name, what, f"process {m['pid']} that wrote it is gone")
             if not dry_run:
                 item.path.unlink(missing_ok=True)

@@ -150,12 +150,14 @@ def fetch(
     room: Room | None = None,
     before_rename: Callable[[FetchResult], None] | None = None,
     debug: DebugConfig | None = None,
+    key: str = "source",
 ) -> FetchResult:
     """Fetch ``url`` (http, https or file) to ``dest``: verified, unpacked, renamed atomically.
 
     ``part`` is the partial file to write and resume (default ``.<dest name>.part``).
     With ``validators`` the request is conditional and may return ``not_modified``.
     ``debug`` arms the fault points inside the transfer loops (:mod:`vmbatch.faults`).
+    ``key`` is the catalog key that holds ``url`` (``source``, ``checksum_url``), for hints.
     """
     scheme = urlsplit(url).scheme
     part = part or dest.with_name(f".{dest.name}.part")
@@ -177,6 +179,7 @@ def fetch(
             resumable=checksum is not None,
             validators=validators,
             debug=debug,
+            key=key,
         )
         try:
             for attempt in DOWNLOAD_POLICY.retrying():
@@ -296,8 +299,10 @@ class _Download:
         resumable: bool,
         validators: Validators | None,
         debug: DebugConfig | None = None,
+        key: str = "source",
     ) -> None:
         self.name, self.url, self.part, self.sess = name, url, part, sess
+        self.key = key
         self.timeout, self.progress, self.room = timeout, progress, room
         #: A partial file from elsewhere may be resumed (a checksum will catch a mix-up).
         self.resumable = resumable
@@ -365,7 +370,7 @@ class _Download:
             raise ImageDownloadError(what, transient=True)
         elif 400 <= code < 500:
             raise ImageSourceError(
-                what, hint=f"fix [images.{name}].source or the server; retrying will not help"
+                what, hint=f"fix [images.{name}].{self.key} or the server; retrying will not help"
             )
         elif code not in (200, 206):
             raise ImageDownloadError(what, hint="check the URL in the image catalog")

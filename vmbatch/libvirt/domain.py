@@ -16,6 +16,13 @@ Choices worth knowing:
 - The serial console goes through virtlogd (``<log file=...>``), which writes the file as root
   with rollover, instead of QEMU writing it directly.
 - ``on_poweroff``/``on_crash`` destroy: a guest that stops ends the job's VM.
+- An image without a kernel boots from its own disk: the firmware (SeaBIOS unless the
+  image names a ``firmware`` ROM) runs the bootloader in the image (GRUB, syslinux), which
+  loads the image's kernel. The base disk carries ``<boot order='1'/>``, the only boot
+  device: libvirt then gives QEMU ``bootindex=1`` and ``-boot strict=on``, so the
+  firmware never tries the seed, the context CD, the empty scratch disks or the NIC
+  (https://libvirt.org/formatdomain.html#hard-drives-floppy-disks-cdroms, "boot";
+  per-device boot order and ``<os><boot>`` exclude each other).
 - CPU pinning is ``<vcpu cpuset='...'>``: the vCPU threads and QEMU's own (emulator, I/O)
   threads may run on those host CPUs only, and float among them, as a job's processes do in
   the scheduler's cpuset (libvirt applies it with ``sched_setaffinity`` and, where it has
@@ -172,8 +179,8 @@ def _os(dom: ET.Element, spec: DomainSpec) -> None:
             _text(os_el, "initrd", str(spec.initrd))
         if spec.cmdline:
             _text(os_el, "cmdline", spec.cmdline)
-    else:
-        ET.SubElement(os_el, "boot", dev="hd")
+    # Without a kernel the firmware boots the image's own bootloader from the first disk:
+    # see _devices (``<boot order>`` on that disk, not ``<os><boot dev>``).
 
 
 def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
@@ -232,6 +239,8 @@ def _devices(dom: ET.Element, spec: DomainSpec) -> None:
             ET.SubElement(d, "readonly")
         if disk.serial is not None:
             _text(d, "serial", disk.serial)
+        if i == 0 and spec.kernel is None:
+            ET.SubElement(d, "boot", order="1")
         _pci(d, _FIRST_DISK_SLOT + i)
     ET.SubElement(dev, "controller", type="usb", model="none")
     serial = ET.SubElement(dev, "serial", type="pty")
