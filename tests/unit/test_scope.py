@@ -198,3 +198,30 @@ def test_a_job_that_asks_for_no_vm_is_not_given_one_silently(cfg: config.Config)
     with pytest.raises(JobError, match="says '#VMBATCH vm=no', but this job runs in a VM"):
         batch.job_spec(cfg, job, None)  # type: ignore[arg-type]
 
+
+def test_doctor_says_which_jobs_get_a_vm_and_which_prolog_scripts_run(tmp_path: Path) -> None:
+    from vmbatch import doctor
+
+    bundle = tmp_path / "bundle"
+    cfg = config.parse({"slurm": {"bundle": str(bundle)}})
+    prolog_d = tmp_path / "prolog.d"
+    prolog_d.mkdir()
+    (prolog_d / "10-site").write_text("#!/bin/sh\ntouch /var/run/site-$SLURM_JOB_ID\n")
+    values = {
+        "JobSubmitPlugins": "lua",
+        "Prolog": f"{prolog_d}/*",
+        "Epilog": f"{tmp_path}/epilog.d/*",  # matches nothing: slurmd fails every Epilog
+    }
+    scope, prolog, epilog = doctor._slurm_scope(cfg, values)
+    assert not scope.ok and "MISSING on this node" in scope.detail
+    assert not prolog.ok and "runs " + str(prolog_d / "10-site") in prolog.detail
+    assert "none of them runs vmbatch-prologue" in prolog.detail
+    assert not epilog.ok and "runs nothing" in epilog.detail
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{}")
+    (prolog_d / "50-vmbatch").write_text('#!/bin/sh\nexec /opt/vmbatch/bin/vmbatch-prologue "$@"\n')
+    scope, prolog, _ = doctor._slurm_scope(cfg, values)
+    assert scope.ok and f"the container {bundle} run in VMs" in scope.detail
+    assert prolog.ok and prolog.detail.endswith("10-site, " + str(prolog_d / "50-vmbatch"))
+    scope, *_ = doctor._slurm_scope(cfg, {**values, "JobSubmitPlugins": "(null)"})
+    assert not scope.ok and "JobSubmitPlugins=(null)" in scope.detail
