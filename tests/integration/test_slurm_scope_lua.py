@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -317,11 +318,11 @@ def test_the_taskprolog_chain_runs_vmbatchs_check_then_the_sites(tmp_path: Path)
     the site's script alone."""
     site = tmp_path / "site"
     site.write_text("#!/bin/sh\necho export SITE=1\n")
-    starter = tmp_path / "vmbatch-starter"
+    starter = tmp_path / "python"
     chain = tmp_path / "chain"
     text = (ROOT / "conf" / "slurm" / "taskprolog-chain").read_text()
     text = text.replace("/etc/slurm/taskprolog.site", str(site))
-    chain.write_text(text.replace("/opt/vmbatch/bin/vmbatch-starter", str(starter)))
+    chain.write_text(text.replace("/opt/vmbatch/bin/python", str(starter)))
     for p in (site, chain):
         p.chmod(0o755)
 
@@ -330,7 +331,7 @@ def test_the_taskprolog_chain_runs_vmbatchs_check_then_the_sites(tmp_path: Path)
                               env={}, check=False)  # fmt: skip
 
     assert (run().returncode, run().stdout) == (0, "export SITE=1\n")  # no vmbatch here
-    starter.write_text('#!/bin/sh\n[ "$1" = slurm-taskprolog ] || exit 9\n')
+    starter.write_text('#!/bin/sh\n[ "$*" = "-I -m vmbatch.hooks.taskprolog" ] || exit 9\n')
     starter.chmod(0o755)
     assert (run().returncode, run().stdout) == (0, "export SITE=1\n")
     starter.write_text("#!/bin/sh\necho print vmbatch: error: outside the VM\nexit 1\n")
@@ -338,6 +339,19 @@ def test_the_taskprolog_chain_runs_vmbatchs_check_then_the_sites(tmp_path: Path)
     chain.write_text(chain.read_text().replace(f"SITE_TASKPROLOG={site}", "SITE_TASKPROLOG="))
     starter.write_text("#!/bin/sh\n")
     assert (run().returncode, run().stdout) == (0, "")
+
+
+def test_the_taskprolog_module_leaves_the_hooks_machinery_unloaded() -> None:
+    """The TaskProlog runs before every task of every job on the node, those without a VM
+    too: it must not pay for importing libvirt, paramiko and the hooks (~0.5 s)."""
+    code = (
+        "import sys, vmbatch.hooks.taskprolog\n"
+        "print(sorted(m for m in ('libvirt', 'paramiko', 'vmbatch.hooks.batch',"
+        " 'vmbatch.hooks.entry') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, check=True, cwd=ROOT)  # fmt: skip
+    assert r.stdout == "[]\n"
 
 
 def test_the_bundle_is_the_one_the_nodes_expect() -> None:

@@ -76,7 +76,7 @@ def vmbatch_cluster(
     oci = oci.replace("/opt/vmbatch/bin/", f"{BIN}/")
     taskprolog = root / "taskprolog"
     taskprolog.write_text(
-        f"#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / 'vmbatch-starter'} slurm-taskprolog\n"
+        f"#!/bin/sh\nVMBATCH_CONFIG={config} exec {BIN / 'python'} -I -m vmbatch.hooks.taskprolog\n"
     )
     taskprolog.chmod(0o755)
     return SlurmCluster(

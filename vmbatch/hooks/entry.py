@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import re
 import shlex
 import socket
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from vmbatch import config, limits, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
-from vmbatch.hooks import batch, policy, slurm, torque
+from vmbatch.hooks import batch, policy, slurm, taskprolog, torque
 from vmbatch.hooks.batch import NoVmPreparedError, PrologueFailedError, StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
@@ -308,7 +307,7 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
         print(slurm.oci_state(argv[2], argv[3] if len(argv) > 3 else ""))
         return 0
     if len(argv) >= 2 and argv[1] == "slurm-taskprolog":  # slurm.conf TaskProlog (user)
-        return _task_prolog(path, env)
+        return taskprolog.run(path, env)
     is_slurm = len(argv) >= 3 and argv[1] == "slurm"
     privileged = os.geteuid() == 0
     _logging("vmbatch-starter", argv[2] if is_slurm else "")
@@ -387,51 +386,6 @@ def _no_vm_for_batch_step(
     )
     sys.stderr.write(f"vmbatch: error: {decision.message}\n")
     return decision.status
-
-
-def _task_prolog(path: Path | None, env: Mapping[str, str]) -> int:
-    """slurm.conf ``TaskProlog`` (``vmbatch-starter slurm-taskprolog``): before each task of
-    a step, as the job's user, refuse a step that would run on the node while the job has
-    its VM here, instead of letting it run outside the VM unnoticed.
-
-    A step reaches the VM only if it names a container (``cli_filter.lua``); one that does
-    not (srun where cli_filter.lua is missing, a client with another slurm.conf) runs in
-    the directory srun gave it, while a container step's task runs in slurmstepd's copy of
-    the bundle, ``<SlurmdSpoolDir>/oci-job<id>-<step>`` (:mod:`vmbatch.hooks.slurm`), a
-    root-owned directory the user cannot make. Output lines ``print ...`` reach the
-    task's stdout; a non-zero exit fails the task (slurmstepd, ``TaskProlog failed``).
-    This is a safety net against mistakes, not a barrier: the TaskProlog runs as the user.
-    """
-    job_id = env.get("SLURM_JOB_ID", "")
-    if not job_id or _in_oci_bundle(Path.cwd(), job_id):
-        return 0
-    try:
-        cfg = _load(path)
-        batch.check_job_id(job_id)
-    except VmBatchError:
-        return 0  # not for this hook to fail a task over
-    if not UserDir(cfg.batch.user_dir, job_id).path.exists():
-        return 0  # no VM for this job on this node
-    print(
-        f"print vmbatch: error: this step of job {job_id} would run on the node, outside the"
-        " job's VM: it names no container (srun without vmbatch's cli_filter.lua, or with"
-        " another slurm.conf); start srun where the site's slurm.conf and cli_filter.lua"
-        " are (docs/admin-slurm.md)",
-        flush=True,
-    )
-    return 1
-
-
-def _in_oci_bundle(cwd: Path, job_id: str) -> bool:
-    """``cwd`` is slurmstepd's bundle copy for a step of ``job_id`` (root's, not writable by
-    others: a user cannot make one)."""
-    if not re.fullmatch(rf"oci-job0*{re.escape(job_id)}-(\d+|batch|interactive)", cwd.name):
-        return False
-    try:
-        st = cwd.parent.stat()
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def reserved_status(cfg: config.Config, status: int) -> int:
