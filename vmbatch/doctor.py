@@ -148,9 +148,9 @@ def _slurm_scope(cfg: Config, values: dict[str, str]) -> list[Check]:
     (docs/admin-slurm.md, "Scope, and living beside a site's own Prolog and job_submit"):
     ``JobSubmitPlugins`` must include ``lua`` (job_submit.lua marks the jobs), the bundle
     it names must be on this node, and ``Prolog``/``Epilog`` - one path or a glob(7)
-    pattern, whose matches slurmd runs in order, stopping at the first that fails, and
-    none of which is an error that fails every job (22.05 ``prep_script_slurmd.c``) - must
-    include vmbatch's hook."""
+    pattern, whose matches slurmd runs in reverse lexical order, stopping at the first that
+    fails, and none of which is an error that fails every job (22.05
+    ``prep_script_slurmd.c``, measured) - must include vmbatch's hook."""
     plugins = values.get("JobSubmitPlugins", "")
     bundle = cfg.slurm.bundle
     checks = [
@@ -167,19 +167,28 @@ def _slurm_scope(cfg: Config, values: dict[str, str]) -> list[Check]:
     ]
     for key, hook in (("Prolog", "vmbatch-prologue"), ("Epilog", "vmbatch-epilogue")):
         pattern = values.get(key, "")
-        # glob(3), as slurmd expands it
-        scripts = sorted(glob.glob(pattern)) if pattern.startswith("/") else []  # noqa: PTH207
+        # glob(3) as slurmd expands it, in the order it runs them
+        found = glob.glob(pattern) if pattern.startswith("/") else []  # noqa: PTH207
+        scripts = sorted(found, reverse=True)
         ours = [s for s in scripts if _mentions(Path(s), hook)]
-        names = ", ".join(scripts) or "nothing"
+        if scripts:
+            detail = f"{key}={pattern} runs, in this order: {', '.join(scripts)}"
+            detail += "" if ours else f": none of them runs {hook}"
+        else:
+            detail = (
+                f"{key}={pattern or '(null)'} matches nothing: slurmd fails every job's"
+                f" {key} (and drains the node)"
+                if pattern not in ("", "(null)")
+                else f"no {key}: vmbatch's {hook} does not run"
+            )
         checks.append(
             Check(
                 bool(ours),
                 f"slurm {key.lower()}",
-                f"{key}={pattern or '(null)'} runs {names}"
-                + ("" if ours else f": none of them runs {hook}"),
+                detail,
                 f"add vmbatch's {key.lower()} beside the site's: {key}=/etc/slurm/"
                 f"{key.lower()}.d/* with the site's script and vmbatch's shim in that"
-                " directory (docs/admin-slurm.md)",
+                " directory (conf/slurm/slurm.conf.vmbatch, docs/admin-slurm.md)",
             )
         )
     return checks

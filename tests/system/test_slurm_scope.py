@@ -50,8 +50,10 @@ def scoped(batch_site: BatchSite) -> Iterator[tuple[SlurmSite, Path]]:
         d.mkdir(mode=0o755)
     _site_script(prolog_d / "50-site", markers, "prolog")
     _site_script(epilog_d / "50-site", markers, "epilog")
-    hook_shim(prolog_d / "90-vmbatch", config, "vmbatch-prologue")
-    hook_shim(epilog_d / "10-vmbatch", config, "vmbatch-epilogue")
+    # slurmd runs them in reverse lexical order: the site's Prolog, then vmbatch's; vmbatch's
+    # Epilog, then the site's (docs/admin-slurm.md)
+    hook_shim(prolog_d / "10-vmbatch", config, "vmbatch-prologue")
+    hook_shim(epilog_d / "90-vmbatch", config, "vmbatch-epilogue")
     cluster = vmbatch_cluster(
         root,
         config,
@@ -104,8 +106,11 @@ def test_a_partition_with_vms_beside_one_without_and_the_sites_prolog_runs_for_b
     assert not slurm.bs.leftovers()
     doctor = slurm.bs.site.vmbatch("doctor", env=slurm.cluster.env()).stdout.decode()
     root = slurm.bs.site.root
-    assert f"ok   slurm prolog: Prolog={root}/prolog.d/* runs {root}/prolog.d/50-site," in doctor
-    assert f"ok   slurm epilog: Epilog={root}/epilog.d/* runs {root}/epilog.d/10-vmbatch," in doctor
+    order = "runs, in this order:"
+    assert f"ok   slurm prolog: Prolog={root}/prolog.d/* {order} {root}/prolog.d/50-site," in doctor
+    assert (
+        f"ok   slurm epilog: Epilog={root}/epilog.d/* {order} {root}/epilog.d/90-vmbatch," in doctor
+    )
     assert f"ok   slurm scope: jobs that job_submit.lua gives the container {root}/" in doctor
 
 

@@ -206,7 +206,7 @@ def test_doctor_says_which_jobs_get_a_vm_and_which_prolog_scripts_run(tmp_path: 
     cfg = config.parse({"slurm": {"bundle": str(bundle)}})
     prolog_d = tmp_path / "prolog.d"
     prolog_d.mkdir()
-    (prolog_d / "10-site").write_text("#!/bin/sh\ntouch /var/run/site-$SLURM_JOB_ID\n")
+    (prolog_d / "50-site").write_text("#!/bin/sh\ntouch /var/run/site-$SLURM_JOB_ID\n")
     values = {
         "JobSubmitPlugins": "lua",
         "Prolog": f"{prolog_d}/*",
@@ -214,14 +214,17 @@ def test_doctor_says_which_jobs_get_a_vm_and_which_prolog_scripts_run(tmp_path: 
     }
     scope, prolog, epilog = doctor._slurm_scope(cfg, values)
     assert not scope.ok and "MISSING on this node" in scope.detail
-    assert not prolog.ok and "runs " + str(prolog_d / "10-site") in prolog.detail
+    assert not prolog.ok and "runs, in this order: " + str(prolog_d / "50-site") in prolog.detail
     assert "none of them runs vmbatch-prologue" in prolog.detail
-    assert not epilog.ok and "runs nothing" in epilog.detail
+    assert not epilog.ok and "matches nothing: slurmd fails every job's Epilog" in epilog.detail
+    _, _, epilog = doctor._slurm_scope(cfg, {**values, "Epilog": "(null)"})
+    assert not epilog.ok and epilog.detail == "no Epilog: vmbatch's vmbatch-epilogue does not run"
     bundle.mkdir()
     (bundle / "config.json").write_text("{}")
-    (prolog_d / "50-vmbatch").write_text('#!/bin/sh\nexec /opt/vmbatch/bin/vmbatch-prologue "$@"\n')
+    (prolog_d / "10-vmbatch").write_text('#!/bin/sh\nexec /opt/vmbatch/bin/vmbatch-prologue "$@"\n')
     scope, prolog, _ = doctor._slurm_scope(cfg, values)
     assert scope.ok and f"the container {bundle} run in VMs" in scope.detail
-    assert prolog.ok and prolog.detail.endswith("10-site, " + str(prolog_d / "50-vmbatch"))
+    # slurmd runs the matches in reverse lexical order: the site's first, vmbatch's last
+    assert prolog.ok and prolog.detail.endswith("50-site, " + str(prolog_d / "10-vmbatch"))
     scope, *_ = doctor._slurm_scope(cfg, {**values, "JobSubmitPlugins": "(null)"})
     assert not scope.ok and "JobSubmitPlugins=(null)" in scope.detail
