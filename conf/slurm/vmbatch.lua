@@ -77,11 +77,34 @@ function M.split(text)
     return items
 end
 
+-- The job as the scope's rules see it: "partition vm, account physics" (only what the
+-- scope names).
 local function describe(job)
-    local parts = (job.partitions and #job.partitions > 0)
-        and table.concat(job.partitions, ",") or "(default)"
-    return string.format("partition %s, QOS %s, account %s, user %s", parts,
-        job.qos or "(default)", job.account or "(default)", job.user or "?")
+    local s, items = M.scope, {}
+    local function named(value)
+        if value == nil or value == "" then
+            return "(none)"
+        end
+        return value
+    end
+    if s.partitions ~= nil then
+        local parts = job.partitions or {}
+        items[#items + 1] = "partition "
+            .. (#parts > 0 and table.concat(parts, ",") or "(default)")
+    end
+    if s.qos ~= nil then
+        items[#items + 1] = "QOS " .. named(job.qos)
+    end
+    if s.accounts ~= nil then
+        items[#items + 1] = "account " .. named(job.account)
+    end
+    if s.users ~= nil then
+        items[#items + 1] = "user " .. named(job.user)
+    end
+    if #items == 0 then
+        return "every partition"
+    end
+    return table.concat(items, ", ")
 end
 
 -- The job's own choice from its batch script: "yes", "no", nil (none), or false and a
@@ -262,9 +285,13 @@ function M.job_modify(job_desc, job_rec, part_list, modify_uid)
     })
     if verdict == "error" or (verdict == "vm" and not has_vm)
         or (verdict == "host" and has_vm) then
-        return refuse(string.format("job %s cannot move %s a vmbatch VM's scope;"
+        -- 22.05's scontrol update shows only "Unspecified error": say it in slurmctld's
+        -- log too
+        local message = string.format("job %s cannot move %s a vmbatch VM's scope;"
             .. " cancel it and submit it again", tostring(job_rec.job_id),
-            has_vm and "out of" or "into"))
+            has_vm and "out of" or "into")
+        slurm.log_info("vmbatch: %s", message)
+        return refuse(message)
     end
     return slurm.SUCCESS
 end

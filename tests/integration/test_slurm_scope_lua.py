@@ -32,6 +32,7 @@ PRELUDE = """
 slurm = { SUCCESS = 0, ERROR = -1 }
 function slurm.log_user(fmt, ...) io.write("USER: ", string.format(fmt, ...), "\\n") end
 function slurm.log_error(fmt, ...) io.write("ERROR: ", string.format(fmt, ...), "\\n") end
+function slurm.log_info(fmt, ...) io.write("INFO: ", string.format(fmt, ...), "\\n") end
 function slurm.log_verbose(fmt, ...) io.write("VERBOSE: ", string.format(fmt, ...), "\\n") end
 local M = dofile(MODULE)
 local function show(...)
@@ -124,6 +125,18 @@ def test_the_job_chooses_where_the_site_lets_it(
         f'{PILOT}; M.scope.job_choice = "{how}"',
     )
     assert out.split(" | ")[0] == expected, out
+
+
+def test_a_refusal_names_what_the_scope_looked_at() -> None:
+    scope = 'M.scope.partitions = {"vm"}; M.scope.accounts = {"phys"}'
+    out = verdict('{partitions = {"vm"}, account = "", user = "ann", choice = "yes"}', scope)
+    assert out == (
+        "error | the job asks for a VM ('#VMBATCH vm=yes'), but jobs of partition vm,"
+        " account (none) run without one on this cluster"
+    )
+    out = verdict('{partitions = {"a"}, choice = "no"}')
+    assert out.endswith("jobs of every partition run in a VM on this cluster; remove"
+                        " '#VMBATCH vm=no' from the script")  # fmt: skip
 
 
 def test_a_misspelt_job_choice_setting_refuses_jobs_rather_than_guessing() -> None:
@@ -226,9 +239,10 @@ modify({{ partition = "other" }}, host_job)
 """,
         scope=PILOT,
     )
-    results = [line for line in out if not line.startswith("USER: ")]
+    results = [line for line in out if not line.startswith(("USER: ", "INFO: "))]
     assert results == ["-1", "-1", "0", "0", "0"]
-    assert "job 7 cannot move out of" in out[0] and "job 8 cannot move into" in out[2]
+    assert out[0] == out[1].replace("USER: ", "INFO: ", 1)  # also in slurmctld's log
+    assert "job 7 cannot move out of" in out[1] and "job 8 cannot move into" in out[4]
 
 
 CLI = """
