@@ -287,6 +287,19 @@ class BatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SlurmConfig:
+    """Which Slurm jobs are vmbatch's (docs/admin-slurm.md, "Scope, and living beside a
+    site's own Prolog and job_submit"). The scope itself is decided on the controller
+    (``conf/slurm/vmbatch.lua``); the nodes follow the mark it leaves on each job."""
+
+    #: The OCI bundle ``job_submit.lua`` gives every job that runs in a VM (``M.bundle``
+    #: in ``vmbatch.lua``; also the ``--container`` of such a job's ``srun`` steps). The
+    #: Prolog and Epilog act only on jobs whose container is this path (as ``squeue``
+    #: reports it) and leave every other job alone: no VM, no state, exit 0.
+    bundle: Path = Path("/etc/vmbatch/slurm-bundle")
+
+
+@dataclass(frozen=True, slots=True)
 class DebugConfig:
     """Fault injection for crash-consistency tests and soaks (:mod:`vmbatch.faults`).
 
@@ -375,6 +388,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     job: JobConfig = field(default_factory=JobConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     mounts: Mapping[str, MountConfig] = field(default_factory=dict)
@@ -393,6 +407,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "context": ContextConfig,
     "job": JobConfig,
     "batch": BatchConfig,
+    "slurm": SlurmConfig,
     "debug": DebugConfig,
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import stat
@@ -139,7 +140,67 @@ def _slurm_checks(cfg: Config) -> list[Check]:
         key, sep, value = line.partition("=")
         if sep:
             values[key.strip()] = value.strip()
-    return [_slurm_requeue(cfg, values), _slurm_steps(values)]
+    return [_slurm_requeue(cfg, values), _slurm_steps(values), *_slurm_scope(cfg, values)]
+
+
+def _slurm_scope(cfg: Config, values: dict[str, str]) -> list[Check]:
+    """Which jobs get a VM here, and whether vmbatch's hooks run beside the site's own
+    (docs/admin-slurm.md, "Scope, and living beside a site's own Prolog and job_submit"):
+    ``JobSubmitPlugins`` must include ``lua`` (job_submit.lua marks the jobs), the bundle
+    it names must be on this node, and ``Prolog``/``Epilog`` - one path or a glob(7)
+    pattern, whose matches slurmd runs in reverse lexical order, stopping at the first that
+    fails, and none of which is an error that fails every job (22.05
+    ``prep_script_slurmd.c``, measured) - must include vmbatch's hook."""
+    plugins = values.get("JobSubmitPlugins", "")
+    bundle = cfg.slurm.bundle
+    checks = [
+        Check(
+            "lua" in plugins and (bundle / "config.json").is_file(),
+            "slurm scope",
+            f"jobs that job_submit.lua gives the container {bundle} run in VMs"
+            f" (JobSubmitPlugins={plugins or '(null)'}; the bundle is"
+            f" {'here' if (bundle / 'config.json').is_file() else 'MISSING on this node'})",
+            "JobSubmitPlugins must include lua (conf/slurm/job_submit.lua and vmbatch.lua,"
+            " which holds the scope), and [slurm].bundle must be a copy of"
+            " conf/slurm/bundle on every node (docs/admin-slurm.md)",
+        )
+    ]
+    for key, hook in (("Prolog", "vmbatch-prologue"), ("Epilog", "vmbatch-epilogue")):
+        pattern = values.get(key, "")
+        # glob(3) as slurmd expands it, in the order it runs them
+        found = glob.glob(pattern) if pattern.startswith("/") else []  # noqa: PTH207
+        scripts = sorted(found, reverse=True)
+        ours = [s for s in scripts if _mentions(Path(s), hook)]
+        if scripts:
+            detail = f"{key}={pattern} runs, in this order: {', '.join(scripts)}"
+            detail += "" if ours else f": none of them runs {hook}"
+        else:
+            detail = (
+                f"{key}={pattern or '(null)'} matches nothing: slurmd fails every job's"
+                f" {key} (and drains the node)"
+                if pattern not in ("", "(null)")
+                else f"no {key}: vmbatch's {hook} does not run"
+            )
+        checks.append(
+            Check(
+                bool(ours),
+                f"slurm {key.lower()}",
+                detail,
+                f"add vmbatch's {key.lower()} beside the site's: {key}=/etc/slurm/"
+                f"{key.lower()}.d/* with the site's script and vmbatch's shim in that"
+                " directory (conf/slurm/slurm.conf.vmbatch, docs/admin-slurm.md)",
+            )
+        )
+    return checks
+
+
+def _mentions(script: Path, word: str) -> bool:
+    """Does the (small, root's) script ``script`` name ``word``? A shim execs the hook."""
+    try:
+        with script.open("rb") as f:
+            return word.encode() in f.read(65536)
+    except OSError:
+        return False
 
 
 def _slurm_steps(values: dict[str, str]) -> Check:

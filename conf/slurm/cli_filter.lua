@@ -1,54 +1,25 @@
 -- cli_filter.lua (next to slurm.conf on every host where users run srun/salloc, with
--- CliFilterPlugins=lua): every srun job step gets vmbatch's bundle, so the step runs in
--- the job's VM through oci.conf's RunTimeRun. Slurm 22.05 gives only the batch step the
--- job's container; a step's comes from `srun --container` (docs/admin-slurm.md).
--- Not a security boundary: cli_filter runs in the user's own srun.
-local VMBATCH_BUNDLE = "/etc/vmbatch/slurm-bundle"
-
-local function count(value)
-    return tonumber(string.match(value or "", "^%d+") or "") or 0
-end
+-- CliFilterPlugins=lua): an srun step of a job that runs in a VM gets vmbatch's bundle,
+-- so the step runs in the job's VM through oci.conf's RunTimeRun. vmbatch.lua says which
+-- jobs do; it must be at the path below on these hosts too (configless Slurm sends this
+-- file, not vmbatch.lua). Where it is missing (a node without vmbatch), srun runs steps
+-- as without vmbatch (`srun -v` says why), and a step of a job with a VM fails in the
+-- TaskProlog with the reason. A site with its own cli_filter.lua adds the dofile line and
+-- the call to its slurm_cli_pre_submit instead (docs/admin-slurm.md). Not a security
+-- boundary: cli_filter runs in the user's own srun.
+local VMBATCH_LUA = "/etc/slurm/vmbatch.lua"
+local loaded, vmbatch = pcall(dofile, VMBATCH_LUA)
 
 function slurm_cli_setup_defaults(options, early_pass)
     return slurm.SUCCESS
 end
 
 function slurm_cli_pre_submit(options, offset)
-    if options["type"] ~= "srun" then
+    if not loaded then
+        slurm.log_verbose("vmbatch: no step runs in a VM from this host: %s", tostring(vmbatch))
         return slurm.SUCCESS
     end
-    if options["container"] == nil or options["container"] == "" then
-        options["container"] = VMBATCH_BUNDLE
-    end
-    if options["container"] ~= VMBATCH_BUNDLE then
-        return slurm.SUCCESS
-    end
-    -- Slurm starts a container step with one task per node: say so before it fails with
-    -- "Unspecified error".
-    local ntasks = count(options["ntasks"])
-    local per_node = count(options["ntasks-per-node"])
-    local nodes = count(options["nodes"])
-    if nodes == 0 then
-        nodes = math.max(count(os.getenv("SLURM_JOB_NUM_NODES")), 1)
-    end
-    -- Inside an allocation srun takes its task counts from salloc's environment
-    -- (SLURM_NTASKS, SLURM_NTASKS_PER_NODE): a plain `srun CMD` there runs one task per
-    -- node in the VM instead of being refused.
-    if ntasks > nodes and options["ntasks"] == os.getenv("SLURM_NTASKS") then
-        options["ntasks"] = tostring(nodes)
-        ntasks = nodes
-    end
-    if per_node > 1 and options["ntasks-per-node"] == os.getenv("SLURM_NTASKS_PER_NODE") then
-        options["ntasks-per-node"] = "1"
-        per_node = 1
-    end
-    if per_node > 1 or ntasks > nodes then
-        slurm.log_error("vmbatch: a job step runs as one task per node in the job's VM;"
-            .. " start the tasks inside the step instead (e.g. srun sh -c './a & ./b & wait')"
-            .. " or run mpirun inside the VM (docs/user-guide.md, \"Job steps\")")
-        return slurm.ERROR
-    end
-    return slurm.SUCCESS
+    return vmbatch.cli_pre_submit(options, offset)
 end
 
 function slurm_cli_post_submit(offset, jobid, stepid)

@@ -1,16 +1,18 @@
--- job_submit.lua (next to slurm.conf, with JobSubmitPlugins=lua): every job that names no
--- container gets vmbatch's bundle, so users need no flag and their scripts stay unchanged.
-local VMBATCH_BUNDLE = "/etc/vmbatch/slurm-bundle"
+-- job_submit.lua (next to slurm.conf on the controller, with JobSubmitPlugins=lua):
+-- vmbatch.lua decides which jobs run in a VM and marks them with vmbatch's container.
+-- A site with its own job_submit.lua adds these two calls to it instead (the first line
+-- near the top, the call at the end of its slurm_job_submit / slurm_job_modify); see
+-- docs/admin-slurm.md, "Scope, and living beside a site's own Prolog and job_submit".
+-- slurmctld re-reads this file when its mtime changes, not vmbatch.lua: touch this file
+-- after editing vmbatch.lua.
+local vmbatch = dofile("/etc/slurm/vmbatch.lua")
 
 function slurm_job_submit(job_desc, part_list, submit_uid)
-    if job_desc.container == nil or job_desc.container == "" then
-        job_desc.container = VMBATCH_BUNDLE
-    end
-    return slurm.SUCCESS
+    return vmbatch.job_submit(job_desc, part_list, submit_uid)
 end
 
 function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)
-    return slurm.SUCCESS
+    return vmbatch.job_modify(job_desc, job_rec, part_list, modify_uid)
 end
 
 return slurm.SUCCESS

@@ -177,7 +177,7 @@ def nfs(site: Site) -> Iterator[NfsServer]:
 def mount_config(site: Site, server: NfsServer, timeout: int = 120, attempt: int = 30) -> None:
     """A drop-in: outbound traffic on (the gateway), the export at its host path."""
     dropin = site.root / "vmbatch.d"
-    dropin.mkdir()
+    dropin.mkdir(exist_ok=True)
     (dropin / "10-nfs.toml").write_text(
         f"""
 [vm]

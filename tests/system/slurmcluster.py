@@ -123,10 +123,12 @@ class SlurmCluster:
         def_mem_per_cpu: int = 512,
         cpus: int | None = None,
         daemon_env: dict[str, str] | None = None,
+        partitions: tuple[str, ...] = (),
     ) -> None:
         """``cpus``: the node's CPUs (default: this host's); more than the host has is
         accepted through ``SlurmdParameters=config_overrides`` (jobs of one CPU each then run
-        ``cpus`` at a time)."""
+        ``cpus`` at a time). ``partitions``: more partitions, each of this one node, beside
+        the default partition ``test``."""
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-", dir=base))
         self.dir.chmod(0o755)
@@ -135,6 +137,7 @@ class SlurmCluster:
         self.munge_dir = self.dir / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
         self.jobcomp_file = self.dir / "log" / "jobcomp.txt"
+        self.partitions = ("test", *partitions)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         #: Extra environment of the daemons (slurmd passes it to the Prolog and RunTimeRun).
         self.daemon_env = dict(daemon_env or {})
@@ -193,6 +196,7 @@ class SlurmCluster:
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus}"
             f" RealMemory={max(total_mb - 1024, total_mb // 2)} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *(f"PartitionName={p} Nodes={self.host} MaxTime=INFINITE State=UP" for p in partitions),
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -291,7 +295,7 @@ class SlurmCluster:
         """Cancel all jobs, stop the daemons by PID (SIGTERM, then SIGKILL); verify all gone."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                self.cancel_jobs("--partition=test")
+                self.cancel_jobs("--partition=" + ",".join(self.partitions))
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:

@@ -114,6 +114,13 @@ def job_spec(cfg: Config, bj: BatchJob, identity: JobUser) -> JobSpec:
     rules. Its memory hard limit is the job's memory grant where the scheduler made one
     (the guest gets the grant less QEMU's overhead, :mod:`vmbatch.limits`)."""
     wanted = directives(bj.script) if bj.script is not None else {}
+    if wanted.get("vm", "yes") != "yes":
+        # Slurm's job_submit.lua decides this before a job is queued; this node only sees
+        # a job it must run in a VM (Torque runs every job in one).
+        raise JobError(
+            f"the job script says '#VMBATCH vm={wanted['vm']}', but this job runs in a VM",
+            hint="remove the line, or submit where the site lets jobs run without a VM",
+        )
     image = choose_image(wanted.get("image"), cfg.batch.default_image, cfg.batch.user_images)
     entry = cfg.images[image]
     domain_type = accel.choose(cfg).domain_type

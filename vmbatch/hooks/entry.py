@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import re
 import shlex
 import socket
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from vmbatch import config, limits, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
-from vmbatch.hooks import batch, policy, slurm, torque
+from vmbatch.hooks import batch, policy, slurm, taskprolog, torque
 from vmbatch.hooks.batch import NoVmPreparedError, PrologueFailedError, StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
@@ -94,6 +93,12 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         cfg = _load(path)
     except VmBatchError as exc:
         return _node_problem(None, is_slurm, env, exc, table, argv)
+    try:
+        if is_slurm and not _slurm_in_scope(cfg, env):
+            return 0
+    except VmBatchError as exc:
+        log.error("%s", exc)
+        return _node_problem(cfg, is_slurm, env, exc, table, argv)
     _reap_quickly(cfg)
     try:
         bj = _slurm_job(cfg, env) if is_slurm else _torque_job(argv)
@@ -110,6 +115,19 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         return table[Disposition.ABORT_JOB]
     log.error("job %s: %s", bj.job_id, error)
     return _node_problem(cfg, is_slurm, env, error, table, argv)
+
+
+def _slurm_in_scope(cfg: config.Config, env: Mapping[str, str]) -> bool:
+    """Is this Slurm job one of vmbatch's? ``job_submit.lua`` decided (the site's scope,
+    ``conf/slurm/vmbatch.lua``) and marked it with ``[slurm].bundle`` as its container;
+    the Prolog reads the mark from slurmctld (``squeue``, as root), never from the job's
+    environment. Other jobs run on the node as if vmbatch were not there: the hook
+    returns at once, with no VM, no state and no reaper pass."""
+    jid = batch.check_job_id(slurm.job_id(env))
+    if slurm.is_vmbatch_job(cfg, jid, env):
+        return True
+    log.info("job %s: not in vmbatch's scope (its container is not %s)", jid, cfg.slurm.bundle)
+    return False
 
 
 def _reap_quickly(cfg: config.Config) -> None:
@@ -289,7 +307,7 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
         print(slurm.oci_state(argv[2], argv[3] if len(argv) > 3 else ""))
         return 0
     if len(argv) >= 2 and argv[1] == "slurm-taskprolog":  # slurm.conf TaskProlog (user)
-        return _task_prolog(path, env)
+        return taskprolog.run(path, env)
     is_slurm = len(argv) >= 3 and argv[1] == "slurm"
     privileged = os.geteuid() == 0
     _logging("vmbatch-starter", argv[2] if is_slurm else "")
@@ -306,6 +324,8 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
         try:
             status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
         except NoVmPreparedError as exc:
+            if is_slurm and (outside := _outside_scope(cfg, job.job_id, env)):
+                raise JobError(outside) from exc
             if not is_slurm or job.step is not None:
                 raise
             return _no_vm_for_batch_step(cfg, job, exc)
@@ -319,6 +339,34 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except VmBatchError as exc:
         sys.stderr.write(f"vmbatch: error: {exc}\n")
         return CLI[exc.disposition]
+
+
+def _outside_scope(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> str | None:
+    """Why a container step with no VM is not vmbatch's to run, or None: the job's
+    container (slurmctld's, asked as the job's user) is not ``[slurm].bundle``, so no VM
+    will come for it: an ``srun --container`` in a job outside vmbatch's scope, or a
+    container of the user's own (this node's oci.conf runs every container through
+    vmbatch). That fails the step with the reason, rather than requeueing the job as if a
+    Prolog had gone missing. None also when slurmctld cannot say (or no slurm.conf is
+    found: squeue would then look for DNS SRV records)."""
+    if not slurm.config_present(env):
+        return None
+    try:
+        container = slurm.job_container(cfg, job_id, env)
+    except VmBatchError:
+        return None
+    if container == str(cfg.slurm.bundle):
+        return None
+    if not container or container in ("N/A", "(null)"):
+        return (
+            f"job {job_id} runs without a vmbatch VM (it is outside the site's VM scope), so"
+            " a step of it cannot name vmbatch's container; run the step without --container"
+            " (docs/user-guide.md)"
+        )
+    return (
+        f"job {job_id} names the container {container[:120]!r}; on this node containers run"
+        " only as vmbatch VMs (oci.conf), and this job is not one of them"
+    )
 
 
 def _no_vm_for_batch_step(
@@ -338,51 +386,6 @@ def _no_vm_for_batch_step(
     )
     sys.stderr.write(f"vmbatch: error: {decision.message}\n")
     return decision.status
-
-
-def _task_prolog(path: Path | None, env: Mapping[str, str]) -> int:
-    """slurm.conf ``TaskProlog`` (``vmbatch-starter slurm-taskprolog``): before each task of
-    a step, as the job's user, refuse a step that would run on the node while the job has
-    its VM here, instead of letting it run outside the VM unnoticed.
-
-    A step reaches the VM only if it names a container (``cli_filter.lua``); one that does
-    not (srun where cli_filter.lua is missing, a client with another slurm.conf) runs in
-    the directory srun gave it, while a container step's task runs in slurmstepd's copy of
-    the bundle, ``<SlurmdSpoolDir>/oci-job<id>-<step>`` (:mod:`vmbatch.hooks.slurm`), a
-    root-owned directory the user cannot make. Output lines ``print ...`` reach the
-    task's stdout; a non-zero exit fails the task (slurmstepd, ``TaskProlog failed``).
-    This is a safety net against mistakes, not a barrier: the TaskProlog runs as the user.
-    """
-    job_id = env.get("SLURM_JOB_ID", "")
-    if not job_id or _in_oci_bundle(Path.cwd(), job_id):
-        return 0
-    try:
-        cfg = _load(path)
-        batch.check_job_id(job_id)
-    except VmBatchError:
-        return 0  # not for this hook to fail a task over
-    if not UserDir(cfg.batch.user_dir, job_id).path.exists():
-        return 0  # no VM for this job on this node
-    print(
-        f"print vmbatch: error: this step of job {job_id} would run on the node, outside the"
-        " job's VM: it names no container (srun without vmbatch's cli_filter.lua, or with"
-        " another slurm.conf); start srun where the site's slurm.conf and cli_filter.lua"
-        " are (docs/admin-slurm.md)",
-        flush=True,
-    )
-    return 1
-
-
-def _in_oci_bundle(cwd: Path, job_id: str) -> bool:
-    """``cwd`` is slurmstepd's bundle copy for a step of ``job_id`` (root's, not writable by
-    others: a user cannot make one)."""
-    if not re.fullmatch(rf"oci-job0*{re.escape(job_id)}-(\d+|batch|interactive)", cwd.name):
-        return False
-    try:
-        st = cwd.parent.stat()
-    except OSError:
-        return False
-    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def reserved_status(cfg: config.Config, status: int) -> int:
@@ -562,6 +565,8 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
             args = torque.epilogue_args(argv)
             job_id, status = args.job_id, args.exit_status
         batch.check_job_id(job_id)
+        if is_slurm and not _slurm_epilog_needed(cfg, job_id, env):
+            return 0
         # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
         batch.finish(
             cfg, job_id, exit_status=status, account=True, lock_wait=cfg.vm.boot_timeout + 60
@@ -573,6 +578,23 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         return SLURM_EPILOG_FAILED
     log.info("job %s: VM and files removed", job_id)
     return 0
+
+
+def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> bool:
+    """Whether the Epilog has anything to do for this Slurm job: yes if the node holds a
+    record of it, or if it is one of vmbatch's (:func:`_slurm_in_scope`), or if slurmctld
+    cannot say (the full, idempotent teardown then runs, as for any job). A job out of
+    vmbatch's scope left nothing here: no lock, no accounting line, exit 0 at once."""
+    if StateStore(cfg.batch.state_dir).path(job_id).exists():
+        return True
+    try:
+        mine = slurm.is_vmbatch_job(cfg, job_id, env)
+    except VmBatchError as exc:
+        log.warning("job %s: cannot tell whether it is vmbatch's (%s); cleaning up", job_id, exc)
+        return True
+    if not mine:
+        log.info("job %s: not in vmbatch's scope: nothing to do", job_id)
+    return mine
 
 
 def _precancel(path: Path | None, argv: Sequence[str]) -> int:

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 from vmbatch.errors import JobError
 
-#: Directive keys a user may set (``image``: a catalog name the admin allows).
-DIRECTIVE_KEYS = frozenset({"image"})
+#: Directive keys a user may set (``image``: a catalog name the admin allows; ``vm``:
+#: ``yes``/``no``, read by Slurm's ``job_submit.lua`` where the site lets a job choose
+#: whether it runs in a VM, ``conf/slurm/vmbatch.lua``).
+DIRECTIVE_KEYS = frozenset({"image", "vm"})
 _DIRECTIVE = re.compile(rb"#VMBATCH(?:\s+(.*))?")
 _KV = re.compile(r"([a-z_]+)=([A-Za-z0-9._-]{1,64})")
 

@@ -157,6 +157,35 @@ def scontrol(cfg: Config, *args: str, env: Mapping[str, str]) -> str:
     ).stdout
 
 
+def job_container(cfg: Config, jid: str, env: Mapping[str, str]) -> str:
+    """The job's container as slurmctld has it ("" if none), from ``squeue -O Container:``.
+
+    This is the mark ``job_submit.lua`` (``conf/slurm/vmbatch.lua``) leaves on every job
+    that runs in a VM: the scope is decided there, once, and the node follows it. squeue
+    prints exactly this one field, unpadded (``-O NAME:`` with no width: no truncation,
+    ``_parse_long_token`` in src/squeue/opts.c); a container the user chose may hold any
+    text, so only the final line break is removed and the rest compared as it is. A job
+    squeue does not list is a HostError, like :func:`job_details`'s."""
+    client = {k: env[k] for k in ("SLURM_CONF",) if env.get(k)}
+    out = run_command(
+        [str(cfg.tools.squeue), "-h", "-t", "all", "-j", jid, "-O", "Container:"],
+        timeout=cfg.tools.command_timeout,
+        env=client,
+    ).stdout
+    if not out:
+        raise HostError(
+            f"squeue gave no record of job {jid}",
+            hint="is slurmctld reachable from the node? (SLURM_CONF)",
+        )
+    return out.removesuffix("\n")
+
+
+def is_vmbatch_job(cfg: Config, jid: str, env: Mapping[str, str]) -> bool:
+    """Does job ``jid`` run in a VM, i.e. did ``job_submit.lua`` give it ``[slurm].bundle``?
+    Asked by the Prolog as root, from slurmctld: never from the job's environment."""
+    return job_container(cfg, jid, env) == str(cfg.slurm.bundle)
+
+
 def job_details(cfg: Config, jid: str, env: Mapping[str, str]) -> tuple[Resources, str]:
     """Allocated memory (MiB), time limit (s) and name of the job, from ``squeue -O``.
 
