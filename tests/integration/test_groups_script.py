@@ -9,7 +9,6 @@ each file's inode and mode, change nothing when run again (a reboot), and surviv
 from __future__ import annotations
 
 import re
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.shells import SHELLS
 from tests.unit.test_groups import CASES, IMAGE_GROUP, IMAGE_GSHADOW, _plan
 from vmbatch.contextualize import ContextSpec, groups
 from vmbatch.contextualize.keys import generate
@@ -24,11 +24,6 @@ from vmbatch.contextualize.nocloud import user_data
 from vmbatch.job import JobUser
 
 ROOT = Path(__file__).resolve().parents[2]
-SHELLS = {
-    "dash": ["/bin/sh"],
-    "bash": ["/bin/bash"],
-    "busybox": [shutil.which("busybox") or "/bin/busybox", "sh"],
-}
 
 
 def _shell(name: str) -> list[str]:

@@ -4,19 +4,14 @@ status 127; a script whose interpreter exists runs exactly as before."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.integration.shells import SHELLS
 from vmbatch.guest.session import start_script
 
-SHELLS = {
-    "dash": ["/bin/sh"],
-    "bash": ["/bin/bash"],
-    "busybox": [shutil.which("busybox") or "/bin/busybox", "sh"],
-}
 FIX = "vmbatch: install it in the image, or change the script's first line (e.g. #!/bin/sh)"
 
 
