@@ -8,6 +8,7 @@ reach the files libvirt hands it but cannot list the directory)::
                     the job's empty extra disks, if configured ([disks])
     seed.iso        the contextualization volume
     console.log     the guest's serial console (written by virtlogd)
+    vmbatch.log     root's hooks' log lines of this job (root only, 0600), for ``vmbatch logs``
     keys/           0700: the per-job SSH client key and the pinned guest host key
     owner           ``vmbatch run`` only: the process that owns the VM (:func:`process_identity`),
                     so that ``vmbatch cleanup --stale`` can reap the VM once it is gone
@@ -113,6 +114,10 @@ class JobDir:
     @property
     def console_log(self) -> Path:
         return self.path / "console.log"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "vmbatch.log"
 
     @property
     def keys(self) -> Path:
