@@ -24,6 +24,7 @@ from vmbatch.errors import (
     VmBatchError,
 )
 from vmbatch.hooks.exitcodes import CLI, CLI_INTERNAL_ERROR
+from vmbatch.images import offer
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.job import JobUser, interactive
 from vmbatch.libvirt.connection import Connection
@@ -289,6 +290,51 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
             f"the reaper left {len(problems)} thing(s) undecided or not removed (listed above)",
             hint="run `vmbatch cleanup --stale` again once the scheduler and libvirtd answer",
         )
+
+
+@cli.command("images")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also list catalog images batch jobs may not choose (only `vmbatch run` can use them).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(offer.FORMATS),
+    default="text",
+    show_default=True,
+    help="text: a table for the terminal; json: for scripts; markdown or html: a page the"
+    " admin publishes for users.",
+)
+@click.pass_context
+def images_cmd(ctx: click.Context, everything: bool, fmt: str) -> None:
+    """List the images your batch jobs may run in, for users (no root or libvirt needed).
+
+    Reads only the configuration (/etc/vmbatch, world-readable): the default image, used
+    when the job script has no `#VMBATCH image=` line, then every other image a job may
+    choose with `#VMBATCH image=NAME`, each with the site's one-line description
+    ([images.NAME].description). Works on any host with vmbatch and its configuration,
+    a login node included. The node's image cache is `vmbatch image list` (admins).
+
+    \b
+    Examples:
+        vmbatch images
+        vmbatch images --format html > /var/www/html/vmbatch-images.html
+
+    Exit status: 0; 69 if the configuration cannot be read or is invalid (the admin
+    fixes it: `vmbatch config check`)."""
+    cfg = _load(ctx)
+    listed = offer.offered(cfg, everything=everything)
+    if not listed and fmt == "text":
+        click.echo(
+            "no images are offered to batch jobs here ([batch].default_image and"
+            " user_images are empty)",
+            err=True,
+        )
+        return
+    click.echo(offer.render(listed, fmt), nl=False)
 
 
 @cli.group("image")

@@ -347,6 +347,8 @@ class ImageConfig:
     #: How the job's identity gets into the guest: ``nocloud`` (cloud-init), ``cernvm``
     #: (CernVM/HEPiX context CD-ROM) or ``inject`` (written into the overlay before boot).
     context: ContextName = "nocloud"
+    #: One line for users (``vmbatch images``): what the image is, e.g. "AlmaLinux 9, ROOT 6".
+    description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -927,5 +929,10 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("cvmfs_cache_gib", lambda v: v is None or v >= 0, "must be >= 0 (0: no disk)"),
         ("scratch_gib", lambda v: v is None or v >= 0, "must be >= 0 (0: no disk)"),
         ("refresh_interval", lambda v: v >= 0, "must be >= 0 seconds (0: never)"),
+        (
+            "description",
+            lambda v: len(v) <= 200 and v.isprintable(),
+            "must be one line of at most 200 printable characters",
+        ),
     ),
 }
