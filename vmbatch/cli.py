@@ -46,7 +46,7 @@ def _load(ctx: click.Context) -> config.Config:
     return config.load(path, as_root=os.geteuid() == 0)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vmbatch")
 @click.option(
     "-c",
@@ -60,7 +60,31 @@ def _load(ctx: click.Context) -> config.Config:
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
-    """Run batch jobs in throw-away virtual machines."""
+    """Run batch jobs in throw-away virtual machines.
+
+    On a worker node with vmbatch's hooks, every Slurm or Torque job runs in its own fresh VM,
+    destroyed when the job ends. These commands are the operator's and the user's view of
+    that: what runs, what it logs and measures, and the node's health. `vmbatch COMMAND -h`
+    describes each; docs/operator.md has a worked example of each with its output.
+
+    \b
+    For users:    images, run
+    For admins:   ps, doctor, config check, image, cleanup
+
+    \b
+    Exit status (all commands, unless a command says otherwise):
+      0   success
+      65  the request is wrong (fix the command, job or image name)
+      69  the node or its configuration needs its admin (`vmbatch doctor`)
+      70  internal error of vmbatch (please report it, with the output of -vv)
+      75  temporary failure (libvirtd busy, a lock held): try again later
+      2   a usage error (unknown option, missing argument)
+
+    \b
+    Files:
+      /etc/vmbatch/vmbatch.toml, /etc/vmbatch/vmbatch.d/*.toml   the configuration
+      docs: admin-guide.md (install, every setting), user-guide.md, operator.md
+    """
     _setup_logging(verbose)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config_path
@@ -120,10 +144,20 @@ def run(
     command while it runs (SIGKILL follows a terminating one after [job].kill_grace);
     during boot, SIGINT/SIGTERM destroy the VM and exit 128+N. vmbatch's own failures
     print one line and exit 65 (the request is wrong), 75 (temporary, try again) or 69
-    (the node needs its admin). Put the command after `--`:
+    (the node needs its admin). Put the command after `--`.
 
+    Who: root, or a user who may use libvirt's qemu:///system (batch jobs need neither: the
+    hooks run as root). Non-root callers run as themselves in the guest.
+
+    \b
+    Examples:
         vmbatch run --image demo -- uname -a
-    """
+        vmbatch run --image alma9 --memory 2048 --vcpus 2 --walltime 3600 -- ./analysis
+        vmbatch run --image demo --user alice -- id      # as root: as alice
+
+    Exit status: the command's own; 128+N if it (or vmbatch during boot) died of signal
+    N; else vmbatch's: 65 (the request is wrong), 75 (temporary, try again), 69 (the node
+    needs its admin)."""
     cfg = _load(ctx)
     root = os.geteuid() == 0
     me = pwd.getpwuid(os.geteuid()).pw_name
@@ -167,7 +201,7 @@ def doctor_cmd(ctx: click.Context, reprobe: bool) -> None:
 
 @cli.group("config")
 def config_group() -> None:
-    """Inspect the configuration."""
+    """Inspect the configuration (`vmbatch config check`)."""
 
 
 @config_group.command("check")
@@ -176,7 +210,18 @@ def config_group() -> None:
 def config_check(ctx: click.Context, file: Path | None) -> None:
     """Validate the configuration (FILE, or the default) offline; list every problem.
 
-    Also checks the site's cloud-config snippet ([context].site_user_data)."""
+    Reads FILE (default: the -c file, $VMBATCH_CONFIG or /etc/vmbatch/vmbatch.toml) and its
+    drop-ins (FILE's sibling NAME.d/*.toml, in name order), checks every key's type and
+    range, the references between sections (default_image is a catalog image, ...) and the
+    site's cloud-config snippet ([context].site_user_data). It does not touch libvirt, the
+    network or the images (`vmbatch doctor` does). Each problem is one "error:" line on
+    stderr naming the file, section and key; warnings are "warning:" lines.
+
+    \b
+    Example:
+        vmbatch config check /etc/vmbatch/vmbatch.toml.new && mv ...
+
+    Exit status: 0 if valid (a summary line on stdout), 69 if not."""
     path = file or ctx.obj["config"]
     try:
         cfg = config.load(path)
@@ -244,9 +289,17 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
     With --stale (as root; from cron or the vmbatch-reaper systemd timer), one line per
     thing removed goes to stdout: "job 42: domain vmbatch-42 destroyed, ... (job no longer
     known to Slurm)". What is left alone although it looks stale goes to stderr, with the
-    reason; the exit status is 75 if something could not be decided (scheduler or libvirtd
-    unreachable) or removed. Nothing of a job that still runs is ever touched
-    (docs/admin-guide.md, "Reaper")."""
+    reason. Nothing of a job that still runs is ever touched (docs/admin-guide.md,
+    "Reaper").
+
+    \b
+    Examples:
+        vmbatch cleanup 4242 4243
+        vmbatch cleanup --stale --dry-run
+
+    Exit status: 0; 75 if a job was skipped (a hook holds it) or the reaper left something
+    undecided (scheduler or libvirtd unreachable) or not removed; 69 if the configuration
+    is invalid."""
     from vmbatch import reaper
     from vmbatch.hooks import batch
 
@@ -339,7 +392,12 @@ def images_cmd(ctx: click.Context, everything: bool, fmt: str) -> None:
 
 @cli.group("image")
 def image_group() -> None:
-    """Manage the node's image cache (remote and file:// catalog images)."""
+    """Manage the node's image cache (remote and file:// catalog images), as root.
+
+    Images from http(s):// and file:// sources are fetched once per node into
+    [paths].cache_dir/images and verified; local-path images are used in place. Jobs fetch
+    on first use; these commands let an admin pre-fetch, check and trim the cache. What
+    users may choose is `vmbatch images`."""
 
 
 def _entry(cfg: config.Config, name: str) -> config.ImageConfig:
@@ -355,7 +413,17 @@ def _entry(cfg: config.Config, name: str) -> config.ImageConfig:
 @image_group.command("list")
 @click.pass_context
 def image_list(ctx: click.Context) -> None:
-    """Catalog images: source, whether cached, size, last use, jobs using it."""
+    """Catalog images: source, whether cached, size, last use, jobs using it.
+
+    One line per [images.NAME]: CACHED is "yes"/"no" for fetched images and "local" for
+    images used in place; SIZE the cached file; LAST USED when a job last marked it in use;
+    JOBS how many running jobs use it now (they pin it against eviction).
+
+    \b
+    Example:
+        vmbatch image list
+
+    Exit status: 0; 69 if the configuration is invalid."""
     cfg = _load(ctx)
     cache = ImageCache(cfg)
     cached = {e.path: e for e in cache.entries()}
@@ -386,7 +454,14 @@ def image_cooloff(ctx: click.Context, clear: str | None, clear_all: bool) -> Non
     """Images that failed on this node lately, and those refused here for a cool-off
     ([batch].image_failures within image_failure_window: refused for image_cooloff s).
     With --clear NAME (root), jobs may use NAME here again at once: after the image or its
-    catalog entry was fixed."""
+    catalog entry was fixed.
+
+    \b
+    Examples:
+        vmbatch image cooloff
+        vmbatch image cooloff --clear alma9
+
+    Exit status: 0; 69 if the configuration is invalid."""
     from vmbatch.hooks.policy import ImageHealth
 
     cfg = _load(ctx)
@@ -410,7 +485,18 @@ def image_cooloff(ctx: click.Context, clear: str | None, clear_all: bool) -> Non
 @click.argument("name")
 @click.pass_context
 def image_pull(ctx: click.Context, name: str) -> None:
-    """Fetch and verify image NAME into the cache now (waits if another job fetches it)."""
+    """Fetch and verify image NAME into the cache now (waits if another job fetches it).
+
+    A progress bar goes to stderr on a terminal; the cached path to stdout. Use it to warm
+    a node's cache before jobs arrive, or after changing an entry's checksum.
+
+    \b
+    Example:
+        vmbatch image pull alma9
+
+    Exit status: 0; 65 for an unknown NAME, a checksum mismatch or a source that cannot be
+    used (404, wrong format); 75 if the download failed for a reason that may pass or the
+    disk is too full (retry later)."""
     cfg = _load(ctx)
     entry = _entry(cfg, name)
     if not is_cached_source(entry):
@@ -433,7 +519,16 @@ def image_pull(ctx: click.Context, name: str) -> None:
 @click.argument("name", required=False)
 @click.pass_context
 def image_verify(ctx: click.Context, name: str | None) -> None:
-    """Re-hash cached images (NAME, or all); a corrupt copy is removed and refetched on use."""
+    """Re-hash cached images (NAME, or all); a corrupt copy is removed and refetched on use.
+
+    Each cached file is compared with the catalog checksum (or, for unpacked or unverified
+    images, with the checksum recorded when it was fetched).
+
+    \b
+    Example:
+        vmbatch image verify
+
+    Exit status: 0 if nothing was corrupt; 65 if a copy was corrupt (removed)."""
     cfg = _load(ctx)
     cache = ImageCache(cfg)
     bad = 0
@@ -456,7 +551,14 @@ def image_verify(ctx: click.Context, name: str | None) -> None:
 @click.argument("name")
 @click.pass_context
 def image_rm(ctx: click.Context, name: str) -> None:
-    """Remove image NAME from the cache (refused while a job uses it)."""
+    """Remove image NAME from the cache (refused while a job uses it).
+
+    \b
+    Example:
+        vmbatch image rm alma9
+
+    Exit status: 0 (also when it was not cached); 65 for an unknown NAME; 75 if a job uses
+    it or it is being fetched (try again later)."""
     cfg = _load(ctx)
     cache = ImageCache(cfg)
     path = cache.path_for(_entry(cfg, name))
@@ -471,7 +573,16 @@ def image_rm(ctx: click.Context, name: str) -> None:
 @image_group.command("prune")
 @click.pass_context
 def image_prune(ctx: click.Context) -> None:
-    """Evict least-recently-used cached images not in use down to [cache].max_size_gib."""
+    """Evict least-recently-used cached images not in use down to [cache].max_size_gib.
+
+    Jobs do the same before each download; images in use are never evicted. One "evicted
+    PATH" line per file removed.
+
+    \b
+    Example:
+        vmbatch image prune
+
+    Exit status: 0; 69 if the configuration is invalid."""
     cfg = _load(ctx)
     for path in ImageCache(cfg).prune():
         click.echo(f"evicted {path}")
