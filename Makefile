@@ -60,7 +60,7 @@ unit: venv
 	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
 
 test: venv daemons guest-tiny guest-debian guest-cloud lint
-	VMBATCH_TEST_GUESTS=$(GUESTS) $(VENV)/bin/pytest -v tests $(PYTEST_ARGS)
+	VMBATCH_TEST_GUESTS=$(GUESTS) $(VENV)/bin/pytest -v --durations=40 tests $(PYTEST_ARGS)
 
 bench: venv daemons guest-tiny guest-debian guest-cloud
 	$(VENV)/bin/python bench/boot.py --guest $(GUESTS)/tiny
