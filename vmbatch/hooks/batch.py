@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import accel, faults, lifecycle, limits, signals, state
+from vmbatch import accel, faults, lifecycle, limits, logsetup, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
@@ -422,6 +422,7 @@ def _port_open(host: str, port: int) -> bool:
 
 def _endpoint(cfg: Config, info: Mapping[str, Any], key: bytes) -> ssh.Endpoint:
     """The guest's login for the job's user, from the user directory's ``guest.json``."""
+    logsetup.secret(key.decode(errors="replace"))
     return ssh.Endpoint(
         port=int(info["port"]),
         user=str(info["user"]),
