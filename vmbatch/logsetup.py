@@ -281,7 +281,7 @@ class _DatagramHandler(logging.Handler):
     def give_up(self, exc: OSError) -> None:
         self.failed = True
         self.close_socket()
-        why = exc.strerror or type(exc).__name__
+        why = exc.strerror or str(exc) or type(exc).__name__  # TimeoutError: "timed out"
         warning = logging.LogRecord(
             "vmbatch.logsetup", logging.WARNING, __file__, 0,
             "cannot log to %s at %s (%s); logging to %s instead",
@@ -312,7 +312,8 @@ class SyslogHandler(_DatagramHandler):
         body = self.format(record).replace("\n", " | ")
         line = f"<{pri}>{stamp} {self.ident}[{record.process}]: {body}"
         data = line.encode(errors="replace")
-        return data if len(data) <= SYSLOG_MAX else data[: SYSLOG_MAX - 14] + b" [truncated]"
+        cut = b" [truncated]"
+        return data if len(data) <= SYSLOG_MAX else data[: SYSLOG_MAX - len(cut)] + cut
 
 
 def journal_fields(fields: dict[str, str]) -> bytes:
