@@ -121,9 +121,9 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     if error.fault is not Fault.NODE:
         # The failure policy: the job starter fails, requeues or holds the job with the
         # message in its output; only node faults take the node out of service.
-        log.error("job %s: %s (the node stays in service)", bj.job_id, error)
+        log.error("%s (the node stays in service)", error)
         return table[Disposition.ABORT_JOB]
-    log.error("job %s: %s", bj.job_id, error)
+    log.error("%s", error)
     return _node_problem(cfg, is_slurm, env, error, table, argv)
 
 
@@ -136,7 +136,7 @@ def _slurm_in_scope(cfg: config.Config, env: Mapping[str, str]) -> bool:
     jid = batch.check_job_id(slurm.job_id(env))
     if slurm.is_vmbatch_job(cfg, jid, env):
         return True
-    log.info("job %s: not in vmbatch's scope (its container is not %s)", jid, cfg.slurm.bundle)
+    log.info("not in vmbatch's scope (its container is not %s)", cfg.slurm.bundle)
     return False
 
 
@@ -233,7 +233,7 @@ def _fail_job_here(cfg: config.Config, argv: Sequence[str], error: VmBatchError)
     except VmBatchError as exc:
         log.error("could not leave the message for job %s (%s): aborting it", job_id, exc)
         return TORQUE_PROLOGUE_ABORT
-    log.error("job %s: %s", job_id, message)
+    log.error("%s", message)
     return TORQUE_PROLOGUE[Disposition.ABORT_JOB]
 
 
@@ -260,16 +260,13 @@ def _slurm_cpus(cfg: config.Config, jid: str, env: Mapping[str, str]) -> frozens
     node = env.get("SLURMD_NODENAME", "")
     ids = slurm.job_cpu_ids(cfg, jid, node, env) if node else None
     if ids is None:
-        log.warning(
-            "job %s: Slurm names no CPUs of node %r for it; the VM is not pinned", jid, node
-        )
+        log.warning("Slurm names no CPUs of node %r for it; the VM is not pinned", node)
         return None
     cpus = limits.slurm_to_os(ids, limits.host_cpus())
     if cpus is None:
         log.warning(
-            "job %s: Slurm's CPU_IDs=%s are not this host's CPUs (slurm.conf describes node %s"
+            "Slurm's CPU_IDs=%s are not this host's CPUs (slurm.conf describes node %s"
             " otherwise than `slurmd -C`); the VM is not pinned",
-            jid,
             limits.cpu_list(ids),
             node,
         )
@@ -611,7 +608,7 @@ def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]
     try:
         mine = slurm.is_vmbatch_job(cfg, job_id, env)
     except VmBatchError as exc:
-        log.warning("job %s: cannot tell whether it is vmbatch's (%s); cleaning up", job_id, exc)
+        log.warning("cannot tell whether it is vmbatch's (%s); cleaning up", exc)
         return True
     if not mine:
         log.info("job %s: not in vmbatch's scope: nothing to do", job_id)
