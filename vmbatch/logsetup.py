@@ -450,12 +450,19 @@ def _stderr(ident: str, level: int) -> logging.Handler:
     return handler
 
 
+#: The handlers :func:`_install` put on the root logger (closed when replaced; a handler
+#: someone else added, such as a test runner's, is only removed).
+_installed: list[logging.Handler] = []
+
+
 def _install(handlers: list[logging.Handler]) -> None:
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
-        with contextlib.suppress(Exception):
-            old.close()
+        if old in _installed:
+            with contextlib.suppress(Exception):
+                old.close()
+    _installed[:] = handlers
     for handler in handlers:
         handler.addFilter(JobFilter())
         root.addHandler(handler)

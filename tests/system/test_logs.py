@@ -23,7 +23,7 @@ import pycdlib
 import pytest
 import yaml
 
-from tests.system.conftest import BatchSite
+from tests.system.conftest import BatchSite, SlurmSite
 from tests.system.test_torque import Mom, _finish
 from vmbatch.state import JobDir
 
@@ -216,3 +216,26 @@ def test_a_missing_socket_falls_back_to_stderr_once(batch_site: BatchSite) -> No
     assert text.count(warning) == 1, text
     assert f"vmbatch-prologue[{mom.job_id}]: INFO: stage prologue took" in text
     assert all(ln.startswith(f"vmbatch-prologue[{mom.job_id}]: ") for ln in text.splitlines())
+
+
+def test_a_slurm_jobs_lines_name_it_and_its_output_has_only_its_own(slurm: SlurmSite) -> None:
+    """Through the real slurmd: Prolog, the OCI starter and Epilog log to the test's syslog
+    socket with the Slurm job id; the job's output file holds the job's own lines only."""
+    sock = slurm.bs.site.root / "syslog.sock"
+    _use_target(slurm.bs, f'[log]\ntarget = "syslog"\nsyslog_socket = "{sock}"\n')
+    with collecting(sock) as col:
+        job_id = slurm.submit("#!/bin/sh\necho to-stdout\necho to-stderr >&2\n")
+        job = slurm.settled(job_id)
+    assert job["ExitCode"] == "0:0", job
+    assert slurm.output(job_id) == "to-stdout\nto-stderr\n"
+    lines = []
+    for data in col.datagrams:
+        m = RFC3164.fullmatch(data)
+        assert m is not None, data
+        lines.append((m[2].decode(), m[4].decode()))
+    assert {who for who, _ in lines} == {"vmbatch-prologue", "vmbatch-starter", "vmbatch-epilogue"}
+    assert all(msg.startswith(f"[job {job_id}] ") for _, msg in lines), lines
+    stages = {(who, m[1]) for who, msg in lines if (m := STAGE.search(msg))}
+    assert {("vmbatch-prologue", "prologue"), ("vmbatch-starter", "job"),
+            ("vmbatch-epilogue", "teardown")} <= stages  # fmt: skip
+    assert not any("PRIVATE KEY" in msg for _, msg in lines)
