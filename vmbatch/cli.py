@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from vmbatch import __version__, config, doctor, lifecycle
+from vmbatch import __version__, config, doctor, lifecycle, logsetup
 from vmbatch.contextualize import nocloud
 from vmbatch.errors import (
     ConfigError,
@@ -32,18 +32,27 @@ from vmbatch.libvirt.connection import Connection
 log = logging.getLogger("vmbatch")
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level, format="vmbatch: %(levelname)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))
+def _verbosity(verbose: int) -> int:
+    """The stderr level of ``-v`` counted ``verbose`` times: warnings, -v info, -vv debug."""
+    return logging.WARNING - 10 * min(verbose, 2)
 
 
 def _load(ctx: click.Context) -> config.Config:
+    """The configuration; from now on log lines also go to its ``[log]`` target (at its
+    level, or lower with -vv) and, as root, into each job's ``vmbatch.log``."""
     path: Path | None = ctx.obj["config"]
+    root = os.geteuid() == 0
     # As root, only a configuration (and directories) that root alone controls.
-    return config.load(path, as_root=os.geteuid() == 0)
+    cfg = config.load(path, as_root=root)
+    shown = _verbosity(ctx.obj.get("verbose", 0))
+    logsetup.configure(
+        cfg.log,
+        "vmbatch",
+        stderr_level=shown,
+        job_dir=cfg.paths.job_dir if root else None,
+        level=min(logsetup.LEVELS[cfg.log.level], shown),
+    )
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,7 +66,13 @@ def _load(ctx: click.Context) -> config.Config:
     " drop-ins from the sibling <name>.d/ directory). As root, the files and the"
     " directories root writes in must be root-owned and not group/other-writable.",
 )
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="More log output on stderr: -v info (each stage and its duration), -vv debug (every"
+    " external command). The [log] target gets [log].level and above, debug too with -vv.",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
     """Run batch jobs in throw-away virtual machines.
@@ -85,9 +100,10 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
       /etc/vmbatch/vmbatch.toml, /etc/vmbatch/vmbatch.d/*.toml   the configuration
       docs: admin-guide.md (install, every setting), user-guide.md, operator.md
     """
-    _setup_logging(verbose)
+    logsetup.early("vmbatch", None, _verbosity(verbose))
     ctx.ensure_object(dict)
     ctx.obj["config"] = config_path
+    ctx.obj["verbose"] = verbose
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -175,6 +191,7 @@ def run(
         workdir=workdir,
         walltime=walltime,
     )
+    logsetup.set_job(job.job_id)
     status = lifecycle.run_job(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
     ctx.exit(status)
 

@@ -34,6 +34,13 @@ ImageFormat = Literal["qcow2", "raw"]
 ImageFailure = Literal["fail", "requeue"]
 #: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
 ContextName = Literal["nocloud", "cernvm", "inject"]
+LogTarget = Literal["journald", "syslog", "stderr"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+#: syslog facilities (``vmbatch.logsetup.FACILITIES`` has their codes).
+LogFacility = Literal[
+    "user", "daemon", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+    "local7",
+]  # fmt: skip
 
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # They end up in amiconfig ini lines and a shell-sourced µCernVM block: no separators
@@ -314,6 +321,21 @@ class DebugConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where the hooks' and commands' log lines go (:mod:`vmbatch.logsetup`;
+    docs/admin-guide.md, "Logs")."""
+
+    #: ``journald`` (native protocol: ``journalctl VMBATCH_JOB_ID=42``; where no journal
+    #: listens, syslog), ``syslog`` (``/dev/log``) or ``stderr`` (the scheduler's files).
+    target: LogTarget = "journald"
+    #: The least severe lines logged; ``debug`` for tracing a problem.
+    level: LogLevel = "info"
+    facility: LogFacility = "daemon"
+    syslog_socket: Path = Path("/dev/log")
+    journal_socket: Path = Path("/run/systemd/journal/socket")
+
+
+@dataclass(frozen=True, slots=True)
 class ImageConfig:
     """One catalog entry.
 
@@ -392,6 +414,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
     mounts: Mapping[str, MountConfig] = field(default_factory=dict)
     files: tuple[Path, ...] = ()
@@ -411,6 +434,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "batch": BatchConfig,
     "slurm": SlurmConfig,
     "debug": DebugConfig,
+    "log": LogConfig,
 }
 
 
@@ -502,6 +526,9 @@ def root_paths(cfg: Config) -> list[Path]:
         *cfg.cache.image_dirs,
         *([Path(cfg.libvirt.restart_command[0])] if cfg.libvirt.restart_command else []),
         cfg.libvirt.pid_file,
+        # Root's log lines go to these sockets: no one else may put a socket there.
+        cfg.log.syslog_socket.parent,
+        cfg.log.journal_socket.parent,
     ]
 
 

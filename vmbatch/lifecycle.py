@@ -14,7 +14,9 @@ idempotent: destroy the domain (already gone counts as done), kill what is left 
 offline injection's appliance (its starter was SIGKILLed: see
 :func:`vmbatch.contextualize.inject.stop_leftovers`), then remove the job directory with the
 overlay, seed and keys; the console log is kept only if ``[paths].console_log_dir`` is set.
-Every stage's duration is recorded for ``bench/boot.py`` and logged at INFO.
+Every stage's duration is recorded for ``bench/boot.py`` and logged at INFO
+(:func:`vmbatch.logsetup.stage`). The per-job keys are registered as secrets
+(:func:`vmbatch.logsetup.secret`) the moment they exist: no log line can carry them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import BinaryIO
 
 import paramiko
 
-from vmbatch import __version__, accel, faults, limits, signals
+from vmbatch import __version__, accel, faults, limits, logsetup, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, groups, inject, nocloud
 from vmbatch.contextualize.keys import generate
@@ -85,7 +87,7 @@ class PhaseTimer:
             yield
         finally:
             self.sink[phase] = time.monotonic() - start
-            log.info("phase %s took %.3fs", phase, self.sink[phase])
+            logsetup.stage(log, phase, self.sink[phase])
 
 
 def console_tail(jobdir: JobDir, lines: int = 15) -> str:
@@ -271,6 +273,9 @@ def start_vm(
             client_key = generate(f"vmbatch-{job.job_id}")
             host_key = generate(f"vmbatch-host-{job.job_id}")
             admin_key = generate(f"vmbatch-admin-{job.job_id}") if cfg.mounts else None
+            for key in (client_key, host_key, admin_key):
+                if key is not None:
+                    logsetup.secret(key.private_openssh)
             ctx = ContextSpec(
                 instance_id=f"vmbatch-{job.job_id}",
                 hostname=name[:63],

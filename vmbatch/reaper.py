@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmbatch import process, state, trust
+from vmbatch import logsetup, process, state, trust
 from vmbatch.config import Config
 from vmbatch.contextualize import inject
 from vmbatch.errors import CommandError, HostError, JobBusyError, VmBatchError
@@ -542,7 +542,8 @@ class _Reap:
                     libvirt_ok=libvirt_ok,
                     ask=self.ask,
                 )
-                self._act(job, verdict, libvirt_ok)
+                with logsetup.job(job.job_id):  # its lines name it, not the caller's job
+                    self._act(job, verdict, libvirt_ok)
             self._sweep_cache()
         finally:
             if own and self.conn is not None:

@@ -126,6 +126,9 @@ outbound_network = false
 job_dir = "{job_dir}"
 console_log_dir = "{console_dir}"
 cache_dir = "{job_dir.with_name("cache")}"
+# The tests read the hooks' lines from their stderr, whatever this host's syslog does.
+[log]
+target = "stderr"
 {register("demo", guest)}
 """
 

@@ -87,7 +87,7 @@ def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection
     finally:
         proc.kill()
     assert b"interrupted by SIGTERM; the VM was destroyed" in err
-    assert b"phase command" not in err  # it really was stopped before the command ran
+    assert b"stage command" not in err  # it really was stopped before the command ran
 
 
 def test_sigterm_during_command_leaves_nothing(site: Site) -> None:

@@ -204,7 +204,11 @@ def load_site_user_data(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError([f"cannot read it: {exc.strerror}"], source=where) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=where) from exc
+        # Not str(exc): PyYAML quotes the offending line, which may hold a site's secret.
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError([f"not valid YAML{at}: {problem}"], source=where) from exc
     return check_site_user_data(data, where)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import accel, faults, lifecycle, limits, signals, state
+from vmbatch import accel, faults, lifecycle, limits, logsetup, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
@@ -168,6 +168,16 @@ def prologue(
     does not answer, it is restarted (within the budget) and, once it answers, the job
     gets one more attempt on a fresh connection, which first cleans up the failed one.
     """
+    with logsetup.job(bj.job_id):  # its lines name the job, whoever calls
+        return _prologue(cfg, bj, conn, timings)
+
+
+def _prologue(
+    cfg: Config,
+    bj: BatchJob,
+    conn: Connection | None,
+    timings: MutableMapping[str, float] | None,
+) -> VmBatchError | None:
     health.maybe_restart_for_rss(cfg)
     error = _prologue_attempt(cfg, bj, conn, timings)
     if not isinstance(error, LibvirtUnavailableError | LibvirtTimeoutError):
@@ -178,7 +188,7 @@ def prologue(
             f"{error.message}; {outcome.detail}",
             hint="see libvirtd's log, restart it by hand, then bring the node back",
         )
-    log.warning("job %s: %s; preparing the job's VM once more", bj.job_id, outcome.detail)
+    log.warning("%s; preparing the job's VM once more", outcome.detail)
     return _prologue_attempt(cfg, bj, None, timings)
 
 
@@ -195,8 +205,7 @@ def _prologue_attempt(
             leftover = store.read(bj.job_id)
             if leftover is not None:
                 log.warning(
-                    "job %s: state of an earlier prologue (%s, boot %s) found; cleaning up first",
-                    bj.job_id,
+                    "state of an earlier prologue (%s, boot %s) found; cleaning up first",
                     leftover.phase,
                     leftover.boot_id[:8],
                 )
@@ -249,8 +258,7 @@ def _prologue_locked(
         )
         faults.point(cfg, "prologue.sized")
         log.info(
-            "job %s: image %s, %d cores (%s), %d MiB (%s)",
-            bj.job_id,
+            "image %s, %d cores (%s), %d MiB (%s)",
             spec.image,
             spec.vcpus,
             f"pinned to host CPUs {record.cpus}" if record.cpus else "not pinned",
@@ -314,7 +322,7 @@ def _prologue_locked(
         guest.close()
         if conn is None:
             guest.conn.close()
-    log.info("job %s: VM %s ready after %.1fs", bj.job_id, guest.name, record.boot_seconds or 0)
+    log.info("VM %s ready after %.1fs", guest.name, record.boot_seconds or 0)
     return None
 
 
@@ -329,7 +337,7 @@ def _tell_starter(
     )
     if decision.outcome is policy.Outcome.NODE:
         return
-    log.error("job %s: %s fault: %s", bj.job_id, exc.fault.value, decision.outcome.value)
+    log.error("%s fault: %s", exc.fault.value, decision.outcome.value)
     userdir.create(
         identity.uid,
         identity.gid,
@@ -422,6 +430,7 @@ def _port_open(host: str, port: int) -> bool:
 
 def _endpoint(cfg: Config, info: Mapping[str, Any], key: bytes) -> ssh.Endpoint:
     """The guest's login for the job's user, from the user directory's ``guest.json``."""
+    logsetup.secret(key.decode(errors="replace"))
     return ssh.Endpoint(
         port=int(info["port"]),
         user=str(info["user"]),
@@ -552,7 +561,7 @@ def finish(
     what it read before, and a new prologue of the same job id may have replaced it since.
     """
     store = StateStore(cfg.batch.state_dir)
-    with store.exclusive(job_id, wait=lock_wait):
+    with logsetup.job(job_id), store.exclusive(job_id, wait=lock_wait):
         if if_unchanged and store.read(job_id) != record:
             return False
         _finish_locked(cfg, store, job_id, record, conn, exit_status, account=account)

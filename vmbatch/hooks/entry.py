@@ -4,8 +4,11 @@ Each tells Slurm from Torque by how it was called (Slurm: ``SLURM_JOB_ID`` in th
 environment, or ``vmbatch-starter slurm JOBID`` from oci.conf; Torque: argv), parses the
 scheduler's view of the job, calls :mod:`vmbatch.hooks.batch` and turns the outcome into
 the scheduler's exit code through :mod:`vmbatch.hooks.exitcodes` - the one place per script
-where a VmBatchError becomes a message and an exit status. Log lines go to stderr (Slurm: the
-slurmd log; Torque: the job's spool files), prefixed with the script and the job id.
+where a VmBatchError becomes a message and an exit status. Log lines go where ``[log]``
+says (:mod:`vmbatch.logsetup`: the journal, syslog or stderr), each naming the job; root's
+lines of a job also go to its ``vmbatch.log`` while its directory exists. With a journal or
+syslog target the hooks' stderr (Slurm: the slurmd log; Torque: the job's .e file) gets
+only the one-line ``vmbatch: error: ...`` a person acts on.
 
 Root trusts nothing a job's user controls (docs/design.md, "Hostile input"). The
 configuration is ``--config PATH`` (the hook's first two arguments, for a site's wrapper),
@@ -30,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config, limits, state, trust
+from vmbatch import config, limits, logsetup, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, taskprolog, torque
@@ -50,14 +53,16 @@ from vmbatch.job import JobUser
 log = logging.getLogger("vmbatch")
 
 
-def _logging(script: str, job_id: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"{script}[{job_id[:40]}]: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
+def _logging(script: str, job_id: str, level: int = logging.INFO) -> None:
+    """Until the configuration is read: stderr, as the scheduler keeps it. Lines name the
+    job only if its id is one (it is checked, and refused, later)."""
+    logsetup.early(script, job_id if batch.JOB_ID.fullmatch(job_id) else None, level)
+
+
+def _root_logging(cfg: config.Config, script: str) -> None:
+    """Root's hooks: the ``[log]`` target, and each job's ``vmbatch.log``; stderr only
+    gets the lines of ``target = "stderr"`` (or of a target given up)."""
+    logsetup.configure(cfg.log, script, stderr_level=None, job_dir=cfg.paths.job_dir)
 
 
 def _is_slurm(env: Mapping[str, str]) -> bool:
@@ -86,6 +91,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     table = SLURM_PROLOG if is_slurm else TORQUE_PROLOGUE
     job_id = env.get("SLURM_JOB_ID", "") if is_slurm else (argv[1] if len(argv) > 1 else "")
     _logging("vmbatch-prologue", job_id)
+    started = time.monotonic()
     # pbs_mom runs the prologue with umask 0077; libvirt reads the overlay's header as
     # QEMU's user before it relabels the disks, so the job's files need the usual 022.
     os.umask(0o022)
@@ -93,6 +99,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         cfg = _load(path)
     except VmBatchError as exc:
         return _node_problem(None, is_slurm, env, exc, table, argv)
+    _root_logging(cfg, "vmbatch-prologue")
     try:
         if is_slurm and not _slurm_in_scope(cfg, env):
             return 0
@@ -106,14 +113,17 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         log.error("%s", exc)
         return _node_problem(cfg, is_slurm, env, exc, table, argv)
     error = batch.prologue(cfg, bj)
+    seconds = time.monotonic() - started
     if error is None:
+        logsetup.stage(log, "prologue", seconds, "the VM is ready")
         return 0
+    logsetup.stage(log, "prologue", seconds, f"failed: {error.fault.value} fault")
     if error.fault is not Fault.NODE:
         # The failure policy: the job starter fails, requeues or holds the job with the
         # message in its output; only node faults take the node out of service.
-        log.error("job %s: %s (the node stays in service)", bj.job_id, error)
+        log.error("%s (the node stays in service)", error)
         return table[Disposition.ABORT_JOB]
-    log.error("job %s: %s", bj.job_id, error)
+    log.error("%s", error)
     return _node_problem(cfg, is_slurm, env, error, table, argv)
 
 
@@ -126,7 +136,7 @@ def _slurm_in_scope(cfg: config.Config, env: Mapping[str, str]) -> bool:
     jid = batch.check_job_id(slurm.job_id(env))
     if slurm.is_vmbatch_job(cfg, jid, env):
         return True
-    log.info("job %s: not in vmbatch's scope (its container is not %s)", jid, cfg.slurm.bundle)
+    log.info("not in vmbatch's scope (its container is not %s)", cfg.slurm.bundle)
     return False
 
 
@@ -169,7 +179,7 @@ def _node_problem(
     node problem in the user's directory, exits 0, and the job starter prints it into the
     job's .e file (exit 65). Exit 1 would also stop the loop, but without the .e file.
     """
-    sys.stderr.write(f"vmbatch: error: {error}\n")
+    sys.stderr.write(logsetup.redact(f"vmbatch: error: {error}\n"))
     disposition = error.disposition
     reason = f"vmbatch: {error.message}"
     if cfg is None:  # the configuration itself is broken: use the defaults' tool paths
@@ -223,7 +233,7 @@ def _fail_job_here(cfg: config.Config, argv: Sequence[str], error: VmBatchError)
     except VmBatchError as exc:
         log.error("could not leave the message for job %s (%s): aborting it", job_id, exc)
         return TORQUE_PROLOGUE_ABORT
-    log.error("job %s: %s", job_id, message)
+    log.error("%s", message)
     return TORQUE_PROLOGUE[Disposition.ABORT_JOB]
 
 
@@ -250,16 +260,13 @@ def _slurm_cpus(cfg: config.Config, jid: str, env: Mapping[str, str]) -> frozens
     node = env.get("SLURMD_NODENAME", "")
     ids = slurm.job_cpu_ids(cfg, jid, node, env) if node else None
     if ids is None:
-        log.warning(
-            "job %s: Slurm names no CPUs of node %r for it; the VM is not pinned", jid, node
-        )
+        log.warning("Slurm names no CPUs of node %r for it; the VM is not pinned", node)
         return None
     cpus = limits.slurm_to_os(ids, limits.host_cpus())
     if cpus is None:
         log.warning(
-            "job %s: Slurm's CPU_IDs=%s are not this host's CPUs (slurm.conf describes node %s"
+            "Slurm's CPU_IDs=%s are not this host's CPUs (slurm.conf describes node %s"
             " otherwise than `slurmd -C`); the VM is not pinned",
-            jid,
             limits.cpu_list(ids),
             node,
         )
@@ -310,19 +317,27 @@ def run_starter(argv: Sequence[str], env: Mapping[str, str]) -> int:
         return taskprolog.run(path, env)
     is_slurm = len(argv) >= 3 and argv[1] == "slurm"
     privileged = os.geteuid() == 0
-    _logging("vmbatch-starter", argv[2] if is_slurm else "")
-    logging.getLogger().setLevel(logging.WARNING)  # the job's stderr: only what matters
+    # The job's stderr: only what matters to the job's user (warnings and errors).
+    _logging("vmbatch-starter", argv[2] if is_slurm else "", logging.WARNING)
     try:
         # As root (Torque's run_privileged) the environment is the job's: qsub -v sets it.
         cfg = _load(path, honour_env=not privileged)
+        # The starter runs as the job's user (or becomes it): no vmbatch.log of root's.
+        logsetup.configure(cfg.log, "vmbatch-starter", stderr_level=logging.WARNING)
         if is_slurm:
             job = _slurm_starter(argv)
         elif os.isatty(0):  # qsub -I: the user's terminal, no script path on stdin
             job = _torque_interactive(argv, env, privileged)
         else:
             job = _torque_starter(cfg, env, privileged)
+        logsetup.set_job(job.job_id)
         try:
+            started = time.monotonic()
             status = batch.starter(cfg, job, sys.stdout.buffer, sys.stderr.buffer)
+            logsetup.stage(
+                log, "job" if job.step is None else f"step {job.step}",
+                time.monotonic() - started, f"exit status {status}",
+            )  # fmt: skip
         except NoVmPreparedError as exc:
             if is_slurm and (outside := _outside_scope(cfg, job.job_id, env)):
                 raise JobError(outside) from exc
@@ -559,6 +574,7 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     cfg: config.Config | None = None
     try:
         cfg = _load(path)
+        _root_logging(cfg, "vmbatch-epilogue")
         if is_slurm:
             status = slurm.exit_status(env)
         else:
@@ -568,15 +584,17 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if is_slurm and not _slurm_epilog_needed(cfg, job_id, env):
             return 0
         # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
+        started = time.monotonic()
         batch.finish(
             cfg, job_id, exit_status=status, account=True, lock_wait=cfg.vm.boot_timeout + 60
         )
+        logsetup.stage(log, "teardown", time.monotonic() - started, "VM and files removed")
     except VmBatchError as exc:
         log.error("%s", exc)
+        sys.stderr.write(logsetup.redact(f"vmbatch: error: {exc}\n"))
         if is_slurm and env.get("SLURMD_NODENAME"):
             _drain(cfg or config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
         return SLURM_EPILOG_FAILED
-    log.info("job %s: VM and files removed", job_id)
     return 0
 
 
@@ -590,7 +608,7 @@ def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]
     try:
         mine = slurm.is_vmbatch_job(cfg, job_id, env)
     except VmBatchError as exc:
-        log.warning("job %s: cannot tell whether it is vmbatch's (%s); cleaning up", job_id, exc)
+        log.warning("cannot tell whether it is vmbatch's (%s); cleaning up", exc)
         return True
     if not mine:
         log.info("job %s: not in vmbatch's scope: nothing to do", job_id)
@@ -602,7 +620,10 @@ def _precancel(path: Path | None, argv: Sequence[str]) -> int:
     job_id = argv[1] if len(argv) > 1 else ""
     _logging("vmbatch-precancel", job_id)
     try:
-        batch.precancel(_load(path), batch.check_job_id(job_id))
+        cfg = _load(path)
+        # As the job's user, stdio /dev/null: the [log] target only.
+        logsetup.configure(cfg.log, "vmbatch-precancel", stderr_level=None)
+        batch.precancel(cfg, batch.check_job_id(job_id))
     except Exception as exc:  # noqa: BLE001 - must exit 0 whatever happens
         log.warning("could not signal job %s in its VM: %s", job_id, exc)
     return 0
@@ -616,6 +637,9 @@ def _guarded(body: Callable[[], int], internal: int) -> int:
     """Run ``body``; an unexpected exception is logged and never looks like success."""
     try:
         return body()
-    except Exception:
+    except Exception as exc:
         log.exception("internal error; please report it")
+        # Also where the scheduler keeps it, whatever the [log] target.
+        what = f"{type(exc).__name__}: {exc}"
+        sys.stderr.write(logsetup.redact(f"vmbatch: internal error: {what}\n"))
         return internal
