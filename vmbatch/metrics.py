@@ -313,7 +313,7 @@ def _histogram(name: str, raw: object) -> list[str]:
     counted = _buckets(hist)
     total = _number(hist.get("count"))
     lines = [
-        f'{name}_bucket{{le="{_fmt(b)}"}} {_fmt(c)}'
+        f'{name}_bucket{{le="{float(b)!r}"}} {_fmt(c)}'
         for b, c in zip(BOOT_BUCKETS, counted, strict=True)
     ]
     lines.append(f'{name}_bucket{{le="+Inf"}} {_fmt(total)}')
