@@ -201,7 +201,22 @@ def _doctor_json(checks: list[doctor.Check]) -> dict[str, object]:
     }
 
 
-@cli.command("check")
+class _PluginUsageError(click.UsageError):
+    exit_code = int(doctor.Severity.UNKNOWN)
+
+
+class _PluginCommand(click.Command):
+    """A Nagios plugin's command: a usage error exits 3 (UNKNOWN), as the Monitoring
+    Plugins Development Guidelines ask, not click's 2 (which would read as CRITICAL)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _PluginUsageError(exc.format_message(), exc.ctx) from exc
+
+
+@cli.command("check", cls=_PluginCommand)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1, max=300),
