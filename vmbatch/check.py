@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vmbatch.config import Config
-from vmbatch.doctor import Check, Severity, Step
+from vmbatch.doctor import Check, Severity, Step, node_checks
 
 SERVICE = "VMBATCH"
 #: At most this many characters of problem text in the status line.
@@ -108,13 +108,18 @@ def act(cfg: Config, result: Result, env: Mapping[str, str]) -> str | None:
     """``--take-out``: on CRITICAL take the node out of service (Slurm drain, Torque
     offline) with the first critical problem as the reason, recorded as vmbatch's own
     (:func:`vmbatch.hooks.policy.take_out`); on OK or WARNING return a node vmbatch took out
-    to service once the scheduler still shows vmbatch's reason
+    to service if the scheduler still shows vmbatch's reason and doctor's node checks pass
     (:func:`vmbatch.hooks.policy.resume_node`, as ``vmbatch cleanup --stale`` does). Returns
     what happened, or None if nothing did."""
     from vmbatch.hooks import policy, slurm, torque
 
     if result.status < Severity.CRITICAL:
-        return policy.resume_node(cfg, failing=list)
+        # The same test as the reaper's resume (`vmbatch cleanup --stale`): doctor's node
+        # checks, which also cover what a drain by a failed prologue may have been for.
+        return policy.resume_node(
+            cfg,
+            failing=lambda: [f"{c.what}: {c.detail}" for c in node_checks(cfg) if not c.ok],
+        )
     worst = next(c for c in result.checks if c.status >= Severity.CRITICAL)
     reason = one_line(f"vmbatch check: {worst.what}: {worst.detail}")
     if cfg.tools.scontrol.exists() and slurm.config_present(env):

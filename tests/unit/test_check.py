@@ -194,6 +194,8 @@ class FakeScheduler:
         monkeypatch.setattr(torque, "offline", self.offline)
         monkeypatch.setattr(slurm, "drained_by", lambda cfg, node, reason, env: True)
         monkeypatch.setattr(slurm, "resume", lambda cfg, node, env: self.calls.append(("resume",)))
+        self.node_failing: list[Check] = []
+        monkeypatch.setattr(check, "node_checks", lambda cfg: self.node_failing)
 
     def drain(self, cfg: Any, node: str, reason: str, env: Any) -> str:
         self.calls.append(("drain", node, reason))
@@ -219,6 +221,12 @@ def test_take_out_drains_on_critical_and_resumes_once_ok(
     mark = policy.read_mark(cfg)
     assert mark is not None and (mark.node, mark.reason) == ("node7", reason)
     steps[:] = [_step(WARN)]
+    sched.node_failing = [Check(False, "resource limits", "no memory cgroup")]
+    res = _invoke(conf, "check", "--take-out")
+    assert res.exit_code == 1
+    assert "stays out of service" in res.output and "resource limits" in res.output
+    assert policy.read_mark(cfg) is not None, "doctor's node checks must pass first"
+    sched.node_failing = []
     res = _invoke(conf, "check", "--take-out")
     assert res.exit_code == 1
     assert sched.calls[-1] == ("resume",)
