@@ -227,6 +227,8 @@ def update(cfg: Config, *, counts: Mapping[str, float], boot: float | None = Non
     from vmbatch.hooks.policy import _locked  # imports hooks: not at import time
 
     try:
+        # Root-only from creation: mkdir(parents=True) would make it with the umask's mode.
+        cfg.batch.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _locked(state_path(cfg)) as data:
             _add(data, counts, boot)
             write_textfile(cfg, data)

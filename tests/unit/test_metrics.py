@@ -132,6 +132,7 @@ def test_the_state_is_root_only_and_survives_the_process(tmp_path: Path) -> None
     state = metrics.state_path(cfg)
     assert state.stat().st_mode & 0o777 == 0o600
     assert state.parent.stat().st_mode & 0o777 == 0o700
+    assert cfg.batch.state_dir.stat().st_mode & 0o777 == 0o700, "metrics may come first"
     Path(cfg.metrics.textfile).unlink()  # a new process starts from the state alone
     metrics.count(cfg, metrics.REAPED, 1)
     assert _value(cfg, "vmbatch_orphans_reaped_total") == 5
