@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -198,22 +199,143 @@ def run(
 
 @cli.command("doctor")
 @click.option("--reprobe", is_flag=True, help="Probe KVM again instead of using the cached answer.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print one JSON document instead of lines: {"ok": BOOL, "status": "ok|warning|'
+    'critical", "checks": [{"ok", "severity", "what", "detail", "fix"}, ...]} (severity:'
+    " the check's Nagios state, ok/warning/critical).",
+)
 @click.pass_context
-def doctor_cmd(ctx: click.Context, reprobe: bool) -> None:
-    """Check libvirtd (its restarts by vmbatch, its memory), QEMU tools, the accelerator,
-    directories and images."""
+def doctor_cmd(ctx: click.Context, reprobe: bool, as_json: bool) -> None:
+    """Check this node and say, line by line, how to fix what is wrong: libvirtd (its
+    restarts by vmbatch, its memory), QEMU tools, the accelerator, directories, free space,
+    images and cool-offs, the image cache, the scheduler's clients, the paths root's hooks
+    write, the metrics file, leftovers for the reaper (as root), slurm.conf (where Slurm
+    answers) and shared filesystems. Lines start with "ok", "WARN" (jobs run, some worse
+    or not all) or "FAIL" (the node cannot run jobs), then "fix:" lines. Run as root.
+
+    Exit status: 0 if every check passed, 69 otherwise (also for a configuration that
+    does not load). For a Nagios-style status line and exit status, see `vmbatch check`.
+
+        vmbatch doctor --json | jq '.checks[] | select(.ok | not)'
+    """
     try:
         cfg = _load(ctx)
     except ConfigError as exc:
-        click.echo(
-            f"FAIL configuration: {exc}\n     fix: `vmbatch config check` lists"
-            " every problem; correct the file(s)"
+        bad = doctor.Check(
+            False, "configuration", str(exc), "`vmbatch config check` lists every problem"
         )
+        if as_json:
+            click.echo(json.dumps(_doctor_json([bad]), indent=1))
+        else:
+            click.echo(
+                f"FAIL configuration: {exc}\n     fix: `vmbatch config check` lists"
+                " every problem; correct the file(s)"
+            )
         ctx.exit(CLI[exc.disposition])
     checks = doctor.run_checks(cfg, reprobe=reprobe)
-    for check in checks:
-        click.echo(check.line())
+    if as_json:
+        click.echo(json.dumps(_doctor_json(checks), indent=1))
+    else:
+        for check in checks:
+            click.echo(check.line())
     ctx.exit(0 if all(c.ok for c in checks) else CLI[ConfigError.disposition])
+
+
+def _doctor_json(checks: list[doctor.Check]) -> dict[str, object]:
+    worst = max((c.status for c in checks), default=doctor.Severity.OK)
+    return {
+        "ok": all(c.ok for c in checks),
+        "status": worst.name.lower(),
+        "checks": [c.as_json() for c in checks],
+    }
+
+
+class _PluginUsageError(click.UsageError):
+    exit_code = int(doctor.Severity.UNKNOWN)
+
+
+class _PluginCommand(click.Command):
+    """A Nagios plugin's command: a usage error exits 3 (UNKNOWN), as the Monitoring
+    Plugins Development Guidelines ask, not click's 2 (which would read as CRITICAL)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _PluginUsageError(exc.format_message(), exc.ctx) from exc
+
+
+@cli.command("check", cls=_PluginCommand)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1, max=300),
+    metavar="SECONDS",
+    help="Return after at most this long; checks still running count as CRITICAL."
+    " Default: [health].timeout (20).",
+)
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="After the status line, one line per check as `vmbatch doctor` prints them"
+    " (Nagios shows them as the long output).",
+)
+@click.option(
+    "--take-out",
+    is_flag=True,
+    help="Act on the result (for Slurm's HealthCheckProgram, which ignores exit statuses):"
+    " on CRITICAL drain (Slurm) or offline (Torque) this node with the problem as the"
+    " reason; on OK or WARNING return a node vmbatch took out to service. A drain an admin"
+    " set or changed is never undone.",
+)
+@click.pass_context
+def check_cmd(ctx: click.Context, timeout: float | None, verbose: bool, take_out: bool) -> None:
+    """Check whether this node can run jobs now; print ONE Nagios-style status line.
+
+    "VMBATCH OK - 13 checks passed | checks=13;;;0 time=0.41s;;20;0 ..." or "VMBATCH
+    CRITICAL - 1 critical: libvirtd: ... | ...". Checked, within [health].timeout seconds:
+    libvirtd answers (within [health].libvirt_timeout), its restart budget, qemu-img and
+    QEMU, the accelerator, free space in the job and cache directories, the image cache
+    against [cache].max_size_gib, the default image, the scheduler's clients, that the
+    state, user, job and cache directories and the accounting log can be written, leftovers
+    the reaper would remove without asking the scheduler, and the NFS servers of [mounts].
+    Performance data: the checks' count and time, free bytes, cache bytes, orphans.
+
+    Exit status (Nagios plugin API): 0 OK, 1 WARNING (jobs run; some worse or not all),
+    2 CRITICAL (the node cannot run jobs, or a check did not finish in time), 3 UNKNOWN
+    (not run as root, or the configuration does not load). Run as root: as Slurm's
+    HealthCheckProgram (with --take-out), from NHC (check_cmd_status -t 30 vmbatch check),
+    or from Nagios/Icinga through sudo (docs/admin-guide.md, "Health checks").
+
+        vmbatch check -v; echo $?
+    """
+    from vmbatch import check
+
+    def unknown(text: str) -> None:
+        click.echo(f"{check.SERVICE} UNKNOWN - {check.one_line(text)}")
+        ctx.exit(int(doctor.Severity.UNKNOWN))
+
+    try:
+        cfg = _load(ctx)
+    except ConfigError as exc:
+        unknown(f"configuration: {exc}")
+        return
+    if os.geteuid() != 0:
+        unknown("run as root: the checks read root-only state and libvirt's system instance")
+    limit = timeout if timeout is not None else cfg.health.timeout
+    result = check.run(cfg, doctor.health_checks(cfg), limit)
+    click.echo(check.status_line(result, limit))
+    if verbose:
+        for c in result.checks:
+            click.echo(c.line())
+    if take_out:
+        said = check.act(cfg, result, os.environ)
+        if said:
+            click.echo(said, err=True)
+    ctx.exit(int(result.status))
 
 
 @cli.group("config")

@@ -307,6 +307,29 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics (docs/admin-guide.md, "Metrics"): a text file for node_exporter's
+    textfile collector, rewritten atomically after each job and by the reaper."""
+
+    #: The file (its name must end in ``.prom``, the collector's glob); "" = no metrics
+    #: file. The default is the directory Debian's ``prometheus-node-exporter`` reads
+    #: (its ``--collector.textfile.directory`` default); while that directory does not
+    #: exist nothing is written (counters are still kept, in ``[batch].state_dir``).
+    textfile: str = "/var/lib/prometheus/node-exporter/vmbatch.prom"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """``vmbatch check`` (docs/admin-guide.md, "Health checks")."""
+
+    #: The most seconds ``vmbatch check`` takes: checks still running then count as
+    #: CRITICAL (Slurm kills a HealthCheckProgram after 60 s; NHC's own timeout is 30 s).
+    timeout: float = 20.0
+    #: How long libvirtd may take to answer the check's call (instead of [libvirt].timeout).
+    libvirt_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class DebugConfig:
     """Fault injection for crash-consistency tests and soaks (:mod:`vmbatch.faults`).
 
@@ -413,6 +436,8 @@ class Config:
     job: JobConfig = field(default_factory=JobConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     log: LogConfig = field(default_factory=LogConfig)
     images: Mapping[str, ImageConfig] = field(default_factory=dict)
@@ -433,6 +458,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "job": JobConfig,
     "batch": BatchConfig,
     "slurm": SlurmConfig,
+    "metrics": MetricsConfig,
+    "health": HealthConfig,
     "debug": DebugConfig,
     "log": LogConfig,
 }
@@ -945,6 +972,17 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
             "each must be a group name (a letter or '_', then letters, digits, '.', '_', '-';"
             " at most 32)",
         ),
+    ),
+    "metrics": (
+        (
+            "textfile",
+            lambda v: v == "" or (v.startswith("/") and v.endswith(".prom") and "\n" not in v),
+            'must be "" (off) or an absolute path ending in .prom (node_exporter reads *.prom)',
+        ),
+    ),
+    "health": (
+        ("timeout", lambda v: 0 < v <= 300, "must be > 0 and at most 300 seconds"),
+        ("libvirt_timeout", lambda v: v > 0, "must be > 0 seconds"),
     ),
     "mount": (
         ("timeout", lambda v: v > 0, "must be > 0 seconds"),

@@ -1,12 +1,24 @@
-"""``vmbatch doctor``: check this node and say, line by line, how to fix what is wrong."""
+"""``vmbatch doctor``: check this node and say, line by line, how to fix what is wrong.
+
+Each :class:`Check` also carries a severity, the Nagios state it stands for when it fails
+(:mod:`vmbatch.check` turns a chosen subset into one Nagios-style status line):
+CRITICAL where the node cannot run jobs (libvirtd, QEMU, directories, free space, the
+default image, the scheduler's clients), WARNING where it runs them worse or some of them
+not (an image other than the default, cool-offs, libvirtd's restart budget spent, the
+cache over its cap, leftovers for the reaper, slurm.conf advice).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
 import glob
 import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,26 +28,55 @@ from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
 from vmbatch.hooks import slurm
 from vmbatch.hooks.batch import host_memory_mib
-from vmbatch.images.cache import ImageCache, is_cached_source
+from vmbatch.images.cache import ImageCache, free_bytes, is_cached_source
 from vmbatch.images.catalog import check_trusted, inspect
 from vmbatch.images.disks import check_free_space
 from vmbatch.libvirt import health
 from vmbatch.libvirt.connection import Connection
 
 
+class Severity(enum.IntEnum):
+    """Nagios plugin states, by their exit statuses (Nagios Plugin API, "Return Code"; the
+    Monitoring Plugins Development Guidelines): the worse state is the larger number."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One line of the report: ok, what was checked, and what to do if not ok."""
+    """One line of the report: ok, what was checked, and what to do if not ok.
+
+    ``severity``: how bad a failure of this check is; ``perf``: Nagios performance data
+    items (``label=value[UOM];warn;crit;min;max``) it measured."""
 
     ok: bool
     what: str
     detail: str
     fix: str = ""
+    severity: Severity = Severity.CRITICAL
+    perf: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> Severity:
+        """The check's Nagios state: OK, or its severity."""
+        return Severity.OK if self.ok else self.severity
 
     def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
+        mark = {Severity.OK: "ok  ", Severity.WARNING: "WARN"}.get(self.status, "FAIL")
         text = f"{mark} {self.what}: {self.detail}"
         return text + (f"\n     fix: {self.fix}" if not self.ok and self.fix else "")
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "severity": self.status.name.lower(),
+            "what": self.what,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
 
 
 def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
@@ -45,10 +86,191 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
     for name in sorted(cfg.images):
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
+    checks += [_cache_size(cfg), _scheduler_tools(cfg), *_state_paths(cfg), _metrics_file(cfg)]
+    if os.geteuid() == 0:  # the reaper's lock is root's
+        checks.append(_orphans(cfg))
     checks += _slurm_checks(cfg)
     for name in sorted(cfg.mounts):
         checks.append(_mount(cfg.mounts[name]))
     return checks
+
+
+#: One named step of :func:`health_checks`: it returns its checks when run.
+Step = tuple[str, Callable[[], list[Check]]]
+
+
+def health_checks(cfg: Config) -> list[Step]:
+    """The checks of ``vmbatch check`` (:mod:`vmbatch.check`): what decides whether this
+    node can take jobs now, each cheap, libvirtd asked with ``[health].libvirt_timeout``.
+    Not the slurm.conf advice, the other images or libvirtd's memory (``vmbatch doctor``)."""
+    lv = cfg.libvirt
+    quick = dataclasses.replace(
+        cfg, libvirt=dataclasses.replace(lv, timeout=min(lv.timeout, cfg.health.libvirt_timeout))
+    )
+    steps: list[Step] = [
+        ("libvirtd", lambda: [_libvirt(quick)]),
+        ("libvirtd restarts", lambda: [_restarts(cfg)]),
+        ("qemu-img", lambda: [_tool("qemu-img", cfg.tools.qemu_img, cfg)]),
+        ("qemu-system", lambda: [_tool("qemu-system", cfg.tools.qemu_system, cfg)]),
+        ("accelerator", lambda: [_accel(cfg, False)]),
+        ("free space", lambda: [_free_space(cfg)]),
+        ("image cache", lambda: [_cache_size(cfg)]),
+        ("default image", lambda: [_default_image(cfg)]),
+        ("scheduler clients", lambda: [_scheduler_tools(cfg)]),
+        (
+            "directories",
+            lambda: [
+                _directory("job directory", cfg.paths.job_dir),
+                _directory("cache directory", cfg.paths.cache_dir),
+                *_state_paths(cfg),
+            ],
+        ),
+        ("orphans", lambda: [_orphans(quick)]),
+    ]
+    for name in sorted(cfg.mounts):
+        mount = cfg.mounts[name]
+        steps.append((f"mount {name}", lambda m=mount: [_mount(m)]))  # type: ignore[misc]
+    return steps
+
+
+def _default_image(cfg: Config) -> Check:
+    """``[batch].default_image``: every job that names no image gets it."""
+    name = cfg.batch.default_image
+    if not name:
+        return Check(True, "default image", 'none ([batch].default_image = "": jobs name one)')
+    if name not in cfg.images:  # config.load refuses this; a Config made otherwise may not
+        return Check(False, "default image", f"{name!r} is not in the catalog", "add it")
+    return _image(cfg, name)
+
+
+def _cache_size(cfg: Config) -> Check:
+    """The image cache against ``[cache].max_size_gib`` (it can pass the cap only while
+    the images beyond it are in use: eviction skips those)."""
+    entries = ImageCache(cfg).entries()
+    size = sum(e.size for e in entries)
+    cap = int(cfg.cache.max_size_gib * 2**30)
+    limit = f"{cap / 2**30:.1f} GiB ([cache].max_size_gib)" if cap else "no cap"
+    perf = (f"cache={size}B;{cap or ''};;0;{cap or ''}",)
+    detail = f"{len(entries)} image(s), {size / 2**30:.1f} GiB of {limit}"
+    if cap and size > cap:
+        return Check(
+            False,
+            "image cache",
+            detail + f"; over the cap ({sum(bool(e.jobs) for e in entries)} in use by jobs)",
+            "it shrinks as jobs finish (`vmbatch image prune`); or raise [cache].max_size_gib",
+            Severity.WARNING,
+            perf,
+        )
+    return Check(True, "image cache", detail, perf=perf)
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def _scheduler_tools(cfg: Config) -> Check:
+    """The scheduler clients the hooks run (hooks run without PATH: [tools] paths)."""
+    t = cfg.tools
+    what = "scheduler clients"
+    slurm_tools = {"scontrol": t.scontrol, "squeue": t.squeue}
+    if any(p.exists() for p in slurm_tools.values()):
+        missing = [f"{n} ({p})" for n, p in slurm_tools.items() if not _executable(p)]
+        if missing:
+            return Check(
+                False,
+                what,
+                f"Slurm's {' and '.join(missing)} missing or not executable: the hooks cannot"
+                " ask slurmctld about jobs, and the reaper cannot tell which jobs ended",
+                "install slurm-client, or set [tools].scontrol and [tools].squeue",
+            )
+        return Check(True, what, f"Slurm: {t.scontrol}, {t.squeue}")
+    if _executable(t.pbsnodes):
+        return Check(True, what, f"Torque: {t.pbsnodes}")
+    return Check(
+        False,
+        what,
+        f"neither Slurm's {t.scontrol} nor Torque's {t.pbsnodes} is there: the hooks cannot"
+        " ask the scheduler about jobs or take the node out of service",
+        "install the scheduler's client commands, or set [tools] scontrol/squeue/pbsnodes",
+    )
+
+
+def _state_paths(cfg: Config) -> list[Check]:
+    """Where root's hooks write: the job state, the users' directories, the accounting log."""
+    b = cfg.batch
+    return [
+        _writable("state directory", b.state_dir),
+        _writable("user directory", b.user_dir),
+        _writable("accounting log", b.accounting_log),
+    ]
+
+
+def _writable(label: str, path: Path) -> Check:
+    """``path`` (or the nearest directory above it that exists: root makes the rest) can be
+    written by this process, on a file system mounted read-write."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"run as root; check that {path} (or its file system) can be written"
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError as exc:
+        return Check(False, label, f"{path}: {exc.strerror}", fix)
+    if read_only:
+        return Check(False, label, f"{path} is on a read-only file system", fix)
+    if not os.access(existing, os.W_OK):
+        return Check(False, label, f"{existing} is not writable (uid {os.geteuid()})", fix)
+    state = "exists" if path.exists() else f"will be created in {existing}"
+    return Check(True, label, f"{path} writable ({state})")
+
+
+def _metrics_file(cfg: Config) -> Check:
+    """``[metrics].textfile``: written only where node_exporter's directory exists."""
+    what = "metrics file"
+    if not cfg.metrics.textfile:
+        return Check(True, what, 'off ([metrics].textfile = "")')
+    path = Path(cfg.metrics.textfile)
+    if not path.parent.is_dir():
+        return Check(
+            True,
+            what,
+            f"not written: {path.parent} does not exist (node_exporter's textfile directory;"
+            " install prometheus-node-exporter, or set [metrics].textfile)",
+        )
+    return Check(True, what, f"{path}")
+
+
+def _orphans(cfg: Config) -> Check:
+    """What the reaper would remove without asking the scheduler (a dry run: leftovers of
+    a reboot, lost QEMU processes, dead `vmbatch run` jobs, files no job owns); the
+    scheduler is asked only by the reaper itself (``vmbatch cleanup --stale``)."""
+    from vmbatch import reaper
+
+    what = "orphans"
+    try:
+        report = reaper.reap(
+            cfg,
+            scheduler_check=lambda _s, _j: reaper.Verdict(True, "left to the reaper"),
+            dry_run=True,
+        )
+    except VmBatchError as exc:
+        return Check(False, what, f"not counted: {exc}", exc.hint or "", Severity.WARNING)
+    n = len(report.removed)
+    perf = (f"orphans={n};0;;0",)
+    if report.skipped and not report.removed and "another reaper" in report.skipped[0]:
+        return Check(True, what, "not counted: the reaper is at work right now", perf=())
+    if n:
+        shown = "; ".join(report.removed[:3]) + ("; ..." if n > 3 else "")
+        return Check(
+            False,
+            what,
+            f"{n} leftover(s) of jobs that no longer run: {shown}",
+            "run `vmbatch cleanup --stale` (the vmbatch-reaper timer does, every few minutes)",
+            Severity.WARNING,
+            perf,
+        )
+    note = f" ({len(report.undecided)} undecided: see `vmbatch cleanup --stale`)"
+    return Check(True, what, "none" + (note if report.undecided else ""), perf=perf)
 
 
 def node_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
@@ -111,7 +333,13 @@ def _cooloffs(cfg: Config) -> list[Check]:
             ImageHealth(cfg).check(name)
         except VmBatchError as exc:
             checks.append(
-                Check(False, f"image {name}", exc.message, f"once fixed: {exc.hint or ''}")
+                Check(
+                    False,
+                    f"image {name}",
+                    exc.message,
+                    f"once fixed: {exc.hint or ''}",
+                    Severity.WARNING,
+                )
             )
     return checks
 
@@ -140,7 +368,11 @@ def _slurm_checks(cfg: Config) -> list[Check]:
         key, sep, value = line.partition("=")
         if sep:
             values[key.strip()] = value.strip()
-    return [_slurm_requeue(cfg, values), _slurm_steps(values), *_slurm_scope(cfg, values)]
+    advice = [_slurm_requeue(cfg, values), _slurm_steps(values)]  # jobs run, some worse
+    return [
+        *(dataclasses.replace(c, severity=Severity.WARNING) for c in advice),
+        *_slurm_scope(cfg, values),
+    ]
 
 
 def _slurm_scope(cfg: Config, values: dict[str, str]) -> list[Check]:
@@ -239,12 +471,23 @@ def _slurm_requeue(cfg: Config, values: dict[str, str]) -> Check:
 
 
 def _free_space(cfg: Config) -> Check:
+    reserve = int(cfg.disks.reserve_gib * 2**30)
+    perf = []
+    for label, path in (
+        ("job_dir_free", cfg.paths.job_dir),
+        ("cache_dir_free", cfg.paths.cache_dir),
+    ):
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        with contextlib.suppress(OSError):
+            perf.append(f"{label}={free_bytes(probe)}B;;{reserve}:;0")
     try:
         check_free_space(cfg)
     except VmBatchError as exc:
-        return Check(False, "free space", exc.message, exc.hint or "")
-    reserve = f"at least {cfg.disks.reserve_gib:g} GiB ([disks].reserve_gib)"
-    return Check(True, "free space", reserve)
+        return Check(False, "free space", exc.message, exc.hint or "", perf=tuple(perf))
+    text = f"at least {cfg.disks.reserve_gib:g} GiB ([disks].reserve_gib)"
+    return Check(True, "free space", text, perf=tuple(perf))
 
 
 def _mount(mount: MountConfig) -> Check:
@@ -304,6 +547,7 @@ def _restarts(cfg: Config) -> Check:
             detail + "; exhausted: jobs fail while libvirtd does not answer",
             "find out why libvirtd fails (its log) and restart it by hand; the count drops"
             " as restarts age out of [libvirt].restart_window",
+            Severity.WARNING,
         )
     return Check(True, what, detail)
 
@@ -321,6 +565,7 @@ def _memory(cfg: Config) -> Check:
                 what,
                 detail + ", so [libvirt].max_rss_mib cannot work",
                 "set [libvirt].pid_file to the PID file libvirtd writes",
+                Severity.WARNING,
             )
         return Check(True, what, detail)
     if lv.max_rss_mib == 0:
@@ -350,10 +595,16 @@ def _guestfish(cfg: Config) -> Check:
     fix = "apt-get install libguestfs-tools linux-image-cloud-amd64, or fix [tools].guestfish"
     check = _tool("guestfish (inject)", cfg.tools.guestfish, cfg, fix)
     if not check.ok:
-        return check
+        return dataclasses.replace(check, severity=Severity.WARNING)
     kernels = sorted(Path("/boot").glob("vmlinuz-*"))
     if not kernels:
-        return Check(False, check.what, "no kernel in /boot for the libguestfs appliance", fix)
+        return Check(
+            False,
+            check.what,
+            "no kernel in /boot for the libguestfs appliance",
+            fix,
+            Severity.WARNING,
+        )
     return Check(True, check.what, f"{check.detail}; appliance kernel {kernels[-1].name}")
 
 
@@ -408,6 +659,8 @@ def _image(cfg: Config, name: str) -> Check:
             check_trusted(entry)  # what a job's prologue would refuse
         fmt, size = inspect(cfg, entry, path)
     except VmBatchError as exc:
-        return Check(False, f"image {name}", str(exc), exc.hint or "")
+        # Only the default image fails every job that names none.
+        worst = Severity.CRITICAL if name == cfg.batch.default_image else Severity.WARNING
+        return Check(False, f"image {name}", str(exc), exc.hint or "", worst)
     kernel = f", kernel {entry.kernel}" if entry.kernel else ""
     return Check(True, f"image {name}", f"{path} ({fmt}, {size // 2**20} MiB{kernel})")

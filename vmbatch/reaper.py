@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmbatch import logsetup, process, state, trust
+from vmbatch import logsetup, metrics, process, state, trust
 from vmbatch.config import Config
 from vmbatch.contextualize import inject
 from vmbatch.errors import CommandError, HostError, JobBusyError, VmBatchError
@@ -450,6 +450,8 @@ def reap(
             return report
         check = scheduler_check or SchedulerQuery(cfg, env)
         _Reap(cfg, report, check, time.time() if now is None else now).run(conn)
+    if not dry_run:
+        metrics.count(cfg, metrics.REAPED, len(report.removed))
     return report
 
 

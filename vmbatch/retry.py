@@ -126,6 +126,9 @@ LIBVIRT_CONNECT_POLICY = RetryPolicy(
     wait_seconds=1.0,
     wait_max=4.0,
     max_attempts=3,
+    # The last failure is the error a person reads; each retry is an INFO line (the hooks'
+    # log has it; a terminal shows it with -v), not a warning repeating the same cause.
+    log_level=logging.INFO,
 )
 
 #: Starting a domain that libvirt refused as "resource busy" (VIR_ERR_RESOURCE_BUSY: the

@@ -114,6 +114,8 @@ def test_the_slurm_guide_followed_literally_runs_a_job_in_a_vm(
         # The installed environment is its own, on the distribution's Python.
         assert str((prefix / "bin" / "python").resolve()).startswith("/usr/bin/python3")
         assert str(ROOT) not in (prefix / "libexec" / "prologue").read_text()
+        health = (prefix / "libexec" / "healthcheck").read_text()  # Slurm's HealthCheckProgram
+        assert f"exec {prefix}/bin/vmbatch " in health and " check --take-out" in health
         assert job_id is not None
         slurm = SlurmSite(batch_site, cluster)
         job = slurm.settled(job_id, timeout=300)

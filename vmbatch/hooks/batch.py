@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import accel, faults, lifecycle, limits, logsetup, signals, state
+from vmbatch import accel, faults, lifecycle, limits, logsetup, metrics, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
@@ -705,3 +705,4 @@ def write_accounting(
             os.close(fd)
     except OSError as exc:
         log.error("could not write the accounting record to %s: %s", path, exc)
+    metrics.job_finished(cfg, line)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from vmbatch import config, limits, logsetup, state, trust
+from vmbatch import config, limits, logsetup, metrics, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, taskprolog, torque
@@ -107,6 +107,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         log.error("%s", exc)
         return _node_problem(cfg, is_slurm, env, exc, table, argv)
     _reap_quickly(cfg)
+    metrics.job_started(cfg)
     try:
         bj = _slurm_job(cfg, env) if is_slurm else _torque_job(argv)
     except VmBatchError as exc:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch import state
+from vmbatch import metrics, state
 from vmbatch.config import Config
 from vmbatch.errors import Disposition, Fault, ImageCoolOffError, VmBatchError
 from vmbatch.hooks import slurm, torque
@@ -329,10 +329,12 @@ def take_out(
             reason = out()
             if reason is not None:
                 _store(data, mark(reason))
-            return reason
     except OSError as exc:  # the record's directory is unusable: still take the node out
         log.error("could not record that vmbatch took the node out: %s", exc)
-        return out()
+        reason = out()
+    if reason is not None:
+        metrics.count(cfg, metrics.DRAINS)
+    return reason
 
 
 def read_mark(cfg: Config) -> NodeMark | None:

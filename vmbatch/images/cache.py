@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vmbatch import faults, state
+from vmbatch import faults, metrics, state
 from vmbatch.config import Config, ImageConfig
 from vmbatch.errors import DiskSpaceError, ImageError, ImageSourceError, VmBatchError
 from vmbatch.images import checksums
@@ -220,7 +220,9 @@ class ImageCache:
                 with held:
                     if final.exists() and not self._due_for_refresh(entry, final):
                         _side(final, ".used").touch()
+                        metrics.count(self.cfg, metrics.HITS)
                         return final
+            metrics.count(self.cfg, metrics.MISSES)
             path = self._fetch_locked(entry, final, progress)
             _side(path, ".used").touch()
             return path
@@ -296,7 +298,7 @@ class ImageCache:
         if entry.checksum_url and listed is None:
             listed = self._listed_checksum(entry, entry.checksum_url, final)
         log.info("image %s: fetching %s", entry.name, entry.source)
-        return fetch(
+        result = fetch(
             entry.name,
             entry.source,
             final,
@@ -310,6 +312,8 @@ class ImageCache:
             before_rename=lambda result: self._write_meta(entry, final, result, listed),
             debug=self.cfg.debug,
         )
+        metrics.count(self.cfg, metrics.DOWNLOAD, result.transferred)
+        return result
 
     def _listed_checksum(self, entry: ImageConfig, url: str, final: Path) -> Checksum:
         """Fetch ``entry``'s checksum file ``url`` (the download code's retries and

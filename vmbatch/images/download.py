@@ -125,6 +125,8 @@ class FetchResult:
     size: int
     validators: Validators
     not_modified: bool = False
+    #: Bytes received from the source, over every attempt (a resume receives the rest).
+    transferred: int = 0
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -164,7 +166,7 @@ def fetch(
     if checksum is None:
         part.unlink(missing_ok=True)  # unverifiable: never stitch onto an unknown partial
     if scheme == "file":
-        _copy_local(name, Path(urlsplit(url).path), part, progress, room, debug)
+        transferred = _copy_local(name, Path(urlsplit(url).path), part, progress, room, debug)
         seen = Validators()
     elif scheme in ("http", "https"):
         own = session is None
@@ -189,11 +191,14 @@ def fetch(
             if own:
                 dl.sess.close()
         if dl.not_modified:
-            return FetchResult(None, 0, validators or Validators(), not_modified=True)
+            return FetchResult(
+                None, 0, validators or Validators(), not_modified=True, transferred=dl.received
+            )
         seen = dl.seen or Validators()
+        transferred = dl.received
     else:
         raise ImageDownloadError(f"image {name!r}: {url} is not an http(s) or file URL")
-    return _finish(name, url, part, dest, checksum, seen, before_rename)
+    return _finish(name, url, part, dest, checksum, seen, before_rename, transferred)
 
 
 def _finish(
@@ -204,6 +209,7 @@ def _finish(
     checksum: Checksum | None,
     seen: Validators,
     before_rename: Callable[[FetchResult], None] | None,
+    transferred: int = 0,
 ) -> FetchResult:
     sha256: str | None = None
     if checksum is not None:
@@ -229,7 +235,7 @@ def _finish(
     elif sha256 is None:
         sha256 = file_digest(ready, "sha256")
     ready.chmod(0o644)
-    result = FetchResult(sha256, ready.stat().st_size, seen)
+    result = FetchResult(sha256, ready.stat().st_size, seen, transferred=transferred)
     try:
         if before_rename is not None:
             before_rename(result)
@@ -254,8 +260,9 @@ def _copy_local(
     progress: Progress | None,
     room: Room | None,
     debug: DebugConfig | None = None,
-) -> None:
-    """Copy a local (e.g. NFS-mounted) file into ``part``; a local copy is never resumed."""
+) -> int:
+    """Copy a local (e.g. NFS-mounted) file into ``part``; a local copy is never resumed.
+    Returns the bytes copied."""
     try:
         total = src.stat().st_size
         if room is not None:
@@ -270,6 +277,7 @@ def _copy_local(
                     progress(done, total)
             out.flush()
             os.fsync(out.fileno())
+        return done
     except OSError as exc:
         part.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -311,6 +319,8 @@ class _Download:
         #: Validators of the first full answer in this fetch, for If-Range on retries.
         self.seen: Validators | None = None
         self.not_modified = False
+        #: Bytes received over every attempt.
+        self.received = 0
 
     def _request_headers(self, have: int) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -385,6 +395,7 @@ class _Download:
                     for chunk in resp.iter_content(NET_CHUNK):
                         fh.write(chunk)
                         done += len(chunk)
+                        self.received += len(chunk)
                         faults.point(self.debug, "image.download.chunk")
                         if self.progress is not None:
                             self.progress(done, total)

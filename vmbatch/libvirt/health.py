@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch import process
+from vmbatch import metrics, process
 from vmbatch.config import Config
 from vmbatch.errors import (
     CommandError,
@@ -319,6 +319,7 @@ def _restart(cfg: Config, record: RestartLog, why: str) -> Recovery:
     count = f"{len(recent)}/{lv.restart_max} {window}"
     log.warning("restarting libvirtd (%s): %s", count, why)
     started = time.monotonic()
+    metrics.count(cfg, metrics.RESTARTS)
     try:
         process.run(lv.restart_command, timeout=lv.restart_wait)
     except CommandError as exc:
