@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch import accel, limits, process
+from vmbatch import accel, limits, logsetup, process
 from vmbatch.config import Config, MountConfig
 from vmbatch.errors import MountError, VmBatchError
 from vmbatch.guest.mounts import NfsSource
@@ -87,6 +87,7 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
     checks += [_cache_size(cfg), _scheduler_tools(cfg), *_state_paths(cfg), _metrics_file(cfg)]
+    checks.append(_log_target(cfg))
     if os.geteuid() == 0:  # the reaper's lock is root's
         checks.append(_orphans(cfg))
     checks += _slurm_checks(cfg)
@@ -238,6 +239,32 @@ def _metrics_file(cfg: Config) -> Check:
             " install prometheus-node-exporter, or set [metrics].textfile)",
         )
     return Check(True, what, f"{path}")
+
+
+def _log_target(cfg: Config) -> Check:
+    """``[log].target``: can the hooks' lines reach the journal or syslog here?"""
+    what = "log target"
+    problem = logsetup.target_problem(cfg.log)
+    if problem is None:
+        where = {"journald": cfg.log.journal_socket, "syslog": cfg.log.syslog_socket}
+        return Check(
+            True,
+            what,
+            f"{cfg.log.target}"
+            + (
+                f" at {where[cfg.log.target]}"
+                if cfg.log.target in where
+                else " (the hooks' stderr)"
+            ),
+        )
+    return Check(
+        False,
+        what,
+        f"{cfg.log.target}: {problem}",
+        "start the journal or a syslog daemon, or set [log].target (and its socket) to one"
+        " this node has",
+        Severity.WARNING,
+    )
 
 
 def _orphans(cfg: Config) -> Check:

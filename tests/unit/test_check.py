@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -433,6 +434,26 @@ def test_the_metrics_file_check(tmp_path: Path) -> None:
     assert absent.ok and absent.detail.startswith(f"not written: {tmp_path}/x does not exist")
     here = doctor._metrics_file(_cfg(tmp_path, metrics={"textfile": f"{tmp_path}/v.prom"}))
     assert here.ok and here.detail == f"{tmp_path}/v.prom"
+
+
+def test_the_log_target_check(tmp_path: Path) -> None:
+    """An unreachable journal/syslog is a warning (the hooks then log to stderr); a socket
+    that listens is fine."""
+    missing = {"syslog_socket": f"{tmp_path}/no-log", "journal_socket": f"{tmp_path}/no-j"}
+    gone = doctor._log_target(_cfg(tmp_path, log={"target": "journald", **missing}))
+    assert (gone.ok, gone.severity) == (False, Severity.WARNING)
+    assert gone.detail.endswith("logging to stderr") and f"{tmp_path}/no-j" in gone.detail
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(f"{tmp_path}/log")
+    try:
+        here = doctor._log_target(
+            _cfg(tmp_path, log={"target": "syslog", "syslog_socket": f"{tmp_path}/log"})
+        )
+    finally:
+        listener.close()
+    assert here.ok and here.detail == f"syslog at {tmp_path}/log"
+    plain = doctor._log_target(_cfg(tmp_path, log={"target": "stderr"}))
+    assert plain.ok and plain.detail == "stderr (the hooks' stderr)"
 
 
 def test_the_health_checks_run_against_libvirt(
