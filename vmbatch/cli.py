@@ -325,6 +325,7 @@ _REPORT_ERRORS: dict[type[OSError], tuple[int, str]] = {
     "--file",
     "files",
     multiple=True,
+    metavar="PATH",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Accounting log to read instead of [batch].accounting_log; repeat it to read"
     " several (e.g. logrotate's accounting.jsonl.1 and .2.gz: .gz is read through gzip).",

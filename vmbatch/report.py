@@ -46,9 +46,9 @@ def parse_when(text: str, now: float) -> float:
         return now
     if m := _AGO.fullmatch(value):
         return now - float(m[1]) * _UNIT[m[2]]
-    if value.startswith("@"):
-        return float(value[1:])
     try:
+        if value.startswith("@"):
+            return float(value[1:])
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         raise ValueError(
