@@ -41,6 +41,7 @@ def test_a_job_whose_script_ran_has_its_run_time_and_no_cause() -> None:
     assert (line["script_ran"], line["run_seconds"], line["cause"]) == (True, 5.0, None)
     assert (line["exit_status"], line["exit_signal"], line["exit_source"]) == (3, 0, "slurmctld")
     assert (line["boot_seconds"], line["image"], line["user"]) == (4.0, "demo", "alice")
+    assert line["prologue_started"] == 100.0
 
 
 @pytest.mark.parametrize("forged", [50.0, 200.0, float("nan"), float("inf")])
@@ -84,13 +85,9 @@ def test_a_failed_prologue_gives_its_error_class_and_message() -> None:
 def test_without_a_prologue_record_nothing_but_the_cause_is_known() -> None:
     line = _line(None, JobEnd())
     assert line["cause"] == "no prologue state (prologue did not run)"
-    assert [line[k] for k in ("user", "image", "exit_status", "exit_signal", "script_ran")] == [
-        None,
-        None,
-        None,
-        None,
-        False,
-    ]
+    keys = ("user", "image", "exit_status", "exit_signal", "prologue_started")
+    assert line["script_ran"] is False
+    assert [line[k] for k in keys] == [None] * 5
     assert _line(None, torque_end(-2, "0"))["cause"].startswith("the scheduler did not start")
 
 

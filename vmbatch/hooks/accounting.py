@@ -231,6 +231,7 @@ def line(
         "scheduler": record.scheduler if record else None,
         "user": record.user if record else None,
         "image": (record.image or None) if record else None,
+        "prologue_started": round(record.started, 3) if record and record.started else None,
         "boot_seconds": record.boot_seconds if record else None,
         "script_ran": ran,
         "run_seconds": run,
