@@ -56,6 +56,8 @@ def test_each_record_matches_slurms_exit_code_and_says_whether_the_script_ran(
         cluster._run("scancel", running)
         jobs = {j: slurm.settled(j) for j in (booting, ok, seven, running)}
         lines = {r["job_id"]: r for r in batch_site.records()}
+        for job_id in (ok, seven, running, booting):  # with -s: the docs' example
+            print(json.dumps(lines.get(job_id), sort_keys=True))
         assert sorted(lines) == sorted(jobs), lines
 
         for job_id, job in jobs.items():
@@ -92,6 +94,7 @@ def test_each_record_matches_slurms_exit_code_and_says_whether_the_script_ran(
 
         report = batch_site.site.vmbatch("report", "--json", "--file", str(batch_site.accounting))
         summary = json.loads(report.stdout)
+        print(report.stdout.decode())  # with -s: the docs' example
         assert (summary["jobs"], summary["failed"], summary["script_ran"]) == (4, 3, 3), summary
         assert summary["failures_by_cause"] == {
             CANCELLED_DURING_BOOT: 1,
