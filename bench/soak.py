@@ -1213,9 +1213,10 @@ accounting_log = "{self.accounting}"
             rec = last.get(job.id)
             if job.outcome != "ok" or rec is None or job.runtime is None:
                 continue
-            boot, run = rec.get("boot_seconds"), rec.get("run_seconds")
-            if isinstance(boot, int | float) and isinstance(run, int | float):
-                self.report.overhead.append(boot + run - job.runtime)
+            # From the Prolog's start to the accounting line (the Epilog's end).
+            start, end = rec.get("prologue_started"), rec.get("time")
+            if isinstance(start, int | float) and isinstance(end, int | float):
+                self.report.overhead.append(end - start - job.runtime)
 
     def summarize(self) -> None:
         rep = self.report

@@ -529,6 +529,99 @@ def images_cmd(ctx: click.Context, everything: bool, fmt: str) -> None:
     click.echo(offer.render(listed, fmt), nl=False)
 
 
+#: ``vmbatch report``'s read errors: sysexits(3) status and what to do.
+_REPORT_ERRORS: dict[type[OSError], tuple[int, str]] = {
+    FileNotFoundError: (
+        66,  # EX_NOINPUT
+        "no such accounting log: no batch job has ended on this node yet, or"
+        " [batch].accounting_log (or --file) names another file",
+    ),
+    PermissionError: (
+        77,  # EX_NOPERM
+        "not allowed to read it: the accounting log is root's (mode 0640); run as root or"
+        " as a member of its group",
+    ),
+}
+
+
+@cli.command("report")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    help="Only jobs whose accounting line was written at or after WHEN: now, a duration"
+    " before now (90s, 30m, 2h, 7d, 1w), @EPOCH, or an ISO 8601 date or time (2026-11-30,"
+    " 2026-11-30T09:00; local time unless it has an offset). Default: all.",
+)
+@click.option(
+    "--until",
+    metavar="WHEN",
+    help="Only jobs accounted before WHEN (same forms as --since). Default: all.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    metavar="PATH",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Accounting log to read instead of [batch].accounting_log; repeat it to read"
+    " several (e.g. logrotate's accounting.jsonl.1 and .2.gz: .gz is read through gzip).",
+)
+@click.pass_context
+def report_cmd(
+    ctx: click.Context,
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+    files: tuple[Path, ...],
+) -> None:
+    """Summarise the batch jobs of this node from its accounting log.
+
+    One line per job is written by the batch epilogue to [batch].accounting_log
+    (docs/admin-guide.md, "Accounting"). The report gives the number of jobs, how many
+    failed (the script did not run, or the scheduler reports a non-zero exit status or a
+    signal) and why, grouped by cause; boot-time percentiles (p50, p90, p99, max;
+    nearest rank); and per image and per user the jobs, failures, mean and median boot
+    time, total run time of the scripts and total CPU seconds of the VMs' QEMU. Lines of
+    older vmbatch versions are read with what they have; unreadable lines (a last line cut
+    short) are skipped and counted.
+
+    The log is root's (mode 0640): run as root, or as a member of the file's group.
+
+    Exit status: 0 (a report, also of no jobs), 2 (bad option or time), 66 (a log file
+    does not exist), 77 (not allowed to read it), 74 (another read error).
+
+    Example, the last week as JSON:
+
+        vmbatch report --since 7d --json
+    """
+    from vmbatch import report
+
+    now = time.time()
+    try:
+        start = report.parse_when(since, now) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    try:
+        end = report.parse_when(until, now) if until is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--until") from None
+    paths = list(files) or [_load(ctx).batch.accounting_log]
+    try:
+        records = report.read(paths, start, end)
+    except OSError as exc:
+        status, why = _REPORT_ERRORS.get(type(exc), (74, exc.strerror or str(exc)))
+        click.echo(f"vmbatch: error: {exc.filename or paths[0]}: {why}", err=True)
+        ctx.exit(status)
+    summary = report.summarise(records)
+    if records.skipped:
+        click.echo(f"vmbatch: {records.skipped} unreadable line(s) skipped", err=True)
+    if as_json:
+        click.echo(json.dumps({"files": [str(p) for p in paths], **summary}, sort_keys=True))
+    else:
+        click.echo(report.render(summary, [str(p) for p in paths]), nl=False)
+
+
 @cli.group("image")
 def image_group() -> None:
     """Manage the node's image cache (remote and file:// catalog images), as root.

@@ -262,7 +262,7 @@ class BatchConfig:
     #: Parent of the per-job directories owned by the job's user (mode 0700 each): the
     #: job's SSH key, the guest's host key and port, or the prologue's error message.
     user_dir: Path = Path("/run/vmbatch")
-    #: One JSON line per job (job id, user, image, boot and run seconds, exit status, cause).
+    #: One JSON line per job (:mod:`vmbatch.hooks.accounting`; ``vmbatch report`` reads it).
     accounting_log: Path = Path("/var/log/vmbatch/accounting.jsonl")
     #: Torque's ``epilogue.precancel`` (``qdel`` waits for it) stops trying to reach the
     #: job's VM after this many seconds (plus the wait and attempt under way).

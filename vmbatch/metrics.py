@@ -54,6 +54,17 @@ BOOT_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
 #: A failure's cause class: the name of one of vmbatch's exception classes. Anything else
 #: in the accounting record's ``cause`` counts as "other", so the label's values stay few.
 _CAUSE_CLASS = re.compile(r"[A-Z][A-Za-z0-9]{0,63}Error")
+#: Causes of a job whose script never ran that are not an error class
+#: (:func:`vmbatch.hooks.accounting.why_not_run`), by their fixed beginning -> label.
+_NOT_RUN = (
+    ("cancelled during boot", "cancelled_during_boot"),
+    ("time limit reached during boot", "timelimit_during_boot"),
+    ("no prologue state", "no_prologue"),
+    ("the prologue ended before the VM was ready", "prologue_killed"),
+    ("the job starter did not start the script", "starter_failed"),
+    ("the scheduler did not start the job", "not_started"),
+    ("the job ended before its script started", "ended_before_start"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +181,13 @@ def outcome(line: Mapping[str, object]) -> tuple[str, str]:
     cause = line.get("cause")
     if isinstance(cause, str) and cause.strip():
         head = cause.partition(":")[0].strip()
-        return "failed", head if _CAUSE_CLASS.fullmatch(head) else "other"
-    signal = line.get("signal")
+        if _CAUSE_CLASS.fullmatch(head):
+            return "failed", head
+        for prefix, label in _NOT_RUN:
+            if cause.startswith(prefix):
+                return "failed", label
+        return "failed", "other"
+    signal = line.get("exit_signal", line.get("signal"))
     status = line.get("exit_status")
     if isinstance(signal, int) and not isinstance(signal, bool) and signal > 0:
         return "failed", "signal"

@@ -120,7 +120,8 @@ class Mom:
         proc.stdin = None  # pbs_mom's pipe: one line, then end of file
         return proc
 
-    def epilogue(self, status: int) -> subprocess.CompletedProcess[bytes]:
+    def epilogue(self, status: int, session: str = "4242") -> subprocess.CompletedProcess[bytes]:
+        """pbs_mom's epilogue call; ``session`` 0: pbs_mom never started the job."""
         u = self.bs.user
         argv = [
             str(BIN / "vmbatch-epilogue"),
@@ -128,7 +129,7 @@ class Mom:
             u.name,
             u.name,
             "job.sh",
-            "4242",
+            session,
             self.resources,
             "cput=00:00:01",
             "batch",
@@ -178,6 +179,8 @@ def test_job_runs_in_its_vm_as_the_user_with_its_status(
     assert record["job_id"] == mom.job_id and record["exit_status"] == 7
     assert record["image"] == "demo" and record["user"] == batch_site.user.name
     assert isinstance(record["boot_seconds"], float) and record["cause"] is None
+    assert (record["exit_signal"], record["exit_source"]) == (0, "pbs_mom")
+    assert record["script_ran"] is True and isinstance(record["run_seconds"], float)
 
 
 class Planted:
@@ -299,7 +302,10 @@ def test_node_problem_requeues_takes_the_node_offline_and_vmbatch_brings_it_back
     assert b"libvirt" in pro.stderr
     args = calls.read_text().splitlines()
     assert args[:2] == ["-o", "-N"] and "libvirt" in args[2]
-    assert mom.epilogue(-2).returncode == 0
+    assert mom.epilogue(-2, session="0").returncode == 0
+    (record,) = batch_site.records()  # JOB_EXEC_FAIL2, never started: no run time
+    assert (record["exit_status"], record["script_ran"], record["run_seconds"]) == (-2, False, None)
+    assert "LibvirtUnavailableError" in str(record["cause"]), record
     # The reaper leaves the node offline while libvirtd does not answer...
     reaper = site.vmbatch("cleanup", "--stale")
     assert "stays out of service" in reaper.stdout.decode() and not cleared.exists()
@@ -391,7 +397,9 @@ def test_precancel_ends_the_job_in_the_guest(batch_site: BatchSite) -> None:
     status, out, _ = _finish(proc)
     assert status == 3 and "got-term" in out
     assert mom.epilogue(3).returncode == 0
-    assert json.loads(batch_site.accounting.read_text())["exit_status"] == 3
+    line = json.loads(batch_site.accounting.read_text())
+    assert (line["exit_status"], line["script_ran"], line["cause"]) == (3, True, None), line
+    assert line["run_seconds"] > 0
 
 
 def _mounted(point: Path) -> bool:

@@ -17,6 +17,7 @@ from vmbatch import config
 from vmbatch.errors import GuestLostError, HostError, JobBusyError, JobError
 from vmbatch.guest import ssh
 from vmbatch.hooks import batch, entry, jobstate, slurm, torque
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
 
 
@@ -28,10 +29,14 @@ def test_slurm_cpus_per_node(text: str, cpus: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "status"), [("7:0", 7), ("0:15", 143), ("0:0", 0), ("", None), ("7", None)]
+    ("code", "pair"), [("7:0", (7, 0)), ("0:15", (0, 15)), ("0:0", (0, 0)), ("", None), ("7", None)]
 )
-def test_slurm_exit_code2_is_shell_style(code: str, status: int | None) -> None:
-    assert slurm.exit_status({"SLURM_JOB_EXIT_CODE2": code}) == status
+def test_the_epilogs_exit_code2_is_status_and_signal(
+    code: str, pair: tuple[int, int] | None
+) -> None:
+    end = slurm.epilog_end({"SLURM_JOB_EXIT_CODE2": code})
+    assert (end and (end.exit_status, end.exit_signal)) == pair
+    assert end is None or end.source == "epilog environment"
 
 
 def test_slurm_bundle_gives_args_env_and_cwd(tmp_path: Path) -> None:
@@ -78,7 +83,10 @@ def test_torque_epilogue_args_and_starter_stdin() -> None:
         "7",
         "/x.SC",
     ]
-    assert torque.epilogue_args(argv) == torque.EpilogueArgs("12.srv", "alice", 7)
+    assert torque.epilogue_args(argv) == torque.EpilogueArgs("12.srv", "alice", 7, "4242")
+    assert torque.epilogue_args(argv[:3]) == torque.EpilogueArgs("12.srv", "alice", None, None)
+    garbled = [*argv[:10], "x", *argv[11:]]
+    assert torque.epilogue_args(garbled).exit_status is None
     with pytest.raises(JobError, match="expected 11 arguments"):
         torque.epilogue_args(["epilogue"])
     path, args = torque.starter_command(io.BytesIO(b"/spool/12.SC a 'b c'\nignored\n"))
@@ -275,7 +283,8 @@ def test_unknown_user_fails_the_job_and_the_epilogue_finishes_without_libvirt(
     record = StateStore(cfg.batch.state_dir).read("77")
     assert record is not None and record.phase == "failed" and record.uid == -1
     assert not (tmp_path / "run" / "77").exists()  # nobody to hand a directory to
-    batch.finish(cfg, "77", exit_status=65, account=True)  # the prologue had cleaned up
+    # The prologue had cleaned up.
+    batch.finish(cfg, "77", end=JobEnd(65, 0, "slurmctld"), account=True)
     assert StateStore(cfg.batch.state_dir).read("77") is None
     (line,) = (tmp_path / "acct.jsonl").read_text().splitlines()
     assert json.loads(line)["cause"].startswith("JobError: user 'no-such-user-here'")

@@ -13,6 +13,7 @@ from vmbatch import limits
 from vmbatch.config import Config, ConfigError, parse
 from vmbatch.errors import JobError
 from vmbatch.hooks import slurm, torque
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.request import Resources, VmSize, size_vm
 from vmbatch.limits import HostCpu, cpu_list, parse_cpu_list
 
@@ -347,7 +348,7 @@ def test_an_ambiguous_cpu_record_fails_the_job_not_the_node(tmp_path: Path) -> N
     assert isinstance(error, JobError) and "imitate scontrol's output" in str(error)
     record = StateStore(cfg.batch.state_dir).read("6")
     assert record is not None and record.phase == "failed"
-    batch.finish(cfg, "6", exit_status=65, account=True)
+    batch.finish(cfg, "6", end=JobEnd(65, 0, "slurmctld"), account=True)
 
 
 def test_memory_cgroup_presence_from_the_mounts(tmp_path: Path) -> None:
@@ -376,7 +377,7 @@ def test_the_accounting_line_carries_the_vms_cpus_limit_and_qemus_usage(tmp_path
         "9", "slurm", "u", phase=READY, started=1.0, boot_seconds=2.0, cpus="2-3",
         memory_limit_mib=512,
     )  # fmt: skip
-    batch.write_accounting(cfg, "9", record, 0, limits.QemuUsage(12.5, 300))
+    batch.write_accounting(cfg, "9", record, JobEnd(0, 0), limits.QemuUsage(12.5, 300))
     batch.write_accounting(cfg, "10", None, None)  # no prologue: nothing known
     first, second = (json.loads(ln) for ln in cfg.batch.accounting_log.read_text().splitlines())
     assert (first["cpus"], first["memory_limit_mib"]) == ("2-3", 512)

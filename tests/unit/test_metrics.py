@@ -4,6 +4,7 @@ failure never fails its caller."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vmbatch import config, metrics
 from vmbatch.errors import ConfigError
-from vmbatch.hooks import batch, policy
+from vmbatch.hooks import accounting, batch, policy
 from vmbatch.hooks.jobstate import READY, Record, StateStore
 from vmbatch.images.cache import ImageCache
 from vmbatch.libvirt import health
@@ -64,7 +65,8 @@ def _value(cfg: config.Config, name: str, **labels: str) -> float:
         ({"exit_status": 3, "cause": None}, ("failed", "exit_nonzero")),
         ({"exit_status": 143, "cause": None}, ("failed", "signal")),  # 128+SIGTERM
         ({"exit_status": 271}, ("failed", "signal")),  # Torque's 256+SIGTERM
-        ({"exit_status": 0, "signal": 9}, ("failed", "signal")),  # a key h11 may add
+        ({"exit_status": 0, "signal": 9}, ("failed", "signal")),  # an older key
+        ({"exit_status": 0, "exit_signal": 9}, ("failed", "signal")),  # Slurm's exit:signal
         ({"exit_status": None, "cause": None}, ("failed", "unknown")),
         ({}, ("failed", "unknown")),
         ({"exit_status": True}, ("failed", "unknown")),
@@ -72,7 +74,8 @@ def _value(cfg: config.Config, name: str, **labels: str) -> float:
             {"exit_status": 0, "cause": "GuestBootTimeoutError: vm alice-7 did not boot"},
             ("failed", "GuestBootTimeoutError"),
         ),
-        ({"cause": "no prologue state (prologue did not run)"}, ("failed", "other")),
+        ({"cause": "no prologue state (prologue did not run)"}, ("failed", "no_prologue")),
+        ({"cause": "something new"}, ("failed", "other")),
         ({"cause": "evil\nError: x", "exit_status": 0}, ("failed", "other")),
         ({"cause": "", "exit_status": 0, "new_key": [1, 2]}, ("succeeded", "none")),
     ],
@@ -81,6 +84,34 @@ def test_outcome_and_cause_class_come_from_the_record_read_tolerantly(
     line: dict[str, object], expected: tuple[str, str]
 ) -> None:
     assert metrics.outcome(line) == expected
+
+
+def test_every_cause_of_a_job_that_never_ran_has_its_own_label() -> None:
+    """The accounting causes that are not error classes (accounting.why_not_run) map to
+    fixed labels, never "other", so a dashboard can tell them apart."""
+    from vmbatch.hooks.jobstate import FAILED, PREPARING
+
+    rec = Record(
+        job_id="1", scheduler="slurm", user="u", phase=READY, started=100.0, boot_seconds=5.0
+    )
+    causes = [
+        accounting.why_not_run(None, None, accounting.JobEnd()),
+        accounting.why_not_run(None, None, accounting.JobEnd(job_started=False)),
+        accounting.why_not_run(
+            dataclasses.replace(rec, phase=PREPARING), None, accounting.JobEnd()
+        ),
+        accounting.why_not_run(rec, accounting.Marker(not_started="x"), accounting.JobEnd()),
+        accounting.why_not_run(rec, None, accounting.JobEnd(end_time=101.0)),
+        accounting.why_not_run(rec, None, accounting.JobEnd(end_time=101.0, reason="TimeLimit")),
+        accounting.why_not_run(rec, None, accounting.JobEnd(job_started=False, exit_status=1)),
+        accounting.why_not_run(rec, None, accounting.JobEnd()),
+    ]
+    labels = [metrics.outcome({"cause": c, "exit_status": 0})[1] for c in causes]
+    assert "other" not in labels, dict(zip(causes, labels, strict=True))
+    assert len(set(labels)) == 7  # the two "no prologue state" causes share one
+    failed = dataclasses.replace(rec, phase=FAILED, cause="GuestBootTimeoutError: slow")
+    cause = accounting.why_not_run(failed, None, accounting.JobEnd())
+    assert metrics.outcome({"cause": cause}) == ("failed", "GuestBootTimeoutError")
 
 
 # -- the file ---------------------------------------------------------------------------
@@ -241,11 +272,12 @@ def test_a_failed_drain_is_not_counted(tmp_path: Path) -> None:
 def test_the_accounting_line_counts_the_finished_job(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     rec = Record("9", "slurm", "alice", phase=READY, started=1.0, boot_seconds=12.5, image="d")
-    batch.write_accounting(cfg, "9", rec, 0)
-    batch.write_accounting(cfg, "10", None, 2)  # no prologue state
+    ran = accounting.Marker(started=14.0)
+    batch.write_accounting(cfg, "9", rec, accounting.JobEnd(exit_status=0), marker=ran)
+    batch.write_accounting(cfg, "10", None, accounting.JobEnd(exit_status=2))  # no prologue
     fin = "vmbatch_jobs_finished_total"
     assert _value(cfg, fin, outcome="succeeded", cause="none") == 1
-    assert _value(cfg, fin, outcome="failed", cause="other") == 1
+    assert _value(cfg, fin, outcome="failed", cause="no_prologue") == 1
     assert _value(cfg, "vmbatch_boot_duration_seconds_sum") == 12.5
     text = Path(cfg.metrics.textfile).read_text()
     assert "alice" not in text, "no user name in the metrics"

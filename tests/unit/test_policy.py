@@ -21,6 +21,7 @@ from vmbatch.errors import (
     UnknownImageError,
 )
 from vmbatch.hooks import batch, policy
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import UserDir
 from vmbatch.hooks.policy import ImageHealth, Outcome
 from vmbatch.hooks.request import Resources
@@ -167,10 +168,11 @@ def test_an_epilogue_run_again_after_a_crash_writes_no_second_accounting_line(
     cfg = _cfg(tmp_path)
     store = StateStore(cfg.batch.state_dir)
     store.write(Record("80", "slurm", "u", phase=FAILED, cause="JobError: x", accounted=True))
-    batch.finish(cfg, "80", exit_status=1, account=True)  # the first run had written it
+    # The first run had written it.
+    batch.finish(cfg, "80", end=JobEnd(1, 0, "slurmctld"), account=True)
     assert not cfg.batch.accounting_log.exists() and store.read("80") is None
     store.write(Record("81", "slurm", "u", phase=FAILED, cause="JobError: x"))
-    batch.finish(cfg, "81", exit_status=1, account=True)
+    batch.finish(cfg, "81", end=JobEnd(1, 0, "slurmctld"), account=True)
     assert len(cfg.batch.accounting_log.read_text().splitlines()) == 1
 
 

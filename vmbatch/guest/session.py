@@ -766,9 +766,10 @@ class Session:
             self.send_signal(signal.SIGKILL)
 
     # -- an interactive job (a terminal) ----------------------------------------------
-    def attach(self, out: BinaryIO) -> int:
+    def attach(self, out: BinaryIO, on_start: Callable[[], None] | None = None) -> int:
         """Run the job on a pseudo-terminal in the guest, attached to the terminal on
-        ``stdin`` (``srun --pty``), as ``ssh -t`` does; return its status.
+        ``stdin`` (``srun --pty``), as ``ssh -t`` does; return its status. ``on_start`` is
+        called once the guest runs it.
 
         The local terminal is put in raw mode, so every key (Ctrl-C, Ctrl-D, Ctrl-Z) goes to
         the guest's terminal, whose line discipline turns it into the signal or end of file
@@ -802,6 +803,8 @@ class Session:
                 f' echo "$st" > {d}/status; exit "$st"'
             )
         )
+        if on_start is not None:
+            on_start()
         saved = termios.tcgetattr(fd)
         try:
             tty.setraw(fd, termios.TCSANOW)

@@ -51,7 +51,8 @@ from vmbatch.errors import (
 )
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
-from vmbatch.hooks import policy
+from vmbatch.hooks import accounting, policy
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
 from vmbatch.hooks.policy import ImageHealth
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
@@ -485,12 +486,20 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         watch=DiskBudget(cfg, state.JobDir(cfg.paths.job_dir, job.job_id)),
         stdin=job.stdin,
     )
+    started = False
+
+    def mark_started() -> None:
+        nonlocal started
+        started = True
+        accounting.mark_started(userdir, time.time())
+
     try:
         if session.interactive:  # srun --pty
             with signals.interruptible():
-                return session.attach(out)
+                return session.attach(out, on_start=mark_started)
         with signals.interruptible():
             session.start()
+        mark_started()
         faults.point(cfg, "starter.job_started")
         return session.follow(out, err)
     except GuestLostError as exc:
@@ -500,6 +509,12 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
                 f"the host's kernel stops a VM whose QEMU passes its memory limit of {limit}"
                 " MiB (the job's memory, QEMU's own share included)"
             )
+        if not started:
+            accounting.mark_not_started(userdir, _cause(exc))
+        raise
+    except VmBatchError as exc:
+        if not started:
+            accounting.mark_not_started(userdir, _cause(exc))
         raise
     finally:
         if session.client is not None:
@@ -544,12 +559,15 @@ def finish(
     record: Record | None = None,
     *,
     conn: Connection | None = None,
-    exit_status: int | None = None,
+    end: JobEnd | Callable[[], JobEnd] | None = None,
     account: bool = False,
     lock_wait: float = 1.0,
     if_unchanged: bool = False,
 ) -> bool:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
+
+    ``end`` is how the scheduler says the job ended, or a function that asks it: called
+    after the VM is gone (a slow scheduler never keeps a VM alive), under the lock.
 
     Works from ``record`` (or the stored one) and falls back to what the job id implies,
     holding the job's lock (JobBusyError if another hook keeps it past ``lock_wait``).
@@ -564,7 +582,7 @@ def finish(
     with logsetup.job(job_id), store.exclusive(job_id, wait=lock_wait):
         if if_unchanged and store.read(job_id) != record:
             return False
-        _finish_locked(cfg, store, job_id, record, conn, exit_status, account=account)
+        _finish_locked(cfg, store, job_id, record, conn, end, account=account)
     return True
 
 
@@ -574,7 +592,7 @@ def _finish_locked(
     job_id: str,
     record: Record | None,
     conn: Connection | None,
-    exit_status: int | None,
+    end: JobEnd | Callable[[], JobEnd] | None,
     *,
     account: bool,
 ) -> None:
@@ -585,7 +603,10 @@ def _finish_locked(
     name = record.domain if record and record.domain else domain_name(job_id)
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
+    ended = time.time()
     usage = _qemu_usage(cfg, name) if account else None
+    userdir = UserDir(cfg.batch.user_dir, job_id)
+    marker: accounting.Marker | None = None
     try:
         if (
             record is not None
@@ -610,10 +631,14 @@ def _finish_locked(
     finally:
         if own and conn is not None:
             conn.close()
-        UserDir(cfg.batch.user_dir, job_id).remove()  # warns if the user blocks it
+        if account:
+            marker = accounting.read_marker(userdir)
+        userdir.remove()  # warns if the user blocks it
     faults.point(cfg, "finish.userdir_removed")
     if account and not (record is not None and record.accounted):
-        write_accounting(cfg, job_id, record, exit_status, usage)
+        write_accounting(
+            cfg, job_id, record, _job_end(job_id, end), usage, marker=marker, ended=ended
+        )
         if record is not None:  # an epilogue killed from here on writes no second line
             store.write(dataclasses.replace(record, accounted=True))
         faults.point(cfg, "finish.accounted")
@@ -622,6 +647,16 @@ def _finish_locked(
     faults.point(cfg, "finish.image_released")
     store.remove(job_id)
     faults.point(cfg, "finish.record_removed")
+
+
+def _job_end(job_id: str, end: JobEnd | Callable[[], JobEnd] | None) -> JobEnd:
+    if end is None or isinstance(end, JobEnd):
+        return end or JobEnd()
+    try:
+        return end()
+    except Exception as exc:  # noqa: BLE001 - the line is written with what is known
+        log.warning("job %s: the scheduler's exit status is not known (%s)", job_id, exc)
+        return JobEnd()
 
 
 def _job_domains(
@@ -671,38 +706,23 @@ def write_accounting(
     cfg: Config,
     job_id: str,
     record: Record | None,
-    exit_status: int | None,
+    end: JobEnd | None = None,
     usage: limits.QemuUsage | None = None,
-) -> None:
-    """Append one JSON line for the job to ``[batch].accounting_log`` (best effort)."""
-    now = time.time()
-    boot = record.boot_seconds if record else None
-    run = None
-    if record is not None and record.phase == READY and boot is not None:
-        run = round(max(0.0, now - record.started - boot), 3)
-    line = {
-        "time": round(now, 3),
-        "job_id": job_id,
-        "scheduler": record.scheduler if record else None,
-        "user": record.user if record else None,
-        "image": (record.image or None) if record else None,
-        "boot_seconds": boot,
-        "run_seconds": run,
-        "exit_status": exit_status,
-        "cause": record.cause if record else "no prologue state (prologue did not run)",
-        "cpus": record.cpus if record else None,
-        "memory_limit_mib": record.memory_limit_mib if record else None,
-        "qemu_cpu_seconds": usage.cpu_seconds if usage else None,
-        "qemu_peak_rss_mib": usage.peak_rss_mib if usage else None,
-    }
-    path = cfg.batch.accounting_log
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-        try:
-            os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        log.error("could not write the accounting record to %s: %s", path, exc)
-    metrics.job_finished(cfg, line)
+    *,
+    marker: accounting.Marker | None = None,
+    ended: float | None = None,
+) -> dict[str, Any]:
+    """Append the job's JSON line to ``[batch].accounting_log`` (best effort) and return it
+    (:mod:`vmbatch.hooks.accounting` says what each field means and where it comes from).
+    ``ended``: when the epilogue began (the end of the script's run time; default now)."""
+    entry = accounting.line(
+        job_id,
+        record,
+        end or JobEnd(),
+        marker,
+        usage,
+        ended=time.time() if ended is None else ended,
+    )
+    accounting.append(cfg.batch.accounting_log, entry)
+    metrics.job_finished(cfg, entry)
+    return entry

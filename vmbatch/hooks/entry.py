@@ -23,6 +23,7 @@ against the password database.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pwd
@@ -37,6 +38,7 @@ from vmbatch import config, limits, logsetup, metrics, state, trust
 from vmbatch.errors import Disposition, Fault, JobError, JobInterruptedError, VmBatchError
 from vmbatch.guest.session import command_script
 from vmbatch.hooks import batch, policy, slurm, taskprolog, torque
+from vmbatch.hooks.accounting import JobEnd, torque_end
 from vmbatch.hooks.batch import NoVmPreparedError, PrologueFailedError, StarterError
 from vmbatch.hooks.exitcodes import (
     CLI,
@@ -576,19 +578,18 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         cfg = _load(path)
         _root_logging(cfg, "vmbatch-epilogue")
+        end: JobEnd | Callable[[], JobEnd]
         if is_slurm:
-            status = slurm.exit_status(env)
+            end = functools.partial(_slurm_job_end, cfg, job_id, env)  # after the teardown
         else:
             args = torque.epilogue_args(argv)
-            job_id, status = args.job_id, args.exit_status
+            job_id, end = args.job_id, torque_end(args.exit_status, args.session_id)
         batch.check_job_id(job_id)
         if is_slurm and not _slurm_epilog_needed(cfg, job_id, env):
             return 0
         # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
         started = time.monotonic()
-        batch.finish(
-            cfg, job_id, exit_status=status, account=True, lock_wait=cfg.vm.boot_timeout + 60
-        )
+        batch.finish(cfg, job_id, end=end, account=True, lock_wait=cfg.vm.boot_timeout + 60)
         logsetup.stage(log, "teardown", time.monotonic() - started, "VM and files removed")
     except VmBatchError as exc:
         log.error("%s", exc)
@@ -597,6 +598,36 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
             _drain(cfg or config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
         return SLURM_EPILOG_FAILED
     return 0
+
+
+def _slurm_job_end(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> JobEnd:
+    """The job's end as slurmctld reports it (``scontrol show job``'s ``ExitCode``), else as
+    the Epilog's environment has it (:mod:`vmbatch.hooks.accounting`, "Exit status")."""
+    told = slurm.epilog_end(env)
+    try:
+        end = slurm.job_end(cfg, job_id, env)
+    except VmBatchError as exc:
+        log.warning(
+            "job %s: slurmctld did not say how the job ended (%s); accounting the Epilog's"
+            " SLURM_JOB_EXIT_CODE2",
+            job_id,
+            exc,
+        )
+        return told or JobEnd()
+    if told is not None and (told.exit_status, told.exit_signal) != (
+        end.exit_status,
+        end.exit_signal,
+    ):
+        log.info(
+            "job %s: slurmctld reports ExitCode=%s:%s; the Epilog's SLURM_JOB_EXIT_CODE2 was"
+            " %s:%s (set when the job was ended, before its own status arrived)",
+            job_id,
+            end.exit_status,
+            end.exit_signal,
+            told.exit_status,
+            told.exit_signal,
+        )
+    return end
 
 
 def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> bool:

@@ -15,7 +15,8 @@ Two places, with different owners:
     SSH private key (``id_ed25519``), ``guest.json`` (port and the guest's pinned host
     key) or, if the prologue failed for a reason other than the node's, ``error`` (the
     message for the job's stderr) and ``status`` (the starter's exit status, which the
-    failure policy chose: fail, requeue or hold the job). Files are made by root with
+    failure policy chose: fail, requeue or hold the job). The job starter adds ``started``
+    (or ``not-started``) for the accounting line. Files are made by root with
     ``O_EXCL|O_NOFOLLOW`` in a directory that is handed to the user only at the end (chown
     last), so no user can redirect root's writes.
 """
@@ -210,6 +211,10 @@ class UserDir:
     ERROR = "error"
     #: The job starter's exit status after a failed prologue (with ``error``).
     STATUS = "status"
+    #: Written by the job starter (the user): the time the guest started the job's script,
+    #: or why it could not; for the accounting line only (:mod:`vmbatch.hooks.accounting`).
+    STARTED = "started"
+    NOT_STARTED = "not-started"
 
     def __init__(self, base: Path, job_id: str) -> None:
         self.base = base

@@ -6,7 +6,8 @@ docs/platform.md):
 - Prolog and Epilog run as root on the node with no arguments and no PATH; the environment
   holds ``SLURM_JOB_ID``, ``SLURM_JOB_USER``, ``SLURM_JOB_UID``, ``SLURM_JOB_GID``,
   ``SLURM_JOB_PARTITION``, ``SLURM_JOB_CPUS_PER_NODE``, ``SLURMD_NODENAME``; the Epilog adds
-  ``SLURM_JOB_EXIT_CODE2`` (``exit:signal``). Memory, time limit and name are not there:
+  ``SLURM_JOB_EXIT_CODE2`` (``exit:signal``), which is not final for a cancelled job
+  (:func:`job_end`). Memory, time limit and name are not there:
   ``squeue`` has them (see :func:`job_details`); ``scontrol write batch_script ID -``
   prints the job script (measured in a 22.05 Prolog).
 - A non-zero Prolog drains the node and requeues the job held; a non-zero Epilog drains it.
@@ -46,12 +47,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from vmbatch.config import Config
 from vmbatch.errors import HostError, JobError
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.request import Resources
 from vmbatch.limits import parse_cpu_list
 from vmbatch.process import run as run_command
@@ -361,12 +365,56 @@ def resume(cfg: Config, node: str, env: Mapping[str, str]) -> None:
     scontrol(cfg, "update", f"nodename={node}", "state=resume", env=env)
 
 
-def exit_status(env: Mapping[str, str]) -> int | None:
-    """The job's status from ``SLURM_JOB_EXIT_CODE2`` (``exit:signal``): shell style."""
+def epilog_end(env: Mapping[str, str]) -> JobEnd | None:
+    """The job's end as the Epilog's environment has it: ``SLURM_JOB_EXIT_CODE2``
+    (``exit:signal``, ``prep_script_slurmd.c``). Set when slurmctld sent the kill message:
+    for a job cancelled while it ran, before the job's own status was known (``0:0``);
+    :func:`job_end` asks slurmctld instead."""
     m = re.fullmatch(r"([0-9]+):([0-9]+)", env.get("SLURM_JOB_EXIT_CODE2", ""))
     if m is None:
         return None
-    return 128 + int(m[2]) if int(m[2]) else int(m[1])
+    return JobEnd(int(m[1]), int(m[2]), "epilog environment")
+
+
+def decode_exit_code(raw: int) -> tuple[int, int]:
+    """slurmctld's ``exit_code`` (a wait status) as ``scontrol show job`` prints
+    ``ExitCode=STATUS:SIGNAL`` (src/api/job_info.c: ``WTERMSIG`` if ``WIFSIGNALED``, else
+    ``WEXITSTATUS`` if ``WIFEXITED``, else both 0)."""
+    if os.WIFSIGNALED(raw):
+        return 0, os.WTERMSIG(raw)
+    if os.WIFEXITED(raw):
+        return os.WEXITSTATUS(raw), 0
+    return 0, 0
+
+
+_END_FIELDS = "exit_code:|,EndTime:|,Reason:"
+
+
+def job_end(cfg: Config, jid: str, env: Mapping[str, str]) -> JobEnd:
+    """How slurmctld says the job ended, asked by the Epilog (the job is still known:
+    COMPLETING): ``squeue -O exit_code,EndTime,Reason``. ``exit_code`` is the raw wait
+    status (``_print_job_exit_code`` in src/squeue/print.c), decoded by
+    :func:`decode_exit_code`; ``EndTime`` is local time (``%Y-%m-%dT%H:%M:%S`` without
+    ``SLURM_TIME_FORMAT``); ``Reason`` comes last (it may hold free text). A HostError if
+    slurmctld gives no record of the job."""
+    client = {k: env[k] for k in ("SLURM_CONF",) if env.get(k)}
+    out = run_command(
+        [str(cfg.tools.squeue), "-h", "-t", "all", "-j", jid, "-O", _END_FIELDS],
+        timeout=cfg.tools.command_timeout,
+        env=client,
+    ).stdout
+    parts = out.rstrip("\n").split("|", 2)
+    if len(parts) != 3 or not re.fullmatch(r"-?[0-9]+", parts[0].strip()):
+        raise HostError(
+            f"squeue gave no exit code of job {jid} ({out.strip()[:80]!r})",
+            hint="is slurmctld reachable from the node? (SLURM_CONF)",
+        )
+    status, signal = decode_exit_code(int(parts[0].strip()) & 0xFFFFFFFF)
+    try:
+        end: float | None = time.mktime(time.strptime(parts[1].strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        end = None  # Unknown, N/A, None
+    return JobEnd(status, signal, "slurmctld", end, parts[2].strip() or None)
 
 
 def bundle_process(bundle: Path) -> tuple[tuple[str, ...], dict[str, str], str | None]:

@@ -15,6 +15,8 @@ configuration"; observed with a real pbs_mom 6.1.3, docs/platform.md):
   ``$job_starter_run_privileged true`` it starts as root and must become the user.
 - epilogue: root, argv = job id, user, group, job name, session id, requested resources,
   used resources, queue, account, exit status, script path. Its exit status is ignored.
+  The session id is 0 for a job pbs_mom never started; the exit status is ``ji_exitstat``
+  (:mod:`vmbatch.hooks.accounting`).
 - ``epilogue.precancel``: on ``qdel`` of a running job, before the job is signalled, as
   the job's user, stdio /dev/null; its failure marks the node down, so it always exits 0,
   and ``qdel`` waits for it, so it gives up after ``[batch].precancel_timeout``.
@@ -52,11 +54,16 @@ log = logging.getLogger(__name__)
 class EpilogueArgs:
     job_id: str
     user: str
+    #: pbs_mom's ``ji_exitstat`` (argv[10]): the job's exit status, 256+N after signal N,
+    #: a negative ``JOB_EXEC_*`` code if the job did not start; None if absent or garbled.
     exit_status: int | None
+    #: argv[5]: the job's session id, ``0`` if pbs_mom never started it; None if absent.
+    session_id: str | None = None
 
 
 def epilogue_args(argv: Sequence[str]) -> EpilogueArgs:
-    """Job id, user and exit status from the epilogue's argv (11 arguments)."""
+    """Job id, user, session id and exit status from the epilogue's argv (11 arguments:
+    ``run_pelog`` in src/resmom/prolog.c of Torque 6.1 fills argv[1..11])."""
     args = list(argv[1:])
     if len(args) < 2:
         raise JobError(
@@ -69,7 +76,8 @@ def epilogue_args(argv: Sequence[str]) -> EpilogueArgs:
             status = int(args[9])
         except ValueError:
             status = None
-    return EpilogueArgs(args[0], args[1], status)
+    session = args[4] if len(args) >= 5 else None
+    return EpilogueArgs(args[0], args[1], status, session)
 
 
 def starter_command(stdin: BinaryIO) -> tuple[str, tuple[str, ...]]:
