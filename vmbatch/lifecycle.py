@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ import paramiko
 from vmbatch import __version__, accel, faults, limits, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, groups, inject, nocloud
-from vmbatch.contextualize.keys import generate
+from vmbatch.contextualize.keys import KeyPair, generate
 from vmbatch.errors import (
     GuestConnectionError,
     HostError,
@@ -325,6 +326,7 @@ def start_vm(
             connect_timeout=cfg.ssh.connect_timeout,
             keepalive_interval=cfg.ssh.keepalive_interval,
         )
+        save_login(jobdir, endpoint, admin_key)
         first = endpoint
         if admin_key is not None:
             first = dataclasses.replace(endpoint, user="root", client_key=admin_key)
@@ -373,6 +375,29 @@ def start_vm(
                 if own_conn and conn is not None:
                     conn.close()
         raise
+
+
+def save_login(jobdir: JobDir, endpoint: ssh.Endpoint, admin_key: KeyPair | None) -> None:
+    """Keep the guest's login in the job directory's root-only ``keys/`` (0700, files 0600):
+    ``login.json`` (port, user, the pinned host key), the job user's private key and, where
+    the guest authorizes one for root (only with ``[mounts]``), root's. ``vmbatch ssh`` run
+    by root reads them from there, never from the job user's own directory."""
+    info = {
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "user": endpoint.user,
+        "host_key": endpoint.host_key.public_openssh,
+    }
+    try:
+        jobdir.write(jobdir.login, (json.dumps(info, sort_keys=True) + "\n").encode())
+        jobdir.write(jobdir.user_key, endpoint.client_key.private_openssh.encode())
+        if admin_key is not None:
+            jobdir.write(jobdir.admin_key, admin_key.private_openssh.encode())
+    except OSError as exc:
+        raise HostError(
+            f"cannot write the guest's login into {jobdir.keys}: {exc.strerror}",
+            hint="check free space in [paths].job_dir",
+        ) from exc
 
 
 def _login(endpoint: ssh.Endpoint) -> paramiko.SSHClient:

@@ -52,7 +52,7 @@ from vmbatch.errors import (
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks import policy
-from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import FAILED, KEPT, READY, Record, StateStore, UserDir
 from vmbatch.hooks.policy import ImageHealth
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
@@ -245,6 +245,7 @@ def _prologue_locked(
                 image=spec.image,
                 cpus=cpu_list(spec.cpus) if spec.cpus else None,
                 memory_limit_mib=spec.memory_limit,
+                keep=keep_request(cfg, bj),
             )
         )
         faults.point(cfg, "prologue.sized")
@@ -316,6 +317,41 @@ def _prologue_locked(
             guest.conn.close()
     log.info("job %s: VM %s ready after %.1fs", bj.job_id, guest.name, record.boot_seconds or 0)
     return None
+
+
+def keep_request(cfg: Config, bj: BatchJob) -> str:
+    """The job's ``#VMBATCH keep=yes|no`` ("" if none), where ``[batch].user_keep`` lets
+    jobs ask; elsewhere the request is logged and ignored."""
+    value = directives(bj.script).get("keep") if bj.script is not None else None
+    if value is None:
+        return ""
+    if value not in ("yes", "no"):
+        raise JobError(
+            f"the job script says '#VMBATCH keep={value}'",
+            hint="write keep=yes (keep the VM if the job fails) or keep=no",
+        )
+    if not cfg.batch.user_keep:
+        log.warning(
+            "job %s asks '#VMBATCH keep=%s'; ignored: this site does not let jobs choose"
+            " ([batch].user_keep)",
+            bj.job_id,
+            value,
+        )
+        return ""
+    return value
+
+
+def keep_mode(cfg: Config, record: Record, exit_status: int | None) -> str | None:
+    """How a finished job's VM is kept ("paused", "disks"), or None: torn down. Only a job
+    that failed (the scheduler's exit status is not 0) is kept: as ``[batch].keep_failed``
+    says; one that asked ``keep=yes`` also where that is "no" (paused); never one that
+    asked ``keep=no``."""
+    if exit_status in (None, 0) or record.keep == "no":
+        return None
+    mode = cfg.batch.keep_failed
+    if mode == "no":
+        return "paused" if record.keep == "yes" else None
+    return mode
 
 
 def _tell_starter(
@@ -577,6 +613,13 @@ def _finish_locked(
     jobdir = state.JobDir(cfg.paths.job_dir, job_id)
     own = conn is None
     usage = _qemu_usage(cfg, name) if account else None
+    if account and record is not None and record.phase == KEPT:
+        log.warning("job %s: a second epilogue; its kept VM stays until the reaper", job_id)
+        return
+    if account and record is not None and record.phase == READY:
+        mode = keep_mode(cfg, record, exit_status)
+        if mode is not None and _keep(cfg, store, record, conn, mode, exit_status, usage):
+            return
     try:
         if (
             record is not None
@@ -613,6 +656,66 @@ def _finish_locked(
     faults.point(cfg, "finish.image_released")
     store.remove(job_id)
     faults.point(cfg, "finish.record_removed")
+
+
+def _keep(
+    cfg: Config,
+    store: StateStore,
+    record: Record,
+    conn: Connection | None,
+    mode: str,
+    exit_status: int | None,
+    usage: limits.QemuUsage | None,
+) -> bool:
+    """Keep the failed job's VM paused, or its disks, until ``[batch].keep_failed_for``
+    from now; write its accounting line and record it as ``kept``. False (logged): not
+    kept (no room under ``keep_failed_max``, no VM left, libvirt refused): the caller
+    tears it down as usual."""
+    job_id = record.job_id
+    others = [r for r in store.records() if r.phase == KEPT and r.job_id != job_id]
+    if len(others) >= cfg.batch.keep_failed_max:
+        log.warning(
+            "job %s failed (exit status %s); its VM is not kept: %d job(s) kept on this node"
+            " already ([batch].keep_failed_max)",
+            job_id,
+            exit_status,
+            len(others),
+        )
+        return False
+    own = conn is None
+    try:
+        if conn is None:
+            conn = Connection(cfg.libvirt).open()
+        if mode == "paused":
+            conn.suspend(record.domain)
+        else:
+            lifecycle.teardown(cfg, conn, record.domain, None)
+    except VmBatchError as exc:
+        log.warning("job %s: could not keep its VM %s: %s", job_id, record.domain, exc)
+        return False
+    finally:
+        if own and conn is not None:
+            conn.close()
+    if mode == "disks":
+        UserDir(cfg.batch.user_dir, job_id).remove()  # nothing left to log in to
+    until = time.time() + cfg.batch.keep_failed_for
+    write_accounting(cfg, job_id, record, exit_status, usage)
+    store.write(
+        dataclasses.replace(
+            record, phase=KEPT, kept_as=mode, kept_until=round(until, 3), accounted=True
+        )
+    )
+    log.warning(
+        "job %s failed (exit status %s): its VM %s is kept %s for inspection until %s"
+        " ([batch].keep_failed); `vmbatch cleanup %s` removes it now",
+        job_id,
+        exit_status,
+        record.domain,
+        "paused" if mode == "paused" else "as disks only (destroyed)",
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
+        job_id,
+    )
+    return True
 
 
 def _job_domains(
