@@ -41,12 +41,15 @@ from vmbatch import accel, faults, lifecycle, limits, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
+    GuestError,
     GuestLostError,
     HostError,
+    ImageError,
     JobBusyError,
     JobError,
     LibvirtTimeoutError,
     LibvirtUnavailableError,
+    MountError,
     VmBatchError,
 )
 from vmbatch.guest import ssh
@@ -261,8 +264,45 @@ def _prologue_locked(
             else "no memory limit",
         )
         health.check(spec.image)
-        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
+        kept_record = record
+
+        def keep(exc: BaseException) -> str | None:
+            if not isinstance(exc, GuestError | ImageError | MountError):
+                return None  # a cancel, a host or node fault: nothing to inspect in the VM
+            mode = keep_mode(cfg, kept_record, 1)
+            return mode if mode is not None and _keep_room(cfg, store, bj.job_id) else None
+
+        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep)
         faults.point(cfg, "prologue.vm_started")
+    except lifecycle.KeptError as kept:
+        exc = kept.error
+        if not isinstance(exc, VmBatchError):  # keep() accepts only those
+            raise exc from None
+        until = time.time() + cfg.batch.keep_failed_for
+        store.write(
+            dataclasses.replace(
+                record,
+                phase=KEPT,
+                kept_as=kept.mode,
+                kept_until=round(until, 3),
+                error=str(exc),
+                cause=_cause(exc),
+            )
+        )
+        log.warning(
+            "job %s: its VM failed (%s) and is kept %s for inspection until %s"
+            " ([batch].keep_failed); `vmbatch cleanup %s` removes it now",
+            bj.job_id,
+            exc.message.splitlines()[0],
+            kept.mode,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
+            bj.job_id,
+        )
+        if policy.counts_against_image(exc):
+            health.failed(record.image, exc)
+        if identity is not None:
+            _tell_starter(cfg, bj, userdir, identity, exc)
+        return exc
     except VmBatchError as exc:
         store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
         if record.image and policy.counts_against_image(exc):
@@ -614,7 +654,11 @@ def _finish_locked(
     own = conn is None
     usage = _qemu_usage(cfg, name) if account else None
     if account and record is not None and record.phase == KEPT:
-        log.warning("job %s: a second epilogue; its kept VM stays until the reaper", job_id)
+        # Kept when its prologue failed (not accounted yet), or a second epilogue.
+        if not record.accounted:
+            write_accounting(cfg, job_id, record, exit_status, usage)
+            store.write(dataclasses.replace(record, accounted=True))
+        log.info("job %s: its VM stays kept for inspection (`vmbatch ps`)", job_id)
         return
     if account and record is not None and record.phase == READY:
         mode = keep_mode(cfg, record, exit_status)
@@ -672,15 +716,7 @@ def _keep(
     kept (no room under ``keep_failed_max``, no VM left, libvirt refused): the caller
     tears it down as usual."""
     job_id = record.job_id
-    others = [r for r in store.records() if r.phase == KEPT and r.job_id != job_id]
-    if len(others) >= cfg.batch.keep_failed_max:
-        log.warning(
-            "job %s failed (exit status %s); its VM is not kept: %d job(s) kept on this node"
-            " already ([batch].keep_failed_max)",
-            job_id,
-            exit_status,
-            len(others),
-        )
+    if not _keep_room(cfg, store, job_id):
         return False
     own = conn is None
     try:
@@ -716,6 +752,20 @@ def _keep(
         job_id,
     )
     return True
+
+
+def _keep_room(cfg: Config, store: StateStore, job_id: str) -> bool:
+    """Whether another job may be kept here (``[batch].keep_failed_max``; logged if not)."""
+    others = [r for r in store.records() if r.phase == KEPT and r.job_id != job_id]
+    if len(others) < cfg.batch.keep_failed_max:
+        return True
+    log.warning(
+        "job %s failed; its VM is not kept: %d job(s) kept on this node already"
+        " ([batch].keep_failed_max)",
+        job_id,
+        len(others),
+    )
+    return False
 
 
 def _job_domains(

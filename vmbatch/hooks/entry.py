@@ -43,7 +43,7 @@ from vmbatch.hooks.exitcodes import (
     TORQUE_PROLOGUE,
     TORQUE_PROLOGUE_ABORT,
 )
-from vmbatch.hooks.jobstate import StateStore, UserDir
+from vmbatch.hooks.jobstate import KEPT, StateStore, UserDir
 from vmbatch.hooks.request import Resources, torque_prologue
 from vmbatch.job import JobUser
 
@@ -576,7 +576,11 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if is_slurm and env.get("SLURMD_NODENAME"):
             _drain(cfg or config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
         return SLURM_EPILOG_FAILED
-    log.info("job %s: VM and files removed", job_id)
+    record = StateStore(cfg.batch.state_dir).read(job_id)
+    if record is not None and record.phase == KEPT:
+        log.info("job %s: VM kept for inspection (`vmbatch ps`)", job_id)
+    else:
+        log.info("job %s: VM and files removed", job_id)
     return 0
 
 
