@@ -151,6 +151,57 @@ def _read_until(fd: int, marker: bytes, timeout: float = 60) -> bytes:
     return seen
 
 
+def test_ssh_shell_on_a_terminal_and_from_a_pipe_then_logs_follow_to_the_end(
+    job: Mom, batch_site: BatchSite
+) -> None:
+    bs = batch_site
+    # A shell on a terminal (pty here): what is typed runs, the shell's status comes back.
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [str(VMBATCH), "-c", str(bs.site.config), "ssh", job.job_id],
+        stdin=slave, stdout=slave, stderr=slave, user=bs.user.uid, group=bs.user.gid,
+        extra_groups=[], env={"PATH": "/usr/bin:/bin", "TERM": "vt100"}, cwd="/",
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        os.write(master, b"tty; echo $((6 * 7)); exit 5\r")
+        seen = _read_until(master, b"42")
+        print(seen.decode(errors="replace"))
+        assert b"/dev/pts/" in seen  # the guest side has a terminal too
+        assert proc.wait(timeout=60) == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(master)
+    # A shell fed from a pipe: no terminal, commands from stdin.
+    res = subprocess.run(
+        [str(VMBATCH), "-c", str(bs.site.config), "ssh", job.job_id],
+        input=b"id -un\nexit 4\n", capture_output=True, timeout=120, user=bs.user.uid,
+        group=bs.user.gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (4, f"{bs.user.name}\n".encode()), res.stderr
+    # logs --follow ends by itself once the epilogue removed the job's VM.
+    follow = subprocess.Popen(
+        [str(VMBATCH), "-c", str(bs.site.config), "logs", "--follow", job.job_id],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert follow.stdout is not None
+        first = follow.stdout.readline()
+        assert first.startswith(b"[console] ")
+        assert job.epilogue(0).returncode == 0
+        out, err = follow.communicate(timeout=60)
+        assert follow.returncode == 0, err
+        assert out.decode().splitlines()[-1] == (
+            f"[vmbatch] job {job.job_id}: its VM is gone (job directory removed)"
+        )
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait(timeout=30)
+
+
 def test_console_shows_what_the_guest_writes_and_ends_with_the_escape_key(
     job: Mom, batch_site: BatchSite
 ) -> None:
