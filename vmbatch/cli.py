@@ -390,8 +390,9 @@ def console_cmd(ctx: click.Context, job_id: str, force: bool) -> None:
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
-    accounting line). Safe for jobs that are already gone. A job that a prologue or epilogue
-    is working on right now is skipped (exit 75: run it again later).
+    accounting line). Safe for jobs that are already gone. A job kept for inspection
+    ([batch].keep_failed, `vmbatch ps` phase kept) is removed at once. A job that a
+    prologue or epilogue is working on right now is skipped (exit 75: run it again later).
 
     With --stale (as root; from cron or the vmbatch-reaper systemd timer), one line per
     thing removed goes to stdout: "job 42: domain vmbatch-42 destroyed, ... (job no longer
