@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.system.conftest import VMBATCH, BatchSite
+from tests.system.conftest import FINISHED, VMBATCH, BatchSite, SlurmSite
 from tests.system.test_torque import Mom
 from vmbatch import config, reaper
 from vmbatch.libvirt.connection import Connection
@@ -359,3 +359,33 @@ def test_a_vm_whose_prologue_failed_after_it_was_made_is_kept(
         assert len(bs.records()) == 1
     finally:
         bs.site.vmbatch("cleanup", mom.job_id)
+
+
+def test_a_slurm_job_that_asks_to_be_kept_is_kept_when_it_fails(
+    slurm: SlurmSite, libvirt_conn: Connection
+) -> None:
+    """Through a real Slurm: the exit status reaches the Epilog (SLURM_JOB_EXIT_CODE2) and
+    the job's own '#VMBATCH keep=yes' (allowed by user_keep) keeps its VM paused."""
+    bs = slurm.bs
+    text = bs.site.config.read_text().replace("[batch]\n", "[batch]\nuser_keep = true\n", 1)
+    bs.site.config.write_text(text)
+    job_id = slurm.submit("#!/bin/sh\n#VMBATCH keep=yes\necho failing\nexit 3\n")
+    record = bs.state_dir / f"{job_id}.json"
+    try:
+        job = slurm.cluster.wait_job(job_id, FINISHED, 120)
+        assert (job["JobState"], job["ExitCode"]) == ("FAILED", "3:0"), slurm.output(job_id)
+        deadline = time.monotonic() + 60
+        while "COMPLETING" in slurm.cluster.node()["State"]:
+            assert time.monotonic() < deadline, slurm.cluster.node()
+            time.sleep(0.2)  # polling with a deadline
+        rec = json.loads(record.read_text())
+        assert (rec["phase"], rec["kept_as"], rec["keep"]) == ("kept", "paused", "yes")
+        status = libvirt_conn.status(domain_name(job_id))
+        assert status is not None and status.state == "paused"
+        (line,) = bs.records()
+        assert (line["job_id"], line["exit_status"]) == (job_id, 3)
+        res = bs.site.vmbatch("cleanup", job_id)
+        assert res.returncode == 0, res.stderr.decode()
+        assert libvirt_conn.status(domain_name(job_id)) is None
+    finally:
+        bs.site.vmbatch("cleanup", job_id)
