@@ -28,7 +28,6 @@ from vmbatch.hooks.exitcodes import CLI, CLI_INTERNAL_ERROR
 from vmbatch.images import offer
 from vmbatch.images.cache import ImageCache, is_cached_source
 from vmbatch.job import JobUser, interactive
-from vmbatch.libvirt.connection import Connection
 
 log = logging.getLogger("vmbatch")
 
@@ -386,19 +385,172 @@ def config_check(ctx: click.Context, file: Path | None) -> None:
 
 
 @cli.command("ps")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead.")
 @click.pass_context
-def ps(ctx: click.Context) -> None:
-    """List the VMs vmbatch runs on this node, with their job metadata."""
+def ps(ctx: click.Context, as_json: bool) -> None:
+    """List the job VMs on this node: one line per job.
+
+    \b
+    JOB     the scheduler's job id (Torque ids in full: 123[4].server.example.org)
+    USER    the job's user           IMAGE   its catalog image
+    STATE   libvirt's state of its VM: running, paused, ...; "-": no VM (kept disks, or
+            a prologue still making it)
+    PHASE   the batch state record: preparing, ready, failed, kept:paused / kept:disks
+            (with the time left before the reaper removes it); run: `vmbatch run`
+    AGE     since its prologue (or run) began
+    CPUS, MEM   the VM's vCPUs and memory      SSH   its SSH port on 127.0.0.1
+    ACCEL   kvm or tcg
+
+    Root sees everything. Other users see the VMs through a read-only libvirt
+    connection (no PHASE; SSH only for their own jobs); where libvirt refuses them, the
+    message says how to get access (root, or a polkit rule / the socket's group).
+
+    --json prints a list of objects with the keys job_id, user, scheduler, image, domain,
+    state, phase, started, age_seconds, vcpus, memory_mib, ssh_port, accelerator,
+    kept_as, kept_until (always all of them; null where not known).
+
+    Exit status: 0; 65 if libvirt refuses the caller; 69 if libvirtd cannot be reached.
+
+    \b
+    Example:
+        vmbatch ps
+        vmbatch ps --json | jq '.[] | select(.user == "alice") | .job_id'
+    """
+    from vmbatch import ops
+
     cfg = _load(ctx)
-    with Connection(cfg.libvirt) as conn:
-        doms = conn.list_vmbatch()
-    click.echo(f"{'DOMAIN':40} {'JOB':24} {'USER':12} {'IMAGE':16} SCHEDULER")
-    for d in doms:
-        m = d.metadata
-        if m is None:
-            click.echo(f"{d.name:40} (no vmbatch metadata)")
-        else:
-            click.echo(f"{d.name:40} {m.job_id:24} {m.user:12} {m.image:16} {m.scheduler}")
+    root = os.geteuid() == 0
+    rows = ops.ps_rows(cfg, root=root)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2, sort_keys=True))
+        return
+    for line in ops.ps_table(rows):
+        click.echo(line)
+    if not root:
+        click.echo("(PHASE is root's to see: the batch state records are root-only)", err=True)
+
+
+@cli.command("logs")
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Then print new lines as they come, until the job's"
+    " VM is gone (its job directory is removed) or Ctrl-C.",
+)
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    metavar="N",
+    help="Print the last N lines of each log first (0: none).",
+)
+@click.pass_context
+def logs(ctx: click.Context, job_id: str, follow: bool, lines: int) -> None:
+    """Show the logs of JOB's VM (root only): its serial console (the guest's kernel and
+    boot messages, written by virtlogd) and vmbatch's own lines for the job, each line
+    labelled [console] or [vmbatch]. After the job's VM is gone, the kept copy of its
+    console log ([paths].console_log_dir) if there is one.
+
+    The console is root's: a job's user can look inside their running job with `vmbatch
+    ssh JOB` (e.g. `vmbatch ssh JOB -- dmesg`) instead.
+
+    Exit status: 0; 65 if there is no such job here or the caller is not root.
+
+    \b
+    Example:
+        vmbatch logs 4242 --lines 20
+        vmbatch logs --follow '123[4].torque.example.org'
+    """
+    from vmbatch import ops
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    if os.geteuid() != 0:
+        raise JobError(
+            f"the logs of job {job_id} are root's (the console log is written by virtlogd"
+            " as root in a root-only directory)",
+            hint=f"look inside your job's VM with `vmbatch ssh {job_id}` (e.g. `vmbatch ssh"
+            f" {job_id} -- dmesg`), or ask the admin for `vmbatch logs {job_id}`",
+        )
+    ops.show_logs(cfg, job_id, sys.stdout, lines=lines, follow=follow)
+
+
+@cli.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--root",
+    "as_root",
+    is_flag=True,
+    help="(root only) Log in as root in the guest. Only VMs booted with [mounts] have a"
+    " login for root (vmbatch authorizes its key to mount them); others refuse.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def ssh_cmd(ctx: click.Context, job_id: str, as_root: bool, command: tuple[str, ...]) -> None:
+    """Log in to the VM of running job JOB: a shell, or COMMAND after `--`.
+
+    The way to debug a running job, as `srun --jobid=N --overlap --pty bash` is on bare
+    metal: the job's own user logs in as themself with the job's key, checked against the
+    guest's pinned host key; root may too (as the job's user, or as root with --root).
+    Anyone else is refused, with the owner's name. A shell gets a terminal when stdin is
+    one; a command's stdout and stderr come back separately, stdin is passed on.
+
+    Exit status: COMMAND's (the shell's), 255 if the connection ended without one;
+    65 if the job has no VM here or the caller may not log in; 75 if the guest did not
+    answer.
+
+    \b
+    Example:
+        vmbatch ssh 4242
+        vmbatch ssh 4242 -- top -b -n 1
+        vmbatch ssh '123[4].torque.example.org' -- tail -f /var/tmp/vmbatch-*/stdout
+    """
+    from vmbatch import ops
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    endpoint = ops.login_for(cfg, job_id, as_root=as_root)
+    ctx.exit(ops.run_ssh(endpoint, command))
+
+
+@cli.command("console")
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Take the console from another session that holds it (it is disconnected).",
+)
+@click.pass_context
+def console_cmd(ctx: click.Context, job_id: str, force: bool) -> None:
+    """Attach to the serial console of JOB's VM (root only), as `virsh console` does:
+    what the guest writes shows here, what you type goes to the guest's serial port.
+    Leave with Ctrl-] (the escape character). The console log keeps being written
+    meanwhile (`vmbatch logs`).
+
+    Exit status: 0 when left or the console closed; 65 if there is no such VM or the
+    caller is not root; 69 if libvirtd cannot be reached.
+
+    \b
+    Example:
+        vmbatch console 4242
+    """
+    from vmbatch import ops
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    if os.geteuid() != 0:
+        raise JobError(
+            "only root may attach to a job VM's console",
+            hint=f"use `vmbatch ssh {job_id}` to log in to your own job's VM",
+        )
+    ctx.exit(ops.console(cfg, job_id, force=force))
 
 
 @cli.command("cleanup")
@@ -422,8 +574,9 @@ def ps(ctx: click.Context) -> None:
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
-    accounting line). Safe for jobs that are already gone. A job that a prologue or epilogue
-    is working on right now is skipped (exit 75: run it again later).
+    accounting line). Safe for jobs that are already gone. A job kept for inspection
+    ([batch].keep_failed, `vmbatch ps` phase kept) is removed at once. A job that a
+    prologue or epilogue is working on right now is skipped (exit 75: run it again later).
 
     With --stale (as root; from cron or the vmbatch-reaper systemd timer), one line per
     thing removed goes to stdout: "job 42: domain vmbatch-42 destroyed, ... (job no longer

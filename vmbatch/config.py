@@ -32,6 +32,7 @@ ENV_VAR = "VMBATCH_CONFIG"
 Accel = Literal["auto", "kvm", "tcg"]
 ImageFormat = Literal["qcow2", "raw"]
 ImageFailure = Literal["fail", "requeue"]
+KeepFailed = Literal["no", "paused", "disks"]
 #: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
 ContextName = Literal["nocloud", "cernvm", "inject"]
 LogTarget = Literal["journald", "syslog", "stderr"]
@@ -291,6 +292,18 @@ class BatchConfig:
     #: pbs_mom's job files (``<PBS_HOME>/mom_priv/jobs``): a Torque job runs on this node
     #: while its ``<id>.JB`` is there (the reaper's test; Slurm's is ``squeue``).
     torque_jobs_dir: Path = Path("/var/spool/torque/mom_priv/jobs")
+    # -- keep on failure (docs/admin-guide.md "Keeping a failed job's VM") ---------------
+    #: What the epilogue does with the VM of a job that failed (non-zero exit status):
+    #: ``no`` tears it down, ``paused`` keeps it paused (its memory stays in use),
+    #: ``disks`` destroys it but keeps its job directory (disks, console log).
+    keep_failed: KeepFailed = "no"
+    #: A kept VM is removed (by the reaper) this many seconds after its job ended.
+    keep_failed_for: float = 3600.0
+    #: At most this many jobs are kept on the node at once; further failures are torn down.
+    keep_failed_max: int = 1
+    #: Jobs may ask with ``#VMBATCH keep=yes`` to be kept if they fail (as ``keep_failed``
+    #: says, or paused where it is ``no``), and with ``keep=no`` not to be.
+    user_keep: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -928,6 +941,8 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("hold_exit", lambda v: 0 <= v <= 255, "must be an exit status 1-255 (0: fail instead)"),
         ("max_requeues", lambda v: v >= 0, "must be >= 0 (0: never requeue)"),
         ("reap_grace", lambda v: v >= 0, "must be >= 0 seconds"),
+        ("keep_failed_for", lambda v: v > 0, "must be > 0 seconds"),
+        ("keep_failed_max", lambda v: v >= 0, "must be >= 0 (0: keep none)"),
     ),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),

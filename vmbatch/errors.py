@@ -43,6 +43,7 @@ node's (drain/offline it with the cause as the reason). Only node faults take a 
     │   ├── LibvirtError                                     libvirt refused ("host is busy")
     │   │   ├── LibvirtUnavailableError           node       cannot reach libvirtd
     │   │   ├── LibvirtTimeoutError               node       libvirtd did not answer (hung)
+    │   │   ├── LibvirtPermissionError ABORT_JOB  job        a non-root caller may not use libvirt
     │   │   └── DomainDefinitionError  OFFLINE_NODE  node    libvirt rejected the domain XML
     │   ├── InjectionToolError         OFFLINE_NODE  node    libguestfs missing or broken
     │   ├── ResourceLimitError         OFFLINE_NODE  node    cannot pin or limit a VM here
@@ -230,6 +231,16 @@ class LibvirtTimeoutError(LibvirtError):
 
     #: The thread still blocked in the libvirt call (it cannot be cancelled).
     worker: threading.Thread | None = None
+
+
+class LibvirtPermissionError(LibvirtError):
+    """A non-root caller (``vmbatch ps`` by a user) may not use libvirt at the configured
+    URI: the socket's permissions or libvirt's access control (polkit) refuse them. Not
+    retried: asking again gives the same answer. Raised only for callers other than root
+    (for root the same failure is a broken node: :class:`LibvirtUnavailableError`)."""
+
+    disposition = Disposition.ABORT_JOB
+    fault = Fault.JOB
 
 
 class DomainDefinitionError(LibvirtError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ import paramiko
 from vmbatch import __version__, accel, faults, limits, logsetup, signals
 from vmbatch.config import Config
 from vmbatch.contextualize import ContextSpec, get_method, groups, inject, nocloud
-from vmbatch.contextualize.keys import generate
+from vmbatch.contextualize.keys import KeyPair, generate
 from vmbatch.errors import (
     GuestConnectionError,
     HostError,
@@ -217,8 +218,18 @@ def booted(
                         guest.conn.close()
 
 
+#: Decides, for a failure after the job's domain was made, whether its VM is kept for
+#: inspection: "paused", "disks", or None (torn down as usual).
+KeepPolicy = Callable[[BaseException], str | None]
+
+
 def start_vm(
-    cfg: Config, job: JobSpec, conn: Connection | None = None, *, timer: PhaseTimer
+    cfg: Config,
+    job: JobSpec,
+    conn: Connection | None = None,
+    *,
+    timer: PhaseTimer,
+    keep: KeepPolicy | None = None,
 ) -> Guest:
     """Boot a fresh VM for ``job`` and log in as its user; return it running.
 
@@ -232,12 +243,18 @@ def start_vm(
     :func:`signals.interruptible`), what was made so far is torn down before the error
     propagates. Domain name and job directory follow from the job id alone
     (:func:`domain_name`, :class:`JobDir`), so a crash at any point can be cleaned up.
+
+    ``keep``: for a failure after the domain was made, the batch prologue may keep the VM
+    for inspection (``[batch].keep_failed``): paused (``virDomainSuspend``), or destroyed
+    with its job directory left; the image stays marked in use, and :class:`KeptError`
+    wraps the failure so the caller records it.
     """
     choice = accel.choose(cfg)
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     jobdir = JobDir(cfg.paths.job_dir, job.job_id)
     name = domain_name(job.job_id)
     created = False
+    made = False  # the domain exists
     own_conn = conn is None
     client: paramiko.SSHClient | None = None
     with timer("image"):
@@ -318,6 +335,7 @@ def start_vm(
         with timer("create"):
             with signals.deferred():  # a VM started must be known to teardown
                 conn.create(name, build_xml(spec), memory_limit_mib=limit)
+                made = True
             faults.point(cfg, "start.domain_created")
             port = conn.forward_port(name, cfg.ssh.port)
         faults.point(cfg, "start.port_forwarded")
@@ -330,6 +348,7 @@ def start_vm(
             connect_timeout=cfg.ssh.connect_timeout,
             keepalive_interval=cfg.ssh.keepalive_interval,
         )
+        save_login(jobdir, endpoint, admin_key)
         first = endpoint
         if admin_key is not None:
             first = dataclasses.replace(endpoint, user="root", client_key=admin_key)
@@ -368,7 +387,15 @@ def start_vm(
             image=image.name,
             image_path=image.path if release is not None else None,
         )
-    except BaseException:
+    except BaseException as exc:
+        mode = keep(exc) if (keep is not None and made and conn is not None) else None
+        if mode is not None and conn is not None:
+            with signals.deferred():
+                kept = _keep_failed(cfg, conn, name, mode, client)
+            if kept:
+                if own_conn:
+                    conn.close()
+                raise KeptError(exc, mode) from exc
         with timer("teardown"), signals.deferred():
             try:
                 teardown(cfg, conn, name, jobdir if created else None, client)
@@ -378,6 +405,56 @@ def start_vm(
                 if own_conn and conn is not None:
                     conn.close()
         raise
+
+
+class KeptError(Exception):
+    """:func:`start_vm` failed after the VM was made, and kept it ``mode`` ("paused" or
+    "disks") for inspection instead of tearing it down; ``error`` is the failure."""
+
+    def __init__(self, error: BaseException, mode: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.mode = mode
+
+
+def _keep_failed(
+    cfg: Config, conn: Connection, name: str, mode: str, client: paramiko.SSHClient | None
+) -> bool:
+    """Pause the VM, or destroy it leaving its files; False (logged) if libvirt refused."""
+    if client is not None:
+        client.close()
+    try:
+        if mode == "paused":
+            conn.suspend(name)
+        else:
+            teardown(cfg, conn, name, None)
+    except VmBatchError as exc:
+        log.warning("could not keep VM %s for inspection (%s); tearing it down", name, exc)
+        return False
+    return True
+
+
+def save_login(jobdir: JobDir, endpoint: ssh.Endpoint, admin_key: KeyPair | None) -> None:
+    """Keep the guest's login in the job directory's root-only ``keys/`` (0700, files 0600):
+    ``login.json`` (port, user, the pinned host key), the job user's private key and, where
+    the guest authorizes one for root (only with ``[mounts]``), root's. ``vmbatch ssh`` run
+    by root reads them from there, never from the job user's own directory."""
+    info = {
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "user": endpoint.user,
+        "host_key": endpoint.host_key.public_openssh,
+    }
+    try:
+        jobdir.write(jobdir.login, (json.dumps(info, sort_keys=True) + "\n").encode())
+        jobdir.write(jobdir.user_key, endpoint.client_key.private_openssh.encode())
+        if admin_key is not None:
+            jobdir.write(jobdir.admin_key, admin_key.private_openssh.encode())
+    except OSError as exc:
+        raise HostError(
+            f"cannot write the guest's login into {jobdir.keys}: {exc.strerror}",
+            hint="check free space in [paths].job_dir",
+        ) from exc
 
 
 def _login(endpoint: ssh.Endpoint) -> paramiko.SSHClient:

@@ -12,7 +12,9 @@ What belongs to whom. Everything of a job is found from its job id alone: the do
 ``*.img.jobs/<id>``. For each job id found in any of them the reaper decides once whether
 the job still lives (:func:`judge`), in this order:
 
-1. A batch job's state record: the node rebooted since its prologue -> gone. Its prologue
+1. A batch job's state record: the node rebooted since its prologue -> gone. A job kept
+   for inspection (``[batch].keep_failed``): alive until its ``kept_until``, gone after,
+   whatever the scheduler says (it has forgotten the job). Its prologue
    started less than ``[batch].reap_grace`` seconds ago -> alive (a job between prologue
    and starter is never touched). Otherwise the scheduler decides (:class:`SchedulerQuery`):
    Slurm's ``squeue`` (job unknown or ended -> gone; pending again, i.e. requeued -> gone:
@@ -73,7 +75,7 @@ from vmbatch.config import Config
 from vmbatch.contextualize import inject
 from vmbatch.errors import CommandError, HostError, JobBusyError, VmBatchError
 from vmbatch.hooks import batch, slurm
-from vmbatch.hooks.jobstate import FAILED, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import FAILED, KEPT, Record, StateStore, UserDir
 from vmbatch.images.cache import ImageCache, Marker
 from vmbatch.libvirt.connection import Connection, DomainInfo
 from vmbatch.libvirt.domain import DOMAIN_PREFIX, domain_name
@@ -366,6 +368,12 @@ def judge(
     if rec is not None:
         if rec.boot_id != boot:
             return Verdict(False, "the node rebooted since its prologue")
+        if rec.phase == KEPT:
+            # Its job ended (the scheduler no longer knows it): the time decides alone.
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.kept_until or 0))
+            if now < (rec.kept_until or 0):
+                return Verdict(True, f"kept for inspection until {until}")
+            return Verdict(False, f"kept for inspection until {until}: time is up")
         age = now - rec.started
         if age < grace:
             return Verdict(True, f"its prologue started {age:.0f}s ago, within [batch].reap_grace")

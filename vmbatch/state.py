@@ -9,7 +9,9 @@ reach the files libvirt hands it but cannot list the directory)::
     seed.iso        the contextualization volume
     console.log     the guest's serial console (written by virtlogd)
     vmbatch.log     root's hooks' log lines of this job (root only, 0600), for ``vmbatch logs``
-    keys/           0700: the per-job SSH client key and the pinned guest host key
+    keys/           0700: the guest's login for root's ``vmbatch ssh``: ``login.json`` (port,
+                    user, pinned host key), the job user's key ``id_ed25519`` and, with
+                    ``[mounts]``, root's key in the guest ``admin_ed25519``
     owner           ``vmbatch run`` only: the process that owns the VM (:func:`process_identity`),
                     so that ``vmbatch cleanup --stale`` can reap the VM once it is gone
 
@@ -122,6 +124,18 @@ class JobDir:
     @property
     def keys(self) -> Path:
         return self.path / "keys"
+
+    @property
+    def login(self) -> Path:
+        return self.keys / "login.json"
+
+    @property
+    def user_key(self) -> Path:
+        return self.keys / "id_ed25519"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.keys / "admin_ed25519"
 
     @property
     def owner(self) -> Path:

@@ -81,8 +81,10 @@ def test_sigterm_during_boot_leaves_nothing(site: Site, libvirt_conn: Connection
     try:
         name = _wait_for_domain(libvirt_conn, site)
         ps = site.vmbatch("ps").stdout.decode()  # the job is visible while it boots
-        row = next(line for line in ps.splitlines() if line.startswith(name))
-        assert row.split()[1].startswith("run-") and row.split()[3] == "demo"
+        job_id = name.removeprefix("vmbatch-")
+        row = next(line for line in ps.splitlines() if line.startswith(f"{job_id} "))
+        cells = row.split()  # JOB USER IMAGE STATE PHASE ...
+        assert cells[0].startswith("run-") and cells[2] == "demo" and cells[4] == "run"
         err = _terminate(proc)
     finally:
         proc.kill()

@@ -53,7 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from vmbatch import limits
-from vmbatch.hooks.jobstate import FAILED, PREPARING, READY, Record, UserDir, detach_mounts
+from vmbatch.hooks.jobstate import (
+    FAILED,
+    KEPT,
+    PREPARING,
+    READY,
+    Record,
+    UserDir,
+    detach_mounts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +193,8 @@ def why_not_run(record: Record | None, marker: Marker | None, end: JobEnd) -> st
         if end.job_started is False:
             return "the scheduler did not start the job, and no prologue state exists"
         return "no prologue state (prologue did not run)"
-    if record.phase == FAILED:
+    if record.phase == FAILED or (record.phase == KEPT and record.cause):
+        # (KEPT with a cause: the prologue failed after making the VM, which was kept.)
         return record.cause or record.error or "the prologue failed"
     if record.phase == PREPARING:
         return "the prologue ended before the VM was ready (killed, or timed out)"

@@ -41,19 +41,22 @@ from vmbatch import accel, faults, lifecycle, limits, logsetup, metrics, signals
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
+    GuestError,
     GuestLostError,
     HostError,
+    ImageError,
     JobBusyError,
     JobError,
     LibvirtTimeoutError,
     LibvirtUnavailableError,
+    MountError,
     VmBatchError,
 )
 from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks import accounting, policy
 from vmbatch.hooks.accounting import JobEnd
-from vmbatch.hooks.jobstate import FAILED, READY, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import FAILED, KEPT, READY, Record, StateStore, UserDir
 from vmbatch.hooks.policy import ImageHealth
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
@@ -255,6 +258,7 @@ def _prologue_locked(
                 image=spec.image,
                 cpus=cpu_list(spec.cpus) if spec.cpus else None,
                 memory_limit_mib=spec.memory_limit,
+                keep=keep_request(cfg, bj),
             )
         )
         faults.point(cfg, "prologue.sized")
@@ -269,8 +273,45 @@ def _prologue_locked(
             else "no memory limit",
         )
         health.check(spec.image)
-        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings))
+        kept_record = record
+
+        def keep(exc: BaseException) -> str | None:
+            if not isinstance(exc, GuestError | ImageError | MountError):
+                return None  # a cancel, a host or node fault: nothing to inspect in the VM
+            mode = keep_mode(cfg, kept_record, 1)
+            return mode if mode is not None and _keep_room(cfg, store, bj.job_id) else None
+
+        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep)
         faults.point(cfg, "prologue.vm_started")
+    except lifecycle.KeptError as kept:
+        exc = kept.error
+        if not isinstance(exc, VmBatchError):  # keep() accepts only those
+            raise exc from None
+        until = time.time() + cfg.batch.keep_failed_for
+        store.write(
+            dataclasses.replace(
+                record,
+                phase=KEPT,
+                kept_as=kept.mode,
+                kept_until=round(until, 3),
+                error=str(exc),
+                cause=_cause(exc),
+            )
+        )
+        log.warning(
+            "job %s: its VM failed (%s) and is kept %s for inspection until %s"
+            " ([batch].keep_failed); `vmbatch cleanup %s` removes it now",
+            bj.job_id,
+            exc.message.splitlines()[0],
+            kept.mode,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
+            bj.job_id,
+        )
+        if policy.counts_against_image(exc):
+            health.failed(record.image, exc)
+        if identity is not None:
+            _tell_starter(cfg, bj, userdir, identity, exc)
+        return exc
     except VmBatchError as exc:
         store.write(dataclasses.replace(record, phase=FAILED, error=str(exc), cause=_cause(exc)))
         if record.image and policy.counts_against_image(exc):
@@ -325,6 +366,46 @@ def _prologue_locked(
             guest.conn.close()
     log.info("VM %s ready after %.1fs", guest.name, record.boot_seconds or 0)
     return None
+
+
+def keep_request(cfg: Config, bj: BatchJob) -> str:
+    """The job's ``#VMBATCH keep=yes|no`` ("" if none), where ``[batch].user_keep`` lets
+    jobs ask; elsewhere the request is logged and ignored."""
+    value = directives(bj.script).get("keep") if bj.script is not None else None
+    if value is None:
+        return ""
+    if value not in ("yes", "no"):
+        raise JobError(
+            f"the job script says '#VMBATCH keep={value}'",
+            hint="write keep=yes (keep the VM if the job fails) or keep=no",
+        )
+    if not cfg.batch.user_keep:
+        log.warning(
+            "job %s asks '#VMBATCH keep=%s'; ignored: this site does not let jobs choose"
+            " ([batch].user_keep)",
+            bj.job_id,
+            value,
+        )
+        return ""
+    return value
+
+
+def may_keep(cfg: Config, record: Record) -> bool:
+    """Whether a failed job's VM could be kept at all (:func:`keep_mode` for some status)."""
+    return record.keep != "no" and (cfg.batch.keep_failed != "no" or record.keep == "yes")
+
+
+def keep_mode(cfg: Config, record: Record, exit_status: int | None) -> str | None:
+    """How a finished job's VM is kept ("paused", "disks"), or None: torn down. Only a job
+    that failed (the scheduler's exit status is not 0) is kept: as ``[batch].keep_failed``
+    says; one that asked ``keep=yes`` also where that is "no" (paused); never one that
+    asked ``keep=no``."""
+    if exit_status in (None, 0) or record.keep == "no":
+        return None
+    mode = cfg.batch.keep_failed
+    if mode == "no":
+        return "paused" if record.keep == "yes" else None
+    return mode
 
 
 def _tell_starter(
@@ -607,6 +688,28 @@ def _finish_locked(
     usage = _qemu_usage(cfg, name) if account else None
     userdir = UserDir(cfg.batch.user_dir, job_id)
     marker: accounting.Marker | None = None
+    if account and record is not None and record.phase == KEPT:
+        # Kept when its prologue failed (not accounted yet), or a second epilogue.
+        if not record.accounted:
+            write_accounting(
+                cfg,
+                job_id,
+                record,
+                _job_end(job_id, end),
+                usage,
+                marker=accounting.read_marker(userdir),
+                ended=ended,
+            )
+            store.write(dataclasses.replace(record, accounted=True))
+        log.info("its VM stays kept for inspection (`vmbatch ps`)")
+        return
+    if account and record is not None and record.phase == READY and may_keep(cfg, record):
+        # Only here is the scheduler asked before the teardown: whether the VM is kept
+        # depends on the job's exit status.
+        end = _job_end(job_id, end)
+        mode = keep_mode(cfg, record, end.exit_status)
+        if mode is not None and _keep(cfg, store, record, conn, mode, end, usage, ended):
+            return
     try:
         if (
             record is not None
@@ -657,6 +760,74 @@ def _job_end(job_id: str, end: JobEnd | Callable[[], JobEnd] | None) -> JobEnd:
     except Exception as exc:  # noqa: BLE001 - the line is written with what is known
         log.warning("job %s: the scheduler's exit status is not known (%s)", job_id, exc)
         return JobEnd()
+
+
+def _keep(
+    cfg: Config,
+    store: StateStore,
+    record: Record,
+    conn: Connection | None,
+    mode: str,
+    end: JobEnd,
+    usage: limits.QemuUsage | None,
+    ended: float,
+) -> bool:
+    """Keep the failed job's VM paused, or its disks, until ``[batch].keep_failed_for``
+    from now; write its accounting line and record it as ``kept``. False (logged): not
+    kept (no room under ``keep_failed_max``, no VM left, libvirt refused): the caller
+    tears it down as usual."""
+    job_id = record.job_id
+    if not _keep_room(cfg, store, job_id):
+        return False
+    own = conn is None
+    try:
+        if conn is None:
+            conn = Connection(cfg.libvirt).open()
+        if mode == "paused":
+            conn.suspend(record.domain)
+        else:
+            lifecycle.teardown(cfg, conn, record.domain, None)
+    except VmBatchError as exc:
+        log.warning("job %s: could not keep its VM %s: %s", job_id, record.domain, exc)
+        return False
+    finally:
+        if own and conn is not None:
+            conn.close()
+    userdir = UserDir(cfg.batch.user_dir, job_id)
+    marker = accounting.read_marker(userdir)
+    if mode == "disks":
+        userdir.remove()  # nothing left to log in to
+    until = time.time() + cfg.batch.keep_failed_for
+    write_accounting(cfg, job_id, record, end, usage, marker=marker, ended=ended)
+    store.write(
+        dataclasses.replace(
+            record, phase=KEPT, kept_as=mode, kept_until=round(until, 3), accounted=True
+        )
+    )
+    log.warning(
+        "failed (exit status %s): its VM %s is kept %s for inspection until %s"
+        " ([batch].keep_failed); `vmbatch cleanup %s` removes it now",
+        end.exit_status,
+        record.domain,
+        "paused" if mode == "paused" else "as disks only (destroyed)",
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
+        job_id,
+    )
+    return True
+
+
+def _keep_room(cfg: Config, store: StateStore, job_id: str) -> bool:
+    """Whether another job may be kept here (``[batch].keep_failed_max``; logged if not)."""
+    others = [r for r in store.records() if r.phase == KEPT and r.job_id != job_id]
+    if len(others) < cfg.batch.keep_failed_max:
+        return True
+    log.warning(
+        "job %s failed; its VM is not kept: %d job(s) kept on this node already"
+        " ([batch].keep_failed_max)",
+        job_id,
+        len(others),
+    )
+    return False
 
 
 def _job_domains(

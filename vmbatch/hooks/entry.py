@@ -48,7 +48,7 @@ from vmbatch.hooks.exitcodes import (
     TORQUE_PROLOGUE,
     TORQUE_PROLOGUE_ABORT,
 )
-from vmbatch.hooks.jobstate import StateStore, UserDir
+from vmbatch.hooks.jobstate import KEPT, StateStore, UserDir
 from vmbatch.hooks.request import Resources, torque_prologue
 from vmbatch.job import JobUser
 
@@ -590,7 +590,13 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
         started = time.monotonic()
         batch.finish(cfg, job_id, end=end, account=True, lock_wait=cfg.vm.boot_timeout + 60)
-        logsetup.stage(log, "teardown", time.monotonic() - started, "VM and files removed")
+        kept = StateStore(cfg.batch.state_dir).read(job_id)
+        note = (
+            "VM kept for inspection (`vmbatch ps`)"
+            if kept is not None and kept.phase == KEPT
+            else "VM and files removed"
+        )
+        logsetup.stage(log, "teardown", time.monotonic() - started, note)
     except VmBatchError as exc:
         log.error("%s", exc)
         sys.stderr.write(logsetup.redact(f"vmbatch: error: {exc}\n"))

@@ -45,8 +45,9 @@ from vmbatch.state import atomic_write, safe_job_id
 
 log = logging.getLogger(__name__)
 
-#: Prologue steps recorded in :attr:`Record.phase`.
-PREPARING, READY, FAILED = "preparing", "ready", "failed"
+#: Prologue steps recorded in :attr:`Record.phase`; ``kept``: the job ended and failed,
+#: and its epilogue kept its VM (or its disks) for inspection until ``kept_until``.
+PREPARING, READY, FAILED, KEPT = "preparing", "ready", "failed", "kept"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,11 @@ class Record:
     #: limit in MiB (None: none), for the accounting line.
     cpus: str | None = None
     memory_limit_mib: int | None = None
+    #: The job's ``#VMBATCH keep=`` request where the site honours it: "yes", "no" or "".
+    keep: str = ""
+    #: Kept jobs: how ("paused" or "disks") and until when (epoch seconds).
+    kept_as: str | None = None
+    kept_until: float | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()

@@ -25,8 +25,9 @@ from vmbatch.errors import JobError
 
 #: Directive keys a user may set (``image``: a catalog name the admin allows; ``vm``:
 #: ``yes``/``no``, read by Slurm's ``job_submit.lua`` where the site lets a job choose
-#: whether it runs in a VM, ``conf/slurm/vmbatch.lua``).
-DIRECTIVE_KEYS = frozenset({"image", "vm"})
+#: whether it runs in a VM, ``conf/slurm/vmbatch.lua``; ``keep``: ``yes``/``no``, keep the
+#: VM if the job fails, where the admin allows it: ``[batch].user_keep``).
+DIRECTIVE_KEYS = frozenset({"image", "vm", "keep"})
 _DIRECTIVE = re.compile(rb"#VMBATCH(?:\s+(.*))?")
 _KV = re.compile(r"([a-z_]+)=([A-Za-z0-9._-]{1,64})")
 

@@ -16,11 +16,15 @@ Tests inject a connection to libvirt's test driver (``test:///abs/path/node.xml`
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
@@ -30,6 +34,7 @@ from vmbatch.config import LibvirtConfig
 from vmbatch.errors import (
     DomainDefinitionError,
     LibvirtError,
+    LibvirtPermissionError,
     LibvirtTimeoutError,
     LibvirtUnavailableError,
     PortForwardError,
@@ -68,6 +73,36 @@ _DEFINITION = frozenset(
     }
 )
 _HINT_UNAVAILABLE = "is libvirtd running? start it, or check [libvirt].uri; `vmbatch doctor` helps"
+#: libvirt's answers to a client it will not serve: authentication or access control
+#: (polkit) refused it, or polkit could not be asked (no D-Bus system bus).
+_DENIED = frozenset(
+    {
+        libvirt.VIR_ERR_AUTH_FAILED,
+        libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+        libvirt.VIR_ERR_AUTH_CANCELLED,
+        libvirt.VIR_ERR_ACCESS_DENIED,
+        libvirt.VIR_ERR_OPERATION_DENIED,
+    }
+)
+_DENIED_FROM = frozenset({libvirt.VIR_FROM_POLKIT, libvirt.VIR_FROM_DBUS, libvirt.VIR_FROM_ACCESS})
+#: The local sockets of ``qemu:///system`` (monolithic libvirtd, or the modular virtqemud).
+SYSTEM_SOCKETS = (
+    "/run/libvirt/libvirt-sock",
+    "/run/libvirt/libvirt-sock-ro",
+    "/run/libvirt/virtqemud-sock",
+    "/run/libvirt/virtqemud-sock-ro",
+)
+#: libvirt's domain states (virDomainState) as ``virsh domstate`` names them.
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
 
 
 class DomainNotFound(LibvirtError):  # noqa: N818 - an expected outcome, used internally
@@ -82,6 +117,42 @@ class DomainInfo:
     metadata: JobMetadata | None
     #: Host files its XML names (disk sources, console log): whose job directory it uses.
     files: tuple[str, ...] = ()
+    #: ``kvm`` or ``tcg``: the accelerator, from the domain type (``kvm`` / ``qemu``).
+    accel: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStatus:
+    """What ``virDomainGetInfo`` says of a domain now."""
+
+    #: ``running``, ``paused``, ... (virsh's names of virDomainState).
+    state: str
+    vcpus: int
+    memory_mib: int
+
+
+def denied(exc: libvirt.libvirtError) -> bool:
+    """Whether libvirt refused the caller rather than failed: authentication or access
+    control said no (polkit's ``org.libvirt.unix.monitor`` / ``.manage`` actions,
+    https://libvirt.org/aclpolkit.html), polkit could not be asked, or the socket's
+    permissions kept the caller out (``connect(2)``: EACCES)."""
+    if exc.get_error_code() in _DENIED or exc.get_error_domain() in _DENIED_FROM:
+        return True
+    return "Permission denied" in (exc.get_error_message() or "")
+
+
+def socket_refused(uri: str, *, read_only: bool = False) -> str | None:
+    """The first local socket of ``qemu:///system`` (its read-only one with ``read_only``)
+    that exists but that this process may not connect to (connecting to a Unix socket needs
+    write permission on it, unix(7)); None if none."""
+    if not uri.startswith("qemu:///system"):
+        return None
+    for path in SYSTEM_SOCKETS:
+        if path.endswith("-ro") != read_only:
+            continue
+        if Path(path).exists() and not os.access(path, os.W_OK):
+            return path
+    return None
 
 
 def _silent(_ctx: object, _err: object) -> None:
@@ -136,8 +207,12 @@ def map_error(exc: libvirt.libvirtError, what: str) -> LibvirtError:
 class Connection:
     """A libvirt connection whose every call is bounded by a timeout."""
 
-    def __init__(self, cfg: LibvirtConfig) -> None:
+    def __init__(self, cfg: LibvirtConfig, *, read_only: bool = False) -> None:
+        """``read_only``: a read-only connection (``virConnectOpenReadOnly``: listing and
+        reading domains, nothing else), which libvirt's default polkit policy grants every
+        local user (https://libvirt.org/aclpolkit.html, "Special actions")."""
         self.cfg = cfg
+        self.read_only = read_only
         self._conn: Any = None
         #: createXML calls that timed out but may still succeed inside libvirtd.
         self._pending_creates: dict[str, threading.Thread] = {}
@@ -180,11 +255,16 @@ class Connection:
         return self
 
     def _open_once(self) -> Any:
+        opener = libvirt.openReadOnly if self.read_only else libvirt.open
         try:
-            conn = self._bounded(f"connect to {self.cfg.uri}", libvirt.open, self.cfg.uri)
-        except (LibvirtTimeoutError, LibvirtUnavailableError):
+            conn = self._bounded(f"connect to {self.cfg.uri}", opener, self.cfg.uri)
+        except LibvirtTimeoutError:
             raise
         except LibvirtError as exc:
+            if os.geteuid() != 0:
+                self._refused(exc)
+            if isinstance(exc, LibvirtUnavailableError):
+                raise
             # Any other failure to open (bad URI, permissions) means libvirt is unusable.
             raise LibvirtUnavailableError(exc.message, hint=_HINT_UNAVAILABLE) from exc
         if self.cfg.keepalive_interval > 0 and not self.cfg.uri.startswith("test:"):
@@ -195,6 +275,26 @@ class Connection:
                 self.cfg.keepalive_count,
             )
         return conn
+
+    def _refused(self, exc: LibvirtError) -> None:
+        """Raise LibvirtPermissionError if libvirt refused this (non-root) caller: asking
+        again would not help, and "is libvirtd running?" would send them the wrong way."""
+        cause = exc.__cause__
+        sock = socket_refused(self.cfg.uri, read_only=self.read_only)
+        if not (isinstance(cause, libvirt.libvirtError) and denied(cause)) and sock is None:
+            return
+        user = _user_name()
+        access = "read-only " if self.read_only else ""
+        why = f"{sock} is not open to {user}" if sock else exc.message
+        raise LibvirtPermissionError(
+            f"user {user} may not use libvirt at {self.cfg.uri}: {why}",
+            hint=f"run the command as root, or give {user} {access}access to"
+            f" {self.cfg.uri}: a polkit rule allowing the action"
+            f" org.libvirt.unix.{'monitor' if self.read_only else 'manage'}"
+            " (https://libvirt.org/aclpolkit.html), or membership of the group that owns"
+            " libvirt's socket (unix_sock_group and unix_sock_ro_perms / unix_sock_rw_perms"
+            " in libvirtd.conf)",
+        ) from exc
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -354,8 +454,49 @@ class Connection:
                 xml = str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
             except DomainNotFound:
                 continue
-            result.append(DomainInfo(name, read_metadata(xml), read_files(xml)))
+            result.append(DomainInfo(name, read_metadata(xml), read_files(xml), _accel(xml)))
         return result
+
+    def status(self, name: str) -> DomainStatus | None:
+        """The domain's state, vCPUs and memory now (``virDomainGetInfo``); None if gone."""
+        try:
+            dom = self._lookup(name)
+            info = self._bounded(f"query domain {name}", dom.info)
+        except DomainNotFound:
+            return None
+        state, _max_kib, mem_kib, vcpus, _cpu_time = info
+        return DomainStatus(_STATES.get(state, str(state)), int(vcpus), int(mem_kib) // 1024)
+
+    def suspend(self, name: str) -> None:
+        """Pause the domain (``virDomainSuspend``): its vCPUs stop, its memory stays."""
+        dom = self._lookup(name)
+        self._bounded(f"pause domain {name}", dom.suspend)
+
+    def ssh_port(self, name: str, guest_port: int) -> int | None:
+        """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a
+        read-write connection); None if there is none."""
+        table = self.monitor(name, "info usernet")
+        ports = [int(m.group(1)) for m in _HOSTFWD.finditer(table) if int(m.group(2)) == guest_port]
+        return ports[-1] if ports else None
+
+    def open_console(
+        self,
+        name: str,
+        on_data: Callable[[bytes], None],
+        *,
+        force: bool = False,
+    ) -> ConsoleStream:
+        """Attach to the domain's serial console (``virDomainOpenConsole`` on a
+        non-blocking stream, as ``virsh console`` does:
+        https://libvirt.org/html/libvirt-libvirt-domain.html#virDomainOpenConsole).
+        ``on_data`` gets what the guest writes, from libvirt's event thread. The console
+        is a pty whose output virtlogd also writes to the log file: both work at once.
+        ``force`` takes the console from another session that holds it."""
+        dom = self._lookup(name)
+        stream = self._bounded("make a stream", self.raw.newStream, libvirt.VIR_STREAM_NONBLOCK)
+        flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0
+        self._bounded(f"open the console of {name}", dom.openConsole, None, stream, flags)
+        return ConsoleStream(stream, on_data)
 
     def known_domains(self) -> tuple[frozenset[str], frozenset[str]]:
         """Names and UUIDs of every domain libvirt knows, running or defined (any name).
@@ -373,7 +514,77 @@ class Connection:
         return self._bounded("list domains", ids)
 
 
+class ConsoleStream:
+    """A domain's console as a libvirt stream: what arrives goes to ``on_data`` (from the
+    event loop thread); :meth:`send` writes to the guest; :attr:`ended` is set once the
+    console closed (the VM stopped, another session took it, an error)."""
+
+    def __init__(self, stream: Any, on_data: Callable[[bytes], None]) -> None:
+        self._stream = stream
+        self._on_data = on_data
+        self.ended = threading.Event()
+        events = (
+            libvirt.VIR_STREAM_EVENT_READABLE
+            | libvirt.VIR_STREAM_EVENT_ERROR
+            | libvirt.VIR_STREAM_EVENT_HANGUP
+        )
+        stream.eventAddCallback(events, self._event, None)
+
+    def _event(self, stream: Any, events: int, _opaque: object) -> None:
+        if events & libvirt.VIR_STREAM_EVENT_READABLE:
+            try:
+                data = stream.recv(65536)
+            except libvirt.libvirtError:
+                self.ended.set()
+                return
+            if data == -2:  # nothing after all (EAGAIN)
+                return
+            if not data:
+                self.ended.set()
+                return
+            self._on_data(bytes(data))
+        if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+            self.ended.set()
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the guest's console (a bounded number of tries if libvirt's
+        buffer is full; what does not fit then is dropped, as on a serial line)."""
+        for _ in range(50):
+            if not data or self.ended.is_set():
+                return
+            try:
+                sent = self._stream.send(data)
+            except libvirt.libvirtError:
+                self.ended.set()
+                return
+            if sent == -2:
+                self.ended.wait(0.02)
+                continue
+            data = data[sent:]
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.eventRemoveCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+
+
 _HOSTFWD = re.compile(r"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+(\d+)")
+
+
+def _accel(xml: str) -> str:
+    """``kvm`` or ``tcg`` from the domain's type attribute (``kvm`` / ``qemu``)."""
+    kind = ET.fromstring(xml).get("type", "")  # noqa: S314 - from our own libvirtd
+    return {"kvm": "kvm", "qemu": "tcg"}.get(kind, kind)
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _dotted(version: int) -> str:
