@@ -211,13 +211,17 @@ def doctor_cmd(ctx: click.Context, reprobe: bool, as_json: bool) -> None:
     """Check this node and say, line by line, how to fix what is wrong: libvirtd (its
     restarts by vmbatch, its memory), QEMU tools, the accelerator, directories, free space,
     images and cool-offs, the image cache, the scheduler's clients, the paths root's hooks
-    write, the metrics file, leftovers for the reaper (as root), slurm.conf (where Slurm
-    answers) and shared filesystems. Lines start with "ok", "WARN" (jobs run, some worse
-    or not all) or "FAIL" (the node cannot run jobs), then "fix:" lines. Run as root.
+    write, the metrics file, the log target, leftovers for the reaper (as root), slurm.conf
+    (where Slurm answers) and shared filesystems. Lines start with "ok", "WARN" (jobs run,
+    some worse or not all) or "FAIL" (the node cannot run jobs), then "fix:" lines. Run as
+    root.
 
     Exit status: 0 if every check passed, 69 otherwise (also for a configuration that
     does not load). For a Nagios-style status line and exit status, see `vmbatch check`.
 
+    \b
+    Examples:
+        vmbatch doctor
         vmbatch doctor --json | jq '.checks[] | select(.ok | not)'
     """
     try:
@@ -309,7 +313,10 @@ def check_cmd(ctx: click.Context, timeout: float | None, verbose: bool, take_out
     HealthCheckProgram (with --take-out), from NHC (check_cmd_status -t 30 vmbatch check),
     or from Nagios/Icinga through sudo (docs/admin-guide.md, "Health checks").
 
+    \b
+    Examples:
         vmbatch check -v; echo $?
+        vmbatch check --take-out      # as slurm.conf's HealthCheckProgram (scripts/healthcheck)
     """
     from vmbatch import check
 
