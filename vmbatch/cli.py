@@ -622,6 +622,8 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
             click.echo(line)
         for line in report.skipped + report.undecided + report.failed:
             click.echo(line, err=True)
+        if dry_run and not (report.removed or report.skipped or report.undecided):
+            click.echo("nothing stale: the reaper would remove nothing", err=True)
         problems += report.undecided + report.failed
     busy = []
     for job_id in dict.fromkeys(job_ids):

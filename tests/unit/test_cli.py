@@ -95,3 +95,20 @@ def test_unexpected_exception_is_never_success(
     monkeypatch.setattr(cli.config, "load", boom)
     assert cli.main(["config", "check"]) == 70
     assert "internal error" in capsys.readouterr().err
+
+
+def test_cleanup_stale_dry_run_says_when_there_is_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run that finds nothing says so (a real run stays quiet, for cron)."""
+    f = _write(
+        tmp_path,
+        f'[libvirt]\nuri = "test:///default"\n[paths]\njob_dir = "{tmp_path}/jobs"\n'
+        f'cache_dir = "{tmp_path}/cache"\n[batch]\nstate_dir = "{tmp_path}/state"\n'
+        f'user_dir = "{tmp_path}/run"\n[metrics]\ntextfile = ""\n',
+    )
+    assert cli.main(["-c", str(f), "cleanup", "--stale", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "nothing stale: the reaper would remove nothing" in out.err
+    assert cli.main(["-c", str(f), "cleanup", "--stale"]) == 0
+    assert "nothing stale" not in capsys.readouterr().err

@@ -299,9 +299,8 @@ def _prologue_locked(
             )
         )
         log.warning(
-            "job %s: its VM failed (%s) and is kept %s for inspection until %s"
+            "its VM failed (%s) and is kept %s for inspection until %s"
             " ([batch].keep_failed); `vmbatch cleanup %s` removes it now",
-            bj.job_id,
             exc.message.splitlines()[0],
             kept.mode,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)),
@@ -758,7 +757,7 @@ def _job_end(job_id: str, end: JobEnd | Callable[[], JobEnd] | None) -> JobEnd:
     try:
         return end()
     except Exception as exc:  # noqa: BLE001 - the line is written with what is known
-        log.warning("job %s: the scheduler's exit status is not known (%s)", job_id, exc)
+        log.warning("the scheduler's exit status is not known (%s)", exc)
         return JobEnd()
 
 
@@ -788,7 +787,7 @@ def _keep(
         else:
             lifecycle.teardown(cfg, conn, record.domain, None)
     except VmBatchError as exc:
-        log.warning("job %s: could not keep its VM %s: %s", job_id, record.domain, exc)
+        log.warning("could not keep its VM %s: %s", record.domain, exc)
         return False
     finally:
         if own and conn is not None:

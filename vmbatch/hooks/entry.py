@@ -299,7 +299,7 @@ def _torque_cpus(job_id: str) -> frozenset[int] | None:
     """The job's pbs_mom cpuset; None, logged, if pbs_mom made none."""
     cpus = torque.job_cpuset(batch.check_job_id(job_id))
     if cpus is None:
-        log.info("job %s: pbs_mom made no cpuset for it; the VM is not pinned", job_id)
+        log.info("pbs_mom made no cpuset for it; the VM is not pinned")
     return cpus
 
 
@@ -592,7 +592,7 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         batch.finish(cfg, job_id, end=end, account=True, lock_wait=cfg.vm.boot_timeout + 60)
         kept = StateStore(cfg.batch.state_dir).read(job_id)
         note = (
-            "VM kept for inspection (`vmbatch ps`)"
+            "VM kept for inspection: see `vmbatch ps`"
             if kept is not None and kept.phase == KEPT
             else "VM and files removed"
         )
@@ -614,9 +614,8 @@ def _slurm_job_end(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> J
         end = slurm.job_end(cfg, job_id, env)
     except VmBatchError as exc:
         log.warning(
-            "job %s: slurmctld did not say how the job ended (%s); accounting the Epilog's"
+            "slurmctld did not say how the job ended (%s); accounting the Epilog's"
             " SLURM_JOB_EXIT_CODE2",
-            job_id,
             exc,
         )
         return told or JobEnd()
@@ -625,9 +624,8 @@ def _slurm_job_end(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> J
         end.exit_signal,
     ):
         log.info(
-            "job %s: slurmctld reports ExitCode=%s:%s; the Epilog's SLURM_JOB_EXIT_CODE2 was"
+            "slurmctld reports ExitCode=%s:%s; the Epilog's SLURM_JOB_EXIT_CODE2 was"
             " %s:%s (set when the job was ended, before its own status arrived)",
-            job_id,
             end.exit_status,
             end.exit_signal,
             told.exit_status,
@@ -649,7 +647,7 @@ def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]
         log.warning("cannot tell whether it is vmbatch's (%s); cleaning up", exc)
         return True
     if not mine:
-        log.info("job %s: not in vmbatch's scope: nothing to do", job_id)
+        log.info("not in vmbatch's scope: nothing to do")
     return mine
 
 
