@@ -76,8 +76,8 @@ def test_each_record_matches_slurms_exit_code_and_says_whether_the_script_ran(
         # What the Epilog was told: 0:0, set when slurmctld ended the job, before the
         # script's own status arrived (vmbatch.hooks.accounting, "Exit status").
         assert (
-            f"[job {running}] slurmctld reports ExitCode=3:0; the Epilog's SLURM_JOB_EXIT_CODE2"
-            " was 0:0"
+            f"vmbatch-epilogue[{running}]: INFO: slurmctld reports ExitCode=3:0; the Epilog's"
+            " SLURM_JOB_EXIT_CODE2 was 0:0"
         ) in cluster.slurmd_log()
         for job_id in (ok, seven, running):
             line = lines[job_id]
