@@ -216,10 +216,12 @@ def job_started(cfg: Config) -> None:
 def job_finished(cfg: Config, line: Mapping[str, object]) -> None:
     """An epilogue wrote the job's accounting record ``line``."""
     result, cause = outcome(line)
+    job_id = line.get("job_id")
     update(
         cfg,
         counts={_key(FINISHED.name, {"outcome": result, "cause": cause}): 1},
         boot=boot_seconds(line),
+        ending=job_id if isinstance(job_id, str) else None,
     )
 
 
@@ -235,9 +237,16 @@ def refresh(cfg: Config) -> None:
     update(cfg, counts={})
 
 
-def update(cfg: Config, *, counts: Mapping[str, float], boot: float | None = None) -> None:
+def update(
+    cfg: Config,
+    *,
+    counts: Mapping[str, float],
+    boot: float | None = None,
+    ending: str | None = None,
+) -> None:
     """Add ``counts`` (series key -> amount) and a boot observation to the node's state,
-    then rewrite the text file, all under the state's lock. Never raises."""
+    then rewrite the text file, all under the state's lock. Never raises. ``ending``: a job
+    whose epilogue is accounting it now (its record goes next): not counted as running."""
     if os.geteuid() != 0:
         return  # the counters are root's; a user's `vmbatch run` counts nowhere
     from vmbatch.hooks.policy import _locked  # imports hooks: not at import time
@@ -247,7 +256,7 @@ def update(cfg: Config, *, counts: Mapping[str, float], boot: float | None = Non
         cfg.batch.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _locked(state_path(cfg)) as data:
             _add(data, counts, boot)
-            write_textfile(cfg, data)
+            write_textfile(cfg, data, ending=ending)
     except Exception as exc:  # noqa: BLE001 - metrics must never fail a hook or a command
         log.warning("metrics not updated: %s", exc)
 
@@ -302,11 +311,11 @@ def _add(data: dict[str, object], counts: Mapping[str, float], boot: float | Non
 # -- the text file ----------------------------------------------------------------------
 
 
-def render(cfg: Config, data: Mapping[str, object]) -> str:
+def render(cfg: Config, data: Mapping[str, object], *, ending: str | None = None) -> str:
     """The exposition text of the state ``data`` plus the gauges measured now."""
     raw = data.get("counters")
     counters = raw if isinstance(raw, dict) else {}
-    gauges = _gauges(cfg)
+    gauges = _gauges(cfg, ending)
     out: list[str] = []
     for m in METRICS:
         out += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.kind}"]
@@ -351,7 +360,7 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _gauges(cfg: Config) -> dict[str, float]:
+def _gauges(cfg: Config, ending: str | None = None) -> dict[str, float]:
     """Cache size and cap, job VMs up, the node's drain: each measured cheaply (directory
     listings, small JSON files); one that cannot be measured is left out (0)."""
     from vmbatch.hooks.jobstate import READY, StateStore
@@ -363,7 +372,10 @@ def _gauges(cfg: Config) -> dict[str, float]:
         (CACHE_SIZE.name, lambda: sum(e.size for e in ImageCache(cfg).entries())),
         (
             RUNNING.name,
-            lambda: sum(r.phase == READY for r in StateStore(cfg.batch.state_dir).records()),
+            lambda: sum(
+                r.phase == READY and r.job_id != ending
+                for r in StateStore(cfg.batch.state_dir).records()
+            ),
         ),
         (DRAINED.name, lambda: int(read_mark(cfg) is not None)),
     )
@@ -375,7 +387,9 @@ def _gauges(cfg: Config) -> dict[str, float]:
     return found
 
 
-def write_textfile(cfg: Config, data: Mapping[str, object]) -> Path | None:
+def write_textfile(
+    cfg: Config, data: Mapping[str, object], *, ending: str | None = None
+) -> Path | None:
     """Replace ``[metrics].textfile`` atomically with :func:`render`'s text; None (nothing
     written) if there is no file configured or its directory does not exist (no
     node_exporter here: ``vmbatch doctor`` says so)."""
@@ -385,5 +399,5 @@ def write_textfile(cfg: Config, data: Mapping[str, object]) -> Path | None:
     if not path.parent.is_dir():
         log.debug("metrics: %s does not exist; no metrics file written", path.parent)
         return None
-    atomic_write(path, render(cfg, data).encode(), 0o644)
+    atomic_write(path, render(cfg, data, ending=ending).encode(), 0o644)
     return path

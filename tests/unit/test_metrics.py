@@ -254,6 +254,9 @@ def test_gauges_measure_the_cache_the_running_vms_and_the_drain(tmp_path: Path) 
     assert _value(cfg, "vmbatch_job_vms_running") == 1
     assert _value(cfg, "vmbatch_node_drained") == 1
     assert _value(cfg, "vmbatch_node_drains_total") == 1
+    # The job an epilogue accounts now is no longer running (its record goes next).
+    metrics.job_finished(cfg, {"job_id": "1", "exit_status": 0})
+    assert _value(cfg, "vmbatch_job_vms_running") == 0
     policy.clear_mark(cfg)
     metrics.refresh(cfg)
     assert _value(cfg, "vmbatch_node_drained") == 0
