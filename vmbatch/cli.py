@@ -16,6 +16,7 @@ from vmbatch import __version__, config, doctor, lifecycle, logsetup
 from vmbatch.contextualize import nocloud
 from vmbatch.errors import (
     ConfigError,
+    GuestConnectionError,
     HostError,
     ImageError,
     JobBusyError,
@@ -443,8 +444,8 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     "-f",
     "--follow",
     is_flag=True,
-    help="Then print new lines as they come, until the job's"
-    " VM is gone (its job directory is removed) or Ctrl-C.",
+    help="Then print new lines as they come, until the job's VM is gone (its job"
+    " directory is removed), the job is kept for inspection, or Ctrl-C.",
 )
 @click.option(
     "-n",
@@ -459,8 +460,10 @@ def ps(ctx: click.Context, as_json: bool) -> None:
 def logs(ctx: click.Context, job_id: str, follow: bool, lines: int) -> None:
     """Show the logs of JOB's VM (root only): its serial console (the guest's kernel and
     boot messages, written by virtlogd) and vmbatch's own lines for the job, each line
-    labelled [console] or [vmbatch]. After the job's VM is gone, the kept copy of its
-    console log ([paths].console_log_dir) if there is one.
+    labelled [console] or [vmbatch], control characters shown as ^X (what the guest
+    printed must not steer your terminal). After the job's VM is gone, the kept copy of
+    its console log ([paths].console_log_dir) if there is one. --follow ends when the VM
+    is gone or the job is kept for inspection ([batch].keep_failed).
 
     The console is root's: a job's user can look inside their running job with `vmbatch
     ssh JOB` (e.g. `vmbatch ssh JOB -- dmesg`) instead.
@@ -523,7 +526,16 @@ def ssh_cmd(ctx: click.Context, job_id: str, as_root: bool, command: tuple[str, 
     cfg = _load(ctx)
     batch.check_job_id(job_id)
     endpoint = ops.login_for(cfg, job_id, as_root=as_root)
-    ctx.exit(ops.run_ssh(endpoint, command))
+    try:
+        status = ops.run_ssh(endpoint, command)
+    except GuestConnectionError as exc:
+        if os.geteuid() != 0:  # root was told before connecting (it can ask libvirt)
+            exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
+                "if the job has ended and its VM was kept for inspection, the VM is paused"
+                " and answers nothing until the admin resumes it"
+            )
+        raise
+    ctx.exit(status)
 
 
 @cli.command("console")

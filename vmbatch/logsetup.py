@@ -455,6 +455,18 @@ def _stderr(ident: str, level: int) -> logging.Handler:
 _installed: list[logging.Handler] = []
 
 
+def errors_on_stderr() -> bool:
+    """Whether this process's error lines already reach stderr (``target = "stderr"``, or
+    ``early`` before the configuration was read): then a hook need not write its one-line
+    ``vmbatch: error: ...`` there a second time."""
+    return any(
+        isinstance(h, logging.StreamHandler)
+        and getattr(h, "stream", None) is sys.stderr
+        and h.level <= logging.ERROR
+        for h in _installed
+    )
+
+
 def _install(handlers: list[logging.Handler]) -> None:
     root = logging.getLogger()
     for old in root.handlers[:]:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import select
 import signal
 import sys
@@ -39,6 +40,7 @@ from typing import Any, BinaryIO, TextIO
 
 import paramiko
 
+from vmbatch import logsetup
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import GuestConnectionError, JobError, VmBatchError
@@ -263,6 +265,24 @@ def log_sources(cfg: Config, job_id: str) -> tuple[JobDir, list[tuple[str, Path]
     )
 
 
+#: C0 and C1 control characters but tab: what a guest could print to steer the reader's
+#: terminal (ESC sequences: OSC 52 clipboard writes, screen clears, title reports).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``^X`` / ``\\xNN``: the console log and
+    error messages quoting it are written by the guest, and are read on root's terminal."""
+    return _CONTROL.sub(
+        lambda m: (
+            f"^{chr(ord(m[0]) ^ 0x40)}"
+            if ord(m[0]) < 0x20 or m[0] == "\x7f"
+            else f"\\x{ord(m[0]):02x}"
+        ),
+        text,
+    )
+
+
 def tail_lines(path: Path, lines: int) -> tuple[list[str], int]:
     """The last ``lines`` lines of ``path`` and its size (([], 0) if it is missing)."""
     try:
@@ -273,7 +293,9 @@ def tail_lines(path: Path, lines: int) -> tuple[list[str], int]:
     except FileNotFoundError:
         return [], 0
     text = data.decode(errors="replace").replace("\r", "")
-    found = text.splitlines()
+    found = [printable(line) for line in text.split("\n")]
+    if found and found[-1] == "":
+        found.pop()
     return (found[-lines:] if lines > 0 else []), size
 
 
@@ -287,8 +309,9 @@ def show_logs(
     interval: float = FOLLOW_INTERVAL,
 ) -> None:
     """Print the last ``lines`` of each log, each line labelled ``[console]`` or
-    ``[vmbatch]``; with ``follow``, then what is added, until the job directory is gone
-    (the job's VM was torn down) or Ctrl-C."""
+    ``[vmbatch]``, control characters made visible (:func:`printable`); with ``follow``,
+    then what is added, until the job directory is gone (the job's VM was torn down), the
+    job is kept for inspection (its VM stopped), or Ctrl-C."""
     jobdir, sources = log_sources(cfg, job_id)
     offsets: dict[str, int] = {}
     for label, path in sources:
@@ -302,20 +325,29 @@ def show_logs(
     if not follow or not jobdir.path.is_dir():
         return
     partial = dict.fromkeys(offsets, b"")
+    store = StateStore(cfg.batch.state_dir)
+    kept = False
     try:
         while jobdir.path.is_dir():
+            record = store.read(job_id)
+            kept = record is not None and record.phase == KEPT
             for label, path in sources:
                 offsets[label], partial[label] = _new_lines(
                     path, offsets[label], partial[label], label, out
                 )
             out.flush()
+            if kept:
+                break
             time.sleep(interval)
     except KeyboardInterrupt:
         return
     for label, rest in partial.items():
         if rest:
-            out.write(f"[{label}] {rest.decode(errors='replace')}\n")
-    out.write(f"[vmbatch] job {job_id}: its VM is gone (job directory removed)\n")
+            out.write(f"[{label}] {printable(rest.decode(errors='replace'))}\n")
+    if kept:
+        out.write(f"[vmbatch] job {job_id}: ended; its VM is kept for inspection (`vmbatch ps`)\n")
+    else:
+        out.write(f"[vmbatch] job {job_id}: its VM is gone (job directory removed)\n")
     out.flush()
 
 
@@ -334,7 +366,7 @@ def _new_lines(
     data = partial + data
     *complete, rest = data.split(b"\n")
     for line in complete:
-        out.write(f"[{label}] {line.decode(errors='replace').rstrip(chr(13))}\n")
+        out.write(f"[{label}] {printable(line.decode(errors='replace').rstrip(chr(13)))}\n")
     return offset + len(data) - len(partial), rest
 
 
@@ -357,6 +389,7 @@ def _owner(path: Path) -> str:
 
 
 def _endpoint(cfg: Config, info: dict[str, Any], key: bytes) -> ssh.Endpoint:
+    logsetup.secret(key.decode())  # never in a log line, whatever fails next
     return ssh.Endpoint(
         port=int(info["port"]),
         user=str(info["user"]),

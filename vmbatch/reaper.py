@@ -419,6 +419,9 @@ class Report:
     undecided: list[str] = field(default_factory=list)
     #: What could not be removed.
     failed: list[str] = field(default_factory=list)
+    #: How many of ``removed`` were jobs kept for inspection whose time was up: no
+    #: orphans (``vmbatch_orphans_reaped_total`` does not count them).
+    kept_expired: int = 0
 
     def remove(self, subject: str, done: str, would: str, why: str) -> None:
         text = f"would {would}" if self.dry_run else done
@@ -459,7 +462,7 @@ def reap(
         check = scheduler_check or SchedulerQuery(cfg, env)
         _Reap(cfg, report, check, time.time() if now is None else now).run(conn)
     if not dry_run:
-        metrics.count(cfg, metrics.REAPED, len(report.removed))
+        metrics.count(cfg, metrics.REAPED, len(report.removed) - report.kept_expired)
     return report
 
 
@@ -634,7 +637,10 @@ class _Reap:
             rec = job.record
             if rec is not None or job.scheduler in ("slurm", "torque"):
                 if libvirt_ok or (rec is not None and rec.phase == FAILED):
+                    before = len(self.report.removed)
                     self._finish(subject, job, verdict.reason)
+                    if rec is not None and rec.phase == KEPT:
+                        self.report.kept_expired += int(len(self.report.removed) > before)
                     return
                 # Without libvirt only what needs none: its injection appliance.
                 with self.store.exclusive(job.key, wait=0):

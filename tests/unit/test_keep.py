@@ -11,6 +11,7 @@ import pytest
 from vmbatch import config
 from vmbatch.errors import ConfigError, JobError
 from vmbatch.hooks import batch
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import KEPT, READY, Record
 from vmbatch.hooks.request import Resources, directives
 from vmbatch.reaper import Job, Verdict, judge
@@ -47,7 +48,26 @@ def test_keep_mode(
 ) -> None:
     cfg = _cfg(tmp_path, settings + "\nuser_keep = true\n")
     record = Record("42", "slurm", "alice", phase=READY, keep=keep)
-    assert batch.keep_mode(cfg, record, status) == mode
+    assert batch.keep_mode(cfg, record, JobEnd(exit_status=status)) == mode
+
+
+@pytest.mark.parametrize(
+    ("end", "why"),
+    [
+        (JobEnd(exit_status=0, exit_signal=15), "scancel: Slurm's ExitCode=0:15"),
+        (JobEnd(exit_status=271, exit_signal=15), "qdel: Torque's 256+SIGTERM"),
+        (JobEnd(exit_status=-1, job_started=False), "Torque never started it (session 0)"),
+        (JobEnd(exit_status=1, end_time=NOW + 5), "Slurm ended it before its VM was ready"),
+    ],
+)
+def test_a_cancelled_job_is_never_kept(tmp_path: Path, end: JobEnd, why: str) -> None:
+    cfg = _cfg(tmp_path, 'keep_failed = "paused"\nuser_keep = true\n')
+    record = Record("42", "slurm", "alice", phase=READY, keep="yes", started=NOW,
+                    boot_seconds=10.0)  # fmt: skip
+    assert batch.keep_mode(cfg, record, end) is None, why
+    ran = dataclasses.replace(end, exit_status=1, exit_signal=0, job_started=True,
+                              end_time=NOW + 60)  # fmt: skip
+    assert batch.keep_mode(cfg, record, ran) == "paused"
 
 
 def test_keep_request_is_honoured_only_where_the_site_allows_it(
@@ -123,4 +143,4 @@ def test_may_keep_agrees_with_keep_mode(
     cfg = _cfg(tmp_path, settings)
     rec = Record("42", "slurm", "alice", phase=READY, keep=keep)
     assert batch.may_keep(cfg, rec) is may
-    assert (batch.keep_mode(cfg, rec, 3) is not None) is may
+    assert (batch.keep_mode(cfg, rec, JobEnd(exit_status=3)) is not None) is may

@@ -358,3 +358,21 @@ def test_metrics_and_health_keys_are_checked() -> None:
     assert "[health].libvirt_timeout: must be > 0 seconds" in text
     with pytest.raises(ConfigError, match=r"\[metrics\].textfile"):
         config.parse({"metrics": {"textfile": "/var/lib/x/vmbatch.txt"}})
+
+
+def test_a_kept_job_whose_time_is_up_is_no_orphan(tmp_path: Path) -> None:
+    """The reaper removes a job kept for inspection after [batch].keep_failed_for: that is
+    the plan, not a leftover, and must not fire an orphans alert."""
+    from vmbatch import reaper
+    from vmbatch.hooks.jobstate import KEPT
+
+    cfg = _cfg(tmp_path, libvirt={"uri": "test:///default"})
+    StateStore(cfg.batch.state_dir).write(
+        Record("55", "torque", "alice", phase=KEPT, kept_as="disks", kept_until=10.0,
+               boot_id=reaper.state.boot_id(), started=1.0)
+    )  # fmt: skip
+    alive = reaper.Verdict(True, "asked nobody")
+    done = reaper.reap(cfg, scheduler_check=lambda _s, _j: alive)
+    assert [x for x in done.removed if "time is up" in x], done
+    assert done.kept_expired == 1
+    assert _value(cfg, "vmbatch_orphans_reaped_total") == len(done.removed) - 1

@@ -15,7 +15,8 @@ import libvirt
 import pytest
 from click.testing import CliRunner
 
-from vmbatch import cli, config, ops
+from vmbatch import cli, config, logsetup, ops
+from vmbatch.errors import GuestConnectionError
 from vmbatch.hooks.jobstate import KEPT, READY, Record, StateStore
 from vmbatch.libvirt import connection
 from vmbatch.libvirt.domain import DiskSpec, DomainSpec, JobMetadata, build_xml, domain_name
@@ -320,6 +321,51 @@ def test_logs_follow_prints_new_lines_until_the_job_directory_goes(
     assert len(polls) == 3
 
 
+def test_logs_show_what_the_guest_printed_without_its_control_characters(site: Site) -> None:
+    """The console is the guest's: an escape sequence in it (here OSC 52, a clipboard write,
+    and a screen clear) must not reach root's terminal as one."""
+    jd = _job_files(site, "42")
+    jd.console_log.write_bytes(b"evil \x1b]52;c;aGk=\x07\x1b[2J\xc2\x9b1m\tend\r\n")
+    code, out, _ = site.vmbatch("logs", "42", "--lines", "1")
+    assert code == 0
+    assert out.splitlines()[0] == "[console] evil ^[]52;c;aGk=^G^[[2J\\x9b1m\tend"
+    assert "\x1b" not in out
+
+
+def test_logs_follow_ends_when_the_job_is_kept(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept job keeps its directory for [batch].keep_failed_for: following its logs ends
+    when the epilogue keeps it, not an hour later."""
+    _job_files(site, "42")
+    polls: list[float] = []
+
+    def poll(seconds: float) -> None:
+        polls.append(seconds)
+        site.record("42", phase=KEPT)
+
+    monkeypatch.setattr(time, "sleep", poll)
+    code, out, _ = site.vmbatch("logs", "42", "--follow", "--lines", "0")
+    assert code == 0 and len(polls) == 1
+    assert out.splitlines()[-1] == (
+        "[vmbatch] job 42: ended; its VM is kept for inspection (`vmbatch ps`)"
+    )
+
+
+def test_a_reader_that_goes_away_is_not_an_error(
+    site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vmbatch logs -f JOB | head`: head exits, the next write fails with EPIPE; click
+    ends the command quietly with status 1, never as vmbatch's internal error (70)."""
+
+    def closed(*_args: object, **_kw: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(ops, "show_logs", closed)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["-c", str(site.config), "logs", "42"])
+    assert ended.value.code == 1
+    assert "internal error" not in capsys.readouterr().err
+
+
 def test_logs_follow_starts_over_after_a_rollover(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_bytes(b"fresh\n")
@@ -394,6 +440,30 @@ def test_ssh_owner_logs_in_with_the_job_key_and_gets_the_commands_status(
         40123, "bob", "KEY",
     )  # fmt: skip
     assert endpoint.host_key.public_openssh == "ssh-ed25519 AAAA"
+
+
+def test_ssh_owner_of_a_vm_that_does_not_answer_hears_it_may_be_kept_paused(
+    site: Site, as_user: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner cannot ask libvirt whether the VM is paused (kept for inspection): the
+    error says that this may be why, and the key read for it is masked in any log."""
+    info = {"host": "127.0.0.1", "port": 40123, "user": "bob", "host_key": "ssh-ed25519 AAAA"}
+    _user_dir(
+        site,
+        "42",
+        4711,
+        {"guest.json": json.dumps(info).encode(), "id_ed25519": b"KEY7-0123456789abcdef"},
+    )
+    monkeypatch.setattr(ops, "_owner", lambda path: "bob")
+
+    def silent(endpoint: Any, argv: tuple[str, ...]) -> int:
+        raise GuestConnectionError("the guest did not answer within 10s")
+
+    monkeypatch.setattr(ops, "run_ssh", silent)
+    code, _, err = site.vmbatch("ssh", "42", "--", "true")
+    assert code == 75
+    assert "the guest did not answer" in err and "the VM is paused" in err
+    assert logsetup.redact("key KEY7-0123456789abcdef here") == "key [redacted] here"
 
 
 def test_ssh_root_option_is_roots(site: Site, as_user: None) -> None:

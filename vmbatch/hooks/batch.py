@@ -278,7 +278,7 @@ def _prologue_locked(
         def keep(exc: BaseException) -> str | None:
             if not isinstance(exc, GuestError | ImageError | MountError):
                 return None  # a cancel, a host or node fault: nothing to inspect in the VM
-            mode = keep_mode(cfg, kept_record, 1)
+            mode = keep_mode(cfg, kept_record, JobEnd(exit_status=1))
             return mode if mode is not None and _keep_room(cfg, store, bj.job_id) else None
 
         guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep)
@@ -394,12 +394,21 @@ def may_keep(cfg: Config, record: Record) -> bool:
     return record.keep != "no" and (cfg.batch.keep_failed != "no" or record.keep == "yes")
 
 
-def keep_mode(cfg: Config, record: Record, exit_status: int | None) -> str | None:
+def keep_mode(cfg: Config, record: Record, end: JobEnd) -> str | None:
     """How a finished job's VM is kept ("paused", "disks"), or None: torn down. Only a job
-    that failed (the scheduler's exit status is not 0) is kept: as ``[batch].keep_failed``
-    says; one that asked ``keep=yes`` also where that is "no" (paused); never one that
-    asked ``keep=no``."""
-    if exit_status in (None, 0) or record.keep == "no":
+    whose script failed is kept: the scheduler reports a non-zero exit status and no
+    signal. A signal means the scheduler (or its admin) ended the job: a cancel or its time
+    limit (Slurm ``ExitCode=0:15``, Torque 256+N); a job the scheduler never started
+    (Torque's session id 0) or ended before its VM was ready (Slurm's EndTime) was
+    cancelled during boot. None of these is kept. Kept as ``[batch].keep_failed`` says;
+    one that asked ``keep=yes`` also where that is "no" (paused); never one that asked
+    ``keep=no``."""
+    if end.exit_status in (None, 0) or end.exit_signal or record.keep == "no":
+        return None
+    if end.job_started is False:
+        return None
+    ready = accounting.ready_time(record)
+    if end.end_time is not None and ready is not None and end.end_time <= ready:
         return None
     mode = cfg.batch.keep_failed
     if mode == "no":
@@ -706,7 +715,7 @@ def _finish_locked(
         # Only here is the scheduler asked before the teardown: whether the VM is kept
         # depends on the job's exit status.
         end = _job_end(job_id, end)
-        mode = keep_mode(cfg, record, end.exit_status)
+        mode = keep_mode(cfg, record, end)
         if mode is not None and _keep(cfg, store, record, conn, mode, end, usage, ended):
             return
     try:

@@ -100,6 +100,7 @@ def run_prologue(argv: Sequence[str], env: Mapping[str, str]) -> int:
     try:
         cfg = _load(path)
     except VmBatchError as exc:
+        log.error("%s", exc)
         return _node_problem(None, is_slurm, env, exc, table, argv)
     _root_logging(cfg, "vmbatch-prologue")
     try:
@@ -182,7 +183,8 @@ def _node_problem(
     node problem in the user's directory, exits 0, and the job starter prints it into the
     job's .e file (exit 65). Exit 1 would also stop the loop, but without the .e file.
     """
-    sys.stderr.write(logsetup.redact(f"vmbatch: error: {error}\n"))
+    if not logsetup.errors_on_stderr():
+        sys.stderr.write(logsetup.redact(f"vmbatch: error: {error}\n"))
     disposition = error.disposition
     reason = f"vmbatch: {error.message}"
     if cfg is None:  # the configuration itself is broken: use the defaults' tool paths
@@ -599,7 +601,8 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         logsetup.stage(log, "teardown", time.monotonic() - started, note)
     except VmBatchError as exc:
         log.error("%s", exc)
-        sys.stderr.write(logsetup.redact(f"vmbatch: error: {exc}\n"))
+        if not logsetup.errors_on_stderr():
+            sys.stderr.write(logsetup.redact(f"vmbatch: error: {exc}\n"))
         if is_slurm and env.get("SLURMD_NODENAME"):
             _drain(cfg or config.Config(), env["SLURMD_NODENAME"], f"vmbatch: {exc.message}", env)
         return SLURM_EPILOG_FAILED
@@ -677,5 +680,6 @@ def _guarded(body: Callable[[], int], internal: int) -> int:
         log.exception("internal error; please report it")
         # Also where the scheduler keeps it, whatever the [log] target.
         what = f"{type(exc).__name__}: {exc}"
-        sys.stderr.write(logsetup.redact(f"vmbatch: internal error: {what}\n"))
+        if not logsetup.errors_on_stderr():
+            sys.stderr.write(logsetup.redact(f"vmbatch: internal error: {what}\n"))
         return internal
