@@ -572,6 +572,56 @@ def console_cmd(ctx: click.Context, job_id: str, force: bool) -> None:
     ctx.exit(ops.console(cfg, job_id, force=force))
 
 
+def _pause_command(ctx: click.Context, job_id: str, action: str) -> None:
+    from vmbatch import ops
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    if os.geteuid() != 0:
+        raise JobError(f"only root may {action} a job's VM")
+    click.echo(ops.suspend(cfg, job_id) if action == "suspend" else ops.resume(cfg, job_id))
+
+
+@cli.command("suspend")
+@click.argument("job_id", metavar="JOB")
+@click.pass_context
+def suspend_cmd(ctx: click.Context, job_id: str) -> None:
+    """Pause the VM of running batch job JOB (root only): its vCPUs stop and its QEMU uses
+    no CPU; its memory stays. The job's processes in the guest do not notice; its
+    connection to the node waits, and `vmbatch resume JOB` continues it where it was.
+
+    This pauses the VM only: the scheduler still counts the job as running (its time
+    limit goes on). A VM paused for longer than [ssh].reconnect_timeout fails its job
+    when it is resumed (the job starter gave up on it).
+
+    \b
+    Example:
+        vmbatch suspend 4242 && vmbatch ps
+
+    Exit status: 0 (also when it was paused already); 65 if JOB is no running batch job
+    here or the caller is not root; 75 if libvirtd or the job's lock is busy."""
+    _pause_command(ctx, job_id, "suspend")
+
+
+@cli.command("resume")
+@click.argument("job_id", metavar="JOB")
+@click.pass_context
+def resume_cmd(ctx: click.Context, job_id: str) -> None:
+    """Continue the VM of batch job JOB that `vmbatch suspend` paused (root only).
+
+    A VM paused otherwise (kept for inspection after its job failed, or by hand with
+    virsh) is left as it is.
+
+    \b
+    Example:
+        vmbatch resume 4242
+
+    Exit status: 0 (also when there was nothing to continue); 65 if JOB is no running
+    batch job here or the caller is not root; 75 if libvirtd or the job's lock is busy."""
+    _pause_command(ctx, job_id, "resume")
+
+
 @cli.command("cleanup")
 @click.argument("job_ids", nargs=-1)
 @click.option(

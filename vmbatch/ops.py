@@ -45,7 +45,7 @@ from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import GuestConnectionError, JobError, VmBatchError
 from vmbatch.guest import ssh
-from vmbatch.hooks.jobstate import KEPT, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import KEPT, READY, Record, StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DOMAIN_PREFIX, domain_name
 from vmbatch.state import JobDir, safe_job_id
@@ -665,3 +665,56 @@ def _write_all(fd: int, data: bytes) -> None:
     with contextlib.suppress(OSError):
         while data:
             data = data[os.write(fd, data) :]
+
+
+# -- suspend / resume ------------------------------------------------------------------------
+
+#: ``Record.paused_by`` of a pause made by ``vmbatch suspend``.
+OPERATOR = "operator"
+
+
+def suspend(cfg: Config, job_id: str) -> str:
+    """Pause the running VM of batch job ``job_id`` (``virDomainSuspend``: its vCPUs stop,
+    QEMU uses no CPU, its memory stays) and record that an operator did, under the job's
+    lock; the message to print. Only a job whose prologue finished (phase ``ready``)."""
+    store = StateStore(cfg.batch.state_dir)
+    with store.exclusive(job_id, wait=5.0):
+        record = _ready_record(store, job_id)
+        if record.paused_by is not None:
+            return f"job {job_id}: its VM is already paused (by {record.paused_by})"
+        with Connection(cfg.libvirt) as conn:
+            conn.suspend(record.domain)
+        store.write(dataclasses.replace(record, paused_by=OPERATOR, paused_at=time.time()))
+    log.info("paused by an operator (`vmbatch resume` continues it)")
+    return f"job {job_id}: VM {record.domain} paused; `vmbatch resume {job_id}` continues it"
+
+
+def resume(cfg: Config, job_id: str) -> str:
+    """Continue a VM that ``vmbatch suspend`` paused; the message to print."""
+    store = StateStore(cfg.batch.state_dir)
+    with store.exclusive(job_id, wait=5.0):
+        record = _ready_record(store, job_id)
+        if record.paused_by is None:
+            return f"job {job_id}: its VM was not paused by `vmbatch suspend`; nothing done"
+        with Connection(cfg.libvirt) as conn:
+            conn.resume(record.domain)
+        paused = time.time() - (record.paused_at or time.time())
+        store.write(dataclasses.replace(record, paused_by=None, paused_at=None))
+    log.info("resumed after %.1fs paused", paused)
+    return f"job {job_id}: VM {record.domain} running again after {paused:.0f}s paused"
+
+
+def _ready_record(store: StateStore, job_id: str) -> Record:
+    record = store.read(job_id)
+    if record is None:
+        raise JobError(
+            f"no batch job {job_id} on this node (no state record)",
+            hint="`vmbatch ps` lists the jobs here",
+        )
+    if record.phase != READY:
+        raise JobError(
+            f"job {job_id} is {record.phase}, not running: only a running job's VM is"
+            " paused or continued this way",
+            hint="`vmbatch ps` shows its phase",
+        )
+    return record

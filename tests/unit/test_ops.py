@@ -713,3 +713,53 @@ def test_every_new_command_has_a_help_with_an_example() -> None:
         code, out, _ = vmbatch(name, "--help")
         assert code == 0
         assert "Example:" in out and "Exit status" in out
+
+
+# -- suspend / resume -----------------------------------------------------------------------
+
+
+def test_suspend_pauses_a_running_jobs_vm_and_records_the_operators_pause(site: Site) -> None:
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY)
+    code, out, err = site.vmbatch("suspend", TORQUE_ID)
+    assert code == 0, err
+    assert f"VM {domain_name(TORQUE_ID)} paused; `vmbatch resume {TORQUE_ID}`" in out
+    rec = StateStore(site.state_dir).read(TORQUE_ID)
+    assert rec is not None and rec.paused_by == ops.OPERATOR and rec.paused_at
+    code, out, _ = site.vmbatch("suspend", TORQUE_ID)
+    assert code == 0 and "already paused (by operator)" in out
+
+
+def test_resume_continues_only_an_operators_pause(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resumed: list[str] = []
+    monkeypatch.setattr(connection.Connection, "resume", lambda self, name: resumed.append(name))
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY)
+    code, out, _ = site.vmbatch("resume", TORQUE_ID)
+    assert (code, resumed) == (0, []) and "was not paused by `vmbatch suspend`" in out
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY, paused_by="operator",
+                paused_at=time.time() - 30)  # fmt: skip
+    code, out, _ = site.vmbatch("resume", TORQUE_ID)
+    assert code == 0 and resumed == [domain_name(TORQUE_ID)]
+    assert "running again after 30s paused" in out
+    rec = StateStore(site.state_dir).read(TORQUE_ID)
+    assert rec is not None and rec.paused_by is None
+
+
+@pytest.mark.parametrize("command", ["suspend", "resume"])
+def test_suspend_and_resume_refuse_what_is_not_a_running_batch_job(
+    site: Site, command: str
+) -> None:
+    code, _, err = site.vmbatch(command, "4711")
+    assert code == 65 and "no batch job 4711 on this node" in err
+    site.record("4712", domain=domain_name("4712"), phase=KEPT)
+    code, _, err = site.vmbatch(command, "4712")
+    assert code == 65 and "job 4712 is kept, not running" in err
+    code, _, err = site.vmbatch(command, "../x")
+    assert code == 65 and "has characters vmbatch does not accept" in err
+
+
+@pytest.mark.parametrize("command", ["suspend", "resume"])
+def test_suspend_and_resume_are_roots(site: Site, as_user: None, command: str) -> None:
+    code, _, err = site.vmbatch(command, "42")
+    assert code == 65 and f"only root may {command} a job's VM" in err

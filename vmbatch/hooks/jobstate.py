@@ -83,6 +83,10 @@ class Record:
     #: Kept jobs: how ("paused" or "disks") and until when (epoch seconds).
     kept_as: str | None = None
     kept_until: float | None = None
+    #: ``vmbatch suspend`` paused the job's running VM (an operator's pause, undone only by
+    #: ``vmbatch resume``), and when.
+    paused_by: str | None = None
+    paused_at: float | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()

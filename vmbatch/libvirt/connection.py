@@ -472,6 +472,11 @@ class Connection:
         dom = self._lookup(name)
         self._bounded(f"pause domain {name}", dom.suspend)
 
+    def resume(self, name: str) -> None:
+        """Continue a paused domain (``virDomainResume``)."""
+        dom = self._lookup(name)
+        self._bounded(f"resume domain {name}", dom.resume)
+
     def ssh_port(self, name: str, guest_port: int) -> int | None:
         """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a
         read-write connection); None if there is none."""
