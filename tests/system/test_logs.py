@@ -13,7 +13,6 @@ import re
 import select
 import socket
 import stat
-import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import yaml
 
 from tests.system.conftest import BatchSite, SlurmSite
 from tests.system.test_torque import Mom, _finish
+from tests.unit.test_logsetup import journal_entry
 from vmbatch.state import JobDir
 
 pytestmark = pytest.mark.system
@@ -70,25 +70,6 @@ def collecting(path: Path) -> Iterator[Collector]:
         yield col
     finally:
         col.close()
-
-
-def journal_entry(data: bytes) -> dict[str, str]:
-    """One native-protocol datagram: ``KEY=VALUE\\n``, or ``KEY\\n`` + u64le size + bytes."""
-    fields: dict[str, str] = {}
-    i = 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            key, value = line.split(b"=", 1)
-            i = nl + 1
-        else:
-            (size,) = struct.unpack("<Q", data[nl + 1 : nl + 9])
-            key, value = line, data[nl + 9 : nl + 9 + size]
-            assert data[nl + 9 + size : nl + 10 + size] == b"\n"
-            i = nl + 10 + size
-        fields[key.decode()] = value.decode()
-    return fields
 
 
 def host_private_key(seed: Path) -> str:
