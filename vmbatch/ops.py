@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, TextIO
 
 import paramiko
 
-from vmbatch import logsetup
+from vmbatch import logsetup, pausing
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import GuestConnectionError, JobError, VmBatchError
@@ -669,39 +669,40 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- suspend / resume ------------------------------------------------------------------------
 
-#: ``Record.paused_by`` of a pause made by ``vmbatch suspend``.
-OPERATOR = "operator"
-
 
 def suspend(cfg: Config, job_id: str) -> str:
     """Pause the running VM of batch job ``job_id`` (``virDomainSuspend``: its vCPUs stop,
-    QEMU uses no CPU, its memory stays) and record that an operator did, under the job's
-    lock; the message to print. Only a job whose prologue finished (phase ``ready``)."""
+    QEMU uses no CPU, its memory stays) for the reason ``operator``, under the job's lock
+    (:mod:`vmbatch.pausing`); the message to print. Only a job whose prologue finished
+    (phase ``ready``)."""
     store = StateStore(cfg.batch.state_dir)
     with store.exclusive(job_id, wait=5.0):
         record = _ready_record(store, job_id)
-        if record.paused_by is not None:
-            return f"job {job_id}: its VM is already paused (by {record.paused_by})"
+        if pausing.OPERATOR in record.pauses:
+            return f"job {job_id}: its VM is already paused by an operator"
         with Connection(cfg.libvirt) as conn:
-            conn.suspend(record.domain)
-        store.write(dataclasses.replace(record, paused_by=OPERATOR, paused_at=time.time()))
-    log.info("paused by an operator (`vmbatch resume` continues it)")
+            pausing.add(cfg, store, conn, record, pausing.OPERATOR)
     return f"job {job_id}: VM {record.domain} paused; `vmbatch resume {job_id}` continues it"
 
 
 def resume(cfg: Config, job_id: str) -> str:
-    """Continue a VM that ``vmbatch suspend`` paused; the message to print."""
+    """Take back an operator's pause (``vmbatch suspend``); the VM continues unless it is
+    also paused for another reason (the scheduler suspended the job). The message to print."""
     store = StateStore(cfg.batch.state_dir)
     with store.exclusive(job_id, wait=5.0):
         record = _ready_record(store, job_id)
-        if record.paused_by is None:
-            return f"job {job_id}: its VM was not paused by `vmbatch suspend`; nothing done"
+        if pausing.OPERATOR not in record.pauses:
+            why = f" (it is paused by: {', '.join(record.pauses)})" if record.pauses else ""
+            return f"job {job_id}: its VM was not paused by `vmbatch suspend`{why}; nothing done"
+        since = record.paused_at or time.time()
         with Connection(cfg.libvirt) as conn:
-            conn.resume(record.domain)
-        paused = time.time() - (record.paused_at or time.time())
-        store.write(dataclasses.replace(record, paused_by=None, paused_at=None))
-    log.info("resumed after %.1fs paused", paused)
-    return f"job {job_id}: VM {record.domain} running again after {paused:.0f}s paused"
+            record = pausing.drop(cfg, store, conn, record, pausing.OPERATOR)
+    if record.pauses:
+        return (
+            f"job {job_id}: operator's pause taken back; VM {record.domain} stays paused"
+            f" ({', '.join(record.pauses)})"
+        )
+    return f"job {job_id}: VM {record.domain} running again after {time.time() - since:.0f}s paused"
 
 
 def _ready_record(store: StateStore, job_id: str) -> Record:

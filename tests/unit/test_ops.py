@@ -15,9 +15,9 @@ import libvirt
 import pytest
 from click.testing import CliRunner
 
-from vmbatch import cli, config, logsetup, ops
+from vmbatch import cli, config, logsetup, ops, pausing
 from vmbatch.errors import GuestConnectionError
-from vmbatch.hooks.jobstate import KEPT, READY, Record, StateStore
+from vmbatch.hooks.jobstate import KEPT, READY, Record, StateStore, UserDir
 from vmbatch.libvirt import connection
 from vmbatch.libvirt.domain import DiskSpec, DomainSpec, JobMetadata, build_xml, domain_name
 from vmbatch.state import JobDir
@@ -724,9 +724,11 @@ def test_suspend_pauses_a_running_jobs_vm_and_records_the_operators_pause(site: 
     assert code == 0, err
     assert f"VM {domain_name(TORQUE_ID)} paused; `vmbatch resume {TORQUE_ID}`" in out
     rec = StateStore(site.state_dir).read(TORQUE_ID)
-    assert rec is not None and rec.paused_by == ops.OPERATOR and rec.paused_at
+    assert rec is not None and rec.pauses == (pausing.OPERATOR,) and rec.paused_at
+    # The starter (the user) reads that its VM is paused from root's note.
+    assert UserDir(site.user_dir, TORQUE_ID).read_paused() == (True, 1)
     code, out, _ = site.vmbatch("suspend", TORQUE_ID)
-    assert code == 0 and "already paused (by operator)" in out
+    assert code == 0 and "already paused by an operator" in out
 
 
 def test_resume_continues_only_an_operators_pause(
@@ -737,13 +739,29 @@ def test_resume_continues_only_an_operators_pause(
     site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY)
     code, out, _ = site.vmbatch("resume", TORQUE_ID)
     assert (code, resumed) == (0, []) and "was not paused by `vmbatch suspend`" in out
-    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY, paused_by="operator",
+    # A VM the scheduler also paused stays paused when the operator's pause is taken back.
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY,
+                pauses=("operator", "scheduler"), paused_at=time.time() - 30)  # fmt: skip
+    code, out, _ = site.vmbatch("resume", TORQUE_ID)
+    assert (code, resumed) == (0, []) and "stays paused (scheduler)" in out
+    code, out, _ = site.vmbatch("resume", TORQUE_ID)
+    assert (code, resumed) == (0, []) and "(it is paused by: scheduler); nothing done" in out
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY, pauses=("operator",),
                 paused_at=time.time() - 30)  # fmt: skip
+    UserDir(site.user_dir, TORQUE_ID).write_paused(True, 3)
     code, out, _ = site.vmbatch("resume", TORQUE_ID)
     assert code == 0 and resumed == [domain_name(TORQUE_ID)]
     assert "running again after 30s paused" in out
     rec = StateStore(site.state_dir).read(TORQUE_ID)
-    assert rec is not None and rec.paused_by is None
+    assert rec is not None and rec.pauses == () and rec.paused_at is None
+    assert UserDir(site.user_dir, TORQUE_ID).read_paused() == (False, 3)
+
+
+def test_a_record_from_before_pause_reasons_keeps_its_operators_pause() -> None:
+    rec = Record.from_json(b'{"job_id": "1", "scheduler": "slurm", "user": "u",'
+                           b' "paused_by": "operator", "paused_at": 5.0}')  # fmt: skip
+    assert rec.pauses == ("operator",)
+    assert Record.from_json(rec.to_json()) == rec
 
 
 @pytest.mark.parametrize("command", ["suspend", "resume"])

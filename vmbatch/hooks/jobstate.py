@@ -83,9 +83,10 @@ class Record:
     #: Kept jobs: how ("paused" or "disks") and until when (epoch seconds).
     kept_as: str | None = None
     kept_until: float | None = None
-    #: ``vmbatch suspend`` paused the job's running VM (an operator's pause, undone only by
-    #: ``vmbatch resume``), and when.
-    paused_by: str | None = None
+    #: Why the job's running VM is paused (:mod:`vmbatch.pausing`: ``operator``,
+    #: ``scheduler``, ``checkpoint``); it runs again only when no reason is left. And since
+    #: when (epoch seconds; None while it runs).
+    pauses: tuple[str, ...] = ()
     paused_at: float | None = None
 
     def to_json(self) -> bytes:
@@ -97,6 +98,10 @@ class Record:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
+        if "paused_by" in raw and "pauses" not in raw:  # written by vmbatch before 0.18
+            raw["pauses"] = [raw["paused_by"]] if raw["paused_by"] else []
+        if isinstance(raw.get("pauses"), list):
+            raw["pauses"] = tuple(str(r) for r in raw["pauses"])
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
@@ -254,6 +259,33 @@ class UserDir:
                 hint="check [batch].user_dir (a local file system, root-owned parent)",
             ) from exc
 
+    @property
+    def paused_note(self) -> Path:
+        """``<user_dir>/.paused/<job>``: root's note (0644, in root's 0755 directory, which
+        the user cannot change) of whether the job's VM is paused and how often it was, so
+        that the job starter counts no paused time against its own timeouts."""
+        return self.base / ".paused" / self.path.name
+
+    def write_paused(self, paused: bool, pauses: int) -> None:
+        """Root: record the VM's pause state (atomically: the starter never reads half)."""
+        note = self.paused_note
+        note.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data = json.dumps({"paused": paused, "pauses": pauses}).encode() + b"\n"
+        atomic_write(note, data, mode=0o644)
+
+    def read_paused(self) -> tuple[bool, int]:
+        """(paused now, how many pauses so far); (False, 0) without a note."""
+        try:
+            fd = os.open(self.paused_note, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False, 0
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                raw = json.loads(fh.read(4096))
+            return bool(raw["paused"]), int(raw["pauses"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, 0
+
     def remove(self) -> bool:
         """Remove the directory; False (logged) if something the user put there prevents it.
 
@@ -263,6 +295,8 @@ class UserDir:
         descriptors (``rmtree.avoids_symlink_attacks``), so a symlink swapped in meanwhile
         is removed, never followed.
         """
+        with contextlib.suppress(FileNotFoundError):
+            self.paused_note.unlink()
         if not (self.path.exists() or self.path.is_symlink()):
             return True
         detach_mounts(self.path)

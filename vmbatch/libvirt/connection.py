@@ -468,14 +468,20 @@ class Connection:
         return DomainStatus(_STATES.get(state, str(state)), int(vcpus), int(mem_kib) // 1024)
 
     def suspend(self, name: str) -> None:
-        """Pause the domain (``virDomainSuspend``): its vCPUs stop, its memory stays."""
+        """Pause the domain (``virDomainSuspend``): its vCPUs stop, its memory stays. QEMU
+        drains and flushes its disks when it stops (``do_vm_stop``). Already paused: no-op."""
         dom = self._lookup(name)
-        self._bounded(f"pause domain {name}", dom.suspend)
+        state = self._bounded(f"query domain {name}", dom.info)[0]
+        if state != libvirt.VIR_DOMAIN_PAUSED:
+            self._bounded(f"pause domain {name}", dom.suspend)
 
     def resume(self, name: str) -> None:
-        """Continue a paused domain (``virDomainResume``)."""
+        """Continue a paused domain (``virDomainResume``); one that runs: no-op (libvirt
+        refuses to resume a running domain)."""
         dom = self._lookup(name)
-        self._bounded(f"resume domain {name}", dom.resume)
+        state = self._bounded(f"query domain {name}", dom.info)[0]
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            self._bounded(f"resume domain {name}", dom.resume)
 
     def ssh_port(self, name: str, guest_port: int) -> int | None:
         """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a

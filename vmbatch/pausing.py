@@ -1,0 +1,80 @@
+"""Why a job's VM is paused, and pausing or continuing it for one reason among several.
+
+A running job's VM may be paused for several reasons at once: an operator's
+``vmbatch suspend``, the scheduler's suspend (``scontrol suspend``, preemption with
+``PreemptMode=SUSPEND``, Torque's ``qsig -s suspend``; seen by :mod:`vmbatch.agent`), a
+checkpoint being written. Each adds its reason to :attr:`Record.pauses` and removes it
+when done; the domain is paused (``virDomainSuspend``) when the first reason comes and
+continued (``virDomainResume``) only when the last one goes, so an operator's pause
+survives a scheduler's resume and the other way round.
+
+Callers hold the job's lock (:meth:`StateStore.exclusive`). The record is written before
+the domain is touched when a reason is added, and after it is continued when the last
+one goes: a crash in between leaves a record that says "paused" for a VM that may run,
+which the agent's next pass (or ``vmbatch resume``) corrects, never the reverse.
+
+The job's starter (the user) cannot ask libvirt, so each change is also written to the
+user directory's pause note (:attr:`UserDir.paused_note`): while it says paused, the
+starter counts no time against its reconnect and liveness timeouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from vmbatch.config import Config
+from vmbatch.hooks.jobstate import Record, StateStore, UserDir
+from vmbatch.libvirt.connection import Connection
+
+log = logging.getLogger(__name__)
+
+#: The reasons, in :attr:`Record.pauses`.
+OPERATOR, SCHEDULER, CHECKPOINT = "operator", "scheduler", "checkpoint"
+REASONS = (OPERATOR, SCHEDULER, CHECKPOINT)
+
+
+def _note(cfg: Config, record: Record, paused: bool) -> None:
+    userdir = UserDir(cfg.batch.user_dir, record.job_id)
+    _, count = userdir.read_paused()
+    try:
+        userdir.write_paused(paused, count + 1 if paused else count)
+    except OSError as exc:  # the job goes on; its starter may count the pause as silence
+        log.warning("could not write the pause note %s: %s", userdir.paused_note, exc)
+
+
+def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason: str) -> Record:
+    """Pause the job's VM for ``reason`` (no-op for the domain if already paused for
+    another); return the written record."""
+    if reason in record.pauses:
+        return record
+    first = not record.pauses
+    record = store.write(
+        dataclasses.replace(
+            record,
+            pauses=(*record.pauses, reason),
+            paused_at=time.time() if first else record.paused_at,
+        )
+    )
+    if first:
+        _note(cfg, record, True)
+        conn.suspend(record.domain)
+        log.info("VM paused (%s)", reason)
+    return record
+
+
+def drop(cfg: Config, store: StateStore, conn: Connection, record: Record, reason: str) -> Record:
+    """Remove ``reason``; continue the VM if no other reason is left. Return the record."""
+    if reason not in record.pauses:
+        return record
+    left = tuple(r for r in record.pauses if r != reason)
+    if left:
+        log.info("%s pause over; VM stays paused (%s)", reason, ", ".join(left))
+        return store.write(dataclasses.replace(record, pauses=left))
+    conn.resume(record.domain)
+    paused = time.time() - (record.paused_at or time.time())
+    record = store.write(dataclasses.replace(record, pauses=(), paused_at=None))
+    _note(cfg, record, False)
+    log.info("VM running again after %.1fs paused (%s pause over)", paused, reason)
+    return record
