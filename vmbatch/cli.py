@@ -592,8 +592,9 @@ def suspend_cmd(ctx: click.Context, job_id: str) -> None:
     connection to the node waits, and `vmbatch resume JOB` continues it where it was.
 
     This pauses the VM only: the scheduler still counts the job as running (its time
-    limit goes on). A VM paused for longer than [ssh].reconnect_timeout fails its job
-    when it is resumed (the job starter gave up on it).
+    limit goes on). No timeout of vmbatch counts the pause, however long. A job the
+    scheduler suspends (scontrol suspend, qsig -s suspend) has its VM paused by
+    `vmbatch agent` instead; the VM runs again only when neither pause is left.
 
     \b
     Example:
@@ -610,8 +611,9 @@ def suspend_cmd(ctx: click.Context, job_id: str) -> None:
 def resume_cmd(ctx: click.Context, job_id: str) -> None:
     """Continue the VM of batch job JOB that `vmbatch suspend` paused (root only).
 
-    A VM paused otherwise (kept for inspection after its job failed, or by hand with
-    virsh) is left as it is.
+    A VM paused otherwise (its job suspended by the scheduler, kept for inspection after
+    its job failed, or by hand with virsh) is left as it is: the scheduler's pause ends
+    with the scheduler's resume.
 
     \b
     Example:
@@ -620,6 +622,42 @@ def resume_cmd(ctx: click.Context, job_id: str) -> None:
     Exit status: 0 (also when there was nothing to continue); 65 if JOB is no running
     batch job here or the caller is not root; 75 if libvirtd or the job's lock is busy."""
     _pause_command(ctx, job_id, "resume")
+
+
+@cli.command("agent")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 10.0),
+    default=0.25,
+    show_default=True,
+    help="Seconds between two looks at the running jobs' processes.",
+)
+@click.pass_context
+def agent_cmd(ctx: click.Context, interval: float) -> None:
+    """Run the node agent (root; the vmbatch-agent systemd service runs it): pause the
+    VM of a job that the scheduler suspends, and continue it when the scheduler resumes
+    the job.
+
+    Slurm (scontrol suspend, preemption with PreemptMode=SUSPEND) and Torque (qsig -s
+    suspend) stop a suspended job's processes but not its VM, which is not one of them.
+    The agent watches the job starters of the node's running jobs, found through the
+    scheduler's own root processes (slurmstepd, pbs_mom), and pauses the VM
+    (virDomainSuspend) when all of a job's tasks are stopped or frozen, and continues it
+    when they run again. It runs until SIGTERM or SIGINT; without it, a suspended job's
+    VM runs on (`vmbatch doctor` says so).
+
+    \b
+    Example:
+        systemctl enable --now vmbatch-agent
+
+    Exit status: 0 after SIGTERM or SIGINT; 65 if the caller is not root or the
+    configuration is invalid."""
+    from vmbatch import agent
+
+    cfg = _load(ctx)
+    if os.geteuid() != 0:
+        raise JobError("only root may run the vmbatch agent")
+    agent.serve(cfg, interval)
 
 
 @cli.command("cleanup")

@@ -87,7 +87,7 @@ def run_checks(cfg: Config, *, reprobe: bool = False) -> list[Check]:
         checks.append(_image(cfg, name))
     checks += _cooloffs(cfg)
     checks += [_cache_size(cfg), _scheduler_tools(cfg), *_state_paths(cfg), _metrics_file(cfg)]
-    checks.append(_log_target(cfg))
+    checks += [_log_target(cfg), _agent(cfg)]
     if os.geteuid() == 0:  # the reaper's lock is root's
         checks.append(_orphans(cfg))
     checks += _slurm_checks(cfg)
@@ -127,6 +127,7 @@ def health_checks(cfg: Config) -> list[Step]:
             ],
         ),
         ("orphans", lambda: [_orphans(quick)]),
+        ("node agent", lambda: [_agent(cfg)]),
     ]
     for name in sorted(cfg.mounts):
         mount = cfg.mounts[name]
@@ -265,6 +266,25 @@ def _log_target(cfg: Config) -> Check:
         " this node has",
         Severity.WARNING,
     )
+
+
+def _agent(cfg: Config) -> Check:
+    """The node agent runs (``vmbatch agent``): without it a suspended job's VM runs on."""
+    from vmbatch import agent
+
+    what = "node agent"
+    if os.geteuid() != 0:
+        return Check(True, what, "not checked (its pid file is root's)", severity=Severity.WARNING)
+    pid = agent.running(cfg)
+    if pid is None:
+        return Check(
+            False,
+            what,
+            "vmbatch agent is not running: a job the scheduler suspends keeps its VM running",
+            'systemctl enable --now vmbatch-agent (docs/admin-guide.md, "Suspend and resume")',
+            Severity.WARNING,
+        )
+    return Check(True, what, f"running (pid {pid}): suspended jobs' VMs are paused")
 
 
 def _orphans(cfg: Config) -> Check:

@@ -10,6 +10,7 @@ second Ctrl-C cannot interrupt the clean-up of the first.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,49 @@ def forwarded(which: Iterable[int]) -> Iterator[Pending]:
         signal.signal(s, lambda signum, _frame: pending.add(signum))
     try:
         yield pending
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _JobControl:
+    continued = 0
+
+
+_JOB_CONTROL = _JobControl()
+
+
+def continued() -> int:
+    """How often this process was continued (SIGCONT) inside :func:`job_control`."""
+    return _JOB_CONTROL.continued
+
+
+def _stop_now(_signum: int, _frame: FrameType | None) -> None:
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _count_continue(_signum: int, _frame: FrameType | None) -> None:
+    _JOB_CONTROL.continued += 1
+
+
+@contextmanager
+def job_control() -> Iterator[None]:
+    """Stop at once on SIGTSTP, and count each SIGCONT, for the duration of the block.
+
+    A scheduler suspends a job with SIGTSTP, then SIGSTOP a fixed time later (Slurm 22.05:
+    2 s, ``slurmstepd/req.c:_handle_suspend``; Torque 6.1: 5 s,
+    ``resmom/requests.c:resume_suspend``), and continues it with SIGCONT. The job starter
+    stops itself on the SIGTSTP, so the node agent (:mod:`vmbatch.agent`), which pauses
+    the VM of a job whose starter is stopped, does so at once; on Torque, whose job
+    session is an orphaned process group, the kernel would otherwise discard the SIGTSTP.
+    SIGCONT is counted: the time a process spent stopped still passes on
+    ``time.monotonic()``, so timeouts that span a stop are started again (:class:`Session`).
+    """
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)}
+    signal.signal(signal.SIGTSTP, _stop_now)
+    signal.signal(signal.SIGCONT, _count_continue)
+    try:
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

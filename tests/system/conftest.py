@@ -275,8 +275,12 @@ class BatchSite:
         for d in (self.state_dir, self.user_dir, self.site.job_dir):
             if d.is_dir():
                 found += list(d.iterdir())  # lock files included: they go with the record
-        # The node's own state (image failures, vmbatch's drain, libvirtd restarts): no job's.
-        return [p for p in found if p != self.state_dir / "node"]
+        notes = self.user_dir / ".paused"  # root's pause notes: one per job, none left after
+        if notes.is_dir():
+            found += list(notes.iterdir())
+        # The node's own state (image failures, vmbatch's drain, libvirtd restarts): no job's;
+        # the pause notes' directory is the node's, like user_dir itself.
+        return [p for p in found if p not in (self.state_dir / "node", notes)]
 
 
 @pytest.fixture

@@ -1,15 +1,24 @@
-"""`vmbatch suspend` / `resume` against a real job VM (tiny guest, real libvirtd/QEMU):
-the paused VM's QEMU uses no CPU for its vCPUs, and the job continues to its complete
-output and exit status after the resume. Jobs are made as pbs_mom makes them
-(tests/system/test_torque.py's ``Mom``)."""
+"""Suspending a job's VM, against real job VMs (tiny guest, real libvirtd/QEMU):
+
+- `vmbatch suspend` / `resume` by hand (jobs made as pbs_mom makes them,
+  tests/system/test_torque.py's ``Mom``);
+- the real Slurm's ``scontrol suspend`` / ``resume``, with ``vmbatch agent`` running.
+
+Each time the paused VM's vCPU threads get no CPU time, the pause outlasts every timeout of
+vmbatch (shortened by a drop-in, so that takes seconds), and the job continues to its
+complete output and exit status after the resume."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.system.conftest import BatchSite
+import pytest
+
+from tests.system.conftest import VMBATCH, BatchSite, SlurmSite
 from tests.system.test_torque import Mom, _finish
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
@@ -21,6 +30,25 @@ COUNTER = (
     "#!/bin/sh\ni=0\nwhile [ $i -lt 40 ]; do i=$((i+1)); echo count $i;"
     " j=0; while [ $j -lt 20000 ]; do j=$((j+1)); done; done\nexit 5\n"
 )
+
+
+#: Every timeout of vmbatch that could count a pause, shortened: the pauses below last
+#: longer than all of them together.
+SHORT_TIMEOUTS = "[ssh]\nreconnect_timeout = 3\nliveness_interval = 1\nconnect_timeout = 3\n"
+#: Seconds a VM stays paused in these tests: more than the shortened timeouts together.
+PAUSE = 8.0
+
+
+def _short_timeouts(bs: BatchSite) -> None:
+    dropin = bs.site.root / "vmbatch.d"
+    dropin.mkdir(exist_ok=True)
+    (dropin / "60-short-timeouts.toml").write_text(SHORT_TIMEOUTS)
+
+
+def _process_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def _vcpu_ticks(pid: int) -> int:
@@ -45,6 +73,7 @@ def test_a_suspended_vm_uses_no_cpu_and_its_job_continues_after_resume(
     batch_site: BatchSite, libvirt_conn: Connection
 ) -> None:
     bs = batch_site
+    _short_timeouts(bs)
     mom = Mom(bs, COUNTER)
     name = domain_name(mom.job_id)
     try:
@@ -60,7 +89,7 @@ def test_a_suspended_vm_uses_no_cpu_and_its_job_continues_after_resume(
         assert res.returncode == 0, res.stderr.decode()
         _wait_state(libvirt_conn, name, "paused")
         paused = _vcpu_ticks(pid)
-        time.sleep(3)  # a measuring window: a paused VM's vCPU threads get no CPU time
+        time.sleep(PAUSE)  # the pause under test: longer than every (shortened) timeout
         assert _vcpu_ticks(pid) == paused
         ps = bs.site.vmbatch("ps").stdout.decode()
         assert any(line.startswith(mom.job_id) and " paused " in line for line in ps.splitlines())
@@ -75,3 +104,64 @@ def test_a_suspended_vm_uses_no_cpu_and_its_job_continues_after_resume(
     finally:
         mom.epilogue(0)
         bs.site.vmbatch("cleanup", mom.job_id)
+
+
+@pytest.fixture
+def agent(batch_site: BatchSite) -> Iterator[Path]:
+    """`vmbatch agent` as its systemd service runs it, stopped by PID afterwards; yields
+    its log."""
+    log = batch_site.site.root / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(VMBATCH), "-v", "-c", str(batch_site.site.config), "agent", "--interval", "0.1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
+    slurm: SlurmSite, agent: Path, libvirt_conn: Connection
+) -> None:
+    """Through the real Slurm 22.05 (SIGTSTP, SIGSTOP 2 s later, SIGCONT on resume): the
+    agent pauses the VM while the job is suspended, for longer than every timeout."""
+    _short_timeouts(slurm.bs)
+    job_id = slurm.submit(COUNTER.replace("-lt 40", "-lt 60"))
+    name = domain_name(job_id)
+    out = slurm.user.home / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + 180
+    while not (out.exists() and "count 2\n" in out.read_text()):
+        assert time.monotonic() < deadline, (slurm.cluster.job(job_id), agent.read_text())
+        time.sleep(0.2)  # polling with a deadline: the job is running
+    (pid,) = [q.pid for q in find_qemus(slurm.bs.site.job_dir, QEMU) if q.name == name]
+    hz = os.sysconf("SC_CLK_TCK")
+    before = _vcpu_ticks(pid)
+    time.sleep(2)  # a measuring window, not a wait for something to happen
+    assert _vcpu_ticks(pid) - before > 0.2 * 2 * hz, "the job's vCPU must be busy"
+
+    slurm.cluster.scontrol("suspend", job_id)
+    _wait_state(libvirt_conn, name, "paused")
+    vcpus, process = _vcpu_ticks(pid), _process_ticks(pid)
+    time.sleep(PAUSE)  # the suspension under test: longer than every (shortened) timeout
+    assert _vcpu_ticks(pid) == vcpus
+    assert _process_ticks(pid) - process < 0.05 * PAUSE * hz  # QEMU's main loop only
+    assert slurm.cluster.job(job_id)["JobState"] == "SUSPENDED"
+    assert f"job {job_id}: suspended by the scheduler; VM paused" in agent.read_text()
+
+    slurm.cluster.scontrol("resume", job_id)
+    _wait_state(libvirt_conn, name, "running")
+    job = slurm.settled(job_id, timeout=180)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "5:0"), slurm.output(job_id)
+    lines = slurm.output(job_id).splitlines()
+    assert [x for x in lines if x.startswith("count")] == [f"count {i}" for i in range(1, 61)]
+    assert f"job {job_id}: resumed by the scheduler" in agent.read_text()

@@ -473,9 +473,12 @@ def test_the_health_checks_run_against_libvirt(
     (tmp_path / "cache").mkdir()
     result = check.run(cfg, doctor.health_checks(cfg))
     # pytest's base directory is 0700: QEMU's user could not reach files there, and the
-    # directory check says so; nothing else fails.
+    # directory check says so; no node agent runs here (a warning); nothing else fails.
     failed = {(c.what, "not traversable" in c.detail) for c in result.checks if not c.ok}
-    assert failed <= {("job directory", True), ("cache directory", True)}
+    assert failed <= {("job directory", True), ("cache directory", True), ("node agent", False)}
+    (agent_check,) = [c for c in result.checks if c.what == "node agent"]
+    assert agent_check.status == Severity.WARNING
+    assert "a job the scheduler suspends keeps its VM running" in agent_check.detail
     assert ran == ["qemu-img", "qemu-system"]
     names = [c.what for c in result.checks]
     assert names[:2] == ["libvirtd", "libvirtd restarts"]

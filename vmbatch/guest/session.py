@@ -349,11 +349,15 @@ class Session:
         watch: Callable[[], None] | None = None,
         watch_interval: float = 1.0,
         stdin: int | None = None,
+        paused: Callable[[], tuple[bool, int]] | None = None,
     ) -> None:
         """``stdin``: a descriptor whose data becomes the job's stdin (a regular file is
         uploaded before the job starts, a pipe or socket is streamed while it runs, a
-        terminal is for :meth:`attach`); None: the job's stdin is empty."""
+        terminal is for :meth:`attach`); None: the job's stdin is empty. ``paused``: whether
+        root holds the VM paused now, and how many pauses there were (root's pause note,
+        :mod:`vmbatch.pausing`); no paused time counts against a timeout."""
         self._connect = connect
+        self._paused = paused or (lambda: (False, 0))
         self._is_alive = is_alive
         self.job = job
         self.dir = guest_dir(job.job_id, job.step)
@@ -461,6 +465,9 @@ class Session:
 
         Each login plus ``step`` is one attempt of SSH_RECONNECT_POLICY (waits, back-off, and
         ``reconnect_timeout``); a step that drops after the guest answered starts afresh.
+        No attempt is made while root holds the VM paused, and a window in which the VM
+        was paused, or this process was stopped (a scheduler's suspend), starts again when
+        it runs out: a suspension of any length is never taken for a lost guest.
         """
         try:
             return step()
@@ -469,9 +476,11 @@ class Session:
         while True:
             log.warning("lost the guest while %s (%s); reconnecting", what, drop)
             heard = self.heard
+            epoch = self._epoch()
             try:
                 for attempt in SSH_RECONNECT_POLICY.retrying(max_delay=self.reconnect_timeout):
                     with attempt:
+                        self._wait_while_paused()
                         self._reconnect()
                         try:
                             return step()
@@ -483,11 +492,29 @@ class Session:
                             drop = exc
                             break  # the guest answered in between: a new drop, a new window
             except GuestConnectionError as exc:
+                if self._epoch() != epoch:
+                    drop = exc
+                    log.warning("the job was suspended meanwhile; the reconnect window restarts")
+                    continue
                 raise GuestLostError(
                     f"the VM stopped answering while the job was running (no working SSH"
                     f" connection for {self.reconnect_timeout:.0f}s; last error: {exc})",
                     hint="see the VM's console log; the guest may have hung or run out of memory",
                 ) from exc
+
+    def _epoch(self) -> tuple[int, int]:
+        """Changes whenever the VM was paused by root or this process was continued."""
+        return self._paused()[1], signals.continued()
+
+    def _wait_while_paused(self) -> None:
+        """Wait, for as long as it takes, while root holds the VM paused (an operator's or
+        the scheduler's suspend, a checkpoint): it cannot answer, and that is no fault."""
+        if not self._paused()[0]:
+            return
+        log.warning("the job's VM is paused; waiting for it to run again")
+        while self._paused()[0]:
+            time.sleep(0.5)  # polling root's pause note; the pause may last days
+        log.warning("the job's VM runs again")
 
     def _robust_exec(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
         return self._until_done("running a command", lambda: self._exec(command, stdin))
@@ -654,7 +681,8 @@ class Session:
                     heard = time.monotonic()
                     continue
                 if self.liveness_interval > 0 and time.monotonic() - heard > self.liveness_interval:
-                    self._probe(transport)
+                    if not self._paused()[0]:  # a paused VM is silent, not lost
+                        self._probe(transport)
                     heard = time.monotonic()
                 if chan.exit_status_ready() and not (chan.recv_ready() or chan.recv_stderr_ready()):
                     status = chan.recv_exit_status()

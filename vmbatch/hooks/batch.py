@@ -574,6 +574,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         liveness_timeout=cfg.ssh.connect_timeout,
         watch=DiskBudget(cfg, state.JobDir(cfg.paths.job_dir, job.job_id)),
         stdin=job.stdin,
+        paused=userdir.read_paused,
     )
     started = False
 
@@ -583,14 +584,8 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         accounting.mark_started(userdir, time.time())
 
     try:
-        if session.interactive:  # srun --pty
-            with signals.interruptible():
-                return session.attach(out, on_start=mark_started)
-        with signals.interruptible():
-            session.start()
-        mark_started()
-        faults.point(cfg, "starter.job_started")
-        return session.follow(out, err)
+        with signals.job_control():
+            return _run_session(cfg, session, out, err, mark_started)
     except GuestLostError as exc:
         limit = info.get("memory_limit_mib")
         if isinstance(limit, int):
@@ -608,6 +603,19 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     finally:
         if session.client is not None:
             session.client.close()
+
+
+def _run_session(
+    cfg: Config, session: Session, out: BinaryIO, err: BinaryIO, mark_started: Callable[[], None]
+) -> int:
+    if session.interactive:  # srun --pty
+        with signals.interruptible():
+            return session.attach(out, on_start=mark_started)
+    with signals.interruptible():
+        session.start()
+    mark_started()
+    faults.point(cfg, "starter.job_started")
+    return session.follow(out, err)
 
 
 def precancel(cfg: Config, job_id: str) -> None:

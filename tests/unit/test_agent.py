@@ -1,0 +1,163 @@
+"""The node agent (vmbatch/agent.py): which processes are a job's tasks, when a job counts
+as suspended, and one sweep pausing and continuing a VM (libvirt's test driver).
+
+The process tables here are written as /proc would show them (proc(5): ``stat``,
+``status``, ``cmdline``, ``environ``, the ``exe`` link), so the trust rules can be tried
+with processes no test could start (a root slurmstepd, a user faking one). The real
+kernel's view: tests/integration/test_agent_proc.py; the real Slurm:
+tests/system/test_suspend.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_ops import TORQUE_ID, Site, domain_xml
+from vmbatch import agent, pausing
+from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
+
+ALICE, MALLORY = 4711, 4712
+
+
+def _proc(
+    root: Path,
+    pid: int,
+    ppid: int,
+    uid: int,
+    *,
+    state: str = "S",
+    exe: str = "/usr/bin/python3",
+    cmdline: str = "x",
+    environ: dict[str, str] | None = None,
+    start: int = 1000,
+) -> None:
+    d = root / str(pid)
+    d.mkdir()
+    rest = [state, str(ppid)] + ["0"] * 17 + [str(start)] + ["0"] * 30
+    (d / "stat").write_text(f"{pid} (a (b) c) {' '.join(rest)}\n")
+    (d / "status").write_text(f"Name:\tx\nState:\t{state}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    (d / "cmdline").write_bytes(cmdline.encode() + b"\0")
+    (d / "environ").write_bytes(b"".join(f"{k}={v}\0".encode() for k, v in (environ or {}).items()))
+    (d / "exe").symlink_to(exe)
+
+
+def _slurm_table(proc: Path) -> None:
+    stepd = "/usr/sbin/slurmstepd"
+    _proc(proc, 100, 1, 0, exe=f"{stepd}-wlm", cmdline="slurmstepd: [42.batch]")  # Debian's
+    _proc(proc, 101, 100, ALICE)  # the batch step's task: the job starter
+    _proc(proc, 102, 100, MALLORY)  # another uid under the same slurmstepd: not the job's
+    _proc(proc, 110, 1, 0, exe=stepd, cmdline="slurmstepd: [42.0]")
+    _proc(proc, 111, 110, ALICE)  # an srun step's task
+    _proc(proc, 120, 1, 0, exe=stepd, cmdline="slurmstepd: [42.extern]")
+    _proc(proc, 121, 120, ALICE)  # Slurm's own sleep of the extern step
+    _proc(proc, 130, 1, 0, exe=stepd, cmdline="slurmstepd: [421.batch]")
+    _proc(proc, 131, 130, ALICE)  # another job whose id starts the same
+    # A user's process that calls itself slurmstepd of job 42, even with the right exe name.
+    _proc(proc, 200, 1, ALICE, exe=stepd, cmdline="slurmstepd: [42.batch]")
+    _proc(proc, 201, 200, ALICE)
+
+
+def test_a_slurm_jobs_tasks_are_the_children_of_its_root_slurmstepds_with_its_uid(
+    tmp_path: Path,
+) -> None:
+    _slurm_table(tmp_path)
+    record = Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE)
+    assert sorted(t.pid for t in agent.find_tasks(record, tmp_path)) == [101, 111]
+    other = Record(job_id="42", scheduler="slurm", user="mallory", uid=MALLORY)
+    assert [t.pid for t in agent.find_tasks(other, tmp_path)] == [102]
+
+
+def test_a_torque_jobs_tasks_are_pbs_moms_children_with_its_id_and_uid(tmp_path: Path) -> None:
+    _proc(tmp_path, 500, 1, 0, exe="/usr/sbin/pbs_mom", cmdline="/usr/sbin/pbs_mom")
+    _proc(tmp_path, 501, 500, ALICE, environ={"PBS_JOBID": TORQUE_ID, "HOME": "/h"})
+    _proc(tmp_path, 502, 500, ALICE, environ={"PBS_JOBID": "9.other"})
+    _proc(tmp_path, 503, 500, MALLORY, environ={"PBS_JOBID": TORQUE_ID})  # not alice
+    _proc(tmp_path, 600, 1, ALICE, exe="/usr/sbin/pbs_mom")  # a user's "pbs_mom"
+    _proc(tmp_path, 601, 600, ALICE, environ={"PBS_JOBID": TORQUE_ID})
+    record = Record(job_id=TORQUE_ID, scheduler="torque", user="alice", uid=ALICE)
+    assert [t.pid for t in agent.find_tasks(record, tmp_path)] == [501]
+
+
+def test_a_job_is_suspended_when_every_task_is_stopped_or_frozen(tmp_path: Path) -> None:
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir()
+    _proc(proc, 1, 0, ALICE, state="T")
+    _proc(proc, 2, 0, ALICE, state="S")
+    _proc(proc, 3, 0, ALICE, state="S")
+    (proc / "2" / "cgroup").write_text("0::/system.slice/slurmstepd.scope/job_42/step_batch\n")
+    (proc / "3" / "cgroup").write_text("7:freezer:/slurm/uid_4711/job_42\n3:cpu,cpuacct:/\n")
+    v2 = cgroup / "system.slice/slurmstepd.scope/job_42/step_batch"
+    v1 = cgroup / "freezer/slurm/uid_4711/job_42"
+    v2.mkdir(parents=True)
+    v1.mkdir(parents=True)
+    (v2 / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    (v1 / "freezer.state").write_text("THAWED\n")
+    tasks = [p for pid in (1, 2, 3) if (p := agent.read_proc(pid, proc)) is not None]
+
+    def suspended() -> bool:
+        return all(t.state == "T" or agent.frozen(t.pid, proc, cgroup) for t in tasks)
+
+    assert not suspended() and not agent.suspended([], proc)
+    (v2 / "cgroup.events").write_text("populated 1\nfrozen 1\n")
+    assert not suspended()
+    (v1 / "freezer.state").write_text("FROZEN\n")
+    assert suspended()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(tmp_path, [domain_xml("42", "alice", tmp_path / "jobs")])
+
+
+def test_a_sweep_pauses_a_suspended_jobs_vm_and_continues_it_on_resume(
+    site: Site, tmp_path: Path
+) -> None:
+    from vmbatch import config
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    _slurm_table(proc)
+    store = StateStore(site.state_dir)
+    store.write(Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
+                       domain=domain_name("42")))  # fmt: skip
+    cfg = config.load(site.config)
+    sweeper = agent.Agent(cfg, proc=proc)
+    note = UserDir(site.user_dir, "42")
+
+    def restate(state: str) -> None:
+        for pid in (101, 111):
+            stat = proc / str(pid) / "stat"
+            text = stat.read_text()
+            head, _, rest = text.rpartition(") ")
+            stat.write_text(f"{head}) {state}{rest[1:]}")
+
+    def record() -> Record:
+        rec = store.read("42")
+        assert rec is not None
+        return rec
+
+    with Connection(cfg.libvirt) as conn:
+        assert sweeper.sweep(conn) == []  # tasks run: nothing to do
+        restate("T")
+        assert sweeper.sweep(conn) == ["job 42: suspended by the scheduler; VM paused"]
+        assert (status := conn.status(domain_name("42"))) and status.state == "paused"
+        assert record().pauses == (pausing.SCHEDULER,)
+        assert note.read_paused() == (True, 1)
+        assert sweeper.sweep(conn) == []  # still suspended: nothing more
+        # An operator pauses it too; the scheduler's resume leaves it paused.
+        pausing.add(cfg, store, conn, record(), pausing.OPERATOR)
+        restate("S")
+        assert sweeper.sweep(conn) == ["job 42: resumed by the scheduler"]
+        assert (status := conn.status(domain_name("42"))) and status.state == "paused"
+        assert record().pauses == (pausing.OPERATOR,)
+        pausing.drop(cfg, store, conn, record(), pausing.OPERATOR)
+        assert (status := conn.status(domain_name("42"))) and status.state == "running"
+        assert note.read_paused() == (False, 1)
+        # A job whose hook holds its lock (the epilogue runs) is left for the next sweep.
+        restate("T")
+        with store.exclusive("42"):
+            assert sweeper.sweep(conn) == []
+        assert (status := conn.status(domain_name("42"))) and status.state == "running"
