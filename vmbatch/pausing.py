@@ -16,6 +16,10 @@ which the agent's next pass (or ``vmbatch resume``) corrects, never the reverse.
 The job's starter (the user) cannot ask libvirt, so each change is also written to the
 user directory's pause note (:attr:`UserDir.paused_note`): while it says paused, the
 starter counts no time against its reconnect and liveness timeouts.
+
+The guest's clocks stop with its vCPUs, so after a pause its wall clock is behind; when
+the VM runs again, its clock is set to the host's through the QEMU guest agent where the
+image runs one (:meth:`Connection.set_guest_time`), else it stays behind (logged).
 """
 
 from __future__ import annotations
@@ -77,4 +81,9 @@ def drop(cfg: Config, store: StateStore, conn: Connection, record: Record, reaso
     record = store.write(dataclasses.replace(record, pauses=(), paused_at=None))
     _note(cfg, record, False)
     log.info("VM running again after %.1fs paused (%s pause over)", paused, reason)
+    why = conn.set_guest_time(record.domain)
+    if why is None:
+        log.info("guest clock set to the host's")
+    else:
+        log.info("guest clock not set, it is %.0fs behind: %s", paused, why)
     return record

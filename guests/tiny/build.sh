@@ -9,9 +9,10 @@
 #       kernel=<package> <version>
 #       busybox-static=<version>
 #       dropbear-bin=<version>
+#       qemu-guest-agent=<version>
 #   (exact Debian versions; the kernel package and version are what the apt candidate of
 #   linux-image-cloud-amd64 depends on; busybox-static and dropbear-bin are the installed
-#   packages whose binaries are copied).
+#   packages whose binaries are copied; qemu-guest-agent is the apt candidate, downloaded).
 # - If $CACHE_ROOT/tiny-<key>/ exists and is complete nothing is built; the symlink
 #   $CACHE_ROOT/tiny is (re)pointed at it only if it points elsewhere.
 # - Otherwise the guest is built in a temp dir inside CACHE_ROOT, renamed atomically to
@@ -21,7 +22,7 @@
 # - stdout: only the final directory path, as the last line. Progress goes to stderr.
 # - Directory (0755, files 0644):
 #     vmlinux         uncompressed ELF kernel with the PVH entry note (direct boot: -kernel)
-#     initrd.cpio     uncompressed newc initramfs: busybox, dropbear, modules, /init
+#     initrd.cpio     uncompressed newc initramfs: busybox, dropbear, qemu-ga, modules, /init
 #     disk.qcow2      blank 64 MiB qcow2, base for per-job overlays (guest's /dev/vda)
 #     cmdline         one line, the recommended kernel command line
 #     kernel-version  uname -r of the kernel
@@ -50,7 +51,7 @@ CMDLINE+=" initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_c
 # built-in ones dropped). The cdrom set is loaded only when no seed is on a virtio disk: on
 # q35 a cdrom must sit on virtio-scsi (the cloud kernel has no AHCI), on pc on IDE (ata_piix).
 BOOT_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-    failover net_failover virtio_net virtio_blk virtio_rng cdrom isofs"
+    failover net_failover virtio_net virtio_blk virtio_rng virtio_console cdrom isofs"
 CDROM_MODULES="virtio_scsi ata_piix sr_mod"
 DISK_SIZE=64M
 
@@ -84,11 +85,17 @@ fi
     die "no candidate version for $KPKG (run apt-get update)"
 BB_VERSION=$(pkg_installed_version busybox-static)
 DB_VERSION=$(pkg_installed_version dropbear-bin)
+# The QEMU guest agent: the host sets the guest's clock through it after a pause
+# (virDomainSetTime; docs/admin-guide.md, "Suspend and resume"). Downloaded and unpacked
+# like the kernel, never installed on the host (its libraries are the host's).
+QGA_VERSION=$(apt-cache policy qemu-guest-agent | awk '$1 == "Candidate:" && !v { v = $2 } END { print v }')
+[ -n "$QGA_VERSION" ] && [ "$QGA_VERSION" != "(none)" ] ||
+    die "no candidate version for qemu-guest-agent (run apt-get update)"
 
 KEY=$({
     cat "$HERE/build.sh" "$HERE/init"
-    printf 'kernel=%s %s\nbusybox-static=%s\ndropbear-bin=%s\n' \
-        "$KPKG" "$KVERSION" "$BB_VERSION" "$DB_VERSION"
+    printf 'kernel=%s %s\nbusybox-static=%s\ndropbear-bin=%s\nqemu-guest-agent=%s\n' \
+        "$KPKG" "$KVERSION" "$BB_VERSION" "$DB_VERSION" "$QGA_VERSION"
 } | sha256sum | cut -c1-16)
 FINAL="$CACHE_ROOT/tiny-$KEY"
 LINK="$CACHE_ROOT/tiny"
@@ -211,8 +218,15 @@ done
 install -m 0755 /usr/sbin/dropbear "$ROOT/sbin/dropbear"
 install -m 0755 "$(readlink -f /usr/bin/dropbearconvert)" "$ROOT/bin/dropbearconvert"
 install -m 0755 "$(readlink -f /usr/bin/dropbearkey)" "$ROOT/bin/dropbearkey"
+log "downloading qemu-guest-agent=$QGA_VERSION"
+mkdir -p "$TMP/qga"
+(cd "$TMP/dl" && apt-get -q -o APT::Sandbox::User=root download "qemu-guest-agent=$QGA_VERSION") ||
+    die "apt-get download qemu-guest-agent=$QGA_VERSION failed"
+dpkg-deb -x "$TMP"/dl/qemu-guest-agent_*.deb "$TMP/qga"
+install -m 0755 "$TMP/qga/usr/sbin/qemu-ga" "$ROOT/sbin/qemu-ga"
 # Shared libraries and the loader, at the paths ldd reports.
-LIBS=$(for b in /usr/sbin/dropbear /usr/bin/dropbearconvert /usr/bin/dropbearkey; do
+LIBS=$(for b in /usr/sbin/dropbear /usr/bin/dropbearconvert /usr/bin/dropbearkey \
+    "$TMP/qga/usr/sbin/qemu-ga"; do
     ldd "$b" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
 done | sort -u)
 for lib in $LIBS; do
@@ -319,6 +333,7 @@ pkg_of() { dpkg-query -S "$1" 2>/dev/null | head -n1 | cut -d: -f1; }
     echo "package: $KPKG $KVERSION"
     echo "package: busybox-static $BB_VERSION"
     echo "package: dropbear-bin $DB_VERSION"
+    echo "package: qemu-guest-agent $QGA_VERSION"
     for lib in $LIBS; do
         p=$(pkg_of "$lib" || true)
         [ -n "$p" ] || p=$(pkg_of "$(readlink -f "$lib")" || true)

@@ -11,6 +11,8 @@ complete output and exit status after the resume."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,16 +21,17 @@ from pathlib import Path
 import pytest
 
 from tests.system.conftest import VMBATCH, BatchSite, SlurmSite
-from tests.system.test_torque import Mom, _finish
+from tests.system.test_torque import BIN, Mom, _finish
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 from vmbatch.reaper import find_qemus
 
 QEMU = Path("/usr/bin/qemu-system-x86_64")
-#: Busy in the guest (so its vCPU runs), counting to 40 with a line per count.
+#: Busy in the guest (so its vCPU runs), counting to 40 with a line per count; at the end
+#: the guest's clock (epoch seconds).
 COUNTER = (
     "#!/bin/sh\ni=0\nwhile [ $i -lt 40 ]; do i=$((i+1)); echo count $i;"
-    " j=0; while [ $j -lt 20000 ]; do j=$((j+1)); done; done\nexit 5\n"
+    " j=0; while [ $j -lt 20000 ]; do j=$((j+1)); done; done\necho clock $(date +%s)\nexit 5\n"
 )
 
 
@@ -99,8 +102,14 @@ def test_a_suspended_vm_uses_no_cpu_and_its_job_continues_after_resume(
         assert b"running again after" in res.stdout
         _wait_state(libvirt_conn, name, "running")
         status, out, err = _finish(starter)
+        ended = time.time()
         assert status == 5, err
-        assert out.splitlines() == [f"count {i}" for i in range(1, 41)]
+        *counts, clock = out.splitlines()
+        assert counts == [f"count {i}" for i in range(1, 41)]
+        # The guest's clock stopped during the pause; vmbatch set it to the host's after
+        # (its guest agent): it is not PAUSE seconds behind.
+        guest_now = int(clock.removeprefix("clock "))
+        assert ended - 3 <= guest_now <= ended + 1, (guest_now, ended)
     finally:
         mom.epilogue(0)
         bs.site.vmbatch("cleanup", mom.job_id)
@@ -165,3 +174,62 @@ def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
     lines = slurm.output(job_id).splitlines()
     assert [x for x in lines if x.startswith("count")] == [f"count {i}" for i in range(1, 61)]
     assert f"job {job_id}: resumed by the scheduler" in agent.read_text()
+
+
+def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
+    batch_site: BatchSite, agent: Path, libvirt_conn: Connection
+) -> None:
+    """Torque's contract (resmom/requests.c:resume_suspend in Torque 6.1.3): SIGTSTP to
+    every process of the job's session, SIGSTOP 5 s later, SIGCONT on resume. The job
+    starter is pbs_mom's child, leads its own session (start_exec.c ``setsid``), so its
+    process group is orphaned and the kernel discards a default SIGTSTP: only the
+    starter's own handler stops it, and the agent pauses the VM on that SIGTSTP alone.
+
+    pbs_mom itself is played by a root process whose program is named ``pbs_mom`` (a copy
+    of bash), which the agent trusts as it would the real one."""
+    bs = batch_site
+    _short_timeouts(bs)
+    mom = Mom(bs, COUNTER.replace("-lt 40", "-lt 60"))
+    name = domain_name(mom.job_id)
+    fake = bs.site.root / "sbin" / "pbs_mom"
+    fake.parent.mkdir()
+    shutil.copy("/bin/bash", fake)
+    out, err = bs.site.root / "job.out", bs.site.root / "job.err"
+    u = bs.user
+    starter_pid = bs.site.root / "starter.pid"
+    try:
+        assert mom.prologue().returncode == 0
+        line = bs.site.root / "line"
+        line.write_text(f"{mom.script}\n")
+        env = {"PBS_JOBID": mom.job_id, "HOME": str(u.home), "USER": u.name,
+               "PATH": "/bin:/usr/bin", **bs.env}  # fmt: skip
+        argv = " ".join(
+            ["setsid", "setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--clear-groups",
+             str(BIN / "vmbatch-starter"), "/bin/sh"]
+        )  # fmt: skip
+        mom_proc = subprocess.Popen(
+            [str(fake), "-c", f'{argv} <{line} >{out} 2>{err} & echo $! >{starter_pid}; wait $!'],
+            env=env, cwd=u.home, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (out.exists() and "count 2\n" in out.read_text()):
+            assert mom_proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)  # polling with a deadline: the job is running
+        pid = int(starter_pid.read_text())
+        (qemu,) = [q.pid for q in find_qemus(bs.site.job_dir, QEMU) if q.name == name]
+
+        os.killpg(os.getsid(pid), signal.SIGTSTP)  # Torque's first signal, alone
+        _wait_state(libvirt_conn, name, "paused")
+        os.killpg(os.getsid(pid), signal.SIGSTOP)  # and its second, 5 s later
+        vcpus = _vcpu_ticks(qemu)
+        time.sleep(PAUSE)  # the suspension under test: longer than every (shortened) timeout
+        assert _vcpu_ticks(qemu) == vcpus
+        os.killpg(os.getsid(pid), signal.SIGCONT)  # qsig -s resume
+        _wait_state(libvirt_conn, name, "running")
+        assert mom_proc.wait(timeout=180) == 5, err.read_text()
+        counts = [x for x in out.read_text().splitlines() if x.startswith("count")]
+        assert counts == [f"count {i}" for i in range(1, 61)]
+        assert f"job {mom.job_id}: suspended by the scheduler; VM paused" in agent.read_text()
+    finally:
+        mom.epilogue(0)
+        bs.site.vmbatch("cleanup", mom.job_id)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from vmbatch.errors import (
     LibvirtUnavailableError,
     PortForwardError,
     ResourceLimitError,
+    VmBatchError,
 )
 from vmbatch.libvirt.domain import (
     DOMAIN_PREFIX,
@@ -482,6 +484,22 @@ class Connection:
         state = self._bounded(f"query domain {name}", dom.info)[0]
         if state == libvirt.VIR_DOMAIN_PAUSED:
             self._bounded(f"resume domain {name}", dom.resume)
+
+    def set_guest_time(self, name: str) -> str | None:
+        """Set the guest's clock to the host's through the QEMU guest agent
+        (``virDomainSetTime``; the agent runs ``settimeofday`` and ``hwclock -w``:
+        https://libvirt.org/html/libvirt-libvirt-domain.html#virDomainSetTime). After a
+        pause the guest's clock is behind (its clocks stop with its vCPUs). None if set;
+        else why not (no agent in the image answers within 5 s, ...)."""
+        try:
+            dom = self._lookup(name)
+            self._bounded(f"limit {name}'s agent calls", dom.agentSetResponseTimeout, 5, 0)
+            now = time.time()
+            stamp = {"seconds": int(now), "nseconds": int((now % 1) * 1e9)}
+            self._bounded(f"set the guest clock of {name}", dom.setTime, stamp, 0)
+        except VmBatchError as exc:
+            return str(exc)
+        return None
 
     def ssh_port(self, name: str, guest_port: int) -> int | None:
         """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a

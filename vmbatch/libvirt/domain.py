@@ -13,6 +13,10 @@ Choices worth knowing:
   rejects ``<portForward>``/passt (9.2+), so the SSH forward to 127.0.0.1 is added through
   the monitor right after start (see ``connection.py``).
 - Devices sit on the root PCI bus at fixed slots (no pcie-root-ports).
+- A virtio channel for the QEMU guest agent (``org.qemu.guest_agent.0``,
+  https://libvirt.org/formatdomain.html#channel): where the image runs ``qemu-ga``, the
+  host sets the guest's clock after a pause (:meth:`Connection.set_guest_time`); where it
+  does not, the port is unused.
 - The serial console goes through virtlogd (``<log file=...>``), which writes the file as root
   with rollover, instead of QEMU writing it directly.
 - ``on_poweroff``/``on_crash`` destroy: a guest that stops ends the job's VM.
@@ -193,8 +197,12 @@ def _cpu(dom: ET.Element, spec: DomainSpec) -> None:
         _text(cpu, "model", spec.tcg_cpu_model, fallback="forbid")
 
 
-#: PCI slots on the root bus: the RNG, then the disks in order.
-_RNG_SLOT, _FIRST_DISK_SLOT = 3, 4
+#: PCI slots on the root bus: the RNG, then the disks in order; the virtio-serial controller
+#: (the guest agent's channel) after the NIC.
+_RNG_SLOT, _FIRST_DISK_SLOT, _SERIAL_SLOT = 3, 4, 0x11
+#: The QEMU guest agent's virtio port: where qemu-ga listens in the guest, and the channel
+#: libvirt's agent calls use (``virDomainSetTime`` after a pause).
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 #: Disk slots end below the NIC's slot.
 MAX_DISKS = int(_NET_ADDR, 16) - _FIRST_DISK_SLOT
 
@@ -249,6 +257,10 @@ def _devices(dom: ET.Element, spec: DomainSpec) -> None:
     rng = ET.SubElement(dev, "rng", model="virtio")
     _text(rng, "backend", "/dev/urandom", model="random")
     _pci(rng, _RNG_SLOT)
+    serial_ctl = ET.SubElement(dev, "controller", type="virtio-serial", index="0")
+    _pci(serial_ctl, _SERIAL_SLOT)
+    channel = ET.SubElement(dev, "channel", type="unix")  # libvirt picks the socket's path
+    ET.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_PORT)
     ET.SubElement(dev, "memballoon", model="none")
 
 
