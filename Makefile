@@ -69,6 +69,7 @@ bench: venv daemons guest-tiny guest-debian guest-cloud
 	$(VENV)/bin/python bench/cloud_boot.py --guests $(GUESTS)
 	$(VENV)/bin/python bench/session.py --guest $(GUESTS)/debian
 	$(VENV)/bin/python bench/slurm.py --guest $(GUESTS)/tiny
+	$(VENV)/bin/python bench/suspend.py --guest $(GUESTS)/tiny
 
 # The soak (docs/design.md, "Soak"): its own Slurm and libvirtd, ~40 min here.
 SOAK_ARGS ?= --jobs 500 --fault-rate 0.1

@@ -50,6 +50,27 @@ def _poll(ok: object, timeout: float = 300) -> None:
         time.sleep(0.02)  # polling with a deadline
 
 
+def bench_site(work: Path, guest: Path) -> tuple[Path, Path]:
+    """A fresh root directory under ``work`` and a vmbatch configuration in it with
+    ``guest`` as the default image "demo": (root, configuration file)."""
+    root = work / uuid.uuid4().hex[:8]
+    root.mkdir(parents=True)
+    for d in (work, root):
+        d.chmod(0o755)
+    register = subprocess.run(
+        [str(ROOT / "scripts" / "register-guest"), "demo", str(guest)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    cfg_file = root / "vmbatch.toml"
+    cfg_file.write_text(
+        f'[vm]\noutbound_network = false\n[paths]\njob_dir = "{root}/jobs"\n'
+        f'cache_dir = "{root}/cache"\n[batch]\ndefault_image = "demo"\n'
+        f'state_dir = "{root}/state"\nuser_dir = "{root}/run"\n'
+        f'accounting_log = "{root}/accounting.jsonl"\n{register}'
+    )
+    return root, cfg_file
+
+
 def one_job(
     cluster: SlurmCluster, user: str, home: Path, root: Path, times: Path, index: int
 ) -> tuple[float, float, float]:
@@ -83,21 +104,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     guest = args.guest.resolve()
-    root = WORK / uuid.uuid4().hex[:8]
-    root.mkdir(parents=True)
-    for d in (WORK, root):
-        d.chmod(0o755)
-    register = subprocess.run(
-        [str(ROOT / "scripts" / "register-guest"), "demo", str(guest)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    cfg_file = root / "vmbatch.toml"
-    cfg_file.write_text(
-        f'[vm]\noutbound_network = false\n[paths]\njob_dir = "{root}/jobs"\n'
-        f'cache_dir = "{root}/cache"\n[batch]\ndefault_image = "demo"\n'
-        f'state_dir = "{root}/state"\nuser_dir = "{root}/run"\n'
-        f'accounting_log = "{root}/accounting.jsonl"\n{register}'
-    )
+    root, cfg_file = bench_site(WORK, guest)
     times = root / "epilog.times"
     epilog = root / "epilog-timed"
     epilog.write_text(
