@@ -29,14 +29,29 @@ import signal
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import libvirt
 
 from tests.system.libvirtd import PrivateLibvirtd
+from vmbatch import process
+from vmbatch.config import Config
+from vmbatch.contextualize import keys
+from vmbatch.contextualize.nocloud import build_iso
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import DiskSpec, DomainSpec, JobMetadata, build_xml, domain_name
 
 IP = "/usr/bin/ip"
+QEMU = Path("/usr/bin/qemu-system-x86_64")
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+#: Counts on the guest's console, 10 a second, from a boot command of the tiny guest.
+COUNTER = (
+    "i=0\n"
+    'while :; do i=$((i+1)); echo "count $i" >/dev/console; usleep 100000; done'
+    " </dev/null >/dev/null 2>&1 &\n"
+)
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -129,4 +144,97 @@ def _kill_namespace(ns: str) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)  # polling with a deadline
+
+
+@dataclass(frozen=True)
+class CounterVM:
+    """A tiny-guest VM started from vmbatch's own domain XML, counting on its console."""
+
+    name: str
+    job_id: str
+    job_dir: Path
+    #: Logs in as root (authorized by the seed) and pins the guest's host key.
+    user: keys.KeyPair
+    host: keys.KeyPair
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "".join(by + line for line in text.splitlines(keepends=True))
+
+
+def start_counter_vm(conn: Connection, guest_dir: Path, job_dir: Path) -> CounterVM:
+    """Start a VM of the tiny guest (guests/tiny) on ``conn`` the way vmbatch builds a job's
+    domain (:func:`build_xml`: overlay on the guest's disk, NoCloud seed as a read-only
+    disk, console log through virtlogd, user network with restrict=on), with a boot
+    command that counts on the console, 10 a second."""
+    cfg = Config()
+    job_id = f"mig{uuid.uuid4().hex[:6]}"
+    job_dir.mkdir(mode=0o711)
+    overlay = job_dir / "overlay.qcow2"
+    process.run(
+        [str(cfg.tools.qemu_img), "create", "-q", "-f", "qcow2", "-F", "qcow2",
+         "-b", str(guest_dir / "disk.qcow2"), str(overlay)],
+        timeout=60,
+    )  # fmt: skip
+    user, host = keys.generate("test"), keys.generate("host")
+    user_data = (
+        "#cloud-config\n"
+        f"bootcmd:\n- |\n{_indent(COUNTER)}"
+        f"ssh_authorized_keys:\n- {user.public_openssh}\n"
+        f"ssh_keys:\n  ed25519_private: |\n{_indent(host.private_openssh, '    ')}"
+    )
+    meta = f"instance-id: {job_id}\nlocal-hostname: migrant\n"
+    seed = job_dir / "seed.iso"
+    seed.write_bytes(build_iso({"user-data": user_data.encode(), "meta-data": meta.encode()}))
+    name = domain_name(job_id)
+    xml = build_xml(
+        DomainSpec(
+            name=name,
+            domain_type="qemu",
+            memory_mib=256,
+            vcpus=1,
+            machine="q35",
+            disks=(DiskSpec(overlay, "qcow2"), DiskSpec(seed, "raw", readonly=True)),
+            console_log=job_dir / "console.log",
+            metadata=JobMetadata(job_id, "root", "test", "demo", "test"),
+            emulator=QEMU,
+            kernel=guest_dir / "vmlinux",
+            initrd=guest_dir / "initrd.cpio",
+            cmdline=(guest_dir / "cmdline").read_text().strip(),
+            firmware=QBOOT if QBOOT.exists() else None,
+            outbound_network=False,
+        )
+    )
+    conn.create(name, xml)
+    return CounterVM(name, job_id, job_dir, user, host)
+
+
+def guest_ssh(ns: str, vm: CounterVM, port: int, command: str) -> str:
+    """Run ``command`` in ``vm`` as root over SSH from inside namespace ``ns`` (where its
+    port forward listens), its host key pinned; its output, or AssertionError."""
+    ssh_dir = vm.job_dir.parent / f"ssh-{vm.job_id}"
+    if not ssh_dir.exists():
+        ssh_dir.mkdir(mode=0o700)
+        (ssh_dir / "id").touch(mode=0o600)
+        (ssh_dir / "id").write_text(vm.user.private_openssh)
+        (ssh_dir / "known_hosts").write_text(f"guest {vm.host.public_openssh}\n")
+    out = subprocess.run(
+        [IP, "netns", "exec", ns, "/usr/bin/ssh", "-F", "/dev/null",
+         "-i", str(ssh_dir / "id"), "-o", f"UserKnownHostsFile={ssh_dir / 'known_hosts'}",
+         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+         "-o", "ConnectTimeout=20", "-o", "HostKeyAlias=guest", "-p", str(port),
+         "root@127.0.0.1", command],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def wait_console(log: Path, text: bytes, timeout: float = 60) -> None:
+    """Wait (bounded) until the console log ``log`` holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while not log.exists() or text not in log.read_bytes():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log}: no {text!r} within {timeout} s")
         time.sleep(0.1)  # polling with a deadline
