@@ -1,8 +1,11 @@
-"""Two test-owned libvirtds on this machine, as migration needs them: each in a network
-namespace of its own (``ip netns add``, made and removed here) and a mount namespace of its
+"""Test-owned libvirtds on this machine, as migration needs them (:class:`NamespacedLibvirtd`,
+two of them in :class:`LibvirtPair`): each in a network namespace of its own (``ip netns
+add``, made and removed here, entered with ``nsenter --net``) and a mount namespace of its
 own (tests/system/libvirtd.py's private bind mounts over /run/libvirt, /var/lib/libvirt,
 /var/cache/libvirt, /var/log/libvirt, /etc/libvirt), each with its own virtlogd and a
-distinct ``host_uuid`` in its ``libvirtd.conf``.
+distinct ``host_uuid`` in its ``libvirtd.conf``. Also: a tiny-guest VM that counts
+(:func:`start_counter_vm`), SSH into it from a namespace (:func:`guest_ssh`), and the
+loopback relay a migrated job's starter needs (:class:`LoopbackRelay`).
 
 Why: libvirt refuses a migration between daemons whose host UUIDs are equal ("Attempt to
 migrate guest to the same host", qemu_migration_cookie.c, libvirt 9.0; the default UUID
@@ -18,15 +21,19 @@ directory both daemons see (``unix://`` migration URIs, libvirt 6.8+); a QEMU's 
 Clean-up is by PID and always runs: domains destroyed through their own daemon, the daemons
 stopped by their PID files, then any process still in one of our namespaces (``ip netns
 pids``: only processes our daemons started can be there) killed, and the namespaces removed.
+The mount namespaces end with their last process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -58,52 +65,72 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([IP, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
+class NamespacedLibvirtd(PrivateLibvirtd):
+    """A :class:`PrivateLibvirtd` in a network namespace of its own (made by :meth:`start`,
+    ``lo`` up: ``hostfwd`` binds 127.0.0.1 there) with its own ``host_uuid``. :meth:`stop`
+    destroys its domains, stops the daemons, kills by PID whatever still runs in the
+    namespace, and removes it."""
+
+    def __init__(self, base: Path, *, qemu_conf: str = "") -> None:
+        self.host_uuid = str(uuid.uuid4())
+        super().__init__(
+            base,
+            qemu_conf=qemu_conf,
+            libvirtd_conf=f'host_uuid = "{self.host_uuid}"',
+            netns=f"vmbatch-mig-{uuid.uuid4().hex[:8]}",
+        )
+        self._netns_made = False
+
+    def start(self, timeout: float = 60) -> None:
+        assert self.netns is not None
+        if not self._netns_made:
+            r = _ip("netns", "add", self.netns)
+            if r.returncode != 0:
+                raise RuntimeError(f"ip netns add {self.netns}: {r.stderr.strip()}")
+            self._netns_made = True
+            r = _ip("-n", self.netns, "link", "set", "lo", "up")
+            if r.returncode != 0:
+                raise RuntimeError(f"ip -n {self.netns} link set lo up: {r.stderr.strip()}")
+        super().start(timeout)
+
+    def stop(self) -> None:
+        """Everything down, whatever state it is in; never raises for what is gone."""
+        if self.pid() is not None:
+            _destroy_all(self.uri)
+        super().stop()
+        if self._netns_made and self.netns is not None:
+            _kill_namespace(self.netns)
+            _ip("netns", "del", self.netns)
+            self._netns_made = False
+
+
 class LibvirtPair:
-    """``src`` and ``dst``: two :class:`PrivateLibvirtd` in namespaces of their own."""
+    """``src`` and ``dst``: two :class:`NamespacedLibvirtd`, and a directory for the
+    migration's Unix sockets.
+
+    Both run without cgroup controllers (``cgroup_controllers = []``): libvirt names a
+    domain's cgroup ``qemu-ID-NAME`` and both daemons number their domains from 1, so the
+    same VM on both would share one cgroup directory on this one host.
+    """
 
     def __init__(self, base: Path) -> None:
         self.base = base
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tag = uuid.uuid4().hex[:8]
-        self.host_uuids = (str(uuid.uuid4()), str(uuid.uuid4()))
-        self.netns = (f"vmbatch-mig-{tag}-src", f"vmbatch-mig-{tag}-dst")
-        self.src, self.dst = (
-            PrivateLibvirtd(
-                base / side,
-                libvirtd_conf=f'host_uuid = "{host_uuid}"',
-                netns=ns,
-            )
-            for side, host_uuid, ns in zip(("src", "dst"), self.host_uuids, self.netns, strict=True)
-        )
+        no_cgroups = "cgroup_controllers = []"
+        self.src = NamespacedLibvirtd(base / "src", qemu_conf=no_cgroups)
+        self.dst = NamespacedLibvirtd(base / "dst", qemu_conf=no_cgroups)
+        self.netns = (str(self.src.netns), str(self.dst.netns))
         #: Where the migration and NBD Unix sockets go: both daemons' QEMUs (user
         #: libvirt-qemu) and libvirtds (root) reach it, nobody else.
-        self.sockets = base / "sockets"
-        self._made: list[str] = []
+        self.sockets = make_socket_dir(base / "sockets")
 
     def start(self) -> None:
-        self.sockets.mkdir(mode=0o700, exist_ok=True)
-        shutil.chown(self.sockets, "libvirt-qemu", "libvirt-qemu")
-        for ns in self.netns:
-            r = _ip("netns", "add", ns)
-            if r.returncode != 0:
-                raise RuntimeError(f"ip netns add {ns}: {r.stderr.strip()}")
-            self._made.append(ns)
-            r = _ip("-n", ns, "link", "set", "lo", "up")  # hostfwd binds 127.0.0.1 there
-            if r.returncode != 0:
-                raise RuntimeError(f"ip -n {ns} link set lo up: {r.stderr.strip()}")
         self.src.start()
         self.dst.start()
 
     def stop(self) -> None:
-        """Everything down, whatever state it is in; never raises for what is gone."""
         for daemon in (self.src, self.dst):
-            if daemon.pid() is not None:
-                _destroy_all(daemon.uri)
             daemon.stop()
-        for ns in self._made:
-            _kill_namespace(ns)
-            _ip("netns", "del", ns)
-        self._made.clear()
 
     def __enter__(self) -> LibvirtPair:
         try:
@@ -120,6 +147,13 @@ class LibvirtPair:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def make_socket_dir(path: Path) -> Path:
+    """A directory for migration sockets: QEMU (libvirt-qemu) listens and connects there."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.chown(path, "libvirt-qemu", "libvirt-qemu")
+    return path
 
 
 def _destroy_all(uri: str) -> None:
@@ -238,3 +272,95 @@ def wait_console(log: Path, text: bytes, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{log}: no {text!r} within {timeout} s")
         time.sleep(0.1)  # polling with a deadline
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class LoopbackRelay:
+    """Root's TCP relay from 127.0.0.1:``port`` here to 127.0.0.1:``to_port`` inside the
+    network namespace ``ns``: what a migrated job's starter needs, whose SSH endpoint
+    (the source's loopback port) went away with the source's QEMU (docs/admin-guide.md,
+    "Live migration"). Each connection to the destination is made from a short-lived
+    thread that entered ``ns`` (``setns(2)`` with CLONE_NEWNET changes the calling thread
+    only; a socket keeps the namespace it was made in)."""
+
+    def __init__(self, port: int, ns: str, to_port: int) -> None:
+        self.to_port = to_port
+        self._ns = Path("/run/netns") / ns
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(8)
+        self.listener.settimeout(0.2)
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, name="relay", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> socket.socket:
+        box: dict[str, socket.socket | BaseException] = {}
+
+        def enter_and_connect() -> None:
+            try:
+                fd = os.open(self._ns, os.O_RDONLY)
+                try:
+                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns {self._ns}")
+                finally:
+                    os.close(fd)
+                box["sock"] = socket.create_connection(("127.0.0.1", self.to_port), timeout=10)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["sock"] = exc
+
+        t = threading.Thread(target=enter_and_connect, name="relay-connect")
+        t.start()
+        t.join(30)
+        got = box.get("sock")
+        if not isinstance(got, socket.socket):
+            raise OSError(f"relay cannot reach 127.0.0.1:{self.to_port} in {self._ns}: {got}")
+        got.settimeout(None)
+        return got
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = self._connect()
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            self.connections += 1
+            self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.listener.close()
+        self._thread.join(5)
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def __enter__(self) -> LoopbackRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)

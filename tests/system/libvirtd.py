@@ -141,8 +141,10 @@ class PrivateLibvirtd:
         return " && ".join([*mounts, f"exec {program}"])
 
     def _spawn(self, program: str) -> subprocess.Popen[bytes]:
-        # ip netns exec enters the namespace and execs the rest (no process of its own).
-        netns = ["/usr/bin/ip", "netns", "exec", self.netns] if self.netns else []
+        # nsenter enters the network namespace and execs the rest (no process of its own).
+        # Not `ip netns exec`: it also remounts /sys, which hides the cgroup file systems
+        # from libvirtd (no memory limits then).
+        netns = ["/usr/bin/nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         with self.log.open("ab") as out:
             proc = subprocess.Popen(
                 [*netns, "/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
