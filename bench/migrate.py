@@ -65,7 +65,7 @@ def main() -> int:
                 for d, ns in zip((pair.src, pair.dst), pair.netns, strict=True)
             ]
             try:
-                vm = start_counter_vm(sides[0][0], args.guest, base / "job-0")
+                vm = start_counter_vm(sides[0][0], args.guest.resolve(), base / "job-0")
                 wait_console(vm.job_dir / "console.log", b"vmbatch-tiny: ssh ready")
                 here, n = 0, 0
                 port = sides[0][0].forward_port(vm.name, cfg.ssh.port)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from vmbatch import process
 from vmbatch.config import Config
-from vmbatch.errors import LibvirtError, MigrationError, MigrationRefusedError
+from vmbatch.errors import LibvirtError, MigrationError, MigrationRefusedError, VmBatchError
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import (
     migration_xml,
@@ -84,6 +84,8 @@ class DiskMove:
     virtual_size: int = 0
     backing: FileCheck | None = None
     backing_format: str = ""
+    #: The backing file's own backing files, if it has any: the whole chain must match.
+    chain: tuple[FileCheck, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +203,17 @@ def _finish(
         raise MigrationError(f"{name} is not running on {dest_uri} after its migration")
     if conn.status(name) is not None:
         raise MigrationError(f"{name} still exists at the source after its migration")
-    if plan.memory_limit_mib is not None:
-        dest.set_memory_limit(name, plan.memory_limit_mib)
-    port = dest.forward_port(name, cfg.ssh.port)
-    stats = dest.completed_job_stats(name)
+    try:
+        if plan.memory_limit_mib is not None:
+            dest.set_memory_limit(name, plan.memory_limit_mib)
+        port = dest.forward_port(name, cfg.ssh.port)
+        stats = dest.completed_job_stats(name)
+    except VmBatchError as exc:
+        raise MigrationError(
+            f"{name} was migrated to {dest_uri}, but setting it up there failed: {exc}",
+            hint="it runs there without its memory limit or SSH forward; destroy it or"
+            " finish by hand",
+        ) from exc
     result = MigrationResult(
         name=name,
         dest_uri=dest_uri,
@@ -236,8 +245,8 @@ def make_plan(cfg: Config, conn: Connection, name: str, dest_dir: Path) -> Migra
         if disk.readonly:
             disks.append(DiskMove(disk.target, disk.path, dest, disk.format, readonly=True))
             continue
-        info = _image_info(cfg, disk.path)
-        backing = str(info.get("full-backing-filename") or info.get("backing-filename") or "")
+        top, *below = _image_chain(cfg, disk.path)
+        backing = _backing_of(top)
         disks.append(
             DiskMove(
                 disk.target,
@@ -245,9 +254,10 @@ def make_plan(cfg: Config, conn: Connection, name: str, dest_dir: Path) -> Migra
                 dest,
                 disk.format,
                 readonly=False,
-                virtual_size=int(str(info["virtual-size"])),
+                virtual_size=int(str(top["virtual-size"])),
                 backing=_file_check(Path(backing)) if backing else None,
-                backing_format=str(info.get("backing-filename-format", "")),
+                backing_format=str(top.get("backing-filename-format", "")),
+                chain=tuple(_file_check(Path(p)) for b in below if (p := _backing_of(b))),
             )
         )
     disk_paths = {d.source for d in disks}
@@ -274,7 +284,8 @@ def prepare_destination(cfg: Config, plan: MigrationPlan) -> list[Path]:
     destination must share is missing or differs, or a destination file already exists
     (never overwrite: on one host the same path would be the source's own disk).
     """
-    for check in [*(d.backing for d in plan.disks if d.backing), *plan.boot_files]:
+    chains = [c for d in plan.disks for c in (*((d.backing,) if d.backing else ()), *d.chain)]
+    for check in [*chains, *plan.boot_files]:
         _verify_same(check)
     targets = [d.dest for d in plan.disks] + [dst for _, dst in plan.moves]
     for path in targets:
@@ -316,16 +327,21 @@ def _check_hypervisors(
         )
 
 
-def _image_info(cfg: Config, path: Path) -> dict[str, object]:
+def _image_chain(cfg: Config, path: Path) -> list[dict[str, object]]:
+    """``qemu-img info --backing-chain``: the image, then each backing file down the chain."""
     # -U (--force-share): the running QEMU holds the image's write lock.
     res = process.run(
-        [str(cfg.tools.qemu_img), "info", "-U", "--output=json", str(path)],
+        [str(cfg.tools.qemu_img), "info", "-U", "--backing-chain", "--output=json", str(path)],
         timeout=cfg.tools.command_timeout,
     )
-    info = json.loads(res.stdout)
-    if not isinstance(info, dict):
+    chain = json.loads(res.stdout)
+    if not isinstance(chain, list) or not chain or not all(isinstance(i, dict) for i in chain):
         raise MigrationError(f"qemu-img info {path}: unexpected output")
-    return info
+    return chain
+
+
+def _backing_of(info: dict[str, object]) -> str:
+    return str(info.get("full-backing-filename") or info.get("backing-filename") or "")
 
 
 def _sha256(path: Path) -> str:
