@@ -47,6 +47,8 @@ node's (drain/offline it with the cause as the reason). Only node faults take a 
     │   │   └── DomainDefinitionError  OFFLINE_NODE  node    libvirt rejected the domain XML
     │   ├── InjectionToolError         OFFLINE_NODE  node    libguestfs missing or broken
     │   ├── ResourceLimitError         OFFLINE_NODE  node    cannot pin or limit a VM here
+    │   ├── MigrationError                                   a live migration failed (VM stays)
+    │   │   └── MigrationRefusedError                        ... refused before anything moved
     │   └── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
     ├── GuestError                  REQUEUE       transient  the VM did not behave
     │   ├── GuestBootTimeoutError                 image      no SSH within boot_timeout
@@ -263,6 +265,15 @@ class ResourceLimitError(HostError):
 
     disposition = Disposition.OFFLINE_NODE
     fault = Fault.NODE
+
+
+class MigrationError(HostError):
+    """A live migration (:mod:`vmbatch.migrate`) failed; the VM runs on at the source."""
+
+
+class MigrationRefusedError(MigrationError):
+    """A live migration was refused before anything moved: the domain is not running, or
+    the destination lacks what the VM needs (the identical base image, kernel, QEMU build)."""
 
 
 class AcceleratorError(HostError):

@@ -74,10 +74,23 @@ def kvm_usable() -> bool:
 class PrivateLibvirtd:
     """libvirtd + virtlogd of our own; ``uri`` reaches it. Use as a context manager."""
 
-    def __init__(self, base: Path, *, hide_kvm: bool | None = None, qemu_conf: str = "") -> None:
-        """``qemu_conf``: lines appended to the private copy of ``qemu.conf``."""
+    def __init__(
+        self,
+        base: Path,
+        *,
+        hide_kvm: bool | None = None,
+        qemu_conf: str = "",
+        libvirtd_conf: str = "",
+        netns: str | None = None,
+    ) -> None:
+        """``qemu_conf``, ``libvirtd_conf``: lines appended to the private copies of
+        ``qemu.conf`` and ``libvirtd.conf``. ``netns``: run both daemons (and so their
+        QEMUs) in this network namespace (``ip netns add``, made and removed by the
+        caller)."""
         self.base = base
         self.qemu_conf = qemu_conf
+        self.libvirtd_conf = libvirtd_conf
+        self.netns = netns
         self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.socket = base / "run" / "libvirt-sock"
         self.uri = f"qemu+unix:///system?socket={self.socket}"
@@ -101,6 +114,9 @@ class PrivateLibvirtd:
                     # libvirt's per-QEMU /dev cannot replicate our bind mount on /dev/kvm.
                     fh.write("\nnamespaces = []\n")
                 fh.write(f"\n{self.qemu_conf}\n" if self.qemu_conf else "")
+            if self.libvirtd_conf:
+                with (etc / "libvirtd.conf").open("a") as fh:
+                    fh.write(f"\n{self.libvirtd_conf}\n")
         for _, sub, owner, mode in _DIRS:
             d = self.base / sub
             d.mkdir(mode=mode, exist_ok=True)
@@ -125,9 +141,13 @@ class PrivateLibvirtd:
         return " && ".join([*mounts, f"exec {program}"])
 
     def _spawn(self, program: str) -> subprocess.Popen[bytes]:
+        # nsenter enters the network namespace and execs the rest (no process of its own).
+        # Not `ip netns exec`: it also remounts /sys, which hides the cgroup file systems
+        # from libvirtd (no memory limits then).
+        netns = ["/usr/bin/nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         with self.log.open("ab") as out:
             proc = subprocess.Popen(
-                ["/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+                [*netns, "/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
                  self._namespace_script(program)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},

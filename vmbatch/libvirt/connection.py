@@ -221,8 +221,12 @@ class Connection:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _bounded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a daemon thread; give up after ``timeout`` seconds."""
+    def _bounded(
+        self, what: str, fn: Callable[..., T], *args: Any, timeout: float | None = None
+    ) -> T:
+        """Run ``fn(*args)`` in a daemon thread; give up after ``timeout`` seconds
+        (``[libvirt].timeout`` unless given)."""
+        limit = self.cfg.timeout if timeout is None else timeout
         box: dict[str, Any] = {}
 
         def target() -> None:
@@ -233,10 +237,10 @@ class Connection:
 
         worker = threading.Thread(target=target, name=f"libvirt: {what}", daemon=True)
         worker.start()
-        worker.join(self.cfg.timeout)
+        worker.join(limit)
         if worker.is_alive():
             exc = LibvirtTimeoutError(
-                f"libvirt did not {what} within {self.cfg.timeout:.0f}s",
+                f"libvirt did not {what} within {limit:.0f}s",
                 hint="libvirtd looks hung: check it with `vmbatch doctor` and restart it",
             )
             exc.worker = worker
@@ -500,6 +504,74 @@ class Connection:
         except VmBatchError as exc:
             return str(exc)
         return None
+
+    def xml(self, name: str, *, migratable: bool = False) -> str:
+        """The running domain's live XML; with ``migratable``, as libvirt would send it to
+        a migration's destination (``VIR_DOMAIN_XML_MIGRATABLE``: no runtime-only parts)."""
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE if migratable else 0
+        return str(self._bounded(f"read the XML of {name}", dom.XMLDesc, flags))
+
+    def set_memory_limit(self, name: str, limit_mib: int) -> None:
+        """Set the running domain's memory hard limit, live (see :meth:`create`)."""
+        dom = self._lookup(name)
+        params = {"hard_limit": limit_mib * 1024}  # KiB
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self._bounded(f"limit the memory of {name}", dom.setMemoryParameters, params, live)
+
+    def migrate(
+        self,
+        name: str,
+        dest: Connection,
+        *,
+        dest_xml: str,
+        disks: tuple[str, ...],
+        uri: str | None,
+        disks_uri: str | None,
+        timeout: float,
+    ) -> None:
+        """Live-migrate the domain to ``dest``'s libvirtd, copying the top layer of the disks
+        ``disks`` (targets such as ``vda``) while it runs.
+
+        Client-managed migration (``virDomainMigrate3``, this process holds both
+        connections; https://libvirt.org/migration.html#managed-direct-migration) with
+        ``VIR_MIGRATE_LIVE | VIR_MIGRATE_NON_SHARED_INC``: the backing chain must already be
+        on the destination, identical, and the destination's top layers pre-created
+        (libvirt does not create them for ``_INC``). Not ``PERSIST_DEST``: the domain stays
+        transient. ``uri``/``disks_uri``: where the destination's QEMU listens for the
+        memory stream and its NBD server for the disks (``tcp://HOST:PORT`` or
+        ``unix:///path``, libvirt 6.8+); None: libvirt's default (the destination's
+        host name). If it does not end within ``timeout`` seconds the migration is
+        aborted (``virDomainAbortJob``) and the domain keeps running here.
+        """
+        dom = self._lookup(name)
+        params: dict[str, Any] = {
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml,
+            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: list(disks),
+        }
+        if uri is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = uri
+        if disks_uri is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = disks_uri
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_NON_SHARED_INC
+        try:
+            self._bounded(
+                f"migrate domain {name}", dom.migrate3, dest.raw, params, flags, timeout=timeout
+            )
+        except LibvirtTimeoutError:
+            with contextlib.suppress(LibvirtError):
+                self._bounded(f"abort the migration of {name}", dom.abortJob)
+            raise
+
+    def completed_job_stats(self, name: str) -> dict[str, int]:
+        """Statistics of the domain's last completed job (``virDomainGetJobStats`` with
+        ``VIR_DOMAIN_JOB_STATS_COMPLETED``): after a migration, on the destination,
+        ``downtime``, ``time_elapsed`` (ms), ``memory_total``, ``disk_total`` (bytes)...
+        (https://libvirt.org/html/libvirt-libvirt-domain.html#virDomainGetJobStats)."""
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+        stats = self._bounded(f"read the job statistics of {name}", dom.jobStats, flags)
+        return {str(k): int(v) for k, v in stats.items() if isinstance(v, int)}
 
     def ssh_port(self, name: str, guest_port: int) -> int | None:
         """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a

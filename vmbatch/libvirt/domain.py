@@ -307,3 +307,81 @@ def read_files(xml: str) -> tuple[str, ...]:
     files = [s.get("file", "") for s in root.iterfind("devices/disk/source")]
     files += [g.get("file", "") for g in root.iterfind("devices/serial/log")]
     return tuple(f for f in files if f)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveDisk:
+    """A file-backed disk of a running domain, as its XML names it."""
+
+    target: str
+    path: Path
+    format: str
+    readonly: bool
+
+
+def read_disks(xml: str) -> tuple[LiveDisk, ...]:
+    """The domain's file-backed disks (``<disk type='file'>``), in XML order."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    disks = []
+    for d in root.iterfind("devices/disk"):
+        source, target = d.find("source"), d.find("target")
+        if d.get("type") != "file" or source is None or target is None:
+            continue
+        driver = d.find("driver")
+        disks.append(
+            LiveDisk(
+                target.get("dev", ""),
+                Path(source.get("file", "")),
+                driver.get("type", "raw") if driver is not None else "raw",
+                d.find("readonly") is not None,
+            )
+        )
+    return tuple(disks)
+
+
+def read_boot_files(xml: str) -> tuple[Path, ...]:
+    """Host files the domain boots from: kernel, initrd, firmware ROM (those it has)."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    return tuple(
+        Path(el.text.strip())
+        for tag in ("kernel", "initrd", "loader")
+        if (el := root.find(f"os/{tag}")) is not None and el.text and el.text.strip()
+    )
+
+
+def read_cpu_mode(xml: str) -> str:
+    """The ``<cpu mode>`` (``maximum``, ``host-passthrough``, ``custom``, ...)."""
+    cpu = ET.fromstring(xml).find("cpu")  # noqa: S314 - from our own libvirtd
+    return "" if cpu is None else cpu.get("mode", "custom")
+
+
+def read_memory_limit_mib(xml: str) -> int | None:
+    """The live ``<memtune><hard_limit>`` in MiB, None if there is none."""
+    el = ET.fromstring(xml).find("memtune/hard_limit")  # noqa: S314 - from our own libvirtd
+    if el is None or not el.text:
+        return None
+    scale = {"KiB": 1, "k": 1, "KB": 1, "MiB": 1024, "M": 1024, "GiB": 2**20, "G": 2**20}
+    return int(el.text) * scale.get(el.get("unit", "KiB"), 1) // 1024
+
+
+def migration_xml(xml: str, moves: dict[Path, Path]) -> str:
+    """The domain XML for a migration's destination (libvirt's ``VIR_MIGRATE_PARAM_DEST_XML``):
+    ``xml`` (the source's migratable XML) with each disk source and console log file found
+    in ``moves`` renamed, and ``<memtune>`` left out.
+
+    Only host-side parts change, as libvirt requires (the result must pass
+    ``virDomainDefCheckABIStability``). ``<memtune>`` goes because at start it makes
+    libvirt raise QEMU's RLIMIT_MEMLOCK, which fails without CAP_SYS_RESOURCE (see
+    :meth:`vmbatch.libvirt.connection.Connection.create`); the limit is set again live.
+    """
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    ET.register_namespace("qemu", QEMU_NS)
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    for el in [*root.iterfind("devices/disk/source"), *root.iterfind("devices/*/log")]:
+        old = el.get("file")
+        if old is not None and Path(old) in moves:
+            el.set("file", str(moves[Path(old)]))
+    memtune = root.find("memtune")
+    if memtune is not None:
+        root.remove(memtune)
+    return ET.tostring(root, encoding="unicode") + "\n"

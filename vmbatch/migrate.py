@@ -1,0 +1,421 @@
+"""Live migration of one job's VM to another libvirtd, its disks copied while it runs.
+
+The contract is libvirt's (libvirt 9.0, https://libvirt.org/migration.html and
+``virDomainMigrate3`` in https://libvirt.org/html/libvirt-libvirt-domain.html), with the
+facts collected in docs/research/suspend-checkpoint-migrate.md, section 5:
+
+- ``VIR_MIGRATE_LIVE | VIR_MIGRATE_NON_SHARED_INC`` with ``VIR_MIGRATE_PARAM_MIGRATE_DISKS``
+  naming the writable disks: QEMU mirrors only their top layer (the job's overlay, its
+  scratch disk) over NBD; the backing chain (the image's base) "is expected to be present
+  on the destination and to be exactly the same" (libvirt-domain.h). libvirt does not
+  pre-create the top layers for ``_INC`` (``qemuMigrationDstPrecreateStorage``), so
+  :func:`prepare_destination` does: same virtual size, same backing file, which is
+  verified by size and SHA-256 on the destination and refused otherwise.
+- Read-only disks (the NoCloud seed) are not copied by libvirt
+  (``qemuMigrationAnyCopyDisk``): :func:`prepare_destination` copies them.
+- The destination's XML (``VIR_MIGRATE_PARAM_DEST_XML``) renames the job's files into the
+  destination directory and leaves out ``<memtune>``; the memory limit is set again live.
+- No ``PERSIST_DEST``: the domain stays transient on the destination.
+- Runtime ``hostfwd`` rules are not part of QEMU's migration stream (libslirp saves only
+  guestfwd sockets and bootp state), so the SSH port forward is added again on the
+  destination, on a port its kernel chooses.
+- TCG's ``maximum`` CPU (and KVM's ``host-passthrough``) is whatever this QEMU build
+  offers: libvirt only taints such a migration. It is refused unless both hypervisor
+  versions are equal; a named CPU model (``[vm].tcg_cpu_model``) is left to libvirt's and
+  QEMU's own checks.
+
+What this module does not do (yet): tell the job's starter where its VM went (it keeps a
+connection to the source's loopback port, which vanishes with the source QEMU), or move the
+job's state record; see docs/admin-guide.md, "Live migration".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbatch import process
+from vmbatch.config import Config
+from vmbatch.errors import LibvirtError, MigrationError, MigrationRefusedError, VmBatchError
+from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import (
+    migration_xml,
+    read_boot_files,
+    read_cpu_mode,
+    read_disks,
+    read_files,
+    read_memory_limit_mib,
+)
+
+log = logging.getLogger(__name__)
+
+#: CPU modes whose guest-visible CPU is "whatever this hypervisor build offers".
+_HOST_CPU_MODES = frozenset({"maximum", "host-passthrough", "host-model"})
+#: Files created with no access for others (libvirt re-owns the disks for QEMU).
+_PRIVATE_UMASK = 0o077
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    """A file that must be the same on both hosts, at the same path."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiskMove:
+    """One disk of the domain and where it goes on the destination."""
+
+    target: str
+    source: Path
+    dest: Path
+    format: str
+    readonly: bool
+    #: Virtual size in bytes of a writable disk (its destination top layer gets the same).
+    virtual_size: int = 0
+    backing: FileCheck | None = None
+    backing_format: str = ""
+    #: The backing file's own backing files, if it has any: the whole chain must match.
+    chain: tuple[FileCheck, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    """What a migration of domain ``name`` moves, and what the destination must have."""
+
+    name: str
+    disks: tuple[DiskMove, ...]
+    #: Kernel, initrd, firmware the domain booted from: must exist identically (a reboot
+    #: of the guest on the destination reads them).
+    boot_files: tuple[FileCheck, ...]
+    #: Other host files the XML names (the console log) and their destination paths.
+    moves: tuple[tuple[Path, Path], ...]
+    memory_limit_mib: int | None
+    cpu_mode: str
+    #: The XML the destination starts the domain from.
+    dest_xml: str
+
+    @property
+    def migrated_disks(self) -> tuple[str, ...]:
+        return tuple(d.target for d in self.disks if not d.readonly)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """A finished migration, with libvirt's figures (``virDomainGetJobStats``)."""
+
+    name: str
+    dest_uri: str
+    #: How long the guest did not run (ms): the stop-and-copy phase plus the switch-over.
+    downtime_ms: int | None
+    #: The whole migration job (ms), as libvirt measured it.
+    total_ms: int | None
+    #: The guest's memory, and what went over the wire for it (re-sent dirty pages
+    #: included, zero pages compacted).
+    memory_bytes: int | None
+    memory_transferred: int | None
+    #: Disk bytes libvirt counted; the destination's libvirt 9.0 does not see the NBD
+    #: mirror (it runs at the source), so 0 there for ``NON_SHARED_INC``.
+    disk_bytes: int | None
+    #: Wall time of the whole call, preparation included (s).
+    elapsed_s: float
+    #: The loopback port on the destination host that now reaches the guest's SSH server.
+    ssh_port: int
+
+
+def migrate(
+    cfg: Config,
+    conn: Connection,
+    name: str,
+    dest_uri: str,
+    dest_dir: Path,
+    *,
+    uri: str | None = None,
+    disks_uri: str | None = None,
+    timeout: float = 600.0,
+) -> MigrationResult:
+    """Live-migrate the running domain ``name`` from ``conn``'s libvirtd to ``dest_uri``'s.
+
+    The job's files (disks, console log) go into ``dest_dir``, which must be on this host's
+    file system (the destination's libvirtd must reach the same paths): same file names,
+    new directory. ``uri``/``disks_uri``: see :meth:`Connection.migrate`.
+
+    Raises :class:`MigrationRefusedError` (nothing was changed) when the domain is not
+    running here, the destination already has a domain of that name, the hypervisors differ
+    for a host-dependent CPU, or a backing or boot file is missing or different there; and
+    :class:`MigrationError` when libvirt's migration failed (the domain runs on here; what
+    was prepared on the destination is removed again).
+    """
+    started = time.monotonic()
+    status = conn.status(name)
+    if status is None or status.state not in ("running", "paused"):
+        state = "gone" if status is None else status.state
+        raise MigrationRefusedError(f"cannot migrate {name}: the domain is {state}, not running")
+    dest_cfg = dataclasses.replace(cfg.libvirt, uri=dest_uri)
+    with Connection(dest_cfg) as dest:
+        if dest.status(name) is not None:
+            raise MigrationRefusedError(
+                f"cannot migrate {name}: {dest_uri} already runs a domain of that name"
+            )
+        plan = make_plan(cfg, conn, name, dest_dir)
+        _check_hypervisors(conn, dest, plan, dest_uri)
+        created = prepare_destination(cfg, plan)
+        log.info("migrating %s to %s (disks %s)", name, dest_uri, ",".join(plan.migrated_disks))
+        try:
+            conn.migrate(
+                name,
+                dest,
+                dest_xml=plan.dest_xml,
+                disks=plan.migrated_disks,
+                uri=uri,
+                disks_uri=disks_uri,
+                timeout=timeout,
+            )
+        except LibvirtError as exc:
+            _remove(created)
+            raise MigrationError(
+                f"migration of {name} to {dest_uri} failed: {exc.message}",
+                hint="the VM runs on at the source",
+            ) from exc
+        return _finish(cfg, conn, dest, plan, dest_uri, started)
+
+
+def _finish(
+    cfg: Config,
+    conn: Connection,
+    dest: Connection,
+    plan: MigrationPlan,
+    dest_uri: str,
+    started: float,
+) -> MigrationResult:
+    name = plan.name
+    status = dest.status(name)
+    if status is None or status.state not in ("running", "paused"):
+        raise MigrationError(f"{name} is not running on {dest_uri} after its migration")
+    if conn.status(name) is not None:
+        raise MigrationError(f"{name} still exists at the source after its migration")
+    try:
+        if plan.memory_limit_mib is not None:
+            dest.set_memory_limit(name, plan.memory_limit_mib)
+        port = dest.forward_port(name, cfg.ssh.port)
+        stats = dest.completed_job_stats(name)
+    except VmBatchError as exc:
+        raise MigrationError(
+            f"{name} was migrated to {dest_uri}, but setting it up there failed: {exc}",
+            hint="it runs there without its memory limit or SSH forward; destroy it or"
+            " finish by hand",
+        ) from exc
+    result = MigrationResult(
+        name=name,
+        dest_uri=dest_uri,
+        downtime_ms=stats.get("downtime"),
+        total_ms=stats.get("time_elapsed"),
+        memory_bytes=stats.get("memory_total"),
+        memory_transferred=stats.get("memory_processed"),
+        disk_bytes=stats.get("disk_total"),
+        elapsed_s=time.monotonic() - started,
+        ssh_port=port,
+    )
+    log.info(
+        "%s runs on %s: downtime %s ms, migration %s ms, SSH on 127.0.0.1:%d there",
+        name,
+        dest_uri,
+        result.downtime_ms,
+        result.total_ms,
+        port,
+    )
+    return result
+
+
+def make_plan(cfg: Config, conn: Connection, name: str, dest_dir: Path) -> MigrationPlan:
+    """Read the running domain's disks and files and say where each goes in ``dest_dir``."""
+    xml = conn.xml(name, migratable=True)
+    disks = []
+    for disk in read_disks(xml):
+        dest = dest_dir / disk.path.name
+        if disk.readonly:
+            disks.append(DiskMove(disk.target, disk.path, dest, disk.format, readonly=True))
+            continue
+        top, *below = _image_chain(cfg, disk.path)
+        backing = _backing_of(top)
+        disks.append(
+            DiskMove(
+                disk.target,
+                disk.path,
+                dest,
+                disk.format,
+                readonly=False,
+                virtual_size=int(str(top["virtual-size"])),
+                backing=_file_check(Path(backing)) if backing else None,
+                backing_format=str(top.get("backing-filename-format", "")),
+                chain=tuple(_file_check(Path(p)) for b in below if (p := _backing_of(b))),
+            )
+        )
+    disk_paths = {d.source for d in disks}
+    moves = tuple(
+        (Path(f), dest_dir / Path(f).name) for f in read_files(xml) if Path(f) not in disk_paths
+    )
+    all_moves = {**{d.source: d.dest for d in disks}, **dict(moves)}
+    return MigrationPlan(
+        name=name,
+        disks=tuple(disks),
+        boot_files=tuple(_file_check(p) for p in read_boot_files(xml)),
+        moves=moves,
+        memory_limit_mib=read_memory_limit_mib(conn.xml(name)),
+        cpu_mode=read_cpu_mode(xml),
+        dest_xml=migration_xml(xml, all_moves),
+    )
+
+
+def prepare_destination(cfg: Config, plan: MigrationPlan) -> list[Path]:
+    """On the destination host: verify the backing and boot files, create the writable
+    disks' empty top layers and copy the read-only disks. Returns what it created.
+
+    Refuses (:class:`MigrationRefusedError`, having removed what it made) when a file the
+    destination must share is missing or differs, or a destination file already exists
+    (never overwrite: on one host the same path would be the source's own disk).
+    """
+    chains = [c for d in plan.disks for c in (*((d.backing,) if d.backing else ()), *d.chain)]
+    for check in [*chains, *plan.boot_files]:
+        _verify_same(check)
+    targets = [d.dest for d in plan.disks] + [dst for _, dst in plan.moves]
+    for path in targets:
+        if path.exists():
+            raise MigrationRefusedError(
+                f"cannot migrate {plan.name}: {path} exists on the destination",
+                hint="give an empty destination directory",
+            )
+    created: list[Path] = []
+    try:
+        for directory in sorted({p.parent for p in targets}):
+            if not directory.exists():
+                # 0711 as a job directory: QEMU (another user) reaches the files in it.
+                directory.mkdir(mode=0o711, parents=True)
+                directory.chmod(0o711)
+                created.append(directory)
+        for disk in plan.disks:
+            if disk.readonly:
+                _copy_private(disk.source, disk.dest)
+            else:
+                _create_top(cfg, disk)
+            created.append(disk.dest)
+    except BaseException:
+        _remove(created)
+        raise
+    return created
+
+
+def _check_hypervisors(
+    conn: Connection, dest: Connection, plan: MigrationPlan, dest_uri: str
+) -> None:
+    (_, here), (_, there) = conn.version(), dest.version()
+    if plan.cpu_mode in _HOST_CPU_MODES and here != there:
+        raise MigrationRefusedError(
+            f"cannot migrate {plan.name}: its CPU (mode {plan.cpu_mode}) is whatever QEMU"
+            f" {here} offers, and {dest_uri} runs QEMU {there}",
+            hint="migrate between identical QEMU builds, or give the VMs a named CPU model"
+            " ([vm].tcg_cpu_model)",
+        )
+
+
+def _image_chain(cfg: Config, path: Path) -> list[dict[str, object]]:
+    """``qemu-img info --backing-chain``: the image, then each backing file down the chain."""
+    # -U (--force-share): the running QEMU holds the image's write lock.
+    res = process.run(
+        [str(cfg.tools.qemu_img), "info", "-U", "--backing-chain", "--output=json", str(path)],
+        timeout=cfg.tools.command_timeout,
+    )
+    chain = json.loads(res.stdout)
+    if not isinstance(chain, list) or not chain or not all(isinstance(i, dict) for i in chain):
+        raise MigrationError(f"qemu-img info {path}: unexpected output")
+    return chain
+
+
+def _backing_of(info: dict[str, object]) -> str:
+    return str(info.get("full-backing-filename") or info.get("backing-filename") or "")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_check(path: Path) -> FileCheck:
+    try:
+        return FileCheck(path, path.stat().st_size, _sha256(path))
+    except OSError as exc:
+        raise MigrationRefusedError(f"cannot read {path} at the source: {exc.strerror}") from exc
+
+
+def _verify_same(check: FileCheck) -> None:
+    """The destination has ``check.path`` with the same size and SHA-256 (size first: cheap)."""
+    try:
+        size = check.path.stat().st_size
+    except OSError as exc:
+        raise MigrationRefusedError(
+            f"{check.path} is missing on the destination ({exc.strerror})",
+            hint="install the same image (and kernel) on the destination node first",
+        ) from exc
+    if size != check.size or _sha256(check.path) != check.sha256:
+        raise MigrationRefusedError(
+            f"{check.path} differs on the destination (size or SHA-256)",
+            hint="both nodes need the identical image: the copied top layer is only valid"
+            " on the very same backing file",
+        )
+
+
+def _create_top(cfg: Config, disk: DiskMove) -> None:
+    """An empty file of ``disk``'s format and virtual size on the same backing file: the
+    NBD mirror writes the source's top layer into it."""
+    argv = [str(cfg.tools.qemu_img), "create", "-q", "-f", disk.format]
+    if disk.backing is not None:
+        argv += ["-F", disk.backing_format or "raw", "-b", str(disk.backing.path)]
+    process.run(
+        [*argv, str(disk.dest), str(disk.virtual_size)],
+        timeout=cfg.tools.command_timeout,
+        umask=_PRIVATE_UMASK,
+    )
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new file ``dst`` (mode 0600 from creation; libvirt re-owns it)."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+        while chunk := inp.read(_CHUNK):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in reversed(paths):
+        try:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s after the failed migration: %s", path, exc)
+
+
+__all__ = [
+    "DiskMove",
+    "FileCheck",
+    "MigrationPlan",
+    "MigrationResult",
+    "make_plan",
+    "migrate",
+    "prepare_destination",
+]
