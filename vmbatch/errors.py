@@ -47,7 +47,9 @@ node's (drain/offline it with the cause as the reason). Only node faults take a 
     │   │   └── DomainDefinitionError  OFFLINE_NODE  node    libvirt rejected the domain XML
     │   ├── InjectionToolError         OFFLINE_NODE  node    libguestfs missing or broken
     │   ├── ResourceLimitError         OFFLINE_NODE  node    cannot pin or limit a VM here
-    │   └── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
+    │   ├── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
+    │   └── CheckpointError                                  a checkpoint not taken or restored
+    │       └── CheckpointRefusedError                       ... or does not verify
     ├── GuestError                  REQUEUE       transient  the VM did not behave
     │   ├── GuestBootTimeoutError                 image      no SSH within boot_timeout
     │   ├── GuestDiedError                        image      domain ended before we used it
@@ -270,6 +272,17 @@ class AcceleratorError(HostError):
 
     disposition = Disposition.OFFLINE_NODE
     fault = Fault.NODE
+
+
+class CheckpointError(HostError):
+    """A checkpoint of a job's VM could not be taken or restored (:mod:`vmbatch.checkpoint`);
+    a job whose checkpoint failed after its VM was saved runs on from that save."""
+
+
+class CheckpointRefusedError(CheckpointError):
+    """A job's newest checkpoint does not verify (a file changed after it was taken, the
+    base image or the vmbatch/QEMU version differs); the message says why. With
+    ``[checkpoint].on_bad = "hold"`` the job is held with it."""
 
 
 class GuestError(VmBatchError):

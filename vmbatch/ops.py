@@ -437,7 +437,8 @@ def _owner_login(cfg: Config, job_id: str) -> ssh.Endpoint:
             f"the VM of job {job_id} is not ready yet ({userdir.path} is incomplete)",
             hint="try again once the job runs",
         )
-    return _endpoint(cfg, info, key)
+    port = userdir.read_note().port  # a checkpoint restored the VM on a new port
+    return _endpoint(cfg, {**info, "port": port} if port else info, key)
 
 
 def _root_login(cfg: Config, job_id: str, as_root: bool) -> ssh.Endpoint:

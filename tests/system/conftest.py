@@ -263,6 +263,11 @@ class BatchSite:
     accounting: Path
     env: dict[str, str]
 
+    @property
+    def checkpoints(self) -> Path:
+        """``[checkpoint].dir``: each job's checkpoints (:mod:`vmbatch.checkpoint`)."""
+        return self.site.root / "checkpoints"
+
     def records(self) -> list[dict[str, object]]:
         import json
 
@@ -272,11 +277,17 @@ class BatchSite:
 
     def leftovers(self) -> list[Path]:
         found: list[Path] = []
-        for d in (self.state_dir, self.user_dir, self.site.job_dir):
+        for d in (self.state_dir, self.user_dir, self.site.job_dir, self.checkpoints):
             if d.is_dir():
                 found += list(d.iterdir())  # lock files included: they go with the record
         # The node's own state (image failures, vmbatch's drain, libvirtd restarts): no job's.
-        return [p for p in found if p != self.state_dir / "node"]
+        # The node's pause notes' directory (root's, shared) counts only with a note in it.
+        notes = self.user_dir / ".paused"
+        return [
+            p
+            for p in found
+            if p != self.state_dir / "node" and (p != notes or any(notes.iterdir()))
+        ]
 
 
 @pytest.fixture
@@ -296,6 +307,8 @@ default_image = "demo"
 state_dir = "{bs.state_dir}"
 user_dir = "{bs.user_dir}"
 accounting_log = "{bs.accounting}"
+[checkpoint]
+dir = "{bs.checkpoints}"
 """
     )
     yield bs

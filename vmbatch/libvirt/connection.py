@@ -219,8 +219,12 @@ class Connection:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _bounded(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a daemon thread; give up after ``timeout`` seconds."""
+    def _bounded(
+        self, what: str, fn: Callable[..., T], *args: Any, timeout: float | None = None
+    ) -> T:
+        """Run ``fn(*args)`` in a daemon thread; give up after ``timeout`` seconds (default
+        ``[libvirt].timeout``)."""
+        limit = self.cfg.timeout if timeout is None else timeout
         box: dict[str, Any] = {}
 
         def target() -> None:
@@ -231,10 +235,10 @@ class Connection:
 
         worker = threading.Thread(target=target, name=f"libvirt: {what}", daemon=True)
         worker.start()
-        worker.join(self.cfg.timeout)
+        worker.join(limit)
         if worker.is_alive():
             exc = LibvirtTimeoutError(
-                f"libvirt did not {what} within {self.cfg.timeout:.0f}s",
+                f"libvirt did not {what} within {limit:.0f}s",
                 hint="libvirtd looks hung: check it with `vmbatch doctor` and restart it",
             )
             exc.worker = worker
@@ -362,6 +366,12 @@ class Connection:
             self._limit_and_resume(name, memory_limit_mib)
 
     def _limit_and_resume(self, name: str, limit_mib: int) -> None:
+        self.limit_memory(name, limit_mib)
+        self._bounded(f"resume domain {name}", self._lookup(name).resume)
+
+    def limit_memory(self, name: str, limit_mib: int) -> None:
+        """Set the domain's memory hard limit live (see :meth:`create`); if libvirt cannot,
+        destroy the domain and raise :class:`ResourceLimitError`."""
         dom = self._lookup(name)
         params = {"hard_limit": limit_mib * 1024}  # KiB
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -378,7 +388,37 @@ class Connection:
                 hint="libvirt needs the cgroup memory controller for [limits].memory_limit;"
                 " give it one, or set memory_limit = false",
             ) from exc
-        self._bounded(f"resume domain {name}", dom.resume)
+
+    def xml(self, name: str) -> str:
+        """The running domain's live XML (``virDomainGetXMLDesc``)."""
+        dom = self._lookup(name)
+        return str(self._bounded(f"read the XML of {name}", dom.XMLDesc, 0))
+
+    def save(self, name: str, path: Path, *, timeout: float) -> None:
+        """Save the domain's memory and device state to ``path`` (``virDomainSaveFlags``;
+        https://libvirt.org/html/libvirt-libvirt-domain.html#virDomainSaveFlags). This
+        "ends the life of a transient domain": the domain is gone afterwards. Its disks are
+        the caller's business (QEMU flushed them when the domain was paused)."""
+        dom = self._lookup(name)
+        self._bounded(f"save domain {name}", dom.saveFlags, str(path), None, 0, timeout=timeout)
+
+    def saved_xml(self, path: Path) -> str:
+        """The domain XML inside a save file (``virDomainSaveImageGetXMLDesc``, with
+        security-sensitive parts, which only a read-write connection gets)."""
+        flags = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+        return str(
+            self._bounded("read a save file's XML", self.raw.saveImageGetXMLDesc, str(path), flags)
+        )
+
+    def restore(self, path: Path, xml: str, *, timeout: float) -> None:
+        """Start the domain saved in ``path`` again, paused (``virDomainRestoreFlags`` with
+        ``VIR_DOMAIN_SAVE_PAUSED``), with ``xml`` (:func:`vmbatch.libvirt.domain.restore_xml`)
+        as its definition; the caller sets what the save file lacks (the memory limit, the
+        SSH forward) and then resumes it."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED
+        self._bounded(
+            "restore a saved domain", self.raw.restoreFlags, str(path), xml, flags, timeout=timeout
+        )
 
     def is_running(self, name: str) -> bool:
         """True while the domain exists and runs (transient domains vanish when stopped)."""
