@@ -140,6 +140,14 @@ def _mkdir(path: Path) -> None:
     path.chmod(0o700)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -264,6 +272,7 @@ def _take_locked(
         conn.save(name, tmp / MEMORY, timeout=cfg.checkpoint.timeout)
         saved = True
         (tmp / MEMORY).chmod(0o600)  # libvirt makes it 0600 (in a 0700 directory): make sure
+        _fsync(tmp / MEMORY)  # libvirt's iohelper writes it; durable before the manifest
         log.info("VM %s saved to %s", name, tmp / MEMORY)
         files: dict[str, dict[str, Any]] = {MEMORY: _entry(tmp / MEMORY)}
         (tmp / "disks").mkdir(mode=0o700)
