@@ -531,6 +531,18 @@ def verify(path: Path, job_id: str, generation: int, qemu_version: str) -> str |
 
 
 @contextlib.contextmanager
+def _as_checkpoint_error(checkpoint: Checkpoint) -> Iterator[None]:
+    """A file that cannot be copied or read while restoring: the checkpoint's fault."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.generation} of job {checkpoint.job_id} could not be"
+            f" restored: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
 def _cleanup_on_error(conn: Connection, name: str, jobdir: state.JobDir) -> Iterator[None]:
     try:
         yield
@@ -556,7 +568,7 @@ def restore(
             hint="give every node the same [paths].job_dir",
         )
     jobdir.create()
-    with _cleanup_on_error(conn, name, jobdir):
+    with _cleanup_on_error(conn, name, jobdir), _as_checkpoint_error(checkpoint):
         for rel in checkpoint.manifest["files"]:
             if rel.startswith("disks/"):
                 copy_file(checkpoint.path / rel, jobdir.path / Path(rel).name)

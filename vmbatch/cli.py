@@ -707,7 +707,8 @@ def checkpoint_cmd(ctx: click.Context, job_id: str, then: str) -> None:
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
-    accounting line). Safe for jobs that are already gone. A job kept for inspection
+    accounting line), and its checkpoints ([checkpoint].dir), also those kept for its
+    requeue. Safe for jobs that are already gone. A job kept for inspection
     ([batch].keep_failed, `vmbatch ps` phase kept) is removed at once. A job that a
     prologue or epilogue is working on right now is skipped (exit 75: run it again later).
 
@@ -754,7 +755,7 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
     busy = []
     for job_id in dict.fromkeys(job_ids):
         try:
-            batch.finish(cfg, batch.check_job_id(job_id))
+            batch.finish(cfg, batch.check_job_id(job_id), drop_checkpoints=True)
         except JobBusyError as exc:  # a hook is on it right now: never tear down under it
             click.echo(f"job {job_id}: skipped: {exc}", err=True)
             busy.append(job_id)

@@ -16,8 +16,11 @@ import pytest
 
 from tests.unit.test_ops import Site, domain_xml
 from vmbatch import __version__, checkpoint, config
+from vmbatch.errors import CheckpointRefusedError
 from vmbatch.hooks import batch
 from vmbatch.hooks.jobstate import READY, StateStore, UserDir
+from vmbatch.hooks.request import Resources
+from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt import connection
 from vmbatch.libvirt.domain import domain_name, restore_xml
 from vmbatch.state import JobDir
@@ -314,3 +317,48 @@ def test_restore_xml_drops_the_memory_limit_and_keeps_the_rest() -> None:
     assert "memtune" not in out and "hard_limit" not in out
     assert "vmbatch:job" in out and "qemu:commandline" in out
     assert restore_xml(out) == out
+
+
+# -- the prologue's side ---------------------------------------------------------------------
+
+
+def _bad_checkpoint(site: Site) -> config.Config:
+    """A job whose only checkpoint lacks its manifest (and an unfinished one beside)."""
+    base = site.root / "ckpt" / JOB
+    (base / "3").mkdir(parents=True)
+    (base / ".tmp-4-77").mkdir()
+    return _cfg(site)
+
+
+def test_a_refused_checkpoint_holds_the_job_and_is_kept_for_the_admin(site: Site) -> None:
+    (site.root / "vmbatch.d").mkdir()
+    (site.root / "vmbatch.d" / "50-hold.toml").write_text('[checkpoint]\non_bad = "hold"\n')
+    cfg = _bad_checkpoint(site)
+    spec = JobSpec(job_id=JOB, user="alice", image="demo", argv=(), scheduler="slurm")
+    with pytest.raises(CheckpointRefusedError) as caught:
+        batch._restored(cfg, spec, None)
+    assert "checkpoint 3: no manifest: the checkpoint was not finished" in str(caught.value)
+    assert ".tmp-4-77" not in str(caught.value)  # an unfinished take is no reason to hold
+    assert checkpoint.requeued(cfg, JOB)  # its epilogue keeps the checkpoints
+    assert not checkpoint.discard(cfg, JOB)
+    # The starter holds the job ([batch].hold_exit) with the reason in its output.
+    userdir = UserDir(cfg.batch.user_dir, JOB)
+    bj = batch.BatchJob("slurm", JOB, "alice", Resources())
+    uid = os.getuid() or 4711  # root hands the directory to the job's user
+    identity = JobUser("alice", uid, uid, "alice", "/home/alice")
+    batch._tell_starter(cfg, bj, userdir, identity, caught.value)
+    assert userdir.read(UserDir.STATUS) == b"200\n"
+    assert b"the job is held" in (userdir.read(UserDir.ERROR) or b"")
+    # An admin's `vmbatch cleanup JOB` removes them all the same.
+    code, _, err = site.vmbatch("cleanup", JOB)
+    assert code == 0, err
+    assert not (site.root / "ckpt" / JOB).exists()
+
+
+def test_a_refused_checkpoint_starts_the_job_afresh_by_default(site: Site) -> None:
+    cfg = _bad_checkpoint(site)
+    checkpoint.mark_requeue(cfg, JOB)
+    spec = JobSpec(job_id=JOB, user="alice", image="demo", argv=())
+    assert batch._restored(cfg, spec, None) is None
+    assert not checkpoint.requeued(cfg, JOB)  # its end removes them
+    assert sorted(p.name for p in (site.root / "ckpt" / JOB).iterdir()) == ["3"]

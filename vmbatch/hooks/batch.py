@@ -762,6 +762,7 @@ def finish(
     account: bool = False,
     lock_wait: float = 1.0,
     if_unchanged: bool = False,
+    drop_checkpoints: bool = False,
 ) -> bool:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
 
@@ -778,13 +779,16 @@ def finish(
     what it read before, and a new prologue of the same job id may have replaced it since.
 
     The job's checkpoints (:mod:`vmbatch.checkpoint`) go last, unless its VM was stopped
-    for a checkpoint that the job's next run restores (the ``requeue`` mark).
+    for a checkpoint that the job's next run restores (the ``requeue`` mark), or with
+    ``drop_checkpoints`` (an admin's ``vmbatch cleanup JOB``) in any case.
     """
     store = StateStore(cfg.batch.state_dir)
     with logsetup.job(job_id), store.exclusive(job_id, wait=lock_wait):
         if if_unchanged and store.read(job_id) != record:
             return False
         _finish_locked(cfg, store, job_id, record, conn, end, account=account)
+        if drop_checkpoints:
+            checkpoint.clear_requeue(cfg, job_id)
         checkpoint.discard(cfg, job_id)
     return True
 
