@@ -8,6 +8,7 @@ started afresh would print a new id and count from 1 again.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from vmbatch import checkpoint, config
 from vmbatch.libvirt.connection import Connection
 from vmbatch.state import safe_job_id
 
-COUNT = 100
+COUNT = 60
 
 
 def counter(count: int = COUNT) -> str:
@@ -129,6 +130,9 @@ def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kil
         gen1 = _generation(bs.site.vmbatch("checkpoint", mom.job_id))
         modes = {stat.S_IMODE(p.stat().st_mode) for p in base.rglob("*")}
         assert modes == {0o700, 0o600} and stat.S_IMODE(base.stat().st_mode) == 0o700
+        manifest = json.loads((base / str(gen1) / "manifest.json").read_bytes())
+        assert manifest["base_image"]["sha256"] == checkpoint.sha256(bs.site.base_image)
+        assert manifest["machine"].startswith("pc-q35-") and manifest["image"] == "demo"
         at = len(a.lines())
         lines = a.wait_lines(at + 5)
         assert _counted(lines, run) == list(range(1, len(lines)))

@@ -4,7 +4,8 @@ One job, one VM:
 
 1. The **prologue** (root) turns the scheduler's request into a :class:`JobSpec` (image from
    ``#VMBATCH image=`` or ``[batch].default_image``; cores and memory as granted, within
-   the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` and leaves it running.
+   the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` (or restores it from
+   the job's newest valid checkpoint, :mod:`vmbatch.checkpoint`) and leaves it running.
    Its record (:mod:`vmbatch.hooks.jobstate`) is written before anything is made and after
    each step. The job's user gets a 0700 directory with the per-job SSH key and the
    guest's port and pinned host key. If the prologue fails for any reason but the node's,
