@@ -259,6 +259,7 @@ def _take_locked(
         mark_requeue(cfg, job_id)
     generation = _next_generation(base)
     tmp = base / f"{_TMP}{generation}-{os.getpid()}"
+    final = base / str(generation)
     tmp.mkdir(mode=0o700)
     saved = False
     try:
@@ -308,12 +309,13 @@ def _take_locked(
             "boot_id": state.boot_id(),
         }
         _write_new(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
-        final = base / str(generation)
+        for directory in (tmp / "disks", tmp / "keys", tmp):
+            if directory.is_dir():
+                _fsync_dir(directory)
         tmp.rename(final)
         _fsync_dir(base)
     except BaseException as exc:
-        _failed(cfg, store, conn, record, base, saved, tmp, jobdir, exc)
+        _failed(cfg, store, conn, record, base, saved, tmp if tmp.exists() else final, jobdir, exc)
         raise
     checkpoint = Checkpoint(job_id, generation, final, manifest)
     _remove_older(base, generation)
@@ -326,7 +328,18 @@ def _take_locked(
     )
     port: int | None = None
     if then == "continue":
-        port = _continue(cfg, store, conn, record, checkpoint, jobdir)
+        try:
+            port = _continue(cfg, store, conn, record, checkpoint, jobdir)
+        except VmBatchError as exc:
+            # The checkpoint is complete but the VM did not come back: the job goes on
+            # from it in its next run, as after --stop.
+            mark_requeue(cfg, job_id)
+            _tell_starter(cfg, record, paused=True, stopped=True)
+            raise CheckpointError(
+                f"checkpoint {generation} of job {job_id} is complete, but its VM could not"
+                f" run on from it ({exc.message}); the job's next run restores it",
+                hint="the job's starter exits for a requeue ([batch].requeue_exit)",
+            ) from exc
     else:
         _tell_starter(cfg, record, paused=True, stopped=True)
         log.info("VM %s stopped; the job's next run restores checkpoint %d", name, generation)
@@ -344,9 +357,10 @@ def _failed(
     jobdir: state.JobDir,
     exc: BaseException,
 ) -> None:
-    """A take that failed: the VM runs on (from its save, if it was saved: its disks in
-    the job directory are unchanged since), the unfinished checkpoint is removed and the
-    job is not marked for a requeue. Re-raises a non-vmbatch error as CheckpointError."""
+    """A take that failed: the VM runs on (from its save in ``tmp``, if it was saved: its
+    disks in the job directory are unchanged since), the unfinished checkpoint is removed
+    and the job is not marked for a requeue. Re-raises a non-vmbatch error as
+    CheckpointError."""
     (base / REQUEUE).unlink(missing_ok=True)
     if saved:
         log.error("the checkpoint failed after the VM was saved (%s); running it on", exc)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.unit.test_ops import Site, domain_xml
 from vmbatch import __version__, checkpoint, config
-from vmbatch.errors import CheckpointRefusedError
+from vmbatch.errors import CheckpointRefusedError, LibvirtError
 from vmbatch.hooks import batch
 from vmbatch.hooks.jobstate import READY, StateStore, UserDir
 from vmbatch.hooks.request import Resources
@@ -146,6 +146,29 @@ def test_a_checkpoint_that_fails_after_the_save_runs_the_vm_on_from_it(
     assert list(base.iterdir()) == []  # no partial checkpoint, no requeue mark
     rec = StateStore(site.state_dir).read(JOB)
     assert rec is not None and rec.pauses == ()
+
+
+def test_a_vm_that_cannot_run_on_from_a_complete_checkpoint_is_left_to_the_requeue(
+    site: Site, lv: Libvirt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: Any, path: Path, xml: str, *, timeout: float) -> None:
+        raise LibvirtError("libvirt could not restore a saved domain: no")
+
+    monkeypatch.setattr(connection.Connection, "restore", refuse)
+    code, _, err = site.vmbatch("checkpoint", JOB)
+    assert code == 75, err
+    assert "checkpoint 1 of job 4242 is complete, but its VM could not run on from it" in err
+    cfg = _cfg(site)
+    assert checkpoint.requeued(cfg, JOB)
+    assert UserDir(site.user_dir, JOB).read_note().stopped  # its starter exits for a requeue
+    found = checkpoint.newest_valid(cfg, JOB, qemu_version=_qemu(site))
+    assert found.checkpoint is not None and found.checkpoint.generation == 1
+
+
+def _qemu(site: Site) -> str:
+    return str(
+        json.loads((site.root / "ckpt" / JOB / "1" / "manifest.json").read_bytes())["qemu_version"]
+    )
 
 
 def test_checkpoint_refuses_what_is_not_a_running_batch_job(site: Site) -> None:
