@@ -660,6 +660,70 @@ def agent_cmd(ctx: click.Context, interval: float) -> None:
     agent.serve(cfg, interval)
 
 
+@cli.command("checkpoint")
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--continue",
+    "then",
+    flag_value="continue",
+    default=True,
+    help="After the checkpoint the VM runs on (the default). Its SSH port changes; the"
+    " job's starter follows the job there by itself.",
+)
+@click.option(
+    "--stop",
+    "then",
+    flag_value="stop",
+    help="After the checkpoint the VM stays stopped: the job's starter exits with"
+    " [batch].requeue_exit (Slurm's RequeueExit requeues the job), the epilogue keeps the"
+    " checkpoint, and the job's next run, on any node that sees [checkpoint].dir, continues"
+    " from it.",
+)
+@click.pass_context
+def checkpoint_cmd(ctx: click.Context, job_id: str, then: str) -> None:
+    """Checkpoint the VM of running batch job JOB to disk (root only): its memory and
+    device state (libvirt's save) and copies of its disks and keys, in
+    [checkpoint].dir/JOB/GENERATION with a manifest of checksums, written under a
+    temporary name and renamed when complete; the previous generation is removed only
+    then. The VM is paused while the checkpoint is written (seconds for a small guest:
+    its memory size decides).
+
+    When the job runs again (requeued), its prologue restores the newest checkpoint that
+    verifies instead of booting afresh, and the job's starter follows the job already
+    running in it, from the first byte of its output. A checkpoint that does not verify
+    (a file changed since it was taken, the base image or the vmbatch/QEMU version
+    differs) is refused with the reason; [checkpoint].on_bad says whether the job then
+    starts afresh or is held. The checkpoints go when the job ends for good.
+
+    \b
+    Example:
+        vmbatch checkpoint 4242            # checkpoint, the job runs on
+        vmbatch checkpoint --stop 4242     # requeued; its next run continues it
+
+    Exit status: 0 when the checkpoint is complete; 65 if JOB is no running batch job
+    here or the caller is not root; 75 if libvirtd, the disk or the job's lock failed
+    (the job runs on: from the save if its VM was saved already); 69 if libvirtd cannot
+    be reached."""
+    from vmbatch import checkpoint
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    if os.geteuid() != 0:
+        raise JobError("only root may checkpoint a job's VM")
+    taken = checkpoint.take(cfg, job_id, then="stop" if then == "stop" else "continue")
+    cp = taken.checkpoint
+    size = cp.size() / 2**20
+    where = f"checkpoint {cp.generation} of job {job_id} in {cp.path} ({size:.0f} MiB,"
+    if taken.port is not None:
+        click.echo(f"{where} {taken.seconds:.1f}s); the VM runs on, SSH on port {taken.port}")
+    else:
+        click.echo(
+            f"{where} {taken.seconds:.1f}s); the VM is stopped: the job's next run continues"
+            " from it"
+        )
+
+
 @cli.command("cleanup")
 @click.argument("job_ids", nargs=-1)
 @click.option(
@@ -681,7 +745,8 @@ def agent_cmd(ctx: click.Context, interval: float) -> None:
 def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: bool) -> None:
     """Finish what the batch epilogue could not: destroy the VM of each JOB_ID and remove
     its disks, keys, user directory and state record (as the epilogue does, without an
-    accounting line). Safe for jobs that are already gone. A job kept for inspection
+    accounting line), and its checkpoints ([checkpoint].dir), also those kept for its
+    requeue. Safe for jobs that are already gone. A job kept for inspection
     ([batch].keep_failed, `vmbatch ps` phase kept) is removed at once. A job that a
     prologue or epilogue is working on right now is skipped (exit 75: run it again later).
 
@@ -728,7 +793,7 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
     busy = []
     for job_id in dict.fromkeys(job_ids):
         try:
-            batch.finish(cfg, batch.check_job_id(job_id))
+            batch.finish(cfg, batch.check_job_id(job_id), drop_checkpoints=True)
         except JobBusyError as exc:  # a hook is on it right now: never tear down under it
             click.echo(f"job {job_id}: skipped: {exc}", err=True)
             busy.append(job_id)

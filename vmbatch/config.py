@@ -33,6 +33,7 @@ Accel = Literal["auto", "kvm", "tcg"]
 ImageFormat = Literal["qcow2", "raw"]
 ImageFailure = Literal["fail", "requeue"]
 KeepFailed = Literal["no", "paused", "disks"]
+OnBadCheckpoint = Literal["fresh", "hold"]
 #: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
 ContextName = Literal["nocloud", "cernvm", "inject"]
 LogTarget = Literal["journald", "syslog", "stderr"]
@@ -307,6 +308,24 @@ class BatchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointConfig:
+    """Checkpoints of a batch job's VM on disk (:mod:`vmbatch.checkpoint`;
+    docs/admin-guide.md "Checkpoints")."""
+
+    #: Root-only directory (0700) of the checkpoints, one subdirectory per job. Shared
+    #: between nodes (same path everywhere) if a requeued job may restore on another node.
+    dir: Path = Path("/var/lib/vmbatch/checkpoints")
+    #: What the prologue does when a job's newest checkpoint does not verify (a file's
+    #: checksum differs, the base image or the vmbatch/QEMU version changed): ``fresh``
+    #: boots the job afresh (the reason is logged), ``hold`` fails the job's run and has
+    #: the scheduler hold it ([batch].hold_exit) with the reason in its output.
+    on_bad: OnBadCheckpoint = "fresh"
+    #: Seconds libvirt may take to save or restore a VM's memory (a 1 GiB guest takes
+    #: seconds; a slow disk or a large guest more).
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class SlurmConfig:
     """Which Slurm jobs are vmbatch's (docs/admin-slurm.md, "Scope, and living beside a
     site's own Prolog and job_submit"). The scope itself is decided on the controller
@@ -448,6 +467,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     job: JobConfig = field(default_factory=JobConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -470,6 +490,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "context": ContextConfig,
     "job": JobConfig,
     "batch": BatchConfig,
+    "checkpoint": CheckpointConfig,
     "slurm": SlurmConfig,
     "metrics": MetricsConfig,
     "health": HealthConfig,
@@ -560,6 +581,7 @@ def root_paths(cfg: Config) -> list[Path]:
         cfg.batch.accounting_log.parent,
         cfg.paths.job_dir,
         cfg.paths.cache_dir,
+        cfg.checkpoint.dir,
         *([cfg.paths.console_log_dir] if cfg.paths.console_log_dir else []),
         *(tool for tool in tools if isinstance(tool, Path)),
         *([cfg.context.site_user_data] if cfg.context.site_user_data else []),
@@ -944,6 +966,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         ("keep_failed_for", lambda v: v > 0, "must be > 0 seconds"),
         ("keep_failed_max", lambda v: v >= 0, "must be >= 0 (0: keep none)"),
     ),
+    "checkpoint": (("timeout", lambda v: v > 0, "must be > 0 seconds"),),
     "ssh": (
         ("reconnect_timeout", lambda v: v >= 0, "must be >= 0 seconds (0: no reconnect)"),
         ("liveness_interval", lambda v: v >= 0, "must be >= 0 seconds (0: no checks)"),

@@ -49,7 +49,9 @@ node's (drain/offline it with the cause as the reason). Only node faults take a 
     │   ├── ResourceLimitError         OFFLINE_NODE  node    cannot pin or limit a VM here
     │   ├── MigrationError                                   a live migration failed (VM stays)
     │   │   └── MigrationRefusedError                        ... refused before anything moved
-    │   └── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
+    │   ├── AcceleratorError           OFFLINE_NODE  node    accelerator not usable
+    │   └── CheckpointError                                  a checkpoint not taken or restored
+    │       └── CheckpointRefusedError                       ... or does not verify
     ├── GuestError                  REQUEUE       transient  the VM did not behave
     │   ├── GuestBootTimeoutError                 image      no SSH within boot_timeout
     │   ├── GuestDiedError                        image      domain ended before we used it
@@ -281,6 +283,17 @@ class AcceleratorError(HostError):
 
     disposition = Disposition.OFFLINE_NODE
     fault = Fault.NODE
+
+
+class CheckpointError(HostError):
+    """A checkpoint of a job's VM could not be taken or restored (:mod:`vmbatch.checkpoint`);
+    a job whose checkpoint failed after its VM was saved runs on from that save."""
+
+
+class CheckpointRefusedError(CheckpointError):
+    """A job's newest checkpoint does not verify (a file changed after it was taken, the
+    base image or the vmbatch/QEMU version differs); the message says why. With
+    ``[checkpoint].on_bad = "hold"`` the job is held with it."""
 
 
 class GuestError(VmBatchError):

@@ -117,6 +117,8 @@ class Guest:
     image: str = ""
     image_path: Path | None = None
     sessions: list[Session] = field(default_factory=list)
+    #: Restored from this generation of the job's checkpoint (None: booted afresh).
+    restored: int | None = None
 
     def release_image(self) -> None:
         """The job no longer uses its cached image (it may be evicted); idempotent."""

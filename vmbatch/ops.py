@@ -45,7 +45,7 @@ from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import GuestConnectionError, JobError, VmBatchError
 from vmbatch.guest import ssh
-from vmbatch.hooks.jobstate import KEPT, READY, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import KEPT, Record, StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import DOMAIN_PREFIX, domain_name
 from vmbatch.state import JobDir, safe_job_id
@@ -437,7 +437,8 @@ def _owner_login(cfg: Config, job_id: str) -> ssh.Endpoint:
             f"the VM of job {job_id} is not ready yet ({userdir.path} is incomplete)",
             hint="try again once the job runs",
         )
-    return _endpoint(cfg, info, key)
+    port = userdir.read_note().port  # a checkpoint restored the VM on a new port
+    return _endpoint(cfg, {**info, "port": port} if port else info, key)
 
 
 def _root_login(cfg: Config, job_id: str, as_root: bool) -> ssh.Endpoint:
@@ -677,7 +678,7 @@ def suspend(cfg: Config, job_id: str) -> str:
     (phase ``ready``)."""
     store = StateStore(cfg.batch.state_dir)
     with store.exclusive(job_id, wait=5.0):
-        record = _ready_record(store, job_id)
+        record = pausing.ready_record(store, job_id, "paused or continued this way")
         if pausing.OPERATOR in record.pauses:
             return f"job {job_id}: its VM is already paused by an operator"
         with Connection(cfg.libvirt) as conn:
@@ -690,7 +691,7 @@ def resume(cfg: Config, job_id: str) -> str:
     also paused for another reason (the scheduler suspended the job). The message to print."""
     store = StateStore(cfg.batch.state_dir)
     with store.exclusive(job_id, wait=5.0):
-        record = _ready_record(store, job_id)
+        record = pausing.ready_record(store, job_id, "paused or continued this way")
         if pausing.OPERATOR not in record.pauses:
             why = f" (it is paused by: {', '.join(record.pauses)})" if record.pauses else ""
             return f"job {job_id}: its VM was not paused by `vmbatch suspend`{why}; nothing done"
@@ -703,19 +704,3 @@ def resume(cfg: Config, job_id: str) -> str:
             f" ({', '.join(record.pauses)})"
         )
     return f"job {job_id}: VM {record.domain} running again after {time.time() - since:.0f}s paused"
-
-
-def _ready_record(store: StateStore, job_id: str) -> Record:
-    record = store.read(job_id)
-    if record is None:
-        raise JobError(
-            f"no batch job {job_id} on this node (no state record)",
-            hint="`vmbatch ps` lists the jobs here",
-        )
-    if record.phase != READY:
-        raise JobError(
-            f"job {job_id} is {record.phase}, not running: only a running job's VM is"
-            " paused or continued this way",
-            hint="`vmbatch ps` shows its phase",
-        )
-    return record

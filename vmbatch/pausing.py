@@ -29,7 +29,8 @@ import logging
 import time
 
 from vmbatch.config import Config
-from vmbatch.hooks.jobstate import Record, StateStore, UserDir
+from vmbatch.errors import JobError
+from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,23 @@ log = logging.getLogger(__name__)
 #: The reasons, in :attr:`Record.pauses`.
 OPERATOR, SCHEDULER, CHECKPOINT = "operator", "scheduler", "checkpoint"
 REASONS = (OPERATOR, SCHEDULER, CHECKPOINT)
+
+
+def ready_record(store: StateStore, job_id: str, what: str) -> Record:
+    """The record of running batch job ``job_id``, for ``what`` (e.g. "paused or continued
+    this way"); JobError if there is none or its prologue has not finished."""
+    record = store.read(job_id)
+    if record is None:
+        raise JobError(
+            f"no batch job {job_id} on this node (no state record)",
+            hint="`vmbatch ps` lists the jobs here",
+        )
+    if record.phase != READY:
+        raise JobError(
+            f"job {job_id} is {record.phase}, not running: only a running job's VM is {what}",
+            hint="`vmbatch ps` shows its phase",
+        )
+    return record
 
 
 def _note(cfg: Config, record: Record, paused: bool) -> None:

@@ -263,6 +263,11 @@ class BatchSite:
     accounting: Path
     env: dict[str, str]
 
+    @property
+    def checkpoints(self) -> Path:
+        """``[checkpoint].dir``: each job's checkpoints (:mod:`vmbatch.checkpoint`)."""
+        return self.site.root / "checkpoints"
+
     def records(self) -> list[dict[str, object]]:
         import json
 
@@ -272,7 +277,7 @@ class BatchSite:
 
     def leftovers(self) -> list[Path]:
         found: list[Path] = []
-        for d in (self.state_dir, self.user_dir, self.site.job_dir):
+        for d in (self.state_dir, self.user_dir, self.site.job_dir, self.checkpoints):
             if d.is_dir():
                 found += list(d.iterdir())  # lock files included: they go with the record
         notes = self.user_dir / ".paused"  # root's pause notes: one per job, none left after
@@ -300,6 +305,8 @@ default_image = "demo"
 state_dir = "{bs.state_dir}"
 user_dir = "{bs.user_dir}"
 accounting_log = "{bs.accounting}"
+[checkpoint]
+dir = "{bs.checkpoints}"
 """
     )
     yield bs

@@ -40,6 +40,7 @@ from vmbatch.state import safe_job_id
 
 #: What a step may leave: its kinds, as :meth:`Probe.residue` names them.
 LOCK, RECORD, MARKER, JOBDIR, USERDIR = "lock", "record", "marker", "jobdir", "userdir"
+CHECKPOINT = "checkpoint"
 DOMAIN, PROCESS, APPLIANCE = "domain", "process", "appliance"
 
 
@@ -47,7 +48,7 @@ DOMAIN, PROCESS, APPLIANCE = "domain", "process", "appliance"
 class Scenario:
     """How a point is reached and what must be left when the hook dies there."""
 
-    hook: str  # "prologue", "starter" or "epilogue"
+    hook: str  # "prologue", "starter", "epilogue" or "checkpoint" (`vmbatch checkpoint`)
     left: frozenset[str]
     #: The job's image: "cached" (a file:// source copied into the node's cache), "http"
     #: (downloaded from a test server), "inject" (offline injection, libguestfs).
@@ -83,6 +84,8 @@ SCENARIOS: dict[str, Scenario] = {
     "prologue.userdir_written": _s("prologue", *_BOOTING, USERDIR),
     "prologue.ready": _s("prologue", *_BOOTING, USERDIR),
     "starter.job_started": _s("starter", *_BOOTING, USERDIR),
+    # The VM was saved (so gone), its files copied, no manifest yet.
+    "checkpoint.files_written": _s("checkpoint", LOCK, RECORD, MARKER, JOBDIR, USERDIR, CHECKPOINT),
     "teardown.destroyed": _s("epilogue", LOCK, RECORD, MARKER, JOBDIR, USERDIR),
     "teardown.jobdir_removed": _s("epilogue", LOCK, RECORD, MARKER, USERDIR),
     "finish.userdir_removed": _s("epilogue", LOCK, RECORD, MARKER),
@@ -127,6 +130,7 @@ class Probe:
             MARKER: _names(site.root / "cache" / "images", f"*.jobs/{safe}"),
             JOBDIR: [str(jobdir)] if jobdir.exists() else [],
             USERDIR: _names(self.bs.user_dir, safe),
+            CHECKPOINT: _names(self.bs.checkpoints, safe),
             DOMAIN: _domains(name),
             PROCESS: _processes(lambda cmd, _env: name in cmd or str(jobdir) in cmd),
             APPLIANCE: _processes(
@@ -238,6 +242,9 @@ def test_sigkill_at_each_step_leaves_only_what_the_epilogue_removes(
         _arm(batch_site, point)
         if scenario.hook == "prologue":
             done = mom.prologue()
+            _killed_at(point, done.returncode, done.stderr)
+        elif scenario.hook == "checkpoint":
+            done = batch_site.site.vmbatch("checkpoint", mom.job_id)
             _killed_at(point, done.returncode, done.stderr)
         elif scenario.hook == "starter":
             proc = mom.starter()

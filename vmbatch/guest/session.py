@@ -544,6 +544,21 @@ class Session:
             self._feeder = threading.Thread(target=self._feed_stdin, daemon=True)
             self._feeder.start()
 
+    def has_started(self) -> bool:
+        """Whether the guest's job directory already holds this job, started (the
+        supervisor's ``started`` and ``pid``): a VM restored from a checkpoint runs it on.
+        Then :meth:`follow` copies its output from the first byte (a requeued job's output
+        file is written anew by the scheduler) and nothing is uploaded; a stdin stream
+        cannot be fed again, so its end is marked."""
+        d = shlex.quote(self.dir)
+        _, out, _ = self._robust_exec(f"[ -d {d}/started ] && [ -e {d}/pid ] && echo started; true")
+        if out.strip() != b"started":
+            return False
+        log.warning("the job runs in its restored VM already: following it from its start")
+        if self._stdin_kind == "stream":
+            self._fed.set()
+        return True
+
     @property
     def interactive(self) -> bool:
         """The job's stdin is a terminal: run it with :meth:`attach`."""

@@ -4,7 +4,8 @@ One job, one VM:
 
 1. The **prologue** (root) turns the scheduler's request into a :class:`JobSpec` (image from
    ``#VMBATCH image=`` or ``[batch].default_image``; cores and memory as granted, within
-   the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` and leaves it running.
+   the node), boots the VM with :func:`vmbatch.lifecycle.start_vm` (or restores it from
+   the job's newest valid checkpoint, :mod:`vmbatch.checkpoint`) and leaves it running.
    Its record (:mod:`vmbatch.hooks.jobstate`) is written before anything is made and after
    each step. The job's user gets a 0700 directory with the per-job SSH key and the
    guest's port and pinned host key. If the prologue fails for any reason but the node's,
@@ -37,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmbatch import accel, faults, lifecycle, limits, logsetup, metrics, signals, state
+from vmbatch import accel, checkpoint, faults, lifecycle, limits, logsetup, metrics, signals, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
 from vmbatch.errors import (
+    CheckpointRefusedError,
     GuestError,
     GuestLostError,
     HostError,
@@ -56,10 +58,11 @@ from vmbatch.guest import ssh
 from vmbatch.guest.session import ENV_DENY, GuestJob, Session, job_environment
 from vmbatch.hooks import accounting, policy
 from vmbatch.hooks.accounting import JobEnd
-from vmbatch.hooks.jobstate import FAILED, KEPT, READY, Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import FAILED, KEPT, READY, PauseNote, Record, StateStore, UserDir
 from vmbatch.hooks.policy import ImageHealth
 from vmbatch.hooks.request import Resources, choose_image, directives, size_vm
 from vmbatch.images.cache import ImageCache
+from vmbatch.images.catalog import resolve
 from vmbatch.images.disks import DiskBudget
 from vmbatch.job import JobSpec, JobUser
 from vmbatch.libvirt import health
@@ -281,7 +284,9 @@ def _prologue_locked(
             mode = keep_mode(cfg, kept_record, JobEnd(exit_status=1))
             return mode if mode is not None and _keep_room(cfg, store, bj.job_id) else None
 
-        guest = lifecycle.start_vm(cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep)
+        guest = _restored(cfg, spec, conn) or lifecycle.start_vm(
+            cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep
+        )
         faults.point(cfg, "prologue.vm_started")
     except lifecycle.KeptError as kept:
         exc = kept.error
@@ -337,6 +342,7 @@ def _prologue_locked(
             "host_key": guest.endpoint.host_key.public_openssh,
             "workdir": bj.workdir,
             "memory_limit_mib": spec.memory_limit,
+            "restored": guest.restored,
         }
         userdir.create(
             identity.uid,
@@ -364,6 +370,71 @@ def _prologue_locked(
         if conn is None:
             guest.conn.close()
     log.info("VM %s ready after %.1fs", guest.name, record.boot_seconds or 0)
+    return None
+
+
+def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.Guest | None:
+    """The job's VM restored from its newest valid checkpoint (:mod:`vmbatch.checkpoint`),
+    or None: there is none, and the job boots afresh. A checkpoint that does not verify or
+    restore is logged with its reason; then the job boots afresh (``[checkpoint].on_bad =
+    "fresh"``) or CheckpointRefusedError holds it (``"hold"``: the checkpoints are kept)."""
+    job_id = spec.job_id
+    if not checkpoint.job_base(cfg, job_id).is_dir():
+        return None
+    found = checkpoint.newest_valid(cfg, job_id)
+    for refusal in found.refused:
+        log.warning("checkpoint %s not used: %s", refusal.path.name, refusal.reason)
+    problems = [
+        f"checkpoint {r.path.name}: {r.reason}" for r in found.refused if r.path.name.isdigit()
+    ]
+    cp = found.checkpoint
+    if cp is not None:
+        name = domain_name(job_id)
+        image = resolve(cfg, spec.image, allow_path=spec.allow_image_path, job_id=job_id)
+        release = image.cached
+        wanted = str(cp.manifest.get("base_image", {}).get("path", ""))
+        own = conn is None
+        live = conn if conn is not None else Connection(cfg.libvirt).open()
+        try:
+            if wanted and str(image.path) != wanted:
+                raise CheckpointRefusedError(
+                    f"its overlay is on {wanted}, but image {spec.image} is now {image.path}"
+                )
+            endpoint, client = checkpoint.restore(cfg, cp, live, name=name)
+        except VmBatchError as exc:
+            problems.append(f"checkpoint {cp.generation}: {exc}")
+            if release:
+                ImageCache(cfg).release(image.path, job_id)
+            if own:
+                live.close()
+        else:
+            checkpoint.clear_requeue(cfg, job_id)
+            return lifecycle.Guest(
+                cfg,
+                spec,
+                name,
+                endpoint,
+                client,
+                lambda: live.is_running(name),
+                conn=live,
+                jobdir=state.JobDir(cfg.paths.job_dir, job_id),
+                image=image.name,
+                image_path=image.path if release else None,
+                restored=cp.generation,
+            )
+    if not problems:
+        checkpoint.clear_requeue(cfg, job_id)
+        return None
+    why = "; ".join(problems)
+    if cfg.checkpoint.on_bad == "hold":
+        checkpoint.mark_requeue(cfg, job_id)  # kept through the epilogue for the admin
+        raise CheckpointRefusedError(
+            f"job {job_id} was not restored from its checkpoint: {why}",
+            hint=f"the checkpoints stay in {checkpoint.job_base(cfg, job_id)}; remove them"
+            " (`vmbatch cleanup`) or fix the cause, then release the job",
+        )
+    log.warning("job %s starts afresh, not from its checkpoint: %s", job_id, why)
+    checkpoint.clear_requeue(cfg, job_id)
     return None
 
 
@@ -425,6 +496,14 @@ def _tell_starter(
     decision = policy.decide(
         cfg, exc, scheduler=bj.scheduler, restarts=bj.restarts, node=socket.gethostname()
     )
+    if isinstance(exc, CheckpointRefusedError) and cfg.batch.hold_exit:
+        # [checkpoint].on_bad = "hold": the job waits for an admin, its checkpoints kept.
+        decision = policy.Decision(
+            policy.Outcome.HOLD,
+            f"{exc}; the job is held: release it with `scontrol release JOBID` once the cause"
+            " is fixed",
+            cfg.batch.hold_exit,
+        )
     if decision.outcome is policy.Outcome.NODE:
         return
     log.error("%s fault: %s", exc.fault.value, decision.outcome.value)
@@ -492,6 +571,11 @@ class PrologueFailedError(JobError):
         self.status = status
 
 
+class CheckpointStoppedError(PrologueFailedError):
+    """The job's VM was checkpointed and stopped for a requeue: the starter exits with
+    ``[batch].requeue_exit`` (Slurm's ``RequeueExit`` requeues the job)."""
+
+
 def _status(text: bytes | None) -> int:
     """The starter's exit status the prologue chose (65 if none or unreadable)."""
     value = (text or b"").strip()
@@ -516,6 +600,25 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _current(endpoint: ssh.Endpoint, userdir: UserDir) -> ssh.Endpoint:
+    """``endpoint`` on the VM's SSH port now: a checkpoint that ran the VM on restored it
+    with a new forward, whose port root puts in the pause note (the user cannot change)."""
+    port = userdir.read_note().port
+    return endpoint if port in (None, endpoint.port) else dataclasses.replace(endpoint, port=port)
+
+
+def _vm_alive(endpoint: ssh.Endpoint, userdir: UserDir) -> bool:
+    """Whether the job's VM is still there: its forwarded port is open, or root holds it
+    paused (a pause or a checkpoint under way: its port may be closed meanwhile); not once
+    a checkpoint stopped it."""
+    note: PauseNote = userdir.read_note()
+    if note.stopped:
+        return False
+    if note.paused:
+        return True
+    return _port_open(endpoint.host, note.port or endpoint.port)
 
 
 def _endpoint(cfg: Config, info: Mapping[str, Any], key: bytes) -> ssh.Endpoint:
@@ -552,7 +655,6 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     if info.get("user") != name:
         raise StarterError(f"the VM of job {job.job_id} was prepared for another user")
     endpoint = _endpoint(cfg, info, key)
-    host, port = endpoint.host, endpoint.port
     workdir = job.workdir or (info.get("workdir") if isinstance(info.get("workdir"), str) else None)
     gjob = GuestJob(
         job_id=job.job_id,
@@ -566,8 +668,8 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         image=str(info.get("image") or ""),
     )
     session = Session(
-        connect=lambda: ssh.connect(endpoint),
-        is_alive=lambda: _port_open(host, port),
+        connect=lambda: ssh.connect(_current(endpoint, userdir)),
+        is_alive=lambda: _vm_alive(endpoint, userdir),
         job=gjob,
         reconnect_timeout=cfg.ssh.reconnect_timeout,
         liveness_interval=cfg.ssh.liveness_interval,
@@ -585,8 +687,14 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
 
     try:
         with signals.job_control():
-            return _run_session(cfg, session, out, err, mark_started)
+            return _run_session(cfg, session, out, err, mark_started, bool(info.get("restored")))
     except GuestLostError as exc:
+        if userdir.read_note().stopped:
+            raise CheckpointStoppedError(
+                f"the VM of job {job.job_id} was checkpointed and stopped (`vmbatch checkpoint"
+                " --stop`); the job's next run continues it from the checkpoint",
+                status=cfg.batch.requeue_exit,
+            ) from exc
         limit = info.get("memory_limit_mib")
         if isinstance(limit, int):
             exc.hint = (f"{exc.hint}; " if exc.hint else "") + (
@@ -606,13 +714,21 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
 
 
 def _run_session(
-    cfg: Config, session: Session, out: BinaryIO, err: BinaryIO, mark_started: Callable[[], None]
+    cfg: Config,
+    session: Session,
+    out: BinaryIO,
+    err: BinaryIO,
+    mark_started: Callable[[], None],
+    restored: bool,
 ) -> int:
     if session.interactive:  # srun --pty
         with signals.interruptible():
             return session.attach(out, on_start=mark_started)
     with signals.interruptible():
-        session.start()
+        # Restored from a checkpoint: the job runs in the guest already (its files in the
+        # saved disks and memory); follow it from its first byte instead.
+        if not (restored and session.has_started()):
+            session.start()
     mark_started()
     faults.point(cfg, "starter.job_started")
     return session.follow(out, err)
@@ -660,6 +776,7 @@ def finish(
     account: bool = False,
     lock_wait: float = 1.0,
     if_unchanged: bool = False,
+    drop_checkpoints: bool = False,
 ) -> bool:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
 
@@ -674,12 +791,19 @@ def finish(
     With ``if_unchanged`` nothing is done (False is returned) unless the stored record, once
     the lock is held, is still ``record`` (None: still no record): the reaper decided on
     what it read before, and a new prologue of the same job id may have replaced it since.
+
+    The job's checkpoints (:mod:`vmbatch.checkpoint`) go last, unless its VM was stopped
+    for a checkpoint that the job's next run restores (the ``requeue`` mark), or with
+    ``drop_checkpoints`` (an admin's ``vmbatch cleanup JOB``) in any case.
     """
     store = StateStore(cfg.batch.state_dir)
     with logsetup.job(job_id), store.exclusive(job_id, wait=lock_wait):
         if if_unchanged and store.read(job_id) != record:
             return False
         _finish_locked(cfg, store, job_id, record, conn, end, account=account)
+        if drop_checkpoints:
+            checkpoint.clear_requeue(cfg, job_id)
+        checkpoint.discard(cfg, job_id)
     return True
 
 

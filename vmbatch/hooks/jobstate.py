@@ -218,6 +218,18 @@ def _lock(lock: Path) -> int:
     return fd
 
 
+@dataclass(frozen=True, slots=True)
+class PauseNote:
+    """Root's pause note for the job starter (:attr:`UserDir.paused_note`)."""
+
+    paused: bool = False
+    pauses: int = 0
+    #: The VM's SSH port on 127.0.0.1 since a checkpoint restored it (None: guest.json's).
+    port: int | None = None
+    #: A checkpoint stopped the VM (``vmbatch checkpoint --stop``): its next run restores it.
+    stopped: bool = False
+
+
 class UserDir:
     """The job user's directory ``[batch].user_dir/<job>/``."""
 
@@ -263,28 +275,50 @@ class UserDir:
     def paused_note(self) -> Path:
         """``<user_dir>/.paused/<job>``: root's note (0644, in root's 0755 directory, which
         the user cannot change) of whether the job's VM is paused and how often it was, so
-        that the job starter counts no paused time against its own timeouts."""
+        that the job starter counts no paused time against its own timeouts; after a
+        checkpoint (:mod:`vmbatch.checkpoint`) also the VM's new SSH port (``port``: a
+        restored VM's forward is a new one) and whether the VM was stopped for a requeue
+        (``stopped``)."""
         return self.base / ".paused" / self.path.name
 
-    def write_paused(self, paused: bool, pauses: int) -> None:
-        """Root: record the VM's pause state (atomically: the starter never reads half)."""
+    def write_paused(
+        self, paused: bool, pauses: int, *, port: int | None = None, stopped: bool = False
+    ) -> None:
+        """Root: record the VM's pause state (atomically: the starter never reads half).
+        A port written before is kept unless ``port`` replaces it."""
         note = self.paused_note
         note.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        data = json.dumps({"paused": paused, "pauses": pauses}).encode() + b"\n"
-        atomic_write(note, data, mode=0o644)
+        port = port if port is not None else self.read_note().port
+        raw: dict[str, Any] = {"paused": paused, "pauses": pauses}
+        if port is not None:
+            raw["port"] = port
+        if stopped:
+            raw["stopped"] = True
+        atomic_write(note, json.dumps(raw).encode() + b"\n", mode=0o644)
 
     def read_paused(self) -> tuple[bool, int]:
         """(paused now, how many pauses so far); (False, 0) without a note."""
+        note = self.read_note()
+        return note.paused, note.pauses
+
+    def read_note(self) -> PauseNote:
+        """The whole pause note; an empty one if there is none (or it is unreadable)."""
         try:
             fd = os.open(self.paused_note, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return False, 0
+            return PauseNote()
         try:
             with os.fdopen(fd, "rb") as fh:
                 raw = json.loads(fh.read(4096))
-            return bool(raw["paused"]), int(raw["pauses"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return False, 0
+            port = raw.get("port")
+            return PauseNote(
+                paused=bool(raw["paused"]),
+                pauses=int(raw["pauses"]),
+                port=port if isinstance(port, int) and 0 < port < 65536 else None,
+                stopped=raw.get("stopped") is True,
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return PauseNote()
 
     def remove(self) -> bool:
         """Remove the directory; False (logged) if something the user put there prevents it.

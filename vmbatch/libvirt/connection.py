@@ -368,11 +368,14 @@ class Connection:
             self._limit_and_resume(name, memory_limit_mib)
 
     def _limit_and_resume(self, name: str, limit_mib: int) -> None:
-        dom = self._lookup(name)
-        params = {"hard_limit": limit_mib * 1024}  # KiB
-        live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self.limit_memory(name, limit_mib)
+        self._bounded(f"resume domain {name}", self._lookup(name).resume)
+
+    def limit_memory(self, name: str, limit_mib: int) -> None:
+        """Set the domain's memory hard limit live (see :meth:`create`); if libvirt cannot,
+        destroy the domain and raise :class:`ResourceLimitError`."""
         try:
-            self._bounded(f"limit the memory of {name}", dom.setMemoryParameters, params, live)
+            self.set_memory_limit(name, limit_mib)
         except (LibvirtTimeoutError, LibvirtUnavailableError):
             raise
         except LibvirtError as exc:
@@ -384,7 +387,32 @@ class Connection:
                 hint="libvirt needs the cgroup memory controller for [limits].memory_limit;"
                 " give it one, or set memory_limit = false",
             ) from exc
-        self._bounded(f"resume domain {name}", dom.resume)
+
+    def save(self, name: str, path: Path, *, timeout: float) -> None:
+        """Save the domain's memory and device state to ``path`` (``virDomainSaveFlags``;
+        https://libvirt.org/html/libvirt-libvirt-domain.html#virDomainSaveFlags). This
+        "ends the life of a transient domain": the domain is gone afterwards. Its disks are
+        the caller's business (QEMU flushed them when the domain was paused)."""
+        dom = self._lookup(name)
+        self._bounded(f"save domain {name}", dom.saveFlags, str(path), None, 0, timeout=timeout)
+
+    def saved_xml(self, path: Path) -> str:
+        """The domain XML inside a save file (``virDomainSaveImageGetXMLDesc``, with
+        security-sensitive parts, which only a read-write connection gets)."""
+        flags = libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE
+        return str(
+            self._bounded("read a save file's XML", self.raw.saveImageGetXMLDesc, str(path), flags)
+        )
+
+    def restore(self, path: Path, xml: str, *, timeout: float) -> None:
+        """Start the domain saved in ``path`` again, paused (``virDomainRestoreFlags`` with
+        ``VIR_DOMAIN_SAVE_PAUSED``), with ``xml`` (:func:`vmbatch.libvirt.domain.restore_xml`)
+        as its definition; the caller sets what the save file lacks (the memory limit, the
+        SSH forward) and then resumes it."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED
+        self._bounded(
+            "restore a saved domain", self.raw.restoreFlags, str(path), xml, flags, timeout=timeout
+        )
 
     def is_running(self, name: str) -> bool:
         """True while the domain exists and runs (transient domains vanish when stopped)."""
@@ -513,7 +541,8 @@ class Connection:
         return str(self._bounded(f"read the XML of {name}", dom.XMLDesc, flags))
 
     def set_memory_limit(self, name: str, limit_mib: int) -> None:
-        """Set the running domain's memory hard limit, live (see :meth:`create`)."""
+        """Set the running domain's memory hard limit, live (see :meth:`create`); errors
+        are the caller's (:meth:`limit_memory` destroys the domain on one)."""
         dom = self._lookup(name)
         params = {"hard_limit": limit_mib * 1024}  # KiB
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE

@@ -385,3 +385,33 @@ def migration_xml(xml: str, moves: dict[Path, Path]) -> str:
     if memtune is not None:
         root.remove(memtune)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def restore_xml(xml: str) -> str:
+    """The XML to restore a saved domain with (``virDomainRestoreFlags``' ``dxml``): the
+    saved image's own XML (``virDomainSaveImageGetXMLDesc``) without ``<memtune>``, which
+    the live memory limit put there (:meth:`Connection.create` sets it live; in the XML it
+    would make libvirt raise QEMU's ``RLIMIT_MEMLOCK`` at start, which fails here). The
+    limit is set live again after the restore. Only host-side settings may differ from the
+    saved domain (libvirt checks ABI stability, ``qemuSaveImageUpdateDef``)."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    for memtune in root.findall("memtune"):
+        root.remove(memtune)
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    ET.register_namespace("qemu", QEMU_NS)
+    return ET.tostring(root, encoding="unicode")
+
+
+def machine_type(xml: str) -> str:
+    """The domain's machine type as libvirt expanded it (``pc-q35-7.2``); "" if none."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    kind = root.find("os/type")
+    return (kind.get("machine", "") if kind is not None else "") or ""
+
+
+def backing_files(xml: str) -> tuple[str, ...]:
+    """The host files under the domain's disks (``<backingStore><source file=...>``, as a
+    running domain's live XML shows them): the base images its overlays are made on."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    found = [s.get("file", "") for s in root.iterfind("devices/disk/backingStore//source")]
+    return tuple(f for f in found if f)

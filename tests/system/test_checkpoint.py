@@ -1,0 +1,264 @@
+"""`vmbatch checkpoint` against a real job VM (tiny guest, real libvirtd/QEMU), with the
+hooks called as pbs_mom calls them (tests/system/test_torque.py's ``Mom``).
+
+The job counts in the guest's memory (a shell variable) and prints a random run id first:
+a job restored from a checkpoint goes on with the same run id and counter, while one
+started afresh would print a new id and count from 1 again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from tests.system.conftest import BatchSite
+from tests.system.test_torque import BIN, Mom
+from vmbatch import checkpoint, config
+from vmbatch.libvirt.connection import Connection
+from vmbatch.state import safe_job_id
+
+COUNT = 60
+
+
+def counter(count: int = COUNT) -> str:
+    return (
+        "#!/bin/sh\necho run $(cat /proc/sys/kernel/random/uuid)\ni=0\n"
+        f"while [ $i -lt {count} ]; do i=$((i+1)); echo $i; sleep 0.2; done\nexit 3\n"
+    )
+
+
+REQUEUE_EXIT = 199  # [batch].requeue_exit's default
+
+
+class Starter:
+    """The job starter as pbs_mom runs it, its stdout in a file read while it runs."""
+
+    def __init__(self, mom: Mom, out: Path) -> None:
+        self.out = out
+        u = mom.bs.user
+        env = {
+            "PBS_JOBID": mom.job_id,
+            "PBS_O_WORKDIR": str(u.home),
+            "HOME": str(u.home),
+            "USER": u.name,
+            "PATH": "/bin:/usr/bin",
+            **mom.bs.env,
+        }
+        with out.open("wb") as stdout:
+            self.proc = subprocess.Popen(
+                [str(BIN / "vmbatch-starter"), "/bin/sh"],
+                env=env,
+                cwd=u.home,
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                user=u.uid,
+                group=u.gid,
+                extra_groups=[],
+            )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{mom.script}\n".encode())
+        self.proc.stdin.close()
+        self.proc.stdin = None
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    def wait_lines(self, n: int, timeout: float = 120) -> list[str]:
+        """Until the job's output has ``n`` complete lines (polled, with a deadline)."""
+        deadline = time.monotonic() + timeout
+        while len(lines := self.lines()) < n or not self.out.read_text().endswith("\n"):
+            assert self.proc.poll() is None, self.finish()
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.1)
+        return lines
+
+    def finish(self) -> tuple[int, str]:
+        _, err = self.proc.communicate(timeout=300)
+        return self.proc.returncode, err.decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=30)
+
+
+def _arm(bs: BatchSite, point: str | None) -> None:
+    dropin = bs.site.root / "vmbatch.d" / "90-faults.toml"
+    dropin.parent.mkdir(exist_ok=True)
+    if point is None:
+        dropin.unlink(missing_ok=True)
+    else:
+        dropin.write_text(f'[debug]\nfault_points = ["{point}"]\nfault_action = "kill"\n')
+
+
+def _generation(res: subprocess.CompletedProcess[bytes]) -> int:
+    assert res.returncode == 0, res.stderr.decode()
+    found = re.search(rb"checkpoint (\d+) of job", res.stdout)
+    assert found, res.stdout
+    return int(found[1])
+
+
+def _counted(lines: list[str], run: str) -> list[int]:
+    """The counter's values after the run id line (which must be ``run``)."""
+    assert lines[0] == run, lines[:3]
+    return [int(x) for x in lines[1:]]
+
+
+def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kill(
+    batch_site: BatchSite, libvirt_conn: Connection, tmp_path: Path
+) -> None:
+    bs = batch_site
+    mom = Mom(bs, counter())
+    cfg = config.load(bs.site.config, honour_env=False)
+    base = bs.checkpoints / safe_job_id(mom.job_id)
+    starters: list[Starter] = []
+    try:
+        assert mom.prologue().returncode == 0
+        a = Starter(mom, tmp_path / "a.out")
+        starters.append(a)
+        run = a.wait_lines(4)[0]
+        assert run.startswith("run ")
+
+        # --continue (the default): the job runs on, its starter follows it to the new port.
+        gen1 = _generation(bs.site.vmbatch("checkpoint", mom.job_id))
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in base.rglob("*")}
+        assert modes == {0o700, 0o600} and stat.S_IMODE(base.stat().st_mode) == 0o700
+        manifest = json.loads((base / str(gen1) / "manifest.json").read_bytes())
+        assert manifest["base_image"]["sha256"] == checkpoint.sha256(bs.site.base_image)
+        assert manifest["machine"].startswith("pc-q35-") and manifest["image"] == "demo"
+        at = len(a.lines())
+        lines = a.wait_lines(at + 5)
+        assert _counted(lines, run) == list(range(1, len(lines)))
+
+        # SIGKILL while the next checkpoint is written (after the VM's save and the disk
+        # copies, before the manifest): the previous one stays the one to restore.
+        _arm(bs, "checkpoint.files_written")
+        killed = bs.site.vmbatch("checkpoint", "--stop", mom.job_id)
+        _arm(bs, None)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        assert {p.name for p in base.iterdir()} == {
+            str(gen1),
+            f".tmp-{gen1 + 1}-{killed_pid(killed)}",
+            "requeue",
+        }
+        found = checkpoint.newest_valid(cfg, mom.job_id)
+        assert found.checkpoint is not None and found.checkpoint.generation == gen1
+        assert [r.reason for r in found.refused] == ["unfinished (its writer was stopped); removed"]
+        assert {p.name for p in base.iterdir()} == {str(gen1), "requeue"}
+        a.kill()  # its VM is gone: the scheduler requeues the job, the epilogue keeps it
+        assert mom.epilogue(256 + signal.SIGKILL).returncode == 0
+        assert {p.name for p in base.iterdir()} == {str(gen1), "requeue"}
+
+        # The next run restores checkpoint 1: same run, counting on from where it was.
+        pro = mom.prologue()
+        assert pro.returncode == 0, pro.stderr.decode()
+        assert f"restored from checkpoint {gen1}".encode() in pro.stderr, pro.stderr.decode()
+        b = Starter(mom, tmp_path / "b.out")
+        starters.append(b)
+        counted = _counted(b.wait_lines(at + 8), run)
+        assert counted == list(range(1, len(counted) + 1))
+
+        # --stop: the starter exits for a requeue; the next run continues from it.
+        gen2 = _generation(bs.site.vmbatch("checkpoint", "--stop", mom.job_id))
+        status, err = b.finish()
+        assert status == REQUEUE_EXIT, err
+        assert "checkpointed and stopped" in err
+        stopped_at = len(b.lines())
+        assert mom.epilogue(REQUEUE_EXIT).returncode == 0
+        assert {p.name for p in base.iterdir()} == {str(gen2), "requeue"}
+        pro = mom.prologue()
+        assert f"restored from checkpoint {gen2}".encode() in pro.stderr, pro.stderr.decode()
+        c = Starter(mom, tmp_path / "c.out")
+        starters.append(c)
+        # Its first lines are the ones the stopped VM had written: replayed, not rerun.
+        assert c.wait_lines(stopped_at + 3)[:stopped_at] == b.lines()[:stopped_at]
+
+        # --continue on a restored VM; the job completes, its output whole and once.
+        _generation(bs.site.vmbatch("checkpoint", "--continue", mom.job_id))
+        status, err = c.finish()
+        assert status == 3, err
+        assert _counted(c.lines(), run) == list(range(1, COUNT + 1))
+        assert mom.epilogue(3).returncode == 0
+        assert not base.exists()  # the job ended for good: its checkpoints went with it
+    finally:
+        _arm(bs, None)
+        for starter in starters:
+            starter.kill()
+        mom.epilogue(0)
+        bs.site.vmbatch("cleanup", mom.job_id)
+        if base.exists():
+            (base / "requeue").unlink(missing_ok=True)
+            bs.site.vmbatch("cleanup", mom.job_id)
+
+
+def killed_pid(res: subprocess.CompletedProcess[bytes]) -> int:
+    """The pid the fault injection logged (``SIGKILL at POINT (pid N)``)."""
+    found = re.search(rb"SIGKILL at \S+ \(pid (\d+)\)", res.stderr)
+    assert found, res.stderr
+    return int(found[1])
+
+
+def test_a_checkpoint_whose_overlay_changed_is_refused_and_the_job_starts_afresh(
+    batch_site: BatchSite, tmp_path: Path
+) -> None:
+    bs = batch_site
+    mom = Mom(bs, counter(20))
+    base = bs.checkpoints / safe_job_id(mom.job_id)
+    starters: list[Starter] = []
+    try:
+        assert mom.prologue().returncode == 0
+        a = Starter(mom, tmp_path / "a.out")
+        starters.append(a)
+        run = a.wait_lines(3)[0]
+        gen = _generation(bs.site.vmbatch("checkpoint", "--stop", mom.job_id))
+        assert a.finish()[0] == REQUEUE_EXIT
+        assert mom.epilogue(REQUEUE_EXIT).returncode == 0
+        overlay = base / str(gen) / "disks" / "overlay.qcow2"
+        with overlay.open("r+b") as fh:  # one byte changed, size the same
+            fh.seek(overlay.stat().st_size // 2)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        reason = "disks/overlay.qcow2 was modified after the checkpoint was taken"
+
+        # on_bad = "hold": the job is held, with the reason in its output; nothing boots.
+        dropin = bs.site.root / "vmbatch.d" / "30-checkpoint.toml"
+        dropin.parent.mkdir(exist_ok=True)
+        dropin.write_text('[checkpoint]\non_bad = "hold"\n')
+        pro = mom.prologue()
+        assert pro.returncode == 0 and reason.encode() in pro.stderr, pro.stderr.decode()
+        held = Starter(mom, tmp_path / "held.out")
+        starters.append(held)
+        status, err = held.finish()
+        assert status == 200 and reason in err and "held" in err, err  # [batch].hold_exit
+        assert mom.epilogue(200).returncode == 0
+        assert (base / str(gen)).is_dir()  # kept for the admin
+
+        # on_bad = "fresh": refused the same way, and the job boots afresh.
+        dropin.write_text('[checkpoint]\non_bad = "fresh"\n')
+        pro = mom.prologue()
+        assert pro.returncode == 0, pro.stderr.decode()
+        assert reason.encode() in pro.stderr and b"starts afresh" in pro.stderr
+        fresh = Starter(mom, tmp_path / "fresh.out")
+        starters.append(fresh)
+        status, err = fresh.finish()
+        assert status == 3, err
+        lines = fresh.lines()
+        assert lines[0].startswith("run ") and lines[0] != run  # a new run
+        assert [int(x) for x in lines[1:]] == list(range(1, 21))
+        assert mom.epilogue(3).returncode == 0
+        assert not base.exists()
+    finally:
+        for starter in starters:
+            starter.kill()
+        mom.epilogue(0)
+        if base.exists():
+            (base / "requeue").unlink(missing_ok=True)
+            bs.site.vmbatch("cleanup", mom.job_id)

@@ -1,0 +1,387 @@
+"""Checkpoints (:mod:`vmbatch.checkpoint`) and ``vmbatch checkpoint`` through click's test
+runner, against libvirt's test driver. The test driver cannot restore a save paused
+(``testDomainRestoreFlags`` refuses ``VIR_DOMAIN_SAVE_PAUSED``) nor forward a port, so
+save, restore and the forward are stand-ins that record their calls; real VMs:
+tests/system/test_checkpoint.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.test_ops import Site, domain_xml
+from vmbatch import __version__, checkpoint, config
+from vmbatch.errors import CheckpointRefusedError, LibvirtError
+from vmbatch.hooks import batch
+from vmbatch.hooks.jobstate import READY, StateStore, UserDir
+from vmbatch.hooks.request import Resources
+from vmbatch.job import JobSpec, JobUser
+from vmbatch.libvirt import connection
+from vmbatch.libvirt.domain import domain_name, restore_xml
+from vmbatch.state import JobDir
+
+JOB = "4242"
+
+
+class Libvirt:
+    """What the stand-ins were asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    s = Site(tmp_path, [domain_xml(JOB, "alice", tmp_path / "jobs")])
+    s.config.write_text(s.config.read_text() + f'[checkpoint]\ndir = "{tmp_path / "ckpt"}"\n')
+    jobdir = JobDir(s.job_dir, JOB)
+    jobdir.path.mkdir(parents=True)
+    jobdir.keys.mkdir()
+    jobdir.overlay.write_bytes(b"overlay" * 1000)
+    (jobdir.keys / "login.json").write_text('{"port": 1111, "user": "alice"}\n')
+    s.record(JOB, domain=domain_name(JOB), phase=READY, jobdir=str(jobdir.path),
+             memory_limit_mib=600)  # fmt: skip
+    return s
+
+
+@pytest.fixture
+def lv(monkeypatch: pytest.MonkeyPatch) -> Libvirt:
+    seen = Libvirt()
+
+    def save(self: Any, name: str, path: Path, *, timeout: float) -> None:
+        seen.calls.append(("save", name))
+        path.write_bytes(b"memory of " + name.encode())
+
+    def restore(self: Any, path: Path, xml: str, *, timeout: float) -> None:
+        seen.calls.append(("restore", path.name))
+
+    monkeypatch.setattr(connection.Connection, "save", save)
+    monkeypatch.setattr(connection.Connection, "restore", restore)
+    monkeypatch.setattr(connection.Connection, "saved_xml", lambda self, path: "<domain/>")
+    monkeypatch.setattr(
+        connection.Connection, "forward_port", lambda self, name, port: seen.calls.append(
+            ("forward", name)) or 2222,
+    )  # fmt: skip
+    monkeypatch.setattr(
+        connection.Connection, "limit_memory",
+        lambda self, name, mib: seen.calls.append(("limit", mib)),
+    )  # fmt: skip
+    return seen
+
+
+def _cfg(site: Site) -> config.Config:
+    return config.load(site.config, honour_env=False)
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    return {("d" if p.is_dir() else "f", stat.S_IMODE(p.stat().st_mode)) for p in root.rglob("*")}
+
+
+def test_checkpoint_continue_writes_a_verified_generation_and_runs_the_vm_on(
+    site: Site, lv: Libvirt
+) -> None:
+    code, out, err = site.vmbatch("checkpoint", JOB)
+    assert code == 0, err
+    assert f"checkpoint 1 of job {JOB} in " in out and "runs on, SSH on port 2222" in out
+    assert lv.calls == [("save", domain_name(JOB)), ("restore", "memory.save"),
+                        ("limit", 600), ("forward", domain_name(JOB))]  # fmt: skip
+    base = site.root / "ckpt" / JOB
+    gen = base / "1"
+    assert sorted(str(p.relative_to(gen)) for p in gen.rglob("*")) == [
+        "disks", "disks/overlay.qcow2", "keys", "keys/login.json", "manifest.json",
+        "memory.save",
+    ]  # fmt: skip
+    assert _modes(site.root / "ckpt") == {("d", 0o700), ("f", 0o600)}
+    manifest = json.loads((gen / "manifest.json").read_bytes())
+    assert manifest["job_id"] == JOB and manifest["generation"] == 1
+    assert manifest["vmbatch_version"] == __version__ and manifest["then"] == "continue"
+    assert manifest["files"]["disks/overlay.qcow2"]["size"] == 7000
+    assert (gen / "disks" / "overlay.qcow2").read_bytes() == b"overlay" * 1000
+    # The starter finds the new port in root's note; root's own login has it too.
+    note = UserDir(site.user_dir, JOB).read_note()
+    assert (note.paused, note.port, note.stopped) == (False, 2222, False)
+    login = json.loads(JobDir(site.job_dir, JOB).login.read_bytes())
+    assert login["port"] == 2222
+    rec = StateStore(site.state_dir).read(JOB)
+    assert rec is not None and rec.pauses == ()
+    assert not checkpoint.requeued(_cfg(site), JOB)
+    # The next one replaces it, and the older generation goes only then.
+    code, out, err = site.vmbatch("checkpoint", "--continue", JOB)
+    assert code == 0 and "checkpoint 2 of job" in out, err
+    assert sorted(p.name for p in base.iterdir()) == ["2"]
+
+
+def test_checkpoint_stop_leaves_the_vm_gone_and_marks_the_job_for_its_requeue(
+    site: Site, lv: Libvirt
+) -> None:
+    code, out, err = site.vmbatch("checkpoint", "--stop", JOB)
+    assert code == 0, err
+    assert "the VM is stopped: the job's next run continues from it" in out
+    assert [c[0] for c in lv.calls] == ["save"]
+    note = UserDir(site.user_dir, JOB).read_note()
+    assert note.paused and note.stopped
+    cfg = _cfg(site)
+    assert checkpoint.requeued(cfg, JOB)
+    assert not checkpoint.discard(cfg, JOB)  # the epilogue keeps it for the next run
+    checkpoint.clear_requeue(cfg, JOB)
+    assert checkpoint.discard(cfg, JOB) and not (site.root / "ckpt" / JOB).exists()
+
+
+def test_a_checkpoint_that_fails_after_the_save_runs_the_vm_on_from_it(
+    site: Site, lv: Libvirt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(src: Path, dst: Path, mode: int = 0o600) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "copy_file", full)
+    code, _, err = site.vmbatch("checkpoint", "--stop", JOB)
+    assert code == 75 and "No space left on device" in err
+    assert [c[0] for c in lv.calls] == ["save", "restore", "limit", "forward"]
+    base = site.root / "ckpt" / JOB
+    assert list(base.iterdir()) == []  # no partial checkpoint, no requeue mark
+    rec = StateStore(site.state_dir).read(JOB)
+    assert rec is not None and rec.pauses == ()
+
+
+def test_a_vm_that_cannot_run_on_from_a_complete_checkpoint_is_left_to_the_requeue(
+    site: Site, lv: Libvirt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: Any, path: Path, xml: str, *, timeout: float) -> None:
+        raise LibvirtError("libvirt could not restore a saved domain: no")
+
+    monkeypatch.setattr(connection.Connection, "restore", refuse)
+    code, _, err = site.vmbatch("checkpoint", JOB)
+    assert code == 75, err
+    assert "checkpoint 1 of job 4242 is complete, but its VM could not run on from it" in err
+    cfg = _cfg(site)
+    assert checkpoint.requeued(cfg, JOB)
+    assert UserDir(site.user_dir, JOB).read_note().stopped  # its starter exits for a requeue
+    found = checkpoint.newest_valid(cfg, JOB, qemu_version=_qemu(site))
+    assert found.checkpoint is not None and found.checkpoint.generation == 1
+
+
+def _qemu(site: Site) -> str:
+    return str(
+        json.loads((site.root / "ckpt" / JOB / "1" / "manifest.json").read_bytes())["qemu_version"]
+    )
+
+
+def test_checkpoint_refuses_what_is_not_a_running_batch_job(site: Site) -> None:
+    code, _, err = site.vmbatch("checkpoint", "4711")
+    assert code == 65 and "no batch job 4711 on this node" in err
+    site.record("4712", domain=domain_name("4712"), phase="failed")
+    code, _, err = site.vmbatch("checkpoint", "--stop", "4712")
+    assert code == 65 and "job 4712 is failed, not running" in err
+    code, _, err = site.vmbatch("checkpoint", "../x")
+    assert code == 65 and "has characters vmbatch does not accept" in err
+
+
+def test_checkpoint_is_roots(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 4711)
+    code, _, err = site.vmbatch("checkpoint", JOB)
+    assert code == 65 and "only root may checkpoint a job's VM" in err
+
+
+def test_checkpoint_has_a_help_and_needs_a_job(site: Site) -> None:
+    code, out, _ = site.vmbatch("checkpoint", "--help")
+    assert code == 0 and "Example:" in out and "Exit status" in out
+    code, _, err = site.vmbatch("checkpoint")
+    assert code == 2 and "Missing argument 'JOB'" in err
+
+
+# -- verifying -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken(site: Site, lv: Libvirt) -> Path:
+    code, _, err = site.vmbatch("checkpoint", "--stop", JOB)
+    assert code == 0, err
+    return site.root / "ckpt" / JOB
+
+
+def _newest(site: Site, qemu: str = "2.0.0") -> checkpoint.Found:
+    return checkpoint.newest_valid(_cfg(site), JOB, qemu_version=qemu)
+
+
+def test_the_newest_complete_checkpoint_is_found_and_unfinished_ones_are_removed(
+    site: Site, taken: Path
+) -> None:
+    manifest = json.loads((taken / "1" / "manifest.json").read_bytes())
+    (taken / ".tmp-2-999").mkdir()
+    (taken / ".tmp-2-999" / "memory.save").write_bytes(b"half")
+    found = _newest(site, manifest["qemu_version"])
+    assert found.checkpoint is not None and found.checkpoint.generation == 1
+    assert [(r.path.name, r.reason) for r in found.refused] == [
+        (".tmp-2-999", "unfinished (its writer was stopped); removed")
+    ]
+    assert not (taken / ".tmp-2-999").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda g: (g / "disks" / "overlay.qcow2").write_bytes(b"overlaX" * 1000),
+         "disks/overlay.qcow2 was modified after the checkpoint was taken (its sha256 differs)"),
+        (lambda g: (g / "disks" / "overlay.qcow2").write_bytes(b"more" * 2000),
+         "disks/overlay.qcow2 was modified after the checkpoint was taken (size 8000,"
+         " manifest 7000)"),
+        (lambda g: (g / "memory.save").unlink(), "memory.save is missing"),
+        (lambda g: (g / "manifest.json").unlink(), "no manifest: the checkpoint was not finished"),
+        (lambda g: (g / "manifest.json").write_text("{"), "its manifest is unreadable"),
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_refused_with_its_reason(
+    site: Site, taken: Path, damage: Any, reason: str
+) -> None:
+    qemu = json.loads((taken / "1" / "manifest.json").read_bytes())["qemu_version"]
+    damage(taken / "1")
+    found = _newest(site, qemu)
+    assert found.checkpoint is None
+    assert len(found.refused) == 1 and found.refused[0].reason.startswith(reason)
+
+
+def test_a_checkpoint_from_another_qemu_vmbatch_or_base_image_is_refused(
+    site: Site, taken: Path
+) -> None:
+    path = taken / "1" / "manifest.json"
+    manifest = json.loads(path.read_bytes())
+    found = _newest(site, "7.2.99")
+    assert found.checkpoint is None
+    assert found.refused[0].reason == (
+        f"taken with QEMU {manifest['qemu_version']}, this node has QEMU 7.2.99: a saved VM"
+        " restores only into the same QEMU"
+    )
+    path.write_text(json.dumps({**manifest, "vmbatch_version": "0.0.1"}))
+    assert _newest(site, manifest["qemu_version"]).refused[0].reason == (
+        f"taken by vmbatch 0.0.1, this node runs vmbatch {__version__}"
+    )
+    image = site.root / "base.qcow2"
+    image.write_bytes(b"base")
+    base = {"path": str(image), "sha256": checkpoint.sha256(image)}
+    path.write_text(json.dumps({**manifest, "base_image": base}))
+    assert _newest(site, manifest["qemu_version"]).checkpoint is not None
+    image.write_bytes(b"BASE")
+    assert _newest(site, manifest["qemu_version"]).refused[0].reason == (
+        f"its base image {image} changed since the checkpoint was taken (sha256 differs)"
+    )
+    image.unlink()
+    assert _newest(site, manifest["qemu_version"]).refused[0].reason == (
+        f"its base image {image} is gone"
+    )
+
+
+def test_no_checkpoint_directory_means_nothing_to_restore(site: Site) -> None:
+    assert checkpoint.newest_valid(_cfg(site), JOB) == checkpoint.Found(None)
+
+
+# -- files, notes, XML ---------------------------------------------------------------------
+
+
+def test_copy_file_keeps_holes_and_creates_the_copy_root_only(tmp_path: Path) -> None:
+    src = tmp_path / "sparse"
+    with src.open("wb") as fh:
+        fh.write(b"head")
+        fh.seek(64 << 20)
+        fh.write(b"tail")
+    os.umask(0o022)
+    checkpoint.copy_file(src, tmp_path / "copy")
+    copy = tmp_path / "copy"
+    assert copy.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert copy.stat().st_blocks * 512 < 1 << 20  # the 64 MiB hole stays a hole
+    with pytest.raises(FileExistsError):
+        checkpoint.copy_file(src, copy)
+
+
+def test_the_pause_note_keeps_the_port_across_pauses(tmp_path: Path) -> None:
+    userdir = UserDir(tmp_path, JOB)
+    userdir.write_paused(True, 1, port=3333)
+    userdir.write_paused(False, 1)  # pausing.drop rewrites it: the port stays
+    assert userdir.read_note() == type(userdir.read_note())(False, 1, 3333, False)
+    assert userdir.read_paused() == (False, 1)
+    userdir.write_paused(True, 2, stopped=True)
+    note = userdir.read_note()
+    assert (note.paused, note.port, note.stopped) == (True, 3333, True)
+    assert stat.S_IMODE(userdir.paused_note.stat().st_mode) == 0o644
+
+
+def test_the_starter_logs_in_on_the_port_of_the_note_and_trusts_a_paused_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmbatch.contextualize.keys import KeyPair
+    from vmbatch.guest import ssh
+
+    userdir = UserDir(tmp_path, JOB)
+    endpoint = ssh.Endpoint(port=1111, user="alice", client_key=KeyPair("", ""),
+                            host_key=KeyPair("", ""))  # fmt: skip
+    asked: list[int] = []
+    monkeypatch.setattr(batch, "_port_open", lambda host, port: asked.append(port) or False)
+    assert batch._current(endpoint, userdir) == endpoint
+    assert not batch._vm_alive(endpoint, userdir) and asked == [1111]
+    userdir.write_paused(True, 1)
+    assert batch._vm_alive(endpoint, userdir) and asked == [1111]  # paused: not asked
+    userdir.write_paused(False, 1, port=2222)
+    assert batch._current(endpoint, userdir).port == 2222
+    assert not batch._vm_alive(endpoint, userdir) and asked == [1111, 2222]
+    userdir.write_paused(True, 1, stopped=True)
+    assert not batch._vm_alive(endpoint, userdir)
+
+
+def test_restore_xml_drops_the_memory_limit_and_keeps_the_rest() -> None:
+    xml = domain_xml(JOB, "alice", Path("/j")).replace(
+        "</memory>", "</memory><memtune><hard_limit unit='KiB'>1</hard_limit></memtune>", 1
+    )
+    out = restore_xml(xml)
+    assert "memtune" not in out and "hard_limit" not in out
+    assert "vmbatch:job" in out and "qemu:commandline" in out
+    assert restore_xml(out) == out
+
+
+# -- the prologue's side ---------------------------------------------------------------------
+
+
+def _bad_checkpoint(site: Site) -> config.Config:
+    """A job whose only checkpoint lacks its manifest (and an unfinished one beside)."""
+    base = site.root / "ckpt" / JOB
+    (base / "3").mkdir(parents=True)
+    (base / ".tmp-4-77").mkdir()
+    return _cfg(site)
+
+
+def test_a_refused_checkpoint_holds_the_job_and_is_kept_for_the_admin(site: Site) -> None:
+    (site.root / "vmbatch.d").mkdir()
+    (site.root / "vmbatch.d" / "50-hold.toml").write_text('[checkpoint]\non_bad = "hold"\n')
+    cfg = _bad_checkpoint(site)
+    spec = JobSpec(job_id=JOB, user="alice", image="demo", argv=(), scheduler="slurm")
+    with pytest.raises(CheckpointRefusedError) as caught:
+        batch._restored(cfg, spec, None)
+    assert "checkpoint 3: no manifest: the checkpoint was not finished" in str(caught.value)
+    assert ".tmp-4-77" not in str(caught.value)  # an unfinished take is no reason to hold
+    assert checkpoint.requeued(cfg, JOB)  # its epilogue keeps the checkpoints
+    assert not checkpoint.discard(cfg, JOB)
+    # The starter holds the job ([batch].hold_exit) with the reason in its output.
+    userdir = UserDir(cfg.batch.user_dir, JOB)
+    bj = batch.BatchJob("slurm", JOB, "alice", Resources())
+    uid = os.getuid() or 4711  # root hands the directory to the job's user
+    identity = JobUser("alice", uid, uid, "alice", "/home/alice")
+    batch._tell_starter(cfg, bj, userdir, identity, caught.value)
+    assert userdir.read(UserDir.STATUS) == b"200\n"
+    assert b"the job is held" in (userdir.read(UserDir.ERROR) or b"")
+    # An admin's `vmbatch cleanup JOB` removes them all the same.
+    code, _, err = site.vmbatch("cleanup", JOB)
+    assert code == 0, err
+    assert not (site.root / "ckpt" / JOB).exists()
+
+
+def test_a_refused_checkpoint_starts_the_job_afresh_by_default(site: Site) -> None:
+    cfg = _bad_checkpoint(site)
+    checkpoint.mark_requeue(cfg, JOB)
+    spec = JobSpec(job_id=JOB, user="alice", image="demo", argv=())
+    assert batch._restored(cfg, spec, None) is None
+    assert not checkpoint.requeued(cfg, JOB)  # its end removes them
+    assert sorted(p.name for p in (site.root / "ckpt" / JOB).iterdir()) == ["3"]
