@@ -60,7 +60,12 @@ import paramiko
 from vmbatch import __version__, faults, pausing, state
 from vmbatch.config import Config
 from vmbatch.contextualize.keys import KeyPair
-from vmbatch.errors import CheckpointError, CheckpointRefusedError, VmBatchError
+from vmbatch.errors import (
+    CheckpointError,
+    CheckpointRefusedError,
+    LibvirtTimeoutError,
+    VmBatchError,
+)
 from vmbatch.guest import ssh
 from vmbatch.hooks.jobstate import Record, StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
@@ -225,6 +230,23 @@ def take(cfg: Config, job_id: str, *, then: Then = "continue") -> Taken:
             return _take_locked(cfg, store, conn, record, then)
 
 
+def _room(cfg: Config, conn: Connection, name: str, disks: list[Path]) -> None:
+    """Refuse, before the VM is paused, a checkpoint the checkpoint directory has no room
+    for: the guest's memory plus its disks' allocated blocks, with ``[disks].reserve_gib``
+    left free (the directory is often on the file system of the job directories)."""
+    status = conn.status(name)
+    need = (status.memory_mib if status else 0) * 2**20
+    need += sum(d.stat().st_blocks * 512 for d in disks if d.exists())
+    free = shutil.disk_usage(cfg.checkpoint.dir).free - int(cfg.disks.reserve_gib * 2**30)
+    if need > free:
+        raise CheckpointError(
+            f"no room for a checkpoint in {cfg.checkpoint.dir}: it needs about"
+            f" {need / 2**30:.1f} GiB, {max(free, 0) / 2**30:.1f} GiB are free beyond"
+            f" [disks].reserve_gib",
+            hint="free space there, or point [checkpoint].dir at a larger file system",
+        )
+
+
 def _next_generation(base: Path) -> int:
     numbers = [0]
     for entry in base.iterdir():
@@ -255,11 +277,22 @@ def _take_locked(
         xml = conn.xml(name)
         lib_version, qemu_version = conn.version()
         disks = _disk_files(xml, jobdir)
+        _room(cfg, conn, name, disks)
         bases = backing_files(xml)
         base_image = bases[0] if bases else ""
         base_sum = sha256(Path(base_image)) if base_image else ""
         record = pausing.add(cfg, store, conn, record, pausing.CHECKPOINT)
-        conn.save(name, tmp / MEMORY, timeout=cfg.checkpoint.timeout)
+        try:
+            conn.save(name, tmp / MEMORY, timeout=cfg.checkpoint.timeout)
+        except LibvirtTimeoutError as exc:
+            # libvirtd may still be saving: abort it and let it settle before anything
+            # touches the directory, then go by what happened (the domain gone: saved).
+            conn.abort_job(name)
+            worker = getattr(exc, "worker", None)
+            if worker is not None:
+                worker.join(60)
+            saved = conn.status(name) is None and (tmp / MEMORY).is_file()
+            raise
         saved = True
         (tmp / MEMORY).chmod(0o600)  # libvirt makes it 0600 (in a 0700 directory): make sure
         _fsync(tmp / MEMORY)  # libvirt's iohelper writes it; durable before the manifest
@@ -281,6 +314,11 @@ def _take_locked(
         manifest = {
             "format": FORMAT,
             "job_id": job_id,
+            # Whose it is: a job id may come back for another user (a scheduler's ids
+            # restart), and a restore hands the VM, its keys and memory to the job's user.
+            "user": record.user,
+            "uid": record.uid,
+            "scheduler": record.scheduler,
             "generation": generation,
             "domain": name,
             "jobdir": str(jobdir.path),

@@ -404,7 +404,9 @@ def ps(ctx: click.Context, as_json: bool) -> None:
     STATE   libvirt's state of its VM: running, paused, ...; "-": no VM (kept disks, or
             a prologue still making it)
     PHASE   the batch state record: preparing, ready, failed, kept:paused / kept:disks
-            (with the time left before the reaper removes it); run: `vmbatch run`
+            (with the time left before the reaper removes it); run: `vmbatch run`;
+            ready:paused(REASONS): paused by vmbatch for an operator, the scheduler's
+            suspend or a checkpoint
     AGE     since its prologue (or run) began
     CPUS, MEM   the VM's vCPUs and memory      SSH   its SSH port on 127.0.0.1
     ACCEL   kvm or tcg

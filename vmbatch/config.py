@@ -34,6 +34,7 @@ ImageFormat = Literal["qcow2", "raw"]
 ImageFailure = Literal["fail", "requeue"]
 KeepFailed = Literal["no", "paused", "disks"]
 OnBadCheckpoint = Literal["fresh", "hold"]
+Usr2Action = Literal["checkpoint", "forward"]
 #: Contextualization methods (``vmbatch.contextualize.REGISTRY`` has one class per name).
 ContextName = Literal["nocloud", "cernvm", "inject"]
 LogTarget = Literal["journald", "syslog", "stderr"]
@@ -323,6 +324,11 @@ class CheckpointConfig:
     #: Seconds libvirt may take to save or restore a VM's memory (a 1 GiB guest takes
     #: seconds; a slow disk or a large guest more).
     timeout: float = 600.0
+    #: What SIGUSR2 to a job's starter does (``scancel -b -s USR2``,
+    #: ``sbatch --signal=B:USR2@T``, ``qsig -s USR2``): ``checkpoint`` has the node agent
+    #: checkpoint the job's VM, which then runs on, and forwards the signal to the job
+    #: after it; ``forward`` only forwards it.
+    usr2: Usr2Action = "checkpoint"
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,9 @@ class PsRow:
     #: Kept jobs: ``paused`` or ``disks``, and until when (epoch seconds).
     kept_as: str | None
     kept_until: float | None
+    #: Why its running VM is paused (``operator``, ``scheduler``, ``checkpoint``:
+    #: :mod:`vmbatch.pausing`); empty: not paused by vmbatch; None: not known.
+    pauses: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +130,7 @@ def ps_rows(cfg: Config, *, root: bool, now: float | None = None) -> list[PsRow]
                     accelerator=dom.accel or None,
                     kept_as=rec.kept_as if rec else None,
                     kept_until=rec.kept_until if rec else None,
+                    pauses=list(rec.pauses) if rec else None,
                 )
             )
     for key, rec in records.items():
@@ -150,6 +154,7 @@ def ps_rows(cfg: Config, *, root: bool, now: float | None = None) -> list[PsRow]
                 accelerator=None,
                 kept_as=rec.kept_as,
                 kept_until=rec.kept_until,
+                pauses=list(rec.pauses),
             )
         )
     return sorted(rows, key=lambda r: (r.started or 0.0, r.job_id))
@@ -214,6 +219,8 @@ def ps_table(rows: list[PsRow], *, now: float | None = None) -> list[str]:
         if r.phase == KEPT and r.kept_until is not None:
             left = age_text(max(0.0, r.kept_until - now))
             phase = f"kept:{r.kept_as or '?'} ({left} left)"
+        elif r.pauses:
+            phase = f"{phase}:paused({','.join(r.pauses)})"
         table.append(
             (
                 r.job_id,

@@ -24,8 +24,10 @@ image runs one (:meth:`Connection.set_guest_time`), else it stays behind (logged
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
+import threading
 import time
 
 from vmbatch.config import Config
@@ -86,8 +88,18 @@ def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason
     return record
 
 
-def drop(cfg: Config, store: StateStore, conn: Connection, record: Record, reason: str) -> Record:
-    """Remove ``reason``; continue the VM if no other reason is left. Return the record."""
+def drop(
+    cfg: Config,
+    store: StateStore,
+    conn: Connection,
+    record: Record,
+    reason: str,
+    *,
+    clock_in_background: bool = False,
+) -> Record:
+    """Remove ``reason``; continue the VM if no other reason is left. Return the record.
+    ``clock_in_background``: set the guest's clock in a thread of its own (the agent: a
+    guest agent that takes its time never holds up the other jobs)."""
     if reason not in record.pauses:
         return record
     left = tuple(r for r in record.pauses if r != reason)
@@ -99,9 +111,19 @@ def drop(cfg: Config, store: StateStore, conn: Connection, record: Record, reaso
     record = store.write(dataclasses.replace(record, pauses=(), paused_at=None))
     _note(cfg, record, False)
     log.info("VM running again after %.1fs paused (%s pause over)", paused, reason)
-    why = conn.set_guest_time(record.domain)
+    if clock_in_background:
+        context = contextvars.copy_context()  # its lines name the job too
+        threading.Thread(
+            target=context.run, args=(_set_clock, conn, record.domain, paused), daemon=True
+        ).start()
+    else:
+        _set_clock(conn, record.domain, paused)
+    return record
+
+
+def _set_clock(conn: Connection, domain: str, paused: float) -> None:
+    why = conn.set_guest_time(domain)
     if why is None:
         log.info("guest clock set to the host's")
     else:
         log.info("guest clock not set, it is %.0fs behind: %s", paused, why)
-    return record

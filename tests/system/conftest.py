@@ -284,8 +284,33 @@ class BatchSite:
         if notes.is_dir():
             found += list(notes.iterdir())
         # The node's own state (image failures, vmbatch's drain, libvirtd restarts): no job's;
-        # the pause notes' directory is the node's, like user_dir itself.
-        return [p for p in found if p not in (self.state_dir / "node", notes)]
+        # the pause notes' directory and the node agent's socket are the node's too.
+        node = (self.state_dir / "node", notes, self.user_dir / ".agent.sock")
+        return [p for p in found if p not in node]
+
+
+@pytest.fixture
+def agent(batch_site: BatchSite) -> Iterator[Path]:
+    """`vmbatch agent` as its systemd service runs it, stopped by PID afterwards; yields
+    its log."""
+    log = batch_site.site.root / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(VMBATCH), "-v", "-c", str(batch_site.site.config), "agent", "--interval", "0.1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
 
 
 @pytest.fixture

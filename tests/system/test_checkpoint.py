@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tests.system.conftest import BatchSite
+from tests.system.test_suspend import stop_under_a_pbs_mom, under_a_pbs_mom
 from tests.system.test_torque import BIN, Mom
 from vmbatch import checkpoint, config
 from vmbatch.libvirt.connection import Connection
@@ -262,3 +263,40 @@ def test_a_checkpoint_whose_overlay_changed_is_refused_and_the_job_starts_afresh
         if base.exists():
             (base / "requeue").unlink(missing_ok=True)
             bs.site.vmbatch("cleanup", mom.job_id)
+
+
+def test_sigusr2_checkpoints_the_vm_through_the_agent_and_reaches_the_job(
+    batch_site: BatchSite, agent: Path
+) -> None:
+    """[checkpoint].usr2 = "checkpoint" (the default): SIGUSR2 to the job's starter (what
+    ``scancel -b -s USR2`` and ``sbatch --signal=B:USR2@T`` send) has the node agent write a
+    checkpoint, the VM runs on from it, and the job gets the signal too (its trap runs)."""
+    bs = batch_site
+    script = counter().replace("i=0\n", "trap 'echo got-usr2' USR2\ni=0\n", 1)
+    mom = Mom(bs, script)
+    base = bs.checkpoints / safe_job_id(mom.job_id)
+    out, err_file = bs.site.root / "usr2.out", bs.site.root / "usr2.err"
+    mom_proc = None
+    try:
+        assert mom.prologue().returncode == 0
+        mom_proc, starter_pid = under_a_pbs_mom(mom, out, err_file)
+        deadline = time.monotonic() + 120
+        while len(lines := out.read_text().splitlines() if out.exists() else []) < 5:
+            assert mom_proc.poll() is None and time.monotonic() < deadline, err_file.read_text()
+            time.sleep(0.1)  # polling with a deadline: the job is running
+        run = lines[0]
+        os.kill(starter_pid(), signal.SIGUSR2)  # what scancel -b -s USR2 does
+        while not list(base.glob("*/manifest.json")):
+            assert mom_proc.poll() is None and time.monotonic() < deadline, agent.read_text()
+            time.sleep(0.2)  # polling with a deadline: the agent writes the checkpoint
+        assert mom_proc.wait(timeout=180) == 3, err_file.read_text()
+        err = err_file.read_text()
+        lines = out.read_text().splitlines()
+        assert "got-usr2" in lines, lines
+        assert _counted([x for x in lines if x != "got-usr2"], run) == list(range(1, COUNT + 1))
+        assert "SIGUSR2: checkpoint 1 written" in err, err
+        assert "checkpoint 1 written" in agent.read_text()
+    finally:
+        stop_under_a_pbs_mom(mom_proc, mom)
+        mom.epilogue(0)
+        bs.site.vmbatch("cleanup", mom.job_id)

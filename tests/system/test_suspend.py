@@ -10,17 +10,16 @@ complete output and exit status after the resume."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from tests.system.conftest import VMBATCH, BatchSite, SlurmSite
+from tests.system.conftest import BatchSite, SlurmSite
 from tests.system.test_torque import BIN, Mom, _finish
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
@@ -115,30 +114,6 @@ def test_a_suspended_vm_uses_no_cpu_and_its_job_continues_after_resume(
         bs.site.vmbatch("cleanup", mom.job_id)
 
 
-@pytest.fixture
-def agent(batch_site: BatchSite) -> Iterator[Path]:
-    """`vmbatch agent` as its systemd service runs it, stopped by PID afterwards; yields
-    its log."""
-    log = batch_site.site.root / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(VMBATCH), "-v", "-c", str(batch_site.site.config), "agent", "--interval", "0.1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        yield log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()
-
-
 def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
     slurm: SlurmSite, agent: Path, libvirt_conn: Connection
 ) -> None:
@@ -176,6 +151,54 @@ def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
     assert f"job {job_id}: resumed by the scheduler" in agent.read_text()
 
 
+def under_a_pbs_mom(
+    mom: Mom, out: Path, err: Path
+) -> tuple[subprocess.Popen[bytes], Callable[[], int]]:
+    """Start the job's starter as pbs_mom does (its child, as the job's user, leading its
+    own session, the job's id in its environment), where pbs_mom is played by a root
+    process whose program is named ``pbs_mom`` (a copy of bash): the node agent trusts it
+    as it would the real one. (the fake pbs_mom, a function giving the starter's pid)"""
+    bs = mom.bs
+    fake = bs.site.root / "sbin" / "pbs_mom"
+    fake.parent.mkdir(exist_ok=True)
+    shutil.copy("/bin/bash", fake)
+    u = bs.user
+    pid_file = bs.site.root / f"starter-{mom.job_id}.pid"
+    line = bs.site.root / f"line-{mom.job_id}"
+    line.write_text(f"{mom.script}\n")
+    env = {"PBS_JOBID": mom.job_id, "HOME": str(u.home), "USER": u.name,
+           "PATH": "/bin:/usr/bin", **bs.env}  # fmt: skip
+    argv = " ".join(
+        ["setsid", "setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--clear-groups",
+         str(BIN / "vmbatch-starter"), "/bin/sh"]
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [str(fake), "-c", f"{argv} <{line} >{out} 2>{err} & echo $! >{pid_file}; wait $!"],
+        env=env, cwd=u.home, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def starter_pid() -> int:
+        deadline = time.monotonic() + 30
+        while not (text := pid_file.read_text() if pid_file.exists() else "").strip():
+            assert time.monotonic() < deadline, "the fake pbs_mom did not start the starter"
+            time.sleep(0.05)  # polling with a deadline
+        return int(text)
+
+    return proc, starter_pid
+
+
+def stop_under_a_pbs_mom(proc: subprocess.Popen[bytes] | None, mom: Mom) -> None:
+    """End what :func:`under_a_pbs_mom` started and is still running, by PID (the test's
+    own processes: the fake pbs_mom and the job starter it started)."""
+    if proc is None or proc.poll() is not None:
+        return
+    pid_file = mom.bs.site.root / f"starter-{mom.job_id}.pid"
+    with contextlib.suppress(ValueError, OSError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
 def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
     batch_site: BatchSite, agent: Path, libvirt_conn: Connection
 ) -> None:
@@ -185,37 +208,21 @@ def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
     process group is orphaned and the kernel discards a default SIGTSTP: only the
     starter's own handler stops it, and the agent pauses the VM on that SIGTSTP alone.
 
-    pbs_mom itself is played by a root process whose program is named ``pbs_mom`` (a copy
-    of bash), which the agent trusts as it would the real one."""
+    pbs_mom itself is played by :func:`under_a_pbs_mom`."""
     bs = batch_site
     _short_timeouts(bs)
     mom = Mom(bs, COUNTER.replace("-lt 40", "-lt 60"))
     name = domain_name(mom.job_id)
-    fake = bs.site.root / "sbin" / "pbs_mom"
-    fake.parent.mkdir()
-    shutil.copy("/bin/bash", fake)
     out, err = bs.site.root / "job.out", bs.site.root / "job.err"
-    u = bs.user
-    starter_pid = bs.site.root / "starter.pid"
+    mom_proc = None
     try:
         assert mom.prologue().returncode == 0
-        line = bs.site.root / "line"
-        line.write_text(f"{mom.script}\n")
-        env = {"PBS_JOBID": mom.job_id, "HOME": str(u.home), "USER": u.name,
-               "PATH": "/bin:/usr/bin", **bs.env}  # fmt: skip
-        argv = " ".join(
-            ["setsid", "setpriv", f"--reuid={u.uid}", f"--regid={u.gid}", "--clear-groups",
-             str(BIN / "vmbatch-starter"), "/bin/sh"]
-        )  # fmt: skip
-        mom_proc = subprocess.Popen(
-            [str(fake), "-c", f'{argv} <{line} >{out} 2>{err} & echo $! >{starter_pid}; wait $!'],
-            env=env, cwd=u.home, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        mom_proc, starter_pid = under_a_pbs_mom(mom, out, err)
         deadline = time.monotonic() + 120
         while not (out.exists() and "count 2\n" in out.read_text()):
             assert mom_proc.poll() is None and time.monotonic() < deadline, err.read_text()
             time.sleep(0.2)  # polling with a deadline: the job is running
-        pid = int(starter_pid.read_text())
+        pid = starter_pid()
         (qemu,) = [q.pid for q in find_qemus(bs.site.job_dir, QEMU) if q.name == name]
 
         os.killpg(os.getsid(pid), signal.SIGTSTP)  # Torque's first signal, alone
@@ -231,5 +238,6 @@ def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
         assert counts == [f"count {i}" for i in range(1, 61)]
         assert f"job {mom.job_id}: suspended by the scheduler; VM paused" in agent.read_text()
     finally:
+        stop_under_a_pbs_mom(mom_proc, mom)
         mom.epilogue(0)
         bs.site.vmbatch("cleanup", mom.job_id)

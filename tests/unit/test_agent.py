@@ -9,6 +9,7 @@ tests/system/test_suspend.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,113 @@ def test_a_sweep_pauses_a_suspended_jobs_vm_and_continues_it_on_resume(
         with store.exclusive("42"):
             assert sweeper.sweep(conn) == []
         assert (status := conn.status(domain_name("42"))) and status.state == "running"
+
+
+def test_only_the_jobs_own_starter_or_root_may_ask_for_its_checkpoint(
+    site: Site, tmp_path: Path
+) -> None:
+    """The agent's socket (vmbatch agent): who asks is what the kernel says (SO_PEERCRED's
+    pid and uid); the request names the job."""
+    import threading
+
+    from vmbatch import config
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    _slurm_table(proc)
+    store = StateStore(site.state_dir)
+    store.write(Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
+                       domain=domain_name("42")))  # fmt: skip
+    taken: list[str] = []
+
+    def take(job_id: str) -> str:
+        taken.append(job_id)
+        return "checkpoint 1 written in 0.5s"
+
+    requests = agent.Requests(config.load(site.config), threading.Event(), take, proc)
+    ask = b'{"job": "42", "request": "checkpoint"}\n'
+    assert requests._answer(ask, 101, ALICE) == {
+        "ok": True, "message": "checkpoint 1 written in 0.5s"}  # fmt: skip
+    assert requests._answer(ask, 101, ALICE) == {  # a loop of SIGUSR2 does not fill the disk
+        "ok": False,
+        "message": "the job's last checkpoint is less than 300s old (at most one in that time)",
+    }
+    assert requests._answer(ask, 0, 0)["ok"] is True  # root
+    refusals = {
+        (102, MALLORY): "job 42 is not yours",
+        (201, ALICE): "only job 42's own starter may ask for its checkpoint",  # fake stepd
+        (131, ALICE): "only job 42's own starter may ask for its checkpoint",  # job 421's
+    }
+    for (pid, uid), why in refusals.items():
+        assert requests._answer(ask, pid, uid) == {"ok": False, "message": why}
+    assert requests._answer(b'{"job": "43", "request": "checkpoint"}', 101, ALICE) == {
+        "ok": False, "message": "job 43 has no running VM on this node"}  # fmt: skip
+    for garbage in (b"", b"{", b'{"job": "42"}', b'["42"]', b'{"job": "42", "request": "x"}'):
+        assert requests._answer(garbage, 101, ALICE) == {
+            "ok": False, "message": "not a request vmbatch knows"}  # fmt: skip
+    assert taken == ["42", "42"]
+
+
+def test_a_checkpoint_cut_off_by_its_process_dying_is_settled(site: Site, tmp_path: Path) -> None:
+    """`vmbatch checkpoint` holds the job's lock throughout; the `checkpoint` pause reason
+    with a free lock means its process died: the agent continues the VM, or, if the save
+    had ended the VM, tells the starter it stopped and keeps the checkpoints."""
+    from vmbatch import config
+
+    with site.config.open("a") as fh:
+        fh.write(f'[checkpoint]\ndir = "{tmp_path / "checkpoints"}"\n')
+    cfg = config.load(site.config)
+    store = StateStore(site.state_dir)
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    sweeper = agent.Agent(cfg, proc=proc)
+    rec = Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
+                 domain=domain_name("42"), pauses=(pausing.CHECKPOINT,))  # fmt: skip
+    with Connection(cfg.libvirt) as conn:
+        store.write(rec)
+        with store.exclusive("42"):  # the checkpoint still runs: left alone
+            assert sweeper.sweep(conn) == []
+        conn.suspend(domain_name("42"))
+        assert sweeper.sweep(conn) == ["job 42: cut-off checkpoint taken back"]
+        assert (status := conn.status(domain_name("42"))) and status.state == "running"
+        assert (after := store.read("42")) is not None and after.pauses == ()
+        # The save had ended the VM: the starter is told it stopped, the checkpoints stay.
+        store.write(dataclasses.replace(rec, domain="vmbatch-gone"))
+        assert sweeper.sweep(conn) == ["job 42: cut-off checkpoint; its VM is gone, job requeued"]
+        note = UserDir(site.user_dir, "42").read_note()
+        assert note.stopped and UserDir(site.user_dir, "42").read_paused()[0] is False
+        assert (tmp_path / "checkpoints" / "42" / "requeue").exists()
+
+
+def test_a_job_whose_vm_is_gone_never_holds_up_the_others_and_notes_follow_records(
+    site: Site, tmp_path: Path
+) -> None:
+    """One job's libvirt error is that job's (logged once), the next job is still paused;
+    a record whose VM is gone is settled; a pause note that disagrees with its record (a
+    crash between the two writes) is rewritten."""
+    from vmbatch import config
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    stepd = "/usr/sbin/slurmstepd"
+    for job, pid in (("41", 300), ("42", 100)):
+        _proc(proc, pid, 1, 0, exe=stepd, cmdline=f"slurmstepd: [{job}.batch]")
+        _proc(proc, pid + 1, pid, ALICE, state="T" if job == "42" else "S")
+    store = StateStore(site.state_dir)
+    # Job 41: recorded paused by the scheduler, its tasks run again, but its VM is gone.
+    store.write(Record(job_id="41", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
+                       domain="vmbatch-gone", pauses=(pausing.SCHEDULER,)))  # fmt: skip
+    store.write(Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
+                       domain=domain_name("42")))  # fmt: skip
+    cfg = config.load(site.config)
+    sweeper = agent.Agent(cfg, proc=proc)
+    with Connection(cfg.libvirt) as conn:
+        done = sweeper.sweep(conn)
+        assert done == ["job 41: its VM is gone", "job 42: suspended by the scheduler; VM paused"]
+        assert (status := conn.status(domain_name("42"))) and status.state == "paused"
+        assert (gone := store.read("41")) is not None and gone.pauses == ()
+        # The note of job 42 lost (a crash after the record was written): rewritten.
+        note = UserDir(site.user_dir, "42")
+        note.write_paused(False, 1)
+        assert sweeper.sweep(conn) == []
+        assert note.read_paused() == (True, 2)

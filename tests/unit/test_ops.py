@@ -125,7 +125,7 @@ def test_ps_json_has_every_key_for_every_row(site: Site) -> None:
     keys = {
         "job_id", "user", "scheduler", "image", "domain", "state", "phase", "started",
         "age_seconds", "vcpus", "memory_mib", "ssh_port", "accelerator", "kept_as",
-        "kept_until",
+        "kept_until", "pauses",
     }  # fmt: skip
     assert [set(r) for r in rows] == [keys, keys]
     by_id = {r["job_id"]: r for r in rows}
@@ -729,6 +729,8 @@ def test_suspend_pauses_a_running_jobs_vm_and_records_the_operators_pause(site: 
     assert UserDir(site.user_dir, TORQUE_ID).read_paused() == (True, 1)
     code, out, _ = site.vmbatch("suspend", TORQUE_ID)
     assert code == 0 and "already paused by an operator" in out
+    row = [x for x in site.vmbatch("ps")[1].splitlines() if x.startswith(TORQUE_ID)]
+    assert " ready:paused(operator) " in row[0], row
 
 
 def test_resume_continues_only_an_operators_pause(

@@ -350,14 +350,21 @@ class Session:
         watch_interval: float = 1.0,
         stdin: int | None = None,
         paused: Callable[[], tuple[bool, int]] | None = None,
+        on_signal: Callable[[int], bool] | None = None,
     ) -> None:
         """``stdin``: a descriptor whose data becomes the job's stdin (a regular file is
         uploaded before the job starts, a pipe or socket is streamed while it runs, a
         terminal is for :meth:`attach`); None: the job's stdin is empty. ``paused``: whether
         root holds the VM paused now, and how many pauses there were (root's pause note,
-        :mod:`vmbatch.pausing`); no paused time counts against a timeout."""
+        :mod:`vmbatch.pausing`); no paused time counts against a timeout. ``on_signal``: called
+        with each signal the job's starter gets while the job runs; True: it took the
+        signal, which is forwarded only when it calls :meth:`forward_later` (SIGUSR2: after
+        a checkpoint, ``[checkpoint].usr2``)."""
         self._connect = connect
         self._paused = paused or (lambda: (False, 0))
+        self._on_signal = on_signal
+        self._later: list[int] = []
+        self._later_lock = threading.Lock()
         self._is_alive = is_alive
         self.job = job
         self.dir = guest_dir(job.job_id, job.step)
@@ -794,8 +801,18 @@ class Session:
 
     def _handle_signals(self, pending: signals.Pending) -> None:
         for signum in pending.take():
+            if self._on_signal is None or not self._on_signal(signum):
+                self._forward(signum)
+        with self._later_lock:
+            later, self._later = self._later, []
+        for signum in later:
             self._forward(signum)
         self._kill_if_due()
+
+    def forward_later(self, signum: int) -> None:
+        """Forward ``signum`` to the job at the follow loop's next turn (any thread)."""
+        with self._later_lock:
+            self._later.append(signum)
 
     def _forward(self, signum: int) -> None:
         self.send_signal(signum)

@@ -32,6 +32,7 @@ import pwd
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -396,11 +397,26 @@ def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.
         own = conn is None
         live = conn if conn is not None else Connection(cfg.libvirt).open()
         try:
+            owner = (cp.manifest.get("user"), cp.manifest.get("uid"))
+            mine = (spec.user, spec.identity.uid if spec.identity else None)
+            if owner != mine:
+                raise CheckpointRefusedError(
+                    f"it was taken for user {owner[0]} (uid {owner[1]}), and this job is"
+                    f" {mine[0]}'s (uid {mine[1]}): a job id that came back for another user"
+                )
             if wanted and str(image.path) != wanted:
                 raise CheckpointRefusedError(
                     f"its overlay is on {wanted}, but image {spec.image} is now {image.path}"
                 )
             endpoint, client = checkpoint.restore(cfg, cp, live, name=name)
+        except (LibvirtUnavailableError, LibvirtTimeoutError):
+            # The node's fault, not the checkpoint's: the job is requeued (the node's
+            # failure policy) and its checkpoints stay for the next run.
+            if release:
+                ImageCache(cfg).release(image.path, job_id)
+            if own:
+                live.close()
+            raise
         except VmBatchError as exc:
             problems.append(f"checkpoint {cp.generation}: {exc}")
             if release:
@@ -677,6 +693,7 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
         watch=DiskBudget(cfg, state.JobDir(cfg.paths.job_dir, job.job_id)),
         stdin=job.stdin,
         paused=userdir.read_paused,
+        on_signal=lambda signum: _on_signal(cfg, job.job_id, session, signum),
     )
     started = False
 
@@ -711,6 +728,30 @@ def starter(cfg: Config, job: StarterJob, out: BinaryIO, err: BinaryIO) -> int:
     finally:
         if session.client is not None:
             session.client.close()
+
+
+def _on_signal(cfg: Config, job_id: str, session: Session, signum: int) -> bool:
+    """SIGUSR2 with ``[checkpoint].usr2 = "checkpoint"``: ask the node agent for a
+    checkpoint of the job's VM (it runs on), in the background, and forward the signal to
+    the job once the checkpoint is written (or refused), so that the job's trap runs after
+    it. True: the signal is taken here."""
+    if signum != signal.SIGUSR2 or cfg.checkpoint.usr2 != "checkpoint":
+        return False
+
+    def ask() -> None:
+        from vmbatch import agent
+
+        try:
+            taken, message = agent.ask_checkpoint(cfg, job_id)
+            if taken:
+                log.warning("SIGUSR2: %s; the job runs on", message)
+            else:
+                log.warning("SIGUSR2: no checkpoint: %s", message)
+        finally:
+            session.forward_later(signum)
+
+    threading.Thread(target=ask, name="checkpoint request", daemon=True).start()
+    return True
 
 
 def _run_session(

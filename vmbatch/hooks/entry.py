@@ -589,9 +589,12 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
         batch.check_job_id(job_id)
         if is_slurm and not _slurm_epilog_needed(cfg, job_id, env):
             return 0
-        # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot.
+        # A prologue still booting (Torque: qdel meanwhile) keeps the lock up to its boot; a
+        # checkpoint under way (the job ended meanwhile: its time limit after its
+        # `--signal=B:USR2@T`) up to its save and its restore.
         started = time.monotonic()
-        batch.finish(cfg, job_id, end=end, account=True, lock_wait=cfg.vm.boot_timeout + 60)
+        wait = max(cfg.vm.boot_timeout + 60, 2 * cfg.checkpoint.timeout + 120)
+        batch.finish(cfg, job_id, end=end, account=True, lock_wait=wait)
         kept = StateStore(cfg.batch.state_dir).read(job_id)
         note = (
             "VM kept for inspection: see `vmbatch ps`"

@@ -297,9 +297,11 @@ class UserDir:
         atomic_write(note, json.dumps(raw).encode() + b"\n", mode=0o644)
 
     def read_paused(self) -> tuple[bool, int]:
-        """(paused now, how many pauses so far); (False, 0) without a note."""
+        """(paused now and to run again, how many pauses so far); (False, 0) without a
+        note. A VM a checkpoint stopped (``stopped``) is not waited for: its job ends here
+        and continues in its next run."""
         note = self.read_note()
-        return note.paused, note.pauses
+        return note.paused and not note.stopped, note.pauses
 
     def read_note(self) -> PauseNote:
         """The whole pause note; an empty one if there is none (or it is unreadable)."""

@@ -517,6 +517,13 @@ class Connection:
         if state == libvirt.VIR_DOMAIN_PAUSED:
             self._bounded(f"resume domain {name}", dom.resume)
 
+    def abort_job(self, name: str) -> None:
+        """Abort the domain's long job (a save, a migration: ``virDomainAbortJob``), if any;
+        best effort (the job may have just ended)."""
+        with contextlib.suppress(VmBatchError):
+            dom = self._lookup(name)
+            self._bounded(f"abort the job of domain {name}", dom.abortJob)
+
     def set_guest_time(self, name: str) -> str | None:
         """Set the guest's clock to the host's through the QEMU guest agent
         (``virDomainSetTime``; the agent runs ``settimeofday`` and ``hwclock -w``:
