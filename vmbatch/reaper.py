@@ -285,10 +285,19 @@ def find_qemus(job_dir: Path, emulator: Path) -> list[QemuProcess]:
     Only processes of ``emulator`` (``[tools].qemu_system``, libvirt's ``<emulator>`` for
     our domains) running as root or QEMU's account (:func:`vmbatch.trust.qemu_uids`)
     count: any user can start a process with such a command line, but not as those.
+
+    And only QEMUs in this process's network namespace: that of the libvirtd this node's
+    vmbatch talks to, which runs in the node's namespace like the hooks (and a guest's
+    ``hostfwd`` port is only reachable from there). A libvirtd in a namespace of its own
+    on the same host (a migration's destination, as the system tests run one) starts its
+    QEMUs in its own; they are not ours to judge, however like ours their names and
+    files look (``/proc/PID/ns/net``, namespaces(7)). The mount namespace tells nothing:
+    libvirt gives each QEMU a private one (qemu.conf ``namespaces``).
     """
     inside = str(job_dir).rstrip("/") + "/"
     binary = os.path.realpath(emulator)
     owners = trust.qemu_uids() | {0}
+    mine = namespaces("self")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -308,10 +317,52 @@ def find_qemus(job_dir: Path, emulator: Path) -> list[QemuProcess]:
             continue
         if not any(inside in arg for arg in argv):
             continue
+        if not same_namespaces(int(entry.name), mine):
+            continue  # another libvirtd's (one in its own namespaces on this host)
         identity = state.process_identity(int(entry.name))
         if identity is not None:
             found.append(QemuProcess(int(entry.name), identity, name, guest_uuid))
     return found
+
+
+def namespaces(pid: int | str) -> tuple[int, int] | None:
+    """(device, inode) of the process's network namespace; None if it is gone."""
+    try:
+        st = Path(f"/proc/{pid}/ns/net").stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_namespaces(pid: int, mine: tuple[int, int] | None) -> bool:
+    return mine is not None and namespaces(pid) == mine
+
+
+def qemu_namespaces(emulator: Path, guest_uuid: str) -> tuple[str, int] | None:
+    """The network namespace (``/proc/PID/ns/net`` and its inode) of the QEMU process of
+    ``emulator`` on this host whose ``-uuid`` is ``guest_uuid``, in whatever namespaces it
+    runs; None if there is none (a migration's destination on another host)."""
+    if not guest_uuid:
+        return None
+    binary = os.path.realpath(emulator)
+    owners = trust.qemu_uids() | {0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            if guest_uuid.encode() not in raw or entry.stat().st_uid not in owners:
+                continue
+            exe = str((entry / "exe").readlink()).removesuffix(" (deleted)")
+            if exe != binary:
+                continue
+            _, found = qemu_identity(raw.decode(errors="surrogateescape").split("\0"))
+            if found == str(uuid.UUID(guest_uuid)):
+                path = entry / "ns" / "net"
+                return str(path), path.stat().st_ino
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def is_lost(qemu: QemuProcess, names: frozenset[str], uuids: frozenset[str]) -> bool:

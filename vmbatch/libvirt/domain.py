@@ -355,6 +355,12 @@ def read_cpu_mode(xml: str) -> str:
     return "" if cpu is None else cpu.get("mode", "custom")
 
 
+def read_uuid(xml: str) -> str:
+    """The domain's ``<uuid>`` ("" if none): QEMU's ``-uuid``, kept by a migration."""
+    el = ET.fromstring(xml).find("uuid")  # noqa: S314 - from our own libvirtd
+    return "" if el is None or not el.text else el.text.strip()
+
+
 def read_memory_limit_mib(xml: str) -> int | None:
     """The live ``<memtune><hard_limit>`` in MiB, None if there is none."""
     el = ET.fromstring(xml).find("memtune/hard_limit")  # noqa: S314 - from our own libvirtd
