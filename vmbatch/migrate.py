@@ -43,7 +43,6 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -452,7 +451,6 @@ def migrate_job(
     disks_uri: str | None = None,
     timeout: float = 600.0,
     relay_wait: float = RELAY_WAIT,
-    agent_pid: Callable[[Config], int | None] = agent.running,
 ) -> JobMigration:
     """Live-migrate the running VM of batch job ``job_id`` to ``dest_uri``'s libvirtd, its
     files into ``dest_base/<job>`` (default ``[paths].job_dir``: the same path on the
@@ -471,7 +469,7 @@ def migrate_job(
     base = dest_base or cfg.paths.job_dir
     dest_dir = state.JobDir(base, job_id).path
     with store.exclusive(job_id, wait=5.0):
-        record = _migratable(cfg, store, job_id, dest_uri, agent_pid)
+        record = _migratable(cfg, store, job_id, dest_uri)
         if dest_dir == state.JobDir(cfg.paths.job_dir, job_id).path and _local(dest_uri):
             raise MigrationRefusedError(
                 f"cannot migrate job {job_id} to {dest_uri}: its files would go to {dest_dir},"
@@ -532,7 +530,6 @@ def _migratable(
     store: StateStore,
     job_id: str,
     dest_uri: str,
-    agent_pid: Callable[[Config], int | None],
 ) -> Record:
     record = store.read(job_id)
     if record is None:
@@ -554,7 +551,7 @@ def _migratable(
         raise MigrationRefusedError(
             f"job {job_id} is paused ({', '.join(record.pauses)}); migrate it once it runs"
         )
-    if agent_pid(cfg) is None:
+    if agent.running(cfg) is None:
         raise MigrationRefusedError(
             f"cannot migrate job {job_id}: no `vmbatch agent` runs on this node, and its"
             " relay is what lets the job's starter reach the VM after the move",
