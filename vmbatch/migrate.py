@@ -289,7 +289,8 @@ def make_plan(cfg: Config, conn: Connection, name: str, dest_dir: Path) -> Migra
         moves=moves,
         memory_limit_mib=read_memory_limit_mib(conn.xml(name)),
         cpu_mode=read_cpu_mode(xml),
-        dest_xml=migration_xml(xml, all_moves),
+        # The destination's reaper must not take it for a lost VM of a job it never ran.
+        dest_xml=migration_xml(xml, all_moves, hosted_for=os.uname().nodename),
     )
 
 

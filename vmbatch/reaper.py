@@ -23,7 +23,9 @@ the job still lives (:func:`judge`), in this order:
    cannot be asked (command fails or times out) -> undecided: left alone and reported.
 2. A ``vmbatch run``'s ``owner`` file (PID, start time, boot id): alive while that process
    is; a run domain whose job directory is gone -> gone.
-3. A batch domain without a record: the scheduler decides, as in 1.
+3. A batch domain without a record: the scheduler decides, as in 1; unless its metadata
+   says it was migrated here from another node (``hosted-for``, ``vmbatch migrate``): that
+   node's job, whose epilogue ends it -> alive (this node's scheduler does not know it).
 4. Files alone: alive while the process that marked an image for it lives, or while they
    changed within the grace; else gone, unless libvirt could not be asked and a job
    directory is involved (a VM may use it: undecided).
@@ -389,6 +391,8 @@ class Job:
     domains: list[str] = field(default_factory=list)
     #: A domain of it without vmbatch metadata (not judged: left alone).
     unlabelled: bool = False
+    #: A domain of it migrated here from that node (``vmbatch migrate``), whose job it is.
+    hosted_for: str = ""
     jobdir: bool = False
     #: ``vmbatch run``'s owner (PID:START:BOOT) from the job directory.
     owner: str | None = None
@@ -435,6 +439,8 @@ def judge(
         return Verdict(False, "its `vmbatch run` process is gone")
     if job.unlabelled:
         return Verdict(True, "a domain of it has no vmbatch metadata")
+    if job.hosted_for:
+        return Verdict(True, f"its VM was migrated here; {job.hosted_for}'s epilogue ends it")
     if job.domains and job.scheduler == "none" and not job.jobdir:
         return Verdict(False, "its `vmbatch run` lost its job directory")
     if job.domains and job.scheduler in ("slurm", "torque"):
@@ -635,6 +641,7 @@ class _Reap:
             else:
                 job = self.job(safe_job_id(meta.job_id), meta.job_id)
                 job.scheduler = job.scheduler or meta.scheduler
+                job.hosted_for = job.hosted_for or meta.hosted_for
             job.domains.append(dom.name)
         return True
 

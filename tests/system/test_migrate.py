@@ -12,6 +12,7 @@ VM down where it then runs.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import threading
@@ -39,7 +40,7 @@ from vmbatch import migrate, relay
 from vmbatch.config import Config, LibvirtConfig
 from vmbatch.errors import MigrationRefusedError
 from vmbatch.libvirt.connection import Connection
-from vmbatch.libvirt.domain import domain_name
+from vmbatch.libvirt.domain import domain_name, read_metadata
 from vmbatch.reaper import find_qemus
 
 #: `vmbatch agent` running with the batch site's configuration (its log).
@@ -241,6 +242,9 @@ def test_vmbatch_migrate_moves_a_running_batch_job_which_ends_complete_and_is_to
         with Connection(LibvirtConfig(uri=dest.uri)) as there:
             # The memory limit left out of the destination's XML holds there again.
             assert there.raw.lookupByName(name).memoryParameters(0)["hard_limit"] == limit
+            # Whose job it is, for the destination's reaper, which has no record of it.
+            meta = read_metadata(there.xml(name))
+            assert meta is not None and meta.hosted_for == os.uname().nodename
         # The destination's QEMU runs on this host with files like a job's, but in the
         # other libvirtd's namespaces: it is not this node's to reap.
         assert (dest_base / mom.job_id / "overlay.qcow2").exists()
