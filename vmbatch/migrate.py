@@ -493,12 +493,38 @@ def migrate_job(
     except BaseException:
         _drop_pause(cfg, store, job_id)
         raise
+    try:
+        to = _record_migration(cfg, store, record, dest_uri, base, guest_uuid, result, port)
+        listens = _wait_relay(port, relay_wait)
+    finally:
+        _drop_pause(cfg, store, job_id)
+    if not listens:
+        raise MigrationError(
+            f"job {job_id}: its VM runs at {dest_uri}, but no relay listens on 127.0.0.1:{port}"
+            f" within {relay_wait:.0f}s: its starter cannot reach it",
+            hint="see `journalctl -u vmbatch-agent` (is the port taken?)",
+        )
+    return JobMigration(job_id, result, dest_dir, port, to)
+
+
+def _record_migration(
+    cfg: Config,
+    store: StateStore,
+    record: Record,
+    dest_uri: str,
+    base: Path,
+    guest_uuid: str,
+    result: MigrationResult,
+    port: int,
+) -> str:
+    """Write where the VM runs now and the relay the agent is to run; the relay's target.
+    A job that ended meanwhile (its epilogue found no VM here) has its VM ended there too."""
+    job_id = record.job_id
     to, netns = _relay_target(cfg, dest_uri, guest_uuid, result.ssh_port)
     netns_ino = Path(netns).stat().st_ino if netns else 0
     with store.exclusive(job_id, wait=30.0):
         current = store.read(job_id)
         if current is None or current.phase != READY or current.domain != record.domain:
-            # The job ended meanwhile (its epilogue found no VM here): end it there too.
             with Connection(dataclasses.replace(cfg.libvirt, uri=dest_uri)) as there:
                 lifecycle.teardown(cfg, there, record.domain, state.JobDir(base, job_id))
             raise MigrationError(
@@ -508,22 +534,14 @@ def migrate_job(
             dataclasses.replace(
                 current,
                 migrated_to=dest_uri,
-                migrated_dir=str(dest_dir),
+                migrated_dir=str(state.JobDir(base, job_id).path),
                 relay_port=port,
                 relay_to=to,
                 relay_netns=netns,
                 relay_netns_ino=netns_ino,
             )
         )
-    listens = _wait_relay(port, relay_wait)
-    _drop_pause(cfg, store, job_id)
-    if not listens:
-        raise MigrationError(
-            f"job {job_id}: its VM runs at {dest_uri}, but no relay listens on 127.0.0.1:{port}"
-            f" within {relay_wait:.0f}s: its starter cannot reach it",
-            hint="see `journalctl -u vmbatch-agent` (is the port taken?)",
-        )
-    return JobMigration(job_id, result, dest_dir, port, to)
+    return to
 
 
 def _migratable(
@@ -567,9 +585,9 @@ def _drop_pause(cfg: Config, store: StateStore, job_id: str) -> None:
     with store.exclusive(job_id, wait=30.0):
         current = store.read(job_id)
         if current is not None and pausing.MIGRATION in current.pauses:
-            # NOTE_ONLY: the domain is not touched, so no connection is needed.
-            with Connection(cfg.libvirt) as conn:
-                pausing.drop(cfg, store, conn, current, pausing.MIGRATION)
+            # A note-only reason: the domain is not touched, the connection never opened
+            # (a libvirtd that does not answer must not keep the starter waiting).
+            pausing.drop(cfg, store, Connection(cfg.libvirt), current, pausing.MIGRATION)
 
 
 def _local(dest_uri: str) -> bool:
