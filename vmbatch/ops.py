@@ -84,6 +84,9 @@ class PsRow:
     #: Kept jobs: ``paused`` or ``disks``, and until when (epoch seconds).
     kept_as: str | None
     kept_until: float | None
+    #: A VM ``vmbatch migrate`` moved: the libvirt URI it runs at now (its state then
+    #: reads ``migrated``, its SSH port is the relay's on this node).
+    migrated_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,23 +136,25 @@ def ps_rows(cfg: Config, *, root: bool, now: float | None = None) -> list[PsRow]
         if key in seen:
             continue
         started = rec.started or None
+        moved = bool(rec.migrated_to)
         rows.append(
             PsRow(
                 job_id=rec.job_id,
                 user=rec.user,
                 scheduler=rec.scheduler,
                 image=rec.image or None,
-                domain=None,
-                state=None,
+                domain=rec.domain if moved else None,
+                state="migrated" if moved else None,
                 phase=rec.phase,
                 started=started,
                 age_seconds=None if started is None else round(max(0.0, now - started), 1),
                 vcpus=None,
                 memory_mib=None,
-                ssh_port=None,
+                ssh_port=rec.relay_port or None,
                 accelerator=None,
                 kept_as=rec.kept_as,
                 kept_until=rec.kept_until,
+                migrated_to=rec.migrated_to or None,
             )
         )
     return sorted(rows, key=lambda r: (r.started or 0.0, r.job_id))

@@ -12,6 +12,7 @@ VM down where it then runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -249,6 +250,13 @@ def test_vmbatch_migrate_moves_a_running_batch_job_which_ends_complete_and_is_to
         # other libvirtd's namespaces: it is not this node's to reap.
         assert (dest_base / mom.job_id / "overlay.qcow2").exists()
         assert find_qemus(dest_base, QEMU) == []
+        ps = bs.site.vmbatch("ps", "--json")
+        (row,) = [r for r in json.loads(ps.stdout) if r["job_id"] == mom.job_id]
+        assert (row["state"], row["migrated_to"], row["ssh_port"]) == (
+            "migrated",
+            dest.uri,
+            old_port,
+        )
 
         status = starter.wait(timeout=120)
         stdout, stderr = out.done().decode(), err.done().decode()

@@ -6,6 +6,7 @@ tests/system/test_migrate.py."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -233,3 +234,18 @@ def test_a_migrated_dir_that_is_not_the_jobs_is_never_removed(
                  migrated_dir=str(other))  # fmt: skip
     batch._teardown_migrated(config.load(site.config), rec, rec.domain)
     assert other.is_dir() and destroyed
+
+
+def test_ps_shows_a_migrated_job_with_where_it_runs_and_its_relay_port(site: Site) -> None:
+    site.record("77", domain=domain_name("77"), phase=READY, started=1.0,
+                migrated_to="qemu+ssh://n2/system", relay_port=40022,
+                relay_to="127.0.0.1:41000")  # fmt: skip
+    code, out, err = site.vmbatch("ps", "--json")
+    assert code == 0, err
+    (row,) = [r for r in json.loads(out) if r["job_id"] == "77"]
+    assert row["state"] == "migrated" and row["domain"] == domain_name("77")
+    assert row["migrated_to"] == "qemu+ssh://n2/system" and row["ssh_port"] == 40022
+    code, out, _ = site.vmbatch("ps")
+    assert code == 0
+    (line,) = [li for li in out.splitlines() if li.startswith("77 ")]
+    assert "migrated" in line.split() and "40022" in line.split()
