@@ -685,7 +685,7 @@ def suspend(cfg: Config, job_id: str) -> str:
         record = _ready_record(store, job_id)
         if pausing.OPERATOR in record.pauses:
             return f"job {job_id}: its VM is already paused by an operator"
-        with Connection(cfg.libvirt) as conn:
+        with pausing.connection(cfg, record) as conn:
             pausing.add(cfg, store, conn, record, pausing.OPERATOR)
     return f"job {job_id}: VM {record.domain} paused; `vmbatch resume {job_id}` continues it"
 
@@ -700,7 +700,7 @@ def resume(cfg: Config, job_id: str) -> str:
             why = f" (it is paused by: {', '.join(record.pauses)})" if record.pauses else ""
             return f"job {job_id}: its VM was not paused by `vmbatch suspend`{why}; nothing done"
         since = record.paused_at or time.time()
-        with Connection(cfg.libvirt) as conn:
+        with pausing.connection(cfg, record) as conn:
             record = pausing.drop(cfg, store, conn, record, pausing.OPERATOR)
     if record.pauses:
         return (

@@ -52,6 +52,14 @@ def vm_paused(pauses: tuple[str, ...]) -> bool:
     return any(r not in NOTE_ONLY for r in pauses)
 
 
+def connection(cfg: Config, record: Record) -> Connection:
+    """A connection (not opened) to the libvirtd the job's VM runs at: this node's, or the
+    one ``vmbatch migrate`` moved it to (:attr:`Record.migrated_to`)."""
+    if record.migrated_to:
+        return Connection(dataclasses.replace(cfg.libvirt, uri=record.migrated_to))
+    return Connection(cfg.libvirt)
+
+
 def _note(cfg: Config, record: Record, paused: bool) -> None:
     userdir = UserDir(cfg.batch.user_dir, record.job_id)
     _, count = userdir.read_paused()

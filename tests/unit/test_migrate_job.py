@@ -249,3 +249,21 @@ def test_ps_shows_a_migrated_job_with_where_it_runs_and_its_relay_port(site: Sit
     assert code == 0
     (line,) = [li for li in out.splitlines() if li.startswith("77 ")]
     assert "migrated" in line.split() and "40022" in line.split()
+
+
+def test_suspend_and_resume_reach_a_migrated_vm_where_it_runs(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        connection.Connection, "suspend", lambda self, n: calls.append(("s", self.cfg.uri))
+    )
+    monkeypatch.setattr(
+        connection.Connection, "resume", lambda self, n: calls.append(("r", self.cfg.uri))
+    )
+    monkeypatch.setattr(connection.Connection, "set_guest_time", lambda self, n: None)
+    site.record(TORQUE_ID, domain=domain_name(TORQUE_ID), phase=READY,
+                migrated_to="test:///default")  # fmt: skip
+    assert site.vmbatch("suspend", TORQUE_ID)[0] == 0
+    assert site.vmbatch("resume", TORQUE_ID)[0] == 0
+    assert calls == [("s", "test:///default"), ("r", "test:///default")]
