@@ -56,6 +56,7 @@ from vmbatch.errors import HostError, JobBusyError, VmBatchError
 from vmbatch.hooks.jobstate import READY, Record, StateStore, UserDir
 from vmbatch.hooks.policy import node_state_dir
 from vmbatch.libvirt.connection import Connection
+from vmbatch.relay import Relays
 from vmbatch.state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ class Agent:
     #: The last error per job, logged once until it changes.
     _errors: dict[str, str] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Migrated jobs' loopback relays (:mod:`vmbatch.relay`).
+    relays: Relays = field(default_factory=Relays)
 
     def __post_init__(self) -> None:
         self.store = StateStore(self.cfg.batch.state_dir)
@@ -222,6 +225,8 @@ class Agent:
     def _follow(self, conn: Connection, record: Record) -> list[str]:
         """Pause or continue one job's VM as its tasks are; keep root's note true."""
         done: list[str] = []
+        if record.migrated_to:
+            return done  # its VM runs at another libvirtd (docs/admin-guide.md, "Live migration")
         if pausing.CHECKPOINT in record.pauses:
             done += self._cut_off_checkpoint(conn, record)
         tasks = self.tasks(record)
@@ -305,13 +310,20 @@ class Agent:
         """At start: a VM whose record names a reason to pause is paused (a crash between
         writing the record and pausing the domain left it running)."""
         for record in self.store.records():
-            if record.phase == READY and record.pauses and record.domain:
+            if record.phase == READY and pausing.vm_paused(record.pauses) and record.domain:
                 with contextlib.suppress(VmBatchError):
                     conn.suspend(record.domain)
 
     def run(self, interval: float = INTERVAL) -> None:
         """Sweep every ``interval`` seconds until :attr:`stop` is set; libvirt errors are
-        logged and the connection opened again (libvirtd may restart)."""
+        logged and the connection opened again (libvirtd may restart). Migrated jobs'
+        relays are kept as their records say on every sweep, and stopped at the end."""
+        try:
+            self._run(interval)
+        finally:
+            self.relays.stop()
+
+    def _run(self, interval: float) -> None:
         while not self.stop.is_set():
             try:
                 with Connection(self.cfg.libvirt) as conn:
@@ -319,6 +331,7 @@ class Agent:
                     while not self.stop.is_set():
                         for line in self.sweep(conn):
                             log.info("%s", line)
+                        self.relays.sync(self.store.records())
                         self.stop.wait(interval)
             except VmBatchError as exc:
                 log.warning("agent: %s; trying again in 5s", exc)

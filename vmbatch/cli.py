@@ -626,6 +626,102 @@ def resume_cmd(ctx: click.Context, job_id: str) -> None:
     _pause_command(ctx, job_id, "resume")
 
 
+@cli.command("migrate")
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--to",
+    "dest_uri",
+    required=True,
+    metavar="URI",
+    help="The destination's libvirt URI (e.g. qemu+ssh://node2/system).",
+)
+@click.option(
+    "--dest-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Where the job's files go at the destination: DIR/JOB  [default: [paths].job_dir]."
+    " It must be on this host's file system as the destination's libvirtd sees it.",
+)
+@click.option(
+    "--migrate-uri",
+    default=None,
+    metavar="URI",
+    help="Where the destination's QEMU takes the memory stream (tcp://HOST:PORT or"
+    " unix:///PATH)  [default: libvirt's, the destination's host name].",
+)
+@click.option(
+    "--disks-uri",
+    default=None,
+    metavar="URI",
+    help="Where the destination's NBD server takes the disks (tcp://HOST:PORT or"
+    " unix:///PATH)  [default: libvirt's].",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1.0, 86400.0),
+    default=600.0,
+    show_default=True,
+    help="Seconds the migration may take; after them it is aborted and the VM runs on here.",
+)
+@click.pass_context
+def migrate_cmd(
+    ctx: click.Context,
+    job_id: str,
+    dest_uri: str,
+    dest_dir: Path | None,
+    migrate_uri: str | None,
+    disks_uri: str | None,
+    timeout: float,
+) -> None:
+    """Move the running VM of batch job JOB to another libvirtd while it runs (root only):
+    live migration, its disks' job layers copied (the image itself must be on the
+    destination, identical). The job does not notice beyond a pause of about a second;
+    its output stays complete and its exit status its own.
+
+    The job stays this node's: its starter keeps reaching the VM through the same
+    loopback port here, which `vmbatch agent` (it must run) relays to the VM's new SSH
+    forward; the job's state record says where the VM runs, and its epilogue (or
+    `vmbatch cleanup JOB`) destroys it there. Across the switch the job's connection
+    waits without counting time (a pause for the reason "migration"; the VM itself
+    runs). Refused, with nothing changed, for a job that is not running, paused, already
+    migrated, or whose VM the destination cannot take (docs/admin-guide.md, "Live
+    migration", also says what a migration between real nodes still needs).
+
+    \b
+    Example:
+        vmbatch migrate 4242 --to qemu+ssh://node2/system
+
+    Exit status: 0 when the VM runs at the destination and its relay listens; 65 if JOB
+    is no running batch job here or the caller is not root; 75 if the migration was
+    refused or failed (the message says whether the VM runs on here, which it does
+    unless it says otherwise), or libvirtd or the job's lock is busy."""
+    from vmbatch import migrate
+    from vmbatch.hooks import batch
+
+    cfg = _load(ctx)
+    batch.check_job_id(job_id)
+    if os.geteuid() != 0:
+        raise JobError("only root may migrate a job's VM")
+    if dest_dir is not None and not dest_dir.is_absolute():
+        raise click.BadParameter("must be an absolute path", param_hint="--dest-dir")
+    moved = migrate.migrate_job(
+        cfg,
+        job_id,
+        dest_uri,
+        dest_base=dest_dir,
+        uri=migrate_uri,
+        disks_uri=disks_uri,
+        timeout=timeout,
+    )
+    r = moved.result
+    click.echo(
+        f"job {job_id}: VM {r.name} runs at {r.dest_uri} ({moved.dest_dir}); downtime"
+        f" {r.downtime_ms} ms, migration {r.total_ms} ms; its starter reaches it through"
+        f" 127.0.0.1:{moved.relay_port} here, relayed to {moved.relay_to}"
+    )
+
+
 @cli.command("agent")
 @click.option(
     "--interval",
@@ -647,6 +743,10 @@ def agent_cmd(ctx: click.Context, interval: float) -> None:
     (virDomainSuspend) when all of a job's tasks are stopped or frozen, and continues it
     when they run again. It runs until SIGTERM or SIGINT; without it, a suspended job's
     VM runs on (`vmbatch doctor` says so).
+
+    It also runs the relays of jobs whose VM `vmbatch migrate` moved: each listens on
+    the job's old loopback SSH port here and forwards to the VM's new forward, until the
+    job's epilogue removes its record.
 
     \b
     Example:

@@ -24,9 +24,14 @@ facts collected in docs/research/suspend-checkpoint-migrate.md, section 5:
   versions are equal; a named CPU model (``[vm].tcg_cpu_model``) is left to libvirt's and
   QEMU's own checks.
 
-What this module does not do (yet): tell the job's starter where its VM went (it keeps a
-connection to the source's loopback port, which vanishes with the source QEMU), or move the
-job's state record; see docs/admin-guide.md, "Live migration".
+A batch job's VM (:func:`migrate_job`, ``vmbatch migrate JOB``): the job's starter keeps
+its endpoint, the source's loopback port, which a relay of ``vmbatch agent`` takes over
+after the switch (:mod:`vmbatch.relay`); across the switch the job is paused for the
+reason ``migration`` (:mod:`vmbatch.pausing`: the starter's note only, the VM runs), so
+the starter makes no attempt and counts no time while its connection is down. The job's
+state record stays on this node and says where the VM now runs (:attr:`Record.migrated_to`,
+``migrated_dir``): the epilogue and ``vmbatch cleanup`` tear it down there. See
+docs/admin-guide.md, "Live migration", for what real multi-node migration still needs.
 """
 
 from __future__ import annotations
@@ -37,12 +42,20 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbatch import process
+from vmbatch import agent, lifecycle, pausing, process, relay, state
 from vmbatch.config import Config
-from vmbatch.errors import LibvirtError, MigrationError, MigrationRefusedError, VmBatchError
+from vmbatch.errors import (
+    JobError,
+    LibvirtError,
+    MigrationError,
+    MigrationRefusedError,
+    VmBatchError,
+)
+from vmbatch.hooks.jobstate import READY, Record, StateStore
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import (
     migration_xml,
@@ -51,6 +64,7 @@ from vmbatch.libvirt.domain import (
     read_disks,
     read_files,
     read_memory_limit_mib,
+    read_uuid,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +74,9 @@ _HOST_CPU_MODES = frozenset({"maximum", "host-passthrough", "host-model"})
 #: Files created with no access for others (libvirt re-owns the disks for QEMU).
 _PRIVATE_UMASK = 0o077
 _CHUNK = 1 << 20
+#: Seconds ``vmbatch migrate`` waits for the agent's relay to listen (it looks every
+#: [agent] interval, a fraction of a second).
+RELAY_WAIT = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +289,8 @@ def make_plan(cfg: Config, conn: Connection, name: str, dest_dir: Path) -> Migra
         moves=moves,
         memory_limit_mib=read_memory_limit_mib(conn.xml(name)),
         cpu_mode=read_cpu_mode(xml),
-        dest_xml=migration_xml(xml, all_moves),
+        # The destination's reaper must not take it for a lost VM of a job it never ran.
+        dest_xml=migration_xml(xml, all_moves, hosted_for=os.uname().nodename),
     )
 
 
@@ -410,12 +428,209 @@ def _remove(paths: list[Path]) -> None:
             log.warning("could not remove %s after the failed migration: %s", path, exc)
 
 
+# -- a batch job's VM ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobMigration:
+    """A batch job whose VM now runs at ``result.dest_uri``, reached through the relay."""
+
+    job_id: str
+    result: MigrationResult
+    dest_dir: Path
+    relay_port: int
+    relay_to: str
+
+
+def migrate_job(
+    cfg: Config,
+    job_id: str,
+    dest_uri: str,
+    *,
+    dest_base: Path | None = None,
+    uri: str | None = None,
+    disks_uri: str | None = None,
+    timeout: float = 600.0,
+    relay_wait: float = RELAY_WAIT,
+) -> JobMigration:
+    """Live-migrate the running VM of batch job ``job_id`` to ``dest_uri``'s libvirtd, its
+    files into ``dest_base/<job>`` (default ``[paths].job_dir``: the same path on the
+    destination node), and keep its starter's endpoint working (module docstring).
+
+    The job's lock is held only to read and write its record: the epilogue of a job that
+    ends meanwhile is not kept waiting; its teardown then destroys the VM at the source,
+    which aborts the migration, or the VM is destroyed at the destination here.
+
+    Raises :class:`JobError` (no running batch job here), :class:`MigrationRefusedError`
+    (nothing changed: no agent runs to relay, migrated already, or :func:`migrate`
+    refused), :class:`MigrationError` (the VM runs on at the source, or runs at the
+    destination but its relay did not start: said in the message).
+    """
+    store = StateStore(cfg.batch.state_dir)
+    base = dest_base or cfg.paths.job_dir
+    dest_dir = state.JobDir(base, job_id).path
+    with store.exclusive(job_id, wait=5.0):
+        record = _migratable(cfg, store, job_id, dest_uri)
+        if dest_dir == state.JobDir(cfg.paths.job_dir, job_id).path and _local(dest_uri):
+            raise MigrationRefusedError(
+                f"cannot migrate job {job_id} to {dest_uri}: its files would go to {dest_dir},"
+                " the job's directory here",
+                hint="the destination runs on this host: give it its own --dest-dir",
+            )
+        with Connection(cfg.libvirt) as conn:
+            guest_uuid = read_uuid(conn.xml(record.domain))
+            port = conn.ssh_port(record.domain, cfg.ssh.port)
+            if port is None:
+                raise MigrationRefusedError(f"job {job_id}: its VM has no SSH port forward here")
+            # Before the switch: the starter's connection drops then, and must not count.
+            record = pausing.add(cfg, store, conn, record, pausing.MIGRATION)
+    try:
+        with Connection(cfg.libvirt) as conn:
+            result = migrate(
+                cfg, conn, record.domain, dest_uri, dest_dir, uri=uri, disks_uri=disks_uri,
+                timeout=timeout,
+            )  # fmt: skip
+    except BaseException:
+        _drop_pause(cfg, store, job_id)
+        raise
+    try:
+        to = _record_migration(cfg, store, record, dest_uri, base, guest_uuid, result, port)
+        listens = _wait_relay(port, relay_wait)
+    finally:
+        _drop_pause(cfg, store, job_id)
+    if not listens:
+        raise MigrationError(
+            f"job {job_id}: its VM runs at {dest_uri}, but no relay listens on 127.0.0.1:{port}"
+            f" within {relay_wait:.0f}s: its starter cannot reach it",
+            hint="see `journalctl -u vmbatch-agent` (is the port taken?)",
+        )
+    return JobMigration(job_id, result, dest_dir, port, to)
+
+
+def _record_migration(
+    cfg: Config,
+    store: StateStore,
+    record: Record,
+    dest_uri: str,
+    base: Path,
+    guest_uuid: str,
+    result: MigrationResult,
+    port: int,
+) -> str:
+    """Write where the VM runs now and the relay the agent is to run; the relay's target.
+    A job that ended meanwhile (its epilogue found no VM here) has its VM ended there too."""
+    job_id = record.job_id
+    to, netns = _relay_target(cfg, dest_uri, guest_uuid, result.ssh_port)
+    netns_ino = Path(netns).stat().st_ino if netns else 0
+    with store.exclusive(job_id, wait=30.0):
+        current = store.read(job_id)
+        if current is None or current.phase != READY or current.domain != record.domain:
+            with Connection(dataclasses.replace(cfg.libvirt, uri=dest_uri)) as there:
+                lifecycle.teardown(cfg, there, record.domain, state.JobDir(base, job_id))
+            raise MigrationError(
+                f"job {job_id} ended while its VM migrated; its VM at {dest_uri} is destroyed"
+            )
+        store.write(
+            dataclasses.replace(
+                current,
+                migrated_to=dest_uri,
+                migrated_dir=str(state.JobDir(base, job_id).path),
+                relay_port=port,
+                relay_to=to,
+                relay_netns=netns,
+                relay_netns_ino=netns_ino,
+            )
+        )
+    return to
+
+
+def _migratable(
+    cfg: Config,
+    store: StateStore,
+    job_id: str,
+    dest_uri: str,
+) -> Record:
+    record = store.read(job_id)
+    if record is None:
+        raise JobError(
+            f"no batch job {job_id} on this node (no state record)",
+            hint="`vmbatch ps` lists the jobs here",
+        )
+    if record.phase != READY or not record.domain:
+        raise JobError(
+            f"job {job_id} is {record.phase}, not running: only a running job's VM migrates",
+            hint="`vmbatch ps` shows its phase",
+        )
+    if record.migrated_to:
+        raise MigrationRefusedError(
+            f"job {job_id}: its VM runs at {record.migrated_to} already; migrating it again"
+            " is not supported"
+        )
+    if pausing.vm_paused(record.pauses) or pausing.MIGRATION in record.pauses:
+        raise MigrationRefusedError(
+            f"job {job_id} is paused ({', '.join(record.pauses)}); migrate it once it runs"
+        )
+    if agent.running(cfg) is None:
+        raise MigrationRefusedError(
+            f"cannot migrate job {job_id}: no `vmbatch agent` runs on this node, and its"
+            " relay is what lets the job's starter reach the VM after the move",
+            hint="systemctl start vmbatch-agent",
+        )
+    if dest_uri == cfg.libvirt.uri:
+        raise MigrationRefusedError(f"cannot migrate job {job_id}: {dest_uri} is this node's")
+    return record
+
+
+def _drop_pause(cfg: Config, store: StateStore, job_id: str) -> None:
+    with store.exclusive(job_id, wait=30.0):
+        current = store.read(job_id)
+        if current is not None and pausing.MIGRATION in current.pauses:
+            # A note-only reason: the domain is not touched, the connection never opened
+            # (a libvirtd that does not answer must not keep the starter waiting).
+            pausing.drop(cfg, store, Connection(cfg.libvirt), current, pausing.MIGRATION)
+
+
+def _local(dest_uri: str) -> bool:
+    host = urllib.parse.urlsplit(dest_uri).hostname
+    return host in (None, "", "localhost", "127.0.0.1", "::1")
+
+
+def _relay_target(cfg: Config, dest_uri: str, guest_uuid: str, port: int) -> tuple[str, str]:
+    """Where the relay connects ("host:port") and from which network namespace ("": ours).
+
+    A destination on another host: its host name (its forward must then be reachable from
+    here, which QEMU's loopback-only ``hostfwd`` is not: docs/admin-guide.md). On this
+    host: the destination QEMU's own network namespace, found by its ``-uuid`` (the
+    migration kept it; the source's QEMU is gone)."""
+    if not _local(dest_uri):
+        host = urllib.parse.urlsplit(dest_uri).hostname or ""
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), ""
+    from vmbatch.reaper import qemu_namespaces  # the reaper imports hooks that import us
+
+    found = qemu_namespaces(cfg.tools.qemu_system, guest_uuid)
+    mine = Path("/proc/self/ns/net").stat().st_ino
+    if found is None or found[1] == mine:
+        return f"127.0.0.1:{port}", ""
+    return f"127.0.0.1:{port}", found[0]
+
+
+def _wait_relay(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not relay.listening(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)  # polling the agent's relay, bounded by the deadline
+    return True
+
+
 __all__ = [
     "DiskMove",
     "FileCheck",
+    "JobMigration",
     "MigrationPlan",
     "MigrationResult",
     "make_plan",
     "migrate",
+    "migrate_job",
     "prepare_destination",
 ]

@@ -87,6 +87,9 @@ class PsRow:
     #: Why its running VM is paused (``operator``, ``scheduler``, ``checkpoint``:
     #: :mod:`vmbatch.pausing`); empty: not paused by vmbatch; None: not known.
     pauses: list[str] | None = None
+    #: A VM ``vmbatch migrate`` moved: the libvirt URI it runs at now (its state then
+    #: reads ``migrated``, its SSH port is the relay's on this node).
+    migrated_to: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,24 +140,26 @@ def ps_rows(cfg: Config, *, root: bool, now: float | None = None) -> list[PsRow]
         if key in seen:
             continue
         started = rec.started or None
+        moved = bool(rec.migrated_to)
         rows.append(
             PsRow(
                 job_id=rec.job_id,
                 user=rec.user,
                 scheduler=rec.scheduler,
                 image=rec.image or None,
-                domain=None,
-                state=None,
+                domain=rec.domain if moved else None,
+                state="migrated" if moved else None,
                 phase=rec.phase,
                 started=started,
                 age_seconds=None if started is None else round(max(0.0, now - started), 1),
                 vcpus=None,
                 memory_mib=None,
-                ssh_port=None,
+                ssh_port=rec.relay_port or None,
                 accelerator=None,
                 kept_as=rec.kept_as,
                 kept_until=rec.kept_until,
                 pauses=list(rec.pauses),
+                migrated_to=rec.migrated_to or None,
             )
         )
     return sorted(rows, key=lambda r: (r.started or 0.0, r.job_id))
@@ -688,7 +693,7 @@ def suspend(cfg: Config, job_id: str) -> str:
         record = pausing.ready_record(store, job_id, "paused or continued this way")
         if pausing.OPERATOR in record.pauses:
             return f"job {job_id}: its VM is already paused by an operator"
-        with Connection(cfg.libvirt) as conn:
+        with pausing.connection(cfg, record) as conn:
             pausing.add(cfg, store, conn, record, pausing.OPERATOR)
     return f"job {job_id}: VM {record.domain} paused; `vmbatch resume {job_id}` continues it"
 
@@ -703,7 +708,7 @@ def resume(cfg: Config, job_id: str) -> str:
             why = f" (it is paused by: {', '.join(record.pauses)})" if record.pauses else ""
             return f"job {job_id}: its VM was not paused by `vmbatch suspend`{why}; nothing done"
         since = record.paused_at or time.time()
-        with Connection(cfg.libvirt) as conn:
+        with pausing.connection(cfg, record) as conn:
             record = pausing.drop(cfg, store, conn, record, pausing.OPERATOR)
     if record.pauses:
         return (

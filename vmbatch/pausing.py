@@ -17,6 +17,11 @@ The job's starter (the user) cannot ask libvirt, so each change is also written 
 user directory's pause note (:attr:`UserDir.paused_note`): while it says paused, the
 starter counts no time against its reconnect and liveness timeouts.
 
+One reason pauses the job and not its VM: ``migration`` (``vmbatch migrate``, a live
+migration: the VM runs on while its memory and disks are copied, and only the switch to
+the destination is dark). It sets the starter's note, so that the connection the switch
+drops is not taken for a lost guest, and never suspends or continues the domain.
+
 The guest's clocks stop with its vCPUs, so after a pause its wall clock is behind; when
 the VM runs again, its clock is set to the host's through the QEMU guest agent where the
 image runs one (:meth:`Connection.set_guest_time`), else it stays behind (logged).
@@ -39,7 +44,23 @@ log = logging.getLogger(__name__)
 
 #: The reasons, in :attr:`Record.pauses`.
 OPERATOR, SCHEDULER, CHECKPOINT = "operator", "scheduler", "checkpoint"
-REASONS = (OPERATOR, SCHEDULER, CHECKPOINT)
+MIGRATION = "migration"
+REASONS = (OPERATOR, SCHEDULER, CHECKPOINT, MIGRATION)
+#: Reasons that pause the job's starter (its note) but not the domain.
+NOTE_ONLY = frozenset({MIGRATION})
+
+
+def vm_paused(pauses: tuple[str, ...]) -> bool:
+    """Whether these reasons hold the domain itself paused."""
+    return any(r not in NOTE_ONLY for r in pauses)
+
+
+def connection(cfg: Config, record: Record) -> Connection:
+    """A connection (not opened) to the libvirtd the job's VM runs at: this node's, or the
+    one ``vmbatch migrate`` moved it to (:attr:`Record.migrated_to`)."""
+    if record.migrated_to:
+        return Connection(dataclasses.replace(cfg.libvirt, uri=record.migrated_to))
+    return Connection(cfg.libvirt)
 
 
 def ready_record(store: StateStore, job_id: str, what: str) -> Record:
@@ -74,15 +95,17 @@ def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason
     if reason in record.pauses:
         return record
     first = not record.pauses
+    first_vm = reason not in NOTE_ONLY and not vm_paused(record.pauses)
     record = store.write(
         dataclasses.replace(
             record,
             pauses=(*record.pauses, reason),
-            paused_at=time.time() if first else record.paused_at,
+            paused_at=time.time() if first_vm else record.paused_at,
         )
     )
     if first:
         _note(cfg, record, True)
+    if first_vm:
         conn.suspend(record.domain)
         log.info("VM paused (%s)", reason)
     return record
@@ -103,13 +126,18 @@ def drop(
     if reason not in record.pauses:
         return record
     left = tuple(r for r in record.pauses if r != reason)
-    if left:
-        log.info("%s pause over; VM stays paused (%s)", reason, ", ".join(left))
-        return store.write(dataclasses.replace(record, pauses=left))
+    if reason in NOTE_ONLY or vm_paused(left):
+        record = store.write(dataclasses.replace(record, pauses=left))
+        if not left:
+            _note(cfg, record, False)
+        elif vm_paused(left):
+            log.info("%s pause over; VM stays paused (%s)", reason, ", ".join(left))
+        return record
     conn.resume(record.domain)
     paused = time.time() - (record.paused_at or time.time())
-    record = store.write(dataclasses.replace(record, pauses=(), paused_at=None))
-    _note(cfg, record, False)
+    record = store.write(dataclasses.replace(record, pauses=left, paused_at=None))
+    if not left:
+        _note(cfg, record, False)
     log.info("VM running again after %.1fs paused (%s pause over)", paused, reason)
     if clock_in_background:
         context = contextvars.copy_context()  # its lines name the job too

@@ -23,7 +23,9 @@ the job still lives (:func:`judge`), in this order:
    cannot be asked (command fails or times out) -> undecided: left alone and reported.
 2. A ``vmbatch run``'s ``owner`` file (PID, start time, boot id): alive while that process
    is; a run domain whose job directory is gone -> gone.
-3. A batch domain without a record: the scheduler decides, as in 1.
+3. A batch domain without a record: the scheduler decides, as in 1; unless its metadata
+   says it was migrated here from another node (``hosted-for``, ``vmbatch migrate``): that
+   node's job, whose epilogue ends it -> alive (this node's scheduler does not know it).
 4. Files alone: alive while the process that marked an image for it lives, or while they
    changed within the grace; else gone, unless libvirt could not be asked and a job
    directory is involved (a VM may use it: undecided).
@@ -285,10 +287,19 @@ def find_qemus(job_dir: Path, emulator: Path) -> list[QemuProcess]:
     Only processes of ``emulator`` (``[tools].qemu_system``, libvirt's ``<emulator>`` for
     our domains) running as root or QEMU's account (:func:`vmbatch.trust.qemu_uids`)
     count: any user can start a process with such a command line, but not as those.
+
+    And only QEMUs in this process's network namespace: that of the libvirtd this node's
+    vmbatch talks to, which runs in the node's namespace like the hooks (and a guest's
+    ``hostfwd`` port is only reachable from there). A libvirtd in a namespace of its own
+    on the same host (a migration's destination, as the system tests run one) starts its
+    QEMUs in its own; they are not ours to judge, however like ours their names and
+    files look (``/proc/PID/ns/net``, namespaces(7)). The mount namespace tells nothing:
+    libvirt gives each QEMU a private one (qemu.conf ``namespaces``).
     """
     inside = str(job_dir).rstrip("/") + "/"
     binary = os.path.realpath(emulator)
     owners = trust.qemu_uids() | {0}
+    mine = namespaces("self")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -308,10 +319,52 @@ def find_qemus(job_dir: Path, emulator: Path) -> list[QemuProcess]:
             continue
         if not any(inside in arg for arg in argv):
             continue
+        if not same_namespaces(int(entry.name), mine):
+            continue  # another libvirtd's (one in its own namespaces on this host)
         identity = state.process_identity(int(entry.name))
         if identity is not None:
             found.append(QemuProcess(int(entry.name), identity, name, guest_uuid))
     return found
+
+
+def namespaces(pid: int | str) -> tuple[int, int] | None:
+    """(device, inode) of the process's network namespace; None if it is gone."""
+    try:
+        st = Path(f"/proc/{pid}/ns/net").stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_namespaces(pid: int, mine: tuple[int, int] | None) -> bool:
+    return mine is not None and namespaces(pid) == mine
+
+
+def qemu_namespaces(emulator: Path, guest_uuid: str) -> tuple[str, int] | None:
+    """The network namespace (``/proc/PID/ns/net`` and its inode) of the QEMU process of
+    ``emulator`` on this host whose ``-uuid`` is ``guest_uuid``, in whatever namespaces it
+    runs; None if there is none (a migration's destination on another host)."""
+    if not guest_uuid:
+        return None
+    binary = os.path.realpath(emulator)
+    owners = trust.qemu_uids() | {0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            if guest_uuid.encode() not in raw or entry.stat().st_uid not in owners:
+                continue
+            exe = str((entry / "exe").readlink()).removesuffix(" (deleted)")
+            if exe != binary:
+                continue
+            _, found = qemu_identity(raw.decode(errors="surrogateescape").split("\0"))
+            if found == str(uuid.UUID(guest_uuid)):
+                path = entry / "ns" / "net"
+                return str(path), path.stat().st_ino
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def is_lost(qemu: QemuProcess, names: frozenset[str], uuids: frozenset[str]) -> bool:
@@ -338,6 +391,8 @@ class Job:
     domains: list[str] = field(default_factory=list)
     #: A domain of it without vmbatch metadata (not judged: left alone).
     unlabelled: bool = False
+    #: A domain of it migrated here from that node (``vmbatch migrate``), whose job it is.
+    hosted_for: str = ""
     jobdir: bool = False
     #: ``vmbatch run``'s owner (PID:START:BOOT) from the job directory.
     owner: str | None = None
@@ -384,6 +439,8 @@ def judge(
         return Verdict(False, "its `vmbatch run` process is gone")
     if job.unlabelled:
         return Verdict(True, "a domain of it has no vmbatch metadata")
+    if job.hosted_for:
+        return Verdict(True, f"its VM was migrated here; {job.hosted_for}'s epilogue ends it")
     if job.domains and job.scheduler == "none" and not job.jobdir:
         return Verdict(False, "its `vmbatch run` lost its job directory")
     if job.domains and job.scheduler in ("slurm", "torque"):
@@ -584,6 +641,7 @@ class _Reap:
             else:
                 job = self.job(safe_job_id(meta.job_id), meta.job_id)
                 job.scheduler = job.scheduler or meta.scheduler
+                job.hosted_for = job.hosted_for or meta.hosted_for
             job.domains.append(dom.name)
         return True
 

@@ -4,8 +4,8 @@ add``, made and removed here, entered with ``nsenter --net``) and a mount namesp
 own (tests/system/libvirtd.py's private bind mounts over /run/libvirt, /var/lib/libvirt,
 /var/cache/libvirt, /var/log/libvirt, /etc/libvirt), each with its own virtlogd and a
 distinct ``host_uuid`` in its ``libvirtd.conf``. Also: a tiny-guest VM that counts
-(:func:`start_counter_vm`), SSH into it from a namespace (:func:`guest_ssh`), and the
-loopback relay a migrated job's starter needs (:class:`LoopbackRelay`).
+(:func:`start_counter_vm`) and SSH into it from a namespace (:func:`guest_ssh`). (A
+migrated job's starter is relayed by vmbatch itself: vmbatch/relay.py.)
 
 Why: libvirt refuses a migration between daemons whose host UUIDs are equal ("Attempt to
 migrate guest to the same host", qemu_migration_cookie.c, libvirt 9.0; the default UUID
@@ -27,13 +27,10 @@ The mount namespaces end with their last process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -272,95 +269,3 @@ def wait_console(log: Path, text: bytes, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{log}: no {text!r} within {timeout} s")
         time.sleep(0.1)  # polling with a deadline
-
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class LoopbackRelay:
-    """Root's TCP relay from 127.0.0.1:``port`` here to 127.0.0.1:``to_port`` inside the
-    network namespace ``ns``: what a migrated job's starter needs, whose SSH endpoint
-    (the source's loopback port) went away with the source's QEMU (docs/admin-guide.md,
-    "Live migration"). Each connection to the destination is made from a short-lived
-    thread that entered ``ns`` (``setns(2)`` with CLONE_NEWNET changes the calling thread
-    only; a socket keeps the namespace it was made in)."""
-
-    def __init__(self, port: int, ns: str, to_port: int) -> None:
-        self.to_port = to_port
-        self._ns = Path("/run/netns") / ns
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", port))
-        self.listener.listen(8)
-        self.listener.settimeout(0.2)
-        self.connections = 0
-        self._thread = threading.Thread(target=self._accept, name="relay", daemon=True)
-        self._thread.start()
-
-    def _connect(self) -> socket.socket:
-        box: dict[str, socket.socket | BaseException] = {}
-
-        def enter_and_connect() -> None:
-            try:
-                fd = os.open(self._ns, os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), f"setns {self._ns}")
-                finally:
-                    os.close(fd)
-                box["sock"] = socket.create_connection(("127.0.0.1", self.to_port), timeout=10)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["sock"] = exc
-
-        t = threading.Thread(target=enter_and_connect, name="relay-connect")
-        t.start()
-        t.join(30)
-        got = box.get("sock")
-        if not isinstance(got, socket.socket):
-            raise OSError(f"relay cannot reach 127.0.0.1:{self.to_port} in {self._ns}: {got}")
-        got.settimeout(None)
-        return got
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = self._connect()
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            self.connections += 1
-            self._socks += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        self._thread.join(5)
-        for s in self._socks:
-            with contextlib.suppress(OSError):
-                s.close()
-
-    def __enter__(self) -> LoopbackRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)

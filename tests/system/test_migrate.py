@@ -4,19 +4,18 @@ vmbatch's own domain XML, counting on its console, moves while it runs; on the d
 the count goes on without a gap or a restart, the guest's SSH server answers on the port
 forward re-added there, its disk writes were copied, and the source has no domain left.
 
-Then a batch job (Torque-style hooks on the machine's libvirtd) whose VM migrates to a
-namespaced libvirtd mid-output: it ends with its complete output and its exit status, with
-the two steps vmbatch does not take yet played by the test (the starter stopped across the
-switch, a relay from its old loopback port to the new forward); docs/admin-guide.md, "Live
-migration", says what a job still needs.
+Then a batch job (Torque-style hooks on the machine's libvirtd, `vmbatch agent` running)
+whose VM `vmbatch migrate` moves to a namespaced libvirtd mid-output: it ends with its
+complete output and its exit status with no help from the test, and its epilogue tears the
+VM down where it then runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -26,10 +25,11 @@ from typing import IO
 
 import pytest
 
+from tests.system import test_suspend
 from tests.system.conftest import TEST_BASE, BatchSite
 from tests.system.libvirt_pair import (
+    QEMU,
     LibvirtPair,
-    LoopbackRelay,
     NamespacedLibvirtd,
     guest_ssh,
     make_socket_dir,
@@ -37,11 +37,15 @@ from tests.system.libvirt_pair import (
     wait_console,
 )
 from tests.system.test_torque import Mom
-from vmbatch import migrate
+from vmbatch import migrate, relay
 from vmbatch.config import Config, LibvirtConfig
 from vmbatch.errors import MigrationRefusedError
 from vmbatch.libvirt.connection import Connection
-from vmbatch.libvirt.domain import domain_name
+from vmbatch.libvirt.domain import domain_name, read_metadata
+from vmbatch.reaper import find_qemus
+
+#: `vmbatch agent` running with the batch site's configuration (its log).
+agent = test_suspend.agent
 
 _COUNT = re.compile(rb"count (\d+)\r?\n")
 
@@ -180,23 +184,32 @@ class _Reader:
         return bytes(self.data)
 
 
-def test_a_batch_job_goes_on_to_its_complete_output_after_its_vm_migrated(
-    batch_site: BatchSite, libvirt_conn: Connection
+def _relay_gone(port: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while relay.listening(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)  # polling the agent's next sweep, with a deadline
+    return True
+
+
+def test_vmbatch_migrate_moves_a_running_batch_job_which_ends_complete_and_is_torn_down_there(
+    batch_site: BatchSite, libvirt_conn: Connection, agent: Path
 ) -> None:
     """A Torque-style job (prologue, starter, epilogue as pbs_mom calls them) on the
-    machine's libvirtd; its VM migrates to a libvirtd in a namespace of the test's while the
-    job prints. What vmbatch does not do yet is played by the test, and only that: the
-    starter is stopped across the switch (as a scheduler's suspend stops it), and a relay
-    takes over the job's old loopback port towards the new forward in the destination's
-    namespace. The starter's own reconnect does the rest: the output is complete and in
-    order, the exit status the job's."""
+    machine's libvirtd, with `vmbatch agent` running; `vmbatch migrate` moves its VM to a
+    libvirtd in a namespace of the test's while the job prints, and nothing else helps:
+    the output is complete and in order, the exit status the job's, the starter came back
+    through the agent's relay on its old port; the epilogue destroys the VM at the
+    destination and removes its files there, and the relay stops."""
     bs = batch_site
     cfg = Config()
     dest = NamespacedLibvirtd(bs.site.root / "dst")
     sockets = make_socket_dir(bs.site.root / "sockets")
+    dest_base = bs.site.root / "dst-jobs"
     mom = Mom(bs, JOB)
     name = domain_name(mom.job_id)
-    relay: LoopbackRelay | None = None
+    ended = False
     try:
         dest.start()
         pro = mom.prologue()
@@ -212,34 +225,58 @@ def test_a_batch_job_goes_on_to_its_complete_output_after_its_vm_migrated(
         assert libvirt_conn.raw.lookupByName(name).ID() != 1
         limit = libvirt_conn.raw.lookupByName(name).memoryParameters(0)["hard_limit"]
         assert limit < 2**40  # set by the prologue ([limits].memory_limit), not unlimited
+        assert [q.name for q in find_qemus(bs.site.job_dir, QEMU)] == [name]
 
-        os.kill(starter.pid, signal.SIGSTOP)
-        try:
-            result = migrate.migrate(
-                cfg,
-                libvirt_conn,
-                name,
-                dest.uri,
-                bs.site.root / "dst-job",
-                uri=f"unix://{sockets}/memory.sock",
-                disks_uri=f"unix://{sockets}/disks.sock",
-            )
-            assert libvirt_conn.status(name) is None
+        # Refused, nothing changed: a job this node does not run.
+        nosuch = bs.site.vmbatch("migrate", "999999", "--to", dest.uri)
+        assert nosuch.returncode == 65, nosuch.stderr.decode()
+        assert b"no batch job 999999 on this node" in nosuch.stderr
+
+        moved = bs.site.vmbatch(
+            "migrate", mom.job_id, "--to", dest.uri, "--dest-dir", str(dest_base),
+            "--migrate-uri", f"unix://{sockets}/memory.sock",
+            "--disks-uri", f"unix://{sockets}/disks.sock",
+        )  # fmt: skip
+        assert moved.returncode == 0, moved.stderr.decode()
+        assert f"127.0.0.1:{old_port} here".encode() in moved.stdout, moved.stdout
+        assert libvirt_conn.status(name) is None
+        with Connection(LibvirtConfig(uri=dest.uri)) as there:
             # The memory limit left out of the destination's XML holds there again.
-            with Connection(LibvirtConfig(uri=dest.uri)) as there:
-                assert there.raw.lookupByName(name).memoryParameters(0)["hard_limit"] == limit
-            relay = LoopbackRelay(old_port, str(dest.netns), result.ssh_port)
-        finally:
-            os.kill(starter.pid, signal.SIGCONT)
+            assert there.raw.lookupByName(name).memoryParameters(0)["hard_limit"] == limit
+            # Whose job it is, for the destination's reaper, which has no record of it.
+            meta = read_metadata(there.xml(name))
+            assert meta is not None and meta.hosted_for == os.uname().nodename
+        # The destination's QEMU runs on this host with files like a job's, but in the
+        # other libvirtd's namespaces: it is not this node's to reap.
+        assert (dest_base / mom.job_id / "overlay.qcow2").exists()
+        assert find_qemus(dest_base, QEMU) == []
+        ps = bs.site.vmbatch("ps", "--json")
+        (row,) = [r for r in json.loads(ps.stdout) if r["job_id"] == mom.job_id]
+        assert (row["state"], row["migrated_to"], row["ssh_port"]) == (
+            "migrated",
+            dest.uri,
+            old_port,
+        )
+
         status = starter.wait(timeout=120)
         stdout, stderr = out.done().decode(), err.done().decode()
         assert status == 5, stderr
         assert stdout.splitlines() == [f"count {i}" for i in range(1, 41)]
-        assert relay.connections >= 1  # the starter did come back through the relay
         assert "reconnected to the guest" in stderr
+        log = agent.read_text()
+        assert f"job {mom.job_id}: relay 127.0.0.1:{old_port} -> 127.0.0.1:" in log, log
+
+        epi = mom.epilogue(5)
+        ended = True
+        assert epi.returncode == 0, epi.stderr.decode()
+        with Connection(LibvirtConfig(uri=dest.uri)) as there:
+            assert there.status(name) is None
+        assert libvirt_conn.status(name) is None
+        assert not (dest_base / mom.job_id).exists()
+        assert bs.leftovers() == []
+        assert _relay_gone(old_port), agent.read_text()
     finally:
-        if relay is not None:
-            relay.close()
-        mom.epilogue(0)
+        if not ended:
+            mom.epilogue(0)
         bs.site.vmbatch("cleanup", mom.job_id)
         dest.stop()

@@ -3,6 +3,7 @@ domain's XML, and the refusals (tests/system/test_migrate.py migrates a real VM)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,14 @@ def test_a_domain_that_is_not_running_is_refused(tmp_path: Path) -> None:
         with pytest.raises(MigrationRefusedError, match="vmbatch-nosuch: the domain is gone"):
             migrate.migrate(Config(), conn, "vmbatch-nosuch", "test:///default", tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_the_destination_xml_says_whose_job_the_vm_is() -> None:
+    """The destination's reaper has no record of a migrated VM: its metadata names the node
+    whose job it is (set once, however often the XML is made)."""
+    hosted = migration_xml(migration_xml(_xml(), {}, hosted_for="node1"), {}, hosted_for="n2")
+    meta, before = read_metadata(hosted), read_metadata(_xml())
+    assert meta is not None and before is not None
+    assert meta.hosted_for == "n2" and before.hosted_for == ""
+    assert dataclasses.replace(meta, hosted_for="") == before
+    assert hosted.count("hosted-for>") == 2  # one element: its start and end tags

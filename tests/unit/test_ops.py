@@ -125,7 +125,7 @@ def test_ps_json_has_every_key_for_every_row(site: Site) -> None:
     keys = {
         "job_id", "user", "scheduler", "image", "domain", "state", "phase", "started",
         "age_seconds", "vcpus", "memory_mib", "ssh_port", "accelerator", "kept_as",
-        "kept_until", "pauses",
+        "kept_until", "pauses", "migrated_to",
     }  # fmt: skip
     assert [set(r) for r in rows] == [keys, keys]
     by_id = {r["job_id"]: r for r in rows}

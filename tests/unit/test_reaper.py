@@ -379,3 +379,13 @@ def test_a_failed_prologues_vm_that_outlived_its_teardown_is_destroyed(
             " its prologue)"
         ]
         assert conn.list_vmbatch() == []
+
+
+def test_a_vm_migrated_here_for_another_nodes_job_is_left_to_that_node() -> None:
+    """No record here and a scheduler that says the job is not this node's (Torque's job
+    file is on the source node): still alive, its node's epilogue ends it."""
+    job = Job("42", "42", scheduler="torque", domains=["vmbatch-42"], hosted_for="node1")
+    verdict = _judge(job, ask=_says(False))
+    assert verdict.runs is True and "node1's epilogue ends it" in verdict.reason
+    job.hosted_for = ""
+    assert _judge(job, ask=_says(False)).runs is False

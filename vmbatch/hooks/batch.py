@@ -884,7 +884,13 @@ def _finish_locked(
             store.write(dataclasses.replace(record, accounted=True))
         log.info("its VM stays kept for inspection (`vmbatch ps`)")
         return
-    if account and record is not None and record.phase == READY and may_keep(cfg, record):
+    if (
+        account
+        and record is not None
+        and record.phase == READY
+        and not record.migrated_to  # kept VMs are this node's (`vmbatch ps`, reaper)
+        and may_keep(cfg, record)
+    ):
         # Only here is the scheduler asked before the teardown: whether the VM is kept
         # depends on the job's exit status.
         end = _job_end(job_id, end)
@@ -907,6 +913,8 @@ def _finish_locked(
             own = conn is not given
             for each in sorted(names):
                 lifecycle.teardown(cfg, conn, each, jobdir)
+        if record is not None and record.migrated_to:
+            _teardown_migrated(cfg, record, name)
     except HostError as exc:
         raise HostError(
             f"job {job_id}: could not make sure its VM {name} is gone: {exc.message}",
@@ -931,6 +939,20 @@ def _finish_locked(
     faults.point(cfg, "finish.image_released")
     store.remove(job_id)
     faults.point(cfg, "finish.record_removed")
+
+
+def _teardown_migrated(cfg: Config, record: Record, name: str) -> None:
+    """The job's VM was migrated (``vmbatch migrate``): destroy it at the destination's
+    libvirtd and remove its files there (the destination directory is on this host's file
+    system, as :func:`vmbatch.migrate.migrate` requires). Its relay stops when the record
+    goes (``vmbatch agent``)."""
+    there = Path(record.migrated_dir) if record.migrated_dir else None
+    jobdir = None
+    if there is not None and there.is_absolute() and there.name == state.safe_job_id(record.job_id):
+        jobdir = state.JobDir(there.parent, record.job_id)
+    with Connection(dataclasses.replace(cfg.libvirt, uri=record.migrated_to)) as conn:
+        lifecycle.teardown(cfg, conn, name, jobdir)
+    log.info("its VM %s at %s is gone", name, record.migrated_to)
 
 
 def _job_end(job_id: str, end: JobEnd | Callable[[], JobEnd] | None) -> JobEnd:

@@ -88,6 +88,18 @@ class Record:
     #: when (epoch seconds; None while it runs).
     pauses: tuple[str, ...] = ()
     paused_at: float | None = None
+    #: ``vmbatch migrate`` moved the running VM: the destination libvirtd's URI and the
+    #: job's directory there (teardown destroys the domain and removes the files there).
+    migrated_to: str = ""
+    migrated_dir: str = ""
+    #: The relay ``vmbatch agent`` runs for a migrated job (:mod:`vmbatch.relay`): the
+    #: starter's loopback port here (``relay_port``; 0: none), forwarded to ``relay_to``
+    #: ("host:port"), connecting from inside the network namespace ``relay_netns`` (a
+    #: path; "": this node's) whose inode is ``relay_netns_ino``.
+    relay_port: int = 0
+    relay_to: str = ""
+    relay_netns: str = ""
+    relay_netns_ino: int = 0
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()

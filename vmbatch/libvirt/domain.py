@@ -88,6 +88,9 @@ class JobMetadata:
     scheduler: str
     image: str
     version: str
+    #: Set in a migrated VM's XML at its destination (``vmbatch migrate``): the node whose
+    #: job it is. That node's epilogue ends it; the destination's reaper leaves it alone.
+    hosted_for: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,8 @@ def _metadata(dom: ET.Element, meta: JobMetadata) -> None:
         ("version", meta.version),
     ):
         _text(job, f"{{{METADATA_NS}}}{tag}", value)
+    if meta.hosted_for:
+        _text(job, f"{{{METADATA_NS}}}hosted-for", meta.hosted_for)
 
 
 def _os(dom: ET.Element, spec: DomainSpec) -> None:
@@ -294,7 +299,9 @@ def read_metadata(xml: str) -> JobMetadata | None:
     def get(tag: str) -> str:
         return job.findtext(f"{{{METADATA_NS}}}{tag}", default="")
 
-    return JobMetadata(get("id"), get("user"), get("scheduler"), get("image"), get("version"))
+    return JobMetadata(
+        get("id"), get("user"), get("scheduler"), get("image"), get("version"), get("hosted-for")
+    )
 
 
 def read_files(xml: str) -> tuple[str, ...]:
@@ -355,6 +362,12 @@ def read_cpu_mode(xml: str) -> str:
     return "" if cpu is None else cpu.get("mode", "custom")
 
 
+def read_uuid(xml: str) -> str:
+    """The domain's ``<uuid>`` ("" if none): QEMU's ``-uuid``, kept by a migration."""
+    el = ET.fromstring(xml).find("uuid")  # noqa: S314 - from our own libvirtd
+    return "" if el is None or not el.text else el.text.strip()
+
+
 def read_memory_limit_mib(xml: str) -> int | None:
     """The live ``<memtune><hard_limit>`` in MiB, None if there is none."""
     el = ET.fromstring(xml).find("memtune/hard_limit")  # noqa: S314 - from our own libvirtd
@@ -364,10 +377,11 @@ def read_memory_limit_mib(xml: str) -> int | None:
     return int(el.text) * scale.get(el.get("unit", "KiB"), 1) // 1024
 
 
-def migration_xml(xml: str, moves: dict[Path, Path]) -> str:
+def migration_xml(xml: str, moves: dict[Path, Path], hosted_for: str = "") -> str:
     """The domain XML for a migration's destination (libvirt's ``VIR_MIGRATE_PARAM_DEST_XML``):
     ``xml`` (the source's migratable XML) with each disk source and console log file found
-    in ``moves`` renamed, and ``<memtune>`` left out.
+    in ``moves`` renamed, ``<memtune>`` left out, and our metadata's ``hosted-for`` set to
+    ``hosted_for`` (the source node's name; metadata is not guest ABI).
 
     Only host-side parts change, as libvirt requires (the result must pass
     ``virDomainDefCheckABIStability``). ``<memtune>`` goes because at start it makes
@@ -384,6 +398,11 @@ def migration_xml(xml: str, moves: dict[Path, Path]) -> str:
     memtune = root.find("memtune")
     if memtune is not None:
         root.remove(memtune)
+    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+    if job is not None and hosted_for:
+        for old_el in job.findall(f"{{{METADATA_NS}}}hosted-for"):
+            job.remove(old_el)
+        _text(job, f"{{{METADATA_NS}}}hosted-for", hosted_for)
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
