@@ -325,15 +325,15 @@ def batch_site(site: Site, host_user: HostUser) -> Iterator[BatchSite]:
     )
     site.write(
         f"""
+[checkpoint]
+dir = "{bs.checkpoints}"
 [batch]
 default_image = "demo"
 state_dir = "{bs.state_dir}"
 user_dir = "{bs.user_dir}"
 accounting_log = "{bs.accounting}"
-[checkpoint]
-dir = "{bs.checkpoints}"
 """
-    )
+    )  # [batch] last: tests append keys to it (test_reaper.py)
     yield bs
     assert not bs.leftovers(), f"batch hooks left files behind: {bs.leftovers()}"
 

@@ -25,7 +25,6 @@ from typing import IO
 
 import pytest
 
-from tests.system import test_suspend
 from tests.system.conftest import TEST_BASE, BatchSite
 from tests.system.libvirt_pair import (
     QEMU,
@@ -43,9 +42,6 @@ from vmbatch.errors import MigrationRefusedError
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name, read_metadata
 from vmbatch.reaper import find_qemus
-
-#: `vmbatch agent` running with the batch site's configuration (its log).
-agent = test_suspend.agent
 
 _COUNT = re.compile(rb"count (\d+)\r?\n")
 
