@@ -8,6 +8,7 @@ left no domain and no job directory behind, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -289,19 +290,23 @@ class BatchSite:
         return [p for p in found if p not in node]
 
 
-@pytest.fixture
-def agent(batch_site: BatchSite) -> Iterator[Path]:
-    """`vmbatch agent` as its systemd service runs it, stopped by PID afterwards; yields
-    its log."""
-    log = batch_site.site.root / "agent.log"
+@contextlib.contextmanager
+def running_agent(site: Site) -> Iterator[Path]:
+    """`vmbatch agent` with ``site``'s configuration, as its systemd service runs it,
+    stopped by PID afterwards; yields its log."""
+    log = site.root / "agent.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(VMBATCH), "-v", "-c", str(batch_site.site.config), "agent", "--interval", "0.1"],
+            [str(VMBATCH), "-v", "-c", str(site.config), "agent", "--interval", "0.1"],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
     try:
+        deadline = time.monotonic() + 30
+        while b"agent: watching" not in log.read_bytes():  # its pid file is written by then
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # polling with a deadline
         yield log
     finally:
         proc.terminate()
@@ -311,6 +316,13 @@ def agent(batch_site: BatchSite) -> Iterator[Path]:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, log.read_text()
+
+
+@pytest.fixture
+def agent(batch_site: BatchSite) -> Iterator[Path]:
+    """:func:`running_agent` for the batch site."""
+    with running_agent(batch_site.site) as log:
+        yield log
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.system.conftest import BatchSite, Site
+from tests.system.conftest import BatchSite, Site, running_agent
 from tests.system.libvirtd import PrivateLibvirtd
 from tests.system.test_torque import Mom, _finish
 from vmbatch import metrics
@@ -122,7 +122,7 @@ textfile = ""
 libvirt_timeout = 5
 """
     )
-    with private:
+    with private, running_agent(site):  # a node runs its agent (else: a warning)
         status, line = _check(site)
         assert status == 0, line
         assert line.startswith("VMBATCH OK - ") and " checks passed | checks=" in line, line

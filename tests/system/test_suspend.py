@@ -36,9 +36,9 @@ COUNTER = (
 
 #: Every timeout of vmbatch that could count a pause, shortened: the pauses below last
 #: longer than all of them together.
-SHORT_TIMEOUTS = "[ssh]\nreconnect_timeout = 3\nliveness_interval = 1\nconnect_timeout = 3\n"
+SHORT_TIMEOUTS = "[ssh]\nreconnect_timeout = 2\nliveness_interval = 1\nconnect_timeout = 2\n"
 #: Seconds a VM stays paused in these tests: more than the shortened timeouts together.
-PAUSE = 8.0
+PAUSE = 6.0
 
 
 def _short_timeouts(bs: BatchSite) -> None:
@@ -120,7 +120,7 @@ def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
     """Through the real Slurm 22.05 (SIGTSTP, SIGSTOP 2 s later, SIGCONT on resume): the
     agent pauses the VM while the job is suspended, for longer than every timeout."""
     _short_timeouts(slurm.bs)
-    job_id = slurm.submit(COUNTER.replace("-lt 40", "-lt 60"))
+    job_id = slurm.submit(COUNTER.replace("-lt 40", "-lt 50"))
     name = domain_name(job_id)
     out = slurm.user.home / f"slurm-{job_id}.out"
     deadline = time.monotonic() + 180
@@ -147,7 +147,7 @@ def test_scontrol_suspend_pauses_the_vm_and_resume_continues_the_job(
     job = slurm.settled(job_id, timeout=180)
     assert (job["JobState"], job["ExitCode"]) == ("FAILED", "5:0"), slurm.output(job_id)
     lines = slurm.output(job_id).splitlines()
-    assert [x for x in lines if x.startswith("count")] == [f"count {i}" for i in range(1, 61)]
+    assert [x for x in lines if x.startswith("count")] == [f"count {i}" for i in range(1, 51)]
     assert f"job {job_id}: resumed by the scheduler" in agent.read_text()
 
 
@@ -211,7 +211,7 @@ def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
     pbs_mom itself is played by :func:`under_a_pbs_mom`."""
     bs = batch_site
     _short_timeouts(bs)
-    mom = Mom(bs, COUNTER.replace("-lt 40", "-lt 60"))
+    mom = Mom(bs, COUNTER.replace("-lt 40", "-lt 50"))
     name = domain_name(mom.job_id)
     out, err = bs.site.root / "job.out", bs.site.root / "job.err"
     mom_proc = None
@@ -235,7 +235,7 @@ def test_torque_suspend_of_the_job_session_pauses_the_vm_through_the_agent(
         _wait_state(libvirt_conn, name, "running")
         assert mom_proc.wait(timeout=180) == 5, err.read_text()
         counts = [x for x in out.read_text().splitlines() if x.startswith("count")]
-        assert counts == [f"count {i}" for i in range(1, 61)]
+        assert counts == [f"count {i}" for i in range(1, 51)]
         assert f"job {mom.job_id}: suspended by the scheduler; VM paused" in agent.read_text()
     finally:
         stop_under_a_pbs_mom(mom_proc, mom)
