@@ -131,10 +131,10 @@ def _torque_parent(p: Proc, proc: Path) -> bool:
     return p.uid == 0 and _exe_name(p.pid, proc).startswith("pbs_mom")
 
 
-def find_tasks(record: Record, proc: Path = PROC) -> list[Proc]:
+def find_tasks(record: Record, proc: Path = PROC, procs: list[Proc] | None = None) -> list[Proc]:
     """The job's tasks: children of the scheduler's root process for this job, with the
-    job owner's uid (module docstring)."""
-    procs = list(_all(proc))
+    job owner's uid (module docstring). ``procs``: the process table, if already read."""
+    procs = list(_all(proc)) if procs is None else procs
     if record.scheduler == "slurm":
         parents = {p.pid for p in procs if p.ppid != 0 and _slurm_parent(p, record.job_id, proc)}
         return [p for p in procs if p.ppid in parents and p.uid == record.uid]
@@ -183,6 +183,8 @@ class Agent:
     store: StateStore = field(init=False)
     #: Cached tasks per job: (when looked up, the tasks then).
     _tasks: dict[str, tuple[float, list[Proc]]] = field(default_factory=dict)
+    #: The process table of the current sweep, read when a job's tasks are looked up.
+    _table: list[Proc] | None = None
     #: The last error per job, logged once until it changes.
     _errors: dict[str, str] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -200,13 +202,16 @@ class Agent:
             same = [c for c, t in zip(again, cached[1], strict=True) if c and c.start == t.start]
             if len(same) == len(cached[1]):
                 return same
-        found = find_tasks(record, self.proc)
+        if self._table is None:  # one walk of /proc per sweep, whatever the number of jobs
+            self._table = list(_all(self.proc))
+        found = find_tasks(record, self.proc, self._table)
         self._tasks[record.job_id] = (now, found)
         return found
 
     def sweep(self, conn: Connection) -> list[str]:
         """Pause or continue each running job's VM as its tasks are; what was done."""
         done = []
+        self._table = None
         running = {r.job_id: r for r in self.store.records() if r.phase == READY and r.domain}
         for job_id in list(self._tasks):
             if job_id not in running:
@@ -269,7 +274,8 @@ class Agent:
                 and current.phase == READY
                 and bool(current.pauses) != note.paused
             ):
-                userdir.write_paused(bool(current.pauses), note.pauses + bool(current.pauses))
+                paused = bool(current.pauses)
+                pausing.tell_starter(self.cfg, current, paused, new_pause=paused)
 
     def _cut_off_checkpoint(self, conn: Connection, record: Record) -> list[str]:
         """A checkpoint whose process died (``vmbatch checkpoint`` killed, the agent's
@@ -295,8 +301,7 @@ class Agent:
                     " its next run restores its newest complete checkpoint"
                 )
                 checkpoint.mark_requeue(self.cfg, current.job_id)
-                userdir = UserDir(self.cfg.batch.user_dir, current.job_id)
-                userdir.write_paused(True, userdir.read_note().pauses, stopped=True)
+                pausing.tell_starter(self.cfg, current, True, stopped=True)
                 self.store.write(dataclasses.replace(current, pauses=(), paused_at=None))
                 return [f"job {record.job_id}: cut-off checkpoint; its VM is gone, job requeued"]
         except JobBusyError:

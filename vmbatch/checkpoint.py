@@ -67,7 +67,7 @@ from vmbatch.errors import (
     VmBatchError,
 )
 from vmbatch.guest import ssh
-from vmbatch.hooks.jobstate import Record, StateStore, UserDir
+from vmbatch.hooks.jobstate import Record, StateStore
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import backing_files, machine_type, read_files, restore_xml
 
@@ -361,14 +361,14 @@ def _take_locked(
             # The checkpoint is complete but the VM did not come back: the job goes on
             # from it in its next run, as after --stop.
             mark_requeue(cfg, job_id)
-            _tell_starter(cfg, record, paused=True, stopped=True)
+            pausing.tell_starter(cfg, record, True, stopped=True)
             raise CheckpointError(
                 f"checkpoint {generation} of job {job_id} is complete, but its VM could not"
                 f" run on from it ({exc.message}); the job's next run restores it",
                 hint="the job's starter exits for a requeue ([batch].requeue_exit)",
             ) from exc
     else:
-        _tell_starter(cfg, record, paused=True, stopped=True)
+        pausing.tell_starter(cfg, record, True, stopped=True)
         log.info("VM %s stopped; the job's next run restores checkpoint %d", name, generation)
     return Taken(checkpoint, time.monotonic() - started, port)
 
@@ -435,17 +435,6 @@ def _remove_older(base: Path, generation: int) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _tell_starter(
-    cfg: Config, record: Record, *, paused: bool, port: int | None = None, stopped: bool = False
-) -> None:
-    userdir = UserDir(cfg.batch.user_dir, record.job_id)
-    note = userdir.read_note()
-    try:
-        userdir.write_paused(paused, note.pauses, port=port, stopped=stopped)
-    except OSError as exc:
-        log.warning("could not write the pause note %s: %s", userdir.paused_note, exc)
-
-
 def _continue(
     cfg: Config,
     store: StateStore,
@@ -464,7 +453,7 @@ def _continue(
         conn.limit_memory(name, record.memory_limit_mib)
     port = conn.forward_port(name, cfg.ssh.port)
     _update_login(jobdir, port)
-    _tell_starter(cfg, record, paused=True, port=port)
+    pausing.tell_starter(cfg, record, True, port=port)
     pausing.drop(cfg, store, conn, record, pausing.CHECKPOINT)
     log.info("VM %s runs on from checkpoint %d, SSH on port %d", name, checkpoint.generation, port)
     return port

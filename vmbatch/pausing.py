@@ -80,13 +80,28 @@ def ready_record(store: StateStore, job_id: str, what: str) -> Record:
     return record
 
 
-def _note(cfg: Config, record: Record, paused: bool) -> None:
+def tell_starter(
+    cfg: Config,
+    record: Record,
+    paused: bool,
+    *,
+    new_pause: bool = False,
+    port: int | None = None,
+    stopped: bool = False,
+) -> None:
+    """Write root's pause note for the job's starter (``new_pause``: one more pause
+    counted); a failure is logged: the job goes on, its starter may count the pause as
+    silence (the agent rewrites a note that disagrees with its record)."""
     userdir = UserDir(cfg.batch.user_dir, record.job_id)
-    _, count = userdir.read_paused()
+    count = userdir.read_note().pauses + (1 if new_pause else 0)
     try:
-        userdir.write_paused(paused, count + 1 if paused else count)
-    except OSError as exc:  # the job goes on; its starter may count the pause as silence
+        userdir.write_paused(paused, count, port=port, stopped=stopped)
+    except OSError as exc:
         log.warning("could not write the pause note %s: %s", userdir.paused_note, exc)
+
+
+def _note(cfg: Config, record: Record, paused: bool) -> None:
+    tell_starter(cfg, record, paused, new_pause=paused)
 
 
 def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason: str) -> Record:
