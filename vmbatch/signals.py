@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -36,9 +37,19 @@ def _handler(signum: int, _frame: FrameType | None) -> None:
     raise JobInterruptedError(signum)
 
 
+def _main_thread() -> bool:
+    """Python runs signal handlers in the main thread only, and only it may set them. Another
+    thread (a test running several jobs at once) leaves the process's handlers as they are:
+    the blocks below then change nothing there."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """Turn termination signals into JobInterruptedError for the duration of the block."""
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
         signal.signal(s, _handler)
@@ -84,6 +95,9 @@ def forwarded(which: Iterable[int]) -> Iterator[Pending]:
     the caller polls :meth:`Pending.take`. Previous handlers come back afterwards.
     """
     pending = Pending()
+    if not _main_thread():
+        yield pending
+        return
     previous = {s: signal.getsignal(s) for s in which}
     for s in which:
         signal.signal(s, lambda signum, _frame: pending.add(signum))

@@ -1,9 +1,9 @@
 """The Debian bookworm guests, one boot per contextualization method, for real.
 
-Each boot (about one to two minutes under TCG) must give the job's user its uid, gid and
-supplementary group, the per-job key, the pinned Ed25519 host key (vmbatch refuses any
-other), the hostname, a home owned by the user, and no password logins; the base image
-stays as it was. The guests (guests/debian/build.sh) are:
+Each boot (about one to two minutes under TCG; those without NFS run at the same time) must
+give the job's user its uid, gid and supplementary group, the per-job key, the pinned
+Ed25519 host key (vmbatch refuses any other), the hostname, a home owned by the user, and no
+password logins; the base image stays as it was. The guests (guests/debian/build.sh) are:
 
 - ``disk.qcow2`` with the real cloud-init: ``nocloud`` and ``cernvm`` (whose multipart
   user-data reaches cloud-init through the NoCloud volume);
@@ -17,16 +17,25 @@ stays as it was. The guests (guests/debian/build.sh) are:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import ALICE, Site, built_guest, mount_config, register
+from tests.system.conftest import (
+    ALICE,
+    Site,
+    built_guest,
+    mount_config,
+    register,
+    together,
+)
 from tests.system.nfsserver import NfsServer
 from vmbatch import config, lifecycle
 from vmbatch.job import JobSpec, interactive
+from vmbatch.state import safe_job_id
 
 #: The job's user, with node groups that meet Debian's own (base-passwd: dialout 20, sudo 27,
 #: users 100): atlas is new, dialout the same, mysql's gid is the image's sudo (not given),
@@ -60,13 +69,16 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run(site: Site, image: str, extra: str) -> tuple[JobSpec, list[str], str]:
-    """Run IDENTITY_SCRIPT + ``extra`` as alice; return the job, its lines, the console."""
+def _run(
+    site: Site, image: str, extra: str, cfg: Path | None = None
+) -> tuple[JobSpec, list[str], str]:
+    """Run IDENTITY_SCRIPT + ``extra`` as alice (with the site's configuration, or ``cfg``);
+    return the job, its lines, its console."""
     job = interactive(image, ("sh", "-c", IDENTITY_SCRIPT + extra), identity=USER)
     out, err = io.BytesIO(), io.BytesIO()
-    status = lifecycle.run_job(config.load(site.config), job, out, err)
-    assert status == 0, err.getvalue().decode()
-    [console] = site.console_dir.glob("*.log")
+    status = lifecycle.run_job(config.load(cfg or site.config), job, out, err)
+    assert status == 0, f"{image}: {err.getvalue().decode()}"
+    console = site.console_dir / f"{safe_job_id(job.job_id)}.log"
     return job, out.getvalue().decode().splitlines(), console.read_text(errors="replace")
 
 
@@ -89,8 +101,17 @@ def _assert_identity(job: JobSpec, lines: list[str]) -> None:
     assert "Permission denied (publickey)" in lines[3]  # no password login offered
 
 
-@pytest.mark.parametrize("method", ["nocloud", "cernvm"])
-def test_cloud_init_creates_the_job_user(site: Site, debian_dir: Path, method: str) -> None:
+def test_each_context_method_creates_the_job_user(site: Site, debian_dir: Path) -> None:
+    """``nocloud`` and ``cernvm`` through the image's cloud-init, ``cernvm`` through the
+    HEPiX context CD reader of an image without cloud-init. Independent boots of a minute
+    or more each under TCG: they run at the same time (together)."""
+    hepix_config = site.root / "hepix.toml"
+    hepix_config.write_text(
+        site.config.read_text()
+        + '\n[context]\ncvmfs_repositories = ["atlas.cern.ch", "sft.cern.ch"]\n'
+        'cvmfs_http_proxy = "http://127.0.0.1:3128;DIRECT"\n'
+        + register("hepix", debian_dir, "disk-hepix.qcow2", "cernvm")
+    )
     snippet = site.root / "site-user-data.yaml"
     snippet.write_text(
         "write_files:\n- path: /etc/vmbatch-site\n  content: site snippet applied\n"
@@ -98,35 +119,34 @@ def test_cloud_init_creates_the_job_user(site: Site, debian_dir: Path, method: s
     )
     site.write(
         f'\n[context]\nsite_user_data = "{snippet}"\ncvmfs_repositories = ["atlas.cern.ch"]\n'
-        + register("debian", debian_dir, context=method)
+        + register("debian-nocloud", debian_dir, context="nocloud")
+        + register("debian-cernvm", debian_dir, context="cernvm")
     )
-    before = _sha(debian_dir / "disk.qcow2")
-    job, lines, console = _run(
-        site, "debian", " cloud-init status --wait | tail -n 1; cat /etc/vmbatch-site"
+    before = {disk: _sha(debian_dir / disk) for disk in ("disk.qcow2", "disk-hepix.qcow2")}
+    cloud_init = " cloud-init status --wait | tail -n 1; cat /etc/vmbatch-site"
+    hepix_reader = " dpkg-query -W cloud-init 2>&1 | tail -n 1"
+    *cloud_runs, hepix = together(
+        functools.partial(_run, site, "debian-nocloud", cloud_init),
+        functools.partial(_run, site, "debian-cernvm", cloud_init),
+        functools.partial(_run, site, "hepix", hepix_reader, hepix_config),
     )
-    _assert_identity(job, lines)
-    assert lines[4] == "status: done"  # cloud-init finished without errors
-    assert lines[5] == "site snippet applied"  # the site's snippet was merged
-    assert "Datasource DataSourceNoCloud" in console
-    # The boot script says why gid 27 is left out (cloud-init copies bootcmd's output).
-    assert "vmbatch: groups: not given: gid 27 (mysql on the node) is the image's" in console
-    assert "Invalid cloud-config" not in console  # our user-data passes cloud-init's schema
-    assert _sha(debian_dir / "disk.qcow2") == before
 
+    for job, lines, console in cloud_runs:
+        _assert_identity(job, lines)
+        assert lines[4] == "status: done"  # cloud-init finished without errors
+        assert lines[5] == "site snippet applied"  # the site's snippet was merged
+        assert "Datasource DataSourceNoCloud" in console
+        # The boot script says why gid 27 is left out (cloud-init copies bootcmd's output).
+        assert "vmbatch: groups: not given: gid 27 (mysql on the node) is the image's" in console
+        assert "Invalid cloud-config" not in console  # our user-data passes cloud-init's schema
 
-def test_hepix_context_cd(site: Site, debian_dir: Path) -> None:
-    site.write(
-        '\n[context]\ncvmfs_repositories = ["atlas.cern.ch", "sft.cern.ch"]\n'
-        'cvmfs_http_proxy = "http://127.0.0.1:3128;DIRECT"\n'
-        + register("hepix", debian_dir, "disk-hepix.qcow2", "cernvm")
-    )
-    before = _sha(debian_dir / "disk-hepix.qcow2")
-    job, lines, console = _run(site, "hepix", " dpkg-query -W cloud-init 2>&1 | tail -n 1")
+    job, lines, console = hepix
     _assert_identity(job, lines)
     assert "no packages found matching cloud-init" in lines[4]  # only the HEPiX reader ran
     assert "hepix-context: context from /dev/vd" in console
     assert "hepix-context: user alice uid 4242 gid 4343" in console
-    assert _sha(debian_dir / "disk-hepix.qcow2") == before
+
+    assert {disk: _sha(debian_dir / disk) for disk in before} == before
 
 
 def test_offline_injection_into_an_image_without_agent(

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_deferred_holds_signals_until_the_section_ends() -> None:
             os.kill(os.getpid(), signal.SIGINT)
             signal.sigtimedwait([], 1)  # give the handler a chance to run
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_signal_blocks_in_another_thread_leave_the_handlers_alone() -> None:
+    """Only the main thread may set handlers: a job run in another thread (tests run several
+    at once) runs its block and leaves the process's handlers as they were."""
+    before = signal.getsignal(signal.SIGTERM)
+    ran: list[object] = []
+
+    def job() -> None:
+        with signals.interruptible(), signals.forwarded([signal.SIGTERM]) as pending:
+            ran.append(signal.getsignal(signal.SIGTERM))
+            ran.append(pending.take())
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(timeout=10)
+    assert ran == [before, []]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_every_retry_policy_is_bounded_and_reraises() -> None:
