@@ -32,10 +32,12 @@ generation complete and at most a ``.tmp-*`` directory, which :func:`newest_vali
 and removes. If the VM was saved but the checkpoint then fails (a full disk), it is
 restored from that save so the job runs on.
 
-The ``requeue`` mark (``<job>/requeue``) says the job's VM was stopped for a checkpoint
-(:func:`take` with ``then="stop"``): the epilogue then keeps the checkpoints for the job's
-next run, whose prologue restores the newest valid one and clears the mark; without the
-mark the epilogue removes them (the job ended for good).
+The ``requeue`` mark (``<job>/requeue``) says the job runs again: its VM was stopped for a
+checkpoint (:func:`take` with ``then="stop"``), or Slurm requeued it (the Epilog compares
+restart counts, :func:`vmbatch.hooks.batch.finish`). The epilogue then keeps the
+checkpoints for the job's next run, whose prologue restores the newest valid one and clears
+the mark; without the mark the epilogue removes them (the job ended for good). The reaper
+removes those of jobs that ended while they waited (:func:`vmbatch.reaper.reap`).
 """
 
 from __future__ import annotations
@@ -648,6 +650,23 @@ def restore(
 
 
 # -- the job's end ---------------------------------------------------------------------------
+
+
+def owner(base: Path) -> tuple[str, str] | None:
+    """The job id and scheduler a job's checkpoint directory is of, from its newest
+    finished generation's manifest (not verified: only read); None if none has one."""
+    try:
+        names = [p.name for p in base.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    for generation in sorted((int(n) for n in names if n.isdigit()), reverse=True):
+        try:
+            manifest = json.loads((base / str(generation) / MANIFEST).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and isinstance(manifest.get("job_id"), str):
+            return manifest["job_id"], str(manifest.get("scheduler") or "")
+    return None
 
 
 def requeued(cfg: Config, job_id: str) -> bool:

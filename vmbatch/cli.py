@@ -895,7 +895,7 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
     busy = []
     for job_id in dict.fromkeys(job_ids):
         try:
-            batch.finish(cfg, batch.check_job_id(job_id), drop_checkpoints=True)
+            batch.finish(cfg, batch.check_job_id(job_id), checkpoints="drop")
         except JobBusyError as exc:  # a hook is on it right now: never tear down under it
             click.echo(f"job {job_id}: skipped: {exc}", err=True)
             busy.append(job_id)

@@ -72,7 +72,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmbatch import logsetup, metrics, process, state, trust
+from vmbatch import checkpoint, logsetup, metrics, process, state, trust
 from vmbatch.config import Config
 from vmbatch.contextualize import inject
 from vmbatch.errors import CommandError, HostError, JobBusyError, VmBatchError
@@ -102,6 +102,8 @@ class Verdict:
 
     runs: bool | None
     reason: str
+    #: The job waits to run again (requeued): its VM is gone, but its checkpoints stay.
+    waiting: bool = False
 
 
 #: ``(scheduler, job id) -> Verdict``: "slurm" or "torque" and the scheduler's job id.
@@ -152,7 +154,9 @@ def slurm_verdict(returncode: int, stdout: str, stderr: str) -> Verdict:
     if alive:
         return Verdict(True, f"job {alive[0]} in Slurm")
     if any(s in SLURM_WAITING for s in states):
-        return Verdict(False, f"job {states[0]} in Slurm (requeued: it runs nowhere now)")
+        return Verdict(
+            False, f"job {states[0]} in Slurm (requeued: it runs nowhere now)", waiting=True
+        )
     return Verdict(False, f"job {states[0]} in Slurm")
 
 
@@ -614,6 +618,7 @@ class _Reap:
                 )
                 with logsetup.job(job.job_id):  # its lines name it, not the caller's job
                     self._act(job, verdict, libvirt_ok)
+            self._checkpoints()
             self._sweep_cache()
         finally:
             if own and self.conn is not None:
@@ -777,6 +782,7 @@ class _Reap:
             conn=self.conn,
             lock_wait=0,
             if_unchanged=True,
+            checkpoints="keep",  # a requeued job's next run restores them; see _checkpoints
         )
         if finished:
             self.report.remove(subject, done, would, why)
@@ -841,6 +847,48 @@ class _Reap:
                 continue
             if killed:
                 self.report.remove(subject, f"PIDs {' '.join(map(str, killed))} killed", "", why)
+
+    def _checkpoints(self) -> None:
+        """Checkpoints of jobs that ended for good (:mod:`vmbatch.checkpoint`).
+
+        The epilogue keeps a job's checkpoints when the job is requeued; if the job then
+        never runs again (cancelled while it waits) or its node failed (no epilogue, and
+        this reaper finishes such a job keeping them), nobody else removes them. A job's
+        checkpoints are removed here when no record of the job is on this node, they are
+        older than ``[batch].reap_grace``, and Slurm says the job ended or no longer knows
+        it; a job waiting to run again keeps them. Torque jobs' are left alone (pbs_mom
+        knows only its own node's jobs: a requeued job elsewhere looks gone):
+        ``vmbatch cleanup JOB`` removes them."""
+        for path in _subdirs(self.cfg.checkpoint.dir):
+            owner = checkpoint.owner(path)
+            if owner is None or owner[1] != "slurm":
+                continue  # no finished checkpoint says whose it is, or not Slurm's
+            job_id = owner[0]
+            if safe_job_id(job_id) != path.name or self.store.read(job_id) is not None:
+                continue  # its job has a record here: the job's own hooks decide
+            if self.now - _mtime(path) < self.cfg.batch.reap_grace:
+                continue
+            verdict = self.ask("slurm", job_id)
+            subject = f"checkpoints of job {job_id}"
+            if verdict.runs is None:
+                self.report.undecided.append(f"{subject}: left alone: {verdict.reason}")
+                continue
+            if verdict.runs or verdict.waiting:
+                continue
+            if self.dry:
+                self.report.remove(subject, "", f"remove {path}", verdict.reason)
+                continue
+            try:
+                with logsetup.job(job_id), self.store.exclusive(job_id, wait=0):
+                    if self.store.read(job_id) is not None:
+                        continue  # a new prologue of the job took it over meanwhile
+                    checkpoint.clear_requeue(self.cfg, job_id)
+                    if checkpoint.discard(self.cfg, job_id):
+                        self.report.remove(subject, f"{path} removed", "", verdict.reason)
+                    else:
+                        self.report.failed.append(f"{subject}: could not remove {path}")
+            except JobBusyError:
+                self.report.skipped.append(f"{subject}: left alone: a hook holds the job")
 
     def _sweep_cache(self) -> None:
         try:

@@ -143,6 +143,8 @@ outbound_network = false
 job_dir = "{job_dir}"
 console_log_dir = "{console_dir}"
 cache_dir = "{job_dir.with_name("cache")}"
+[checkpoint]
+dir = "{job_dir.with_name("checkpoints")}"
 # The tests read the hooks' lines from their stderr, whatever this host's syslog does.
 [log]
 target = "stderr"
@@ -353,8 +355,6 @@ def batch_site(site: Site, host_user: HostUser) -> Iterator[BatchSite]:
     )
     site.write(
         f"""
-[checkpoint]
-dir = "{bs.checkpoints}"
 [batch]
 default_image = "demo"
 state_dir = "{bs.state_dir}"

@@ -134,10 +134,10 @@ def _squeue(monkeypatch: pytest.MonkeyPatch, stdout: str) -> list[list[str]]:
     return calls
 
 
-def test_slurm_job_end_asks_squeue_for_the_raw_code_end_time_and_reason(
+def test_slurm_job_end_asks_squeue_for_the_raw_code_end_time_restarts_and_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls = _squeue(monkeypatch, "768|2026-11-30T10:00:05|None\n")
+    calls = _squeue(monkeypatch, "768|2026-11-30T10:00:05|2|None\n")
     end = slurm.job_end(config.Config(), "42", {"SLURM_CONF": "/etc/x.conf", "OTHER": "1"})
     assert end == JobEnd(
         3,
@@ -145,13 +145,18 @@ def test_slurm_job_end_asks_squeue_for_the_raw_code_end_time_and_reason(
         "slurmctld",
         time.mktime(time.strptime("2026-11-30T10:00:05", "%Y-%m-%dT%H:%M:%S")),
         "None",
+        restarts=2,
     )
-    assert calls[0][1:] == ["-h", "-t", "all", "-j", "42", "-O", "exit_code:|,EndTime:|,Reason:"]
-    _squeue(monkeypatch, "15|Unknown|\n")
-    assert slurm.job_end(config.Config(), "42", {}) == JobEnd(0, 15, "slurmctld", None, None)
+    assert calls[0][1:] == [
+        "-h", "-t", "all", "-j", "42", "-O", "exit_code:|,EndTime:|,RestartCnt:|,Reason:"
+    ]  # fmt: skip
+    _squeue(monkeypatch, "15|Unknown|0|a|b\n")  # a reason may hold the separator
+    assert slurm.job_end(config.Config(), "42", {}) == JobEnd(
+        0, 15, "slurmctld", None, "a|b", restarts=0
+    )
 
 
-@pytest.mark.parametrize("stdout", ["", "x|y|z\n", "768\n"])
+@pytest.mark.parametrize("stdout", ["", "x|y|z|w\n", "768\n", "768|Unknown|None\n"])
 def test_slurm_job_end_without_a_record_is_a_host_error(
     monkeypatch: pytest.MonkeyPatch, stdout: str
 ) -> None:

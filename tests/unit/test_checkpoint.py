@@ -6,6 +6,7 @@ tests/system/test_checkpoint.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -18,6 +19,7 @@ from tests.unit.test_ops import Site, domain_xml
 from vmbatch import __version__, checkpoint, config
 from vmbatch.errors import CheckpointRefusedError, LibvirtError
 from vmbatch.hooks import batch
+from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import READY, StateStore, UserDir
 from vmbatch.hooks.request import Resources
 from vmbatch.job import JobSpec, JobUser
@@ -130,6 +132,50 @@ def test_checkpoint_stop_leaves_the_vm_gone_and_marks_the_job_for_its_requeue(
     assert not checkpoint.discard(cfg, JOB)  # the epilogue keeps it for the next run
     checkpoint.clear_requeue(cfg, JOB)
     assert checkpoint.discard(cfg, JOB) and not (site.root / "ckpt" / JOB).exists()
+
+
+@pytest.mark.parametrize(
+    ("prolog_saw", "slurmctld_says", "kept"),
+    [(0, 1, True), (2, 3, True), (1, 1, False), (None, 3, False), (0, None, False)],
+)
+def test_the_epilog_keeps_the_checkpoints_of_a_job_the_scheduler_requeued(
+    site: Site, lv: Libvirt, prolog_saw: int | None, slurmctld_says: int | None, kept: bool
+) -> None:
+    """A SIGUSR2 checkpoint (``--continue``), then the job's run ends: kept for the next run
+    only if slurmctld counts one run more than the Prolog saw (``scontrol requeue``,
+    preemption); else (the job ended, or no count is known) removed."""
+    code, _, err = site.vmbatch("checkpoint", JOB)
+    assert code == 0, err
+    store = StateStore(site.state_dir)
+    rec = store.read(JOB)
+    assert rec is not None
+    store.write(dataclasses.replace(rec, restarts=prolog_saw))
+    asked: list[str] = []
+
+    def ask() -> JobEnd:
+        asked.append(JOB)
+        return JobEnd(0, 15, "slurmctld", restarts=slurmctld_says)
+
+    cfg = _cfg(site)
+    batch.finish(cfg, JOB, end=ask, account=True)
+    assert (site.root / "ckpt" / JOB / "1").is_dir() == kept
+    assert checkpoint.requeued(cfg, JOB) == kept  # the next prologue restores it
+    assert len(asked) == 1  # slurmctld asked once, for the accounting and the requeue both
+    assert store.read(JOB) is None
+
+
+def test_the_reaper_keeps_checkpoints_and_cleanup_of_a_job_drops_them(
+    site: Site, lv: Libvirt
+) -> None:
+    code, _, err = site.vmbatch("checkpoint", JOB)
+    assert code == 0, err
+    cfg = _cfg(site)
+    rec = StateStore(site.state_dir).read(JOB)
+    batch.finish(cfg, JOB, rec, checkpoints="keep", if_unchanged=True)
+    assert (site.root / "ckpt" / JOB / "1").is_dir()  # a job may be requeued: not its call
+    code, _, err = site.vmbatch("cleanup", JOB)
+    assert code == 0, err
+    assert not (site.root / "ckpt" / JOB).exists()
 
 
 def test_a_checkpoint_that_fails_after_the_save_runs_the_vm_on_from_it(

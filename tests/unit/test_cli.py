@@ -105,7 +105,8 @@ def test_cleanup_stale_dry_run_says_when_there_is_nothing(
         tmp_path,
         f'[libvirt]\nuri = "test:///default"\n[paths]\njob_dir = "{tmp_path}/jobs"\n'
         f'cache_dir = "{tmp_path}/cache"\n[batch]\nstate_dir = "{tmp_path}/state"\n'
-        f'user_dir = "{tmp_path}/run"\n[metrics]\ntextfile = ""\n',
+        f'user_dir = "{tmp_path}/run"\n[metrics]\ntextfile = ""\n'
+        f'[checkpoint]\ndir = "{tmp_path}/checkpoints"\n',
     )
     assert cli.main(["-c", str(f), "cleanup", "--stale", "--dry-run"]) == 0
     out = capsys.readouterr()

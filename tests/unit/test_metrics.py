@@ -35,6 +35,7 @@ def _cfg(tmp_path: Path, **sections: Any) -> config.Config:
         },
         "metrics": {"textfile": str(tmp_path / "textfiles" / "vmbatch.prom")},
         "cache": {"max_size_gib": 2},
+        "checkpoint": {"dir": str(tmp_path / "checkpoints")},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

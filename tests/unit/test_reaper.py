@@ -79,7 +79,7 @@ def test_a_qemu_is_lost_only_if_libvirt_knows_neither_its_uuid_nor_without_uuid_
         (0, "COMPLETED\n", "", False),
         (0, "CANCELLED\n", "", False),
         (0, "NODE_FAIL\n", "", False),
-        (0, "PENDING\n", "", False),  # requeued: it runs nowhere now
+        (0, "PENDING\n", "", False),  # requeued: it runs nowhere now (waiting)
         (0, "COMPLETED\nRUNNING\n", "", True),
     ],
 )
@@ -216,6 +216,7 @@ def _cfg(tmp_path: Path, test_uri: str) -> Config:
                 "accounting_log": str(tmp_path / "acct.jsonl"),
                 "reap_grace": 600,
             },
+            "checkpoint": {"dir": str(tmp_path / "checkpoints")},
         }
     )
 
@@ -298,6 +299,61 @@ def test_a_whole_pass_reaps_only_what_no_live_job_owns(tmp_path: Path, test_uri:
         assert [r.job_id for r in store.records()] == ["51", "52"]
         assert not (cfg.batch.user_dir / "50").exists()
         assert mine.exists() and not dead.exists()
+
+
+def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
+    tmp_path: Path, test_uri: str
+) -> None:
+    """The epilogue of a requeued job, or the reaper after a node failure, keeps the job's
+    checkpoints for its next run; they go once Slurm says the job ended (cancelled while
+    it waited) or forgot it, never while it waits or runs, and never a Torque job's."""
+    cfg = _cfg(tmp_path, test_uri)
+    says = {
+        "80": Verdict(False, "job CANCELLED in Slurm"),
+        "81": Verdict(False, "job PENDING in Slurm (requeued)", waiting=True),
+        "82": Verdict(True, "job RUNNING in Slurm"),  # running on another node
+        "84": Verdict(None, "slurmctld down"),
+        "86": Verdict(False, "job no longer known to Slurm"),
+    }
+    for job_id, scheduler in [(j, "slurm") for j in says] + [("83", "torque"), ("85", "slurm")]:
+        gen = cfg.checkpoint.dir / job_id / "1"
+        gen.mkdir(parents=True)
+        (gen / "manifest.json").write_text(f'{{"job_id": "{job_id}", "scheduler": "{scheduler}"}}')
+        (cfg.checkpoint.dir / job_id / "requeue").write_text("kept\n")
+        if job_id != "85":  # 85 changed within the grace
+            _old(cfg.checkpoint.dir / job_id)
+    # 87: a take that never finished (no manifest says whose): left alone.
+    (cfg.checkpoint.dir / "87" / ".tmp-1-99").mkdir(parents=True)
+    _old(cfg.checkpoint.dir / "87")
+    asked: list[str] = []
+
+    def scheduler(kind: str, job_id: str) -> Verdict:
+        asked.append(f"{kind} {job_id}")
+        return says[job_id]
+
+    with Connection(LibvirtConfig(uri=test_uri)) as conn:
+        dry = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, dry_run=True, now=NOW)
+        assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == [
+            str(n) for n in range(80, 88)
+        ]
+        report = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, now=NOW)
+    assert [ln.split(":")[0] for ln in dry.removed] == [
+        "checkpoints of job 80", "checkpoints of job 86"]  # fmt: skip
+    assert report.removed == [
+        f"checkpoints of job 80: {cfg.checkpoint.dir / '80'} removed (job CANCELLED in Slurm)",
+        f"checkpoints of job 86: {cfg.checkpoint.dir / '86'} removed"
+        " (job no longer known to Slurm)",
+    ]
+    assert report.undecided == ["checkpoints of job 84: left alone: slurmctld down"]
+    assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == [
+        "81",
+        "82",
+        "83",
+        "84",
+        "85",
+        "87",
+    ]
+    assert sorted(set(asked)) == ["slurm 80", "slurm 81", "slurm 82", "slurm 84", "slurm 86"]
 
 
 def test_a_second_reaper_does_nothing(tmp_path: Path, test_uri: str) -> None:

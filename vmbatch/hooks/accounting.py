@@ -92,6 +92,10 @@ class JobEnd:
     #: Whether the scheduler started the job's starter at all (Torque: session id not 0);
     #: None: it does not say.
     job_started: bool | None = None
+    #: How often the job ran before, as the scheduler counts now (Slurm's ``RestartCnt``,
+    #: one more than the Prolog's ``SLURM_JOB_RESTART_COUNT`` if it was requeued); None:
+    #: it does not say.
+    restarts: int | None = None
 
 
 def torque_end(exit_status: int | None, session_id: str | None) -> JobEnd:

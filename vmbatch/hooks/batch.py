@@ -25,6 +25,7 @@ Dispositions of failures become exit codes through :mod:`vmbatch.hooks.exitcodes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from vmbatch import accel, checkpoint, faults, lifecycle, limits, logsetup, metrics, signals, state
 from vmbatch.config import Config
@@ -76,6 +77,8 @@ log = logging.getLogger(__name__)
 
 #: Scheduler job ids: Slurm's are numbers, Torque's ``123.server`` or ``123[4].server``.
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\]-]{0,99}")
+#: What :func:`finish` does with the job's checkpoints.
+Checkpoints = Literal["job_end", "keep", "drop"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +250,7 @@ def _prologue_locked(
         boot_id=state.boot_id(),
         prologue_pid=os.getpid(),
         started=time.time(),
+        restarts=bj.restarts if bj.scheduler == "slurm" else None,
     )
     store.write(record)
     faults.point(cfg, "prologue.recorded")
@@ -817,7 +821,7 @@ def finish(
     account: bool = False,
     lock_wait: float = 1.0,
     if_unchanged: bool = False,
-    drop_checkpoints: bool = False,
+    checkpoints: Checkpoints = "job_end",
 ) -> bool:
     """Tear down everything of ``job_id``; with ``account``, append its accounting line.
 
@@ -833,18 +837,53 @@ def finish(
     the lock is held, is still ``record`` (None: still no record): the reaper decided on
     what it read before, and a new prologue of the same job id may have replaced it since.
 
-    The job's checkpoints (:mod:`vmbatch.checkpoint`) go last, unless its VM was stopped
-    for a checkpoint that the job's next run restores (the ``requeue`` mark), or with
-    ``drop_checkpoints`` (an admin's ``vmbatch cleanup JOB``) in any case.
+    The job's checkpoints (:mod:`vmbatch.checkpoint`) go last, as ``checkpoints`` says:
+
+    - ``"job_end"`` (the epilogue): removed, unless the job's next run restores one: its
+      VM was stopped for a checkpoint (the ``requeue`` mark), or the scheduler requeued
+      the job (Slurm: slurmctld's restart count, in ``end``, is above the one its Prolog
+      had: ``scontrol requeue``, preemption with ``PreemptMode=REQUEUE``, ``RequeueExit``);
+    - ``"keep"`` (the reaper, which cannot tell a requeue from an end: it removes the
+      checkpoints of ended jobs by themselves, :func:`vmbatch.reaper.reap`);
+    - ``"drop"`` (an admin's ``vmbatch cleanup JOB``): removed in any case.
     """
     store = StateStore(cfg.batch.state_dir)
+    if callable(end):
+        end = functools.cache(end)  # asked once, whoever asks first
     with logsetup.job(job_id), store.exclusive(job_id, wait=lock_wait):
         if if_unchanged and store.read(job_id) != record:
             return False
+        record = record or store.read(job_id)
         _finish_locked(cfg, store, job_id, record, conn, end, account=account)
-        if drop_checkpoints:
+        if checkpoints == "drop":
             checkpoint.clear_requeue(cfg, job_id)
+        elif checkpoints == "keep":
+            return True
+        elif _requeued(cfg, job_id, record, end):
+            checkpoint.mark_requeue(cfg, job_id)
         checkpoint.discard(cfg, job_id)
+    return True
+
+
+def _requeued(
+    cfg: Config, job_id: str, record: Record | None, end: JobEnd | Callable[[], JobEnd] | None
+) -> bool:
+    """Whether the scheduler requeued the job (only asked if it has checkpoints): slurmctld
+    counts a run more than the job's Prolog saw. ``_job_requeue_op`` in
+    src/slurmctld/job_mgr.c (Slurm 22.05) increments the count before the job's nodes are
+    told to end it, so the Epilog that follows already sees it."""
+    if record is None or record.restarts is None or end is None:
+        return False
+    if not checkpoint.job_base(cfg, job_id).is_dir():
+        return False
+    told = _job_end(job_id, end)
+    if told.restarts is None or told.restarts <= record.restarts:
+        return False
+    log.info(
+        "the scheduler requeued the job (run %d, was %d): its checkpoints stay for its next run",
+        told.restarts + 1,
+        record.restarts + 1,
+    )
     return True
 
 

@@ -100,6 +100,10 @@ class Record:
     relay_to: str = ""
     relay_netns: str = ""
     relay_netns_ino: int = 0
+    #: Slurm: how often the job had run before this run (the Prolog's
+    #: ``SLURM_JOB_RESTART_COUNT``); the Epilog compares it with slurmctld's count to tell a
+    #: requeue (whose next run restores the job's checkpoint). None: not known (Torque).
+    restarts: int | None = None
 
     def to_json(self) -> bytes:
         return (json.dumps(dataclasses.asdict(self), sort_keys=True) + "\n").encode()

@@ -387,24 +387,25 @@ def decode_exit_code(raw: int) -> tuple[int, int]:
     return 0, 0
 
 
-_END_FIELDS = "exit_code:|,EndTime:|,Reason:"
+_END_FIELDS = "exit_code:|,EndTime:|,RestartCnt:|,Reason:"
 
 
 def job_end(cfg: Config, jid: str, env: Mapping[str, str]) -> JobEnd:
     """How slurmctld says the job ended, asked by the Epilog (the job is still known:
-    COMPLETING): ``squeue -O exit_code,EndTime,Reason``. ``exit_code`` is the raw wait
-    status (``_print_job_exit_code`` in src/squeue/print.c), decoded by
+    COMPLETING): ``squeue -O exit_code,EndTime,RestartCnt,Reason``. ``exit_code`` is the raw
+    wait status (``_print_job_exit_code`` in src/squeue/print.c), decoded by
     :func:`decode_exit_code`; ``EndTime`` is local time (``%Y-%m-%dT%H:%M:%S`` without
-    ``SLURM_TIME_FORMAT``); ``Reason`` comes last (it may hold free text). A HostError if
-    slurmctld gives no record of the job."""
+    ``SLURM_TIME_FORMAT``); ``RestartCnt`` is how often the job was requeued, already
+    counted for a requeue that ends this run (``_print_job_restart_cnt``); ``Reason`` comes
+    last (it may hold free text). A HostError if slurmctld gives no record of the job."""
     client = {k: env[k] for k in ("SLURM_CONF",) if env.get(k)}
     out = run_command(
         [str(cfg.tools.squeue), "-h", "-t", "all", "-j", jid, "-O", _END_FIELDS],
         timeout=cfg.tools.command_timeout,
         env=client,
     ).stdout
-    parts = out.rstrip("\n").split("|", 2)
-    if len(parts) != 3 or not re.fullmatch(r"-?[0-9]+", parts[0].strip()):
+    parts = out.rstrip("\n").split("|", 3)
+    if len(parts) != 4 or not re.fullmatch(r"-?[0-9]+", parts[0].strip()):
         raise HostError(
             f"squeue gave no exit code of job {jid} ({out.strip()[:80]!r})",
             hint="is slurmctld reachable from the node? (SLURM_CONF)",
@@ -414,7 +415,8 @@ def job_end(cfg: Config, jid: str, env: Mapping[str, str]) -> JobEnd:
         end: float | None = time.mktime(time.strptime(parts[1].strip(), "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
         end = None  # Unknown, N/A, None
-    return JobEnd(status, signal, "slurmctld", end, parts[2].strip() or None)
+    restarts = int(parts[2]) if parts[2].strip().isdigit() else None
+    return JobEnd(status, signal, "slurmctld", end, parts[3].strip() or None, restarts=restarts)
 
 
 def bundle_process(bundle: Path) -> tuple[tuple[str, ...], dict[str, str], str | None]:
