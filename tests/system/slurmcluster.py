@@ -124,11 +124,15 @@ class SlurmCluster:
         cpus: int | None = None,
         daemon_env: dict[str, str] | None = None,
         partitions: tuple[str, ...] = (),
+        cred_expire: int | None = None,
     ) -> None:
         """``cpus``: the node's CPUs (default: this host's); more than the host has is
         accepted through ``SlurmdParameters=config_overrides`` (jobs of one CPU each then run
         ``cpus`` at a time). ``partitions``: more partitions, each of this one node, beside
-        the default partition ``test``."""
+        the default partition ``test``. ``cred_expire``: seconds a job credential lives
+        (``AuthInfo=cred_expire``, at least 5; default 120), which is also how long a
+        requeued job waits before it may start again (``_job_requeue_op`` sets its begin
+        time to now + cred_expire + 1, src/slurmctld/job_mgr.c)."""
         base.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-", dir=base))
         self.dir.chmod(0o755)
@@ -155,7 +159,8 @@ class SlurmCluster:
             f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "AuthType=auth/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            f"AuthInfo=socket={self.munge_socket}"
+            + (f",cred_expire={cred_expire}" if cred_expire else ""),
             f"StateSaveLocation={d}/state",
             f"SlurmdSpoolDir={d}/spool",
             f"SlurmctldPidFile={d}/run/slurmctld.pid",

@@ -15,9 +15,11 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.system.conftest import BatchSite
+from tests.system.conftest import BatchSite, SlurmSite
+from tests.system.slurmhooks import vmbatch_cluster
 from tests.system.test_suspend import stop_under_a_pbs_mom, under_a_pbs_mom
 from tests.system.test_torque import BIN, Mom
 from vmbatch import checkpoint, config
@@ -300,3 +302,54 @@ def test_sigusr2_checkpoints_the_vm_through_the_agent_and_reaches_the_job(
         stop_under_a_pbs_mom(mom_proc, mom)
         mom.epilogue(0)
         bs.site.vmbatch("cleanup", mom.job_id)
+
+
+def test_a_slurm_job_checkpointed_by_sigusr2_then_requeued_continues_from_its_checkpoint(
+    batch_site: BatchSite, agent: Path
+) -> None:
+    """Through the real Slurm 22.05: ``scancel -b -s USR2`` has the agent checkpoint the
+    job's VM (the job runs on), then ``scontrol requeue`` (what preemption with
+    ``PreemptMode=REQUEUE`` does) ends the run. The Epilog keeps the checkpoint (slurmctld
+    counts one run more than the Prolog saw), and the job's next run restores it: the same
+    run id, the counter going on from where the checkpoint was taken, the output complete
+    and once. Its checkpoints go when it ends for good (``settled`` checks).
+
+    The cluster's credentials live 5 s (``cred_expire``): Slurm holds a requeued job back for
+    that long (120 s by default) before it may start again."""
+    bs = batch_site
+    script = (
+        "#!/bin/sh\ntrap 'echo got-usr2' USR2\necho run $(cat /proc/sys/kernel/random/uuid)\n"
+        "i=0\nwhile [ $i -lt 80 ]; do i=$((i+1)); echo count $i; sleep 0.2; done\nexit 3\n"
+    )
+    with vmbatch_cluster(
+        bs.site.root, bs.site.config, cred_expire=5,
+        extra_conf=["SchedulerParameters=sched_interval=1"],
+    ) as cluster:  # fmt: skip
+        slurm = SlurmSite(bs, cluster)
+        job_id = slurm.submit(script)
+        out = bs.user.home / f"slurm-{job_id}.out"
+        base = bs.checkpoints / safe_job_id(job_id)
+        deadline = time.monotonic() + 180
+
+        def wait_for(what: Callable[[], bool]) -> None:
+            while not what():
+                assert time.monotonic() < deadline, (cluster.job(job_id), agent.read_text())
+                time.sleep(0.2)  # polling with a deadline
+
+        wait_for(lambda: out.exists() and "count 5\n" in out.read_text())
+        [run] = [x for x in out.read_text().splitlines() if x.startswith("run ")]
+        scancel = subprocess.run(
+            ["scancel", "-b", "-s", "USR2", job_id], env=cluster.env(), capture_output=True,
+            text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert scancel.returncode == 0, scancel.stderr
+        wait_for(lambda: "got-usr2\n" in out.read_text())  # forwarded after the checkpoint
+        assert [p.name for p in base.glob("*/manifest.json")] == ["manifest.json"]
+        cluster.scontrol("requeue", job_id)
+        job = slurm.settled(job_id, timeout=240)
+        assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "3:0", "1")
+        lines = slurm.output(job_id).splitlines()
+        assert [x for x in lines if x.startswith("run ")] == [run], lines  # restored, not new
+        counts = [x for x in lines if x.startswith("count ")]
+        assert counts == [f"count {i}" for i in range(1, 81)], lines
+        assert "DRAIN" not in cluster.node()["State"]
