@@ -689,16 +689,22 @@ def clear_requeue(cfg: Config, job_id: str) -> None:
 
 def discard(cfg: Config, job_id: str) -> bool:
     """Remove the job's checkpoints unless it is being requeued to restore one; True if
-    removed (or there were none)."""
+    removed (or there were none). The directory is first renamed out of the way (atomic: a
+    prologue elsewhere sharing the directory finds all of it or nothing), then removed."""
     base = job_base(cfg, job_id)
     if not base.exists():
         return True
     if requeued(cfg, job_id):
         log.info("checkpoints of job %s kept in %s for its next run", job_id, base)
         return False
-    shutil.rmtree(base, ignore_errors=True)
-    if base.exists():
-        log.warning("could not remove the checkpoints of job %s in %s", job_id, base)
+    gone = base.with_name(f".gone-{base.name}-{os.getpid()}")
+    try:
+        base.rename(gone)
+    except OSError as exc:
+        log.warning("could not remove the checkpoints of job %s in %s: %s", job_id, base, exc)
         return False
+    shutil.rmtree(gone, ignore_errors=True)
+    if gone.exists():
+        log.warning("could not remove all of job %s's old checkpoints in %s", job_id, gone)
     log.info("checkpoints of job %s removed", job_id)
     return True

@@ -507,12 +507,14 @@ def reap(
     dry_run: bool = False,
     env: Mapping[str, str] | None = None,
     now: float | None = None,
+    checkpoints: bool = True,
 ) -> Report:
     """Remove what no live job owns (see the module docstring); return what was done.
 
     ``scheduler_check`` defaults to :class:`SchedulerQuery` (with ``SLURM_CONF`` from
     ``env``). ``conn``: an open libvirt connection to use (else one is opened and closed).
-    With ``dry_run`` nothing is changed and the report says what would be.
+    With ``dry_run`` nothing is changed and the report says what would be. Without
+    ``checkpoints`` kept checkpoints are not looked at (they need the scheduler).
     Raises only if the reaper's own lock cannot be made; every other failure is reported.
     """
     report = Report(dry_run=dry_run)
@@ -521,7 +523,9 @@ def reap(
             report.skipped.append("another reaper is running; this one did nothing")
             return report
         check = scheduler_check or SchedulerQuery(cfg, env)
-        _Reap(cfg, report, check, time.time() if now is None else now).run(conn)
+        reaping = _Reap(cfg, report, check, time.time() if now is None else now)
+        reaping.checkpoints = checkpoints
+        reaping.run(conn)
     if not dry_run:
         metrics.count(cfg, metrics.REAPED, len(report.removed) - report.kept_expired)
     return report
@@ -581,6 +585,7 @@ class _Reap:
         self.names: frozenset[str] = frozenset()
         self.uuids: frozenset[str] = frozenset()
         self.running_tags: Mapping[str, list[int]] = {}
+        self.checkpoints = True
 
     def job(self, key: str, job_id: str | None = None) -> Job:
         found = self.jobs.setdefault(key, Job(key, job_id or key))
@@ -618,7 +623,8 @@ class _Reap:
                 )
                 with logsetup.job(job.job_id):  # its lines name it, not the caller's job
                     self._act(job, verdict, libvirt_ok)
-            self._checkpoints()
+            if self.checkpoints:
+                self._checkpoints()
             self._sweep_cache()
         finally:
             if own and self.conn is not None:
@@ -782,7 +788,9 @@ class _Reap:
             conn=self.conn,
             lock_wait=0,
             if_unchanged=True,
-            checkpoints="keep",  # a requeued job's next run restores them; see _checkpoints
+            # Slurm's: a requeued job's next run restores them (see _checkpoints); Torque's
+            # go as the epilogue's would (pbs_mom knows only its own node's jobs).
+            checkpoints="keep" if job.scheduler == "slurm" else "job_end",
         )
         if finished:
             self.report.remove(subject, done, would, why)
@@ -849,17 +857,21 @@ class _Reap:
                 self.report.remove(subject, f"PIDs {' '.join(map(str, killed))} killed", "", why)
 
     def _checkpoints(self) -> None:
-        """Checkpoints of jobs that ended for good (:mod:`vmbatch.checkpoint`).
+        """Kept checkpoints of Slurm jobs that ended for good (:mod:`vmbatch.checkpoint`).
 
-        The epilogue keeps a job's checkpoints when the job is requeued; if the job then
-        never runs again (cancelled while it waits) or its node failed (no epilogue, and
-        this reaper finishes such a job keeping them), nobody else removes them. A job's
-        checkpoints are removed here when no record of the job is on this node, they are
-        older than ``[batch].reap_grace``, and Slurm says the job ended or no longer knows
-        it; a job waiting to run again keeps them. Torque jobs' are left alone (pbs_mom
-        knows only its own node's jobs: a requeued job elsewhere looks gone):
-        ``vmbatch cleanup JOB`` removes them."""
+        Checkpoints kept for a job's next run carry the ``requeue`` mark (written by
+        ``--stop``, by the Epilog of a requeued job, and by this reaper when it finishes a
+        Slurm job, which it cannot tell from a requeue: a node failure); a job's next
+        prologue clears it. If the job never runs again (cancelled while it waits), nobody
+        else removes them. A marked directory is removed here when no record of the job is
+        on this node, it is older than ``[batch].reap_grace``, and Slurm says the job ended
+        or no longer knows it; never while the job waits or runs. Unmarked directories
+        (a running job's) are not looked at, so a shared ``[checkpoint].dir`` costs no
+        query per running job. Torque jobs' are left to ``vmbatch cleanup JOB`` (pbs_mom
+        knows only its own node's jobs: a requeued job elsewhere looks gone)."""
         for path in _subdirs(self.cfg.checkpoint.dir):
+            if not (path / checkpoint.REQUEUE).exists():
+                continue
             owner = checkpoint.owner(path)
             if owner is None or owner[1] != "slurm":
                 continue  # no finished checkpoint says whose it is, or not Slurm's

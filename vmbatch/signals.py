@@ -141,6 +141,9 @@ def job_control() -> Iterator[None]:
     SIGCONT is counted: the time a process spent stopped still passes on
     ``time.monotonic()``, so timeouts that span a stop are started again (:class:`Session`).
     """
+    if not _main_thread():
+        yield
+        return
     previous = {s: signal.getsignal(s) for s in (signal.SIGTSTP, signal.SIGCONT)}
     signal.signal(signal.SIGTSTP, _stop_now)
     signal.signal(signal.SIGCONT, _count_continue)

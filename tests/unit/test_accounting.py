@@ -165,6 +165,28 @@ def test_slurm_job_end_without_a_record_is_a_host_error(
         slurm.job_end(config.Config(), "42", {})
 
 
+def test_the_epilogs_restart_count_is_the_higher_of_its_environment_and_slurmctld(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kill message's credential already counts a requeue (SLURM_JOB_RESTART_COUNT);
+    squeue too, unless slurmctld cannot be asked."""
+    env = {"SLURM_JOB_EXIT_CODE2": "0:15", "SLURM_JOB_RESTART_COUNT": "2"}
+    assert slurm.epilog_end(env) == JobEnd(0, 15, "epilog environment", restarts=2)
+    assert slurm.epilog_end({**env, "SLURM_JOB_RESTART_COUNT": "x"}).restarts is None  # type: ignore[union-attr]
+    monkeypatch.setattr(slurm, "job_end", lambda *a: JobEnd(0, 15, "slurmctld", restarts=1))
+    assert entry._slurm_job_end(config.Config(), "42", env).restarts == 2
+    monkeypatch.setattr(slurm, "job_end", lambda *a: JobEnd(0, 15, "slurmctld", restarts=3))
+    assert entry._slurm_job_end(config.Config(), "42", env).restarts == 3
+    monkeypatch.setattr(slurm, "job_end", lambda *a: JobEnd(0, 15, "slurmctld"))
+    assert entry._slurm_job_end(config.Config(), "42", env).restarts == 2
+
+    def unreachable(*a: object) -> JobEnd:
+        raise CommandError("squeue failed")
+
+    monkeypatch.setattr(slurm, "job_end", unreachable)
+    assert entry._slurm_job_end(config.Config(), "42", env).restarts == 2
+
+
 def test_the_epilog_prefers_slurmctld_and_logs_what_its_environment_said(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -135,15 +135,22 @@ def test_checkpoint_stop_leaves_the_vm_gone_and_marks_the_job_for_its_requeue(
 
 
 @pytest.mark.parametrize(
-    ("prolog_saw", "slurmctld_says", "kept"),
-    [(0, 1, True), (2, 3, True), (1, 1, False), (None, 3, False), (0, None, False)],
+    ("prolog_saw", "end", "kept"),
+    [
+        (0, JobEnd(0, 15, restarts=1), True),  # scontrol requeue, preemption
+        (2, JobEnd(0, 15, restarts=3), True),
+        (1, JobEnd(3, 0, restarts=1), False),  # the job ended for good
+        (1, JobEnd(199, 0, restarts=1), True),  # RequeueExit: counted after the Epilog
+        (1, JobEnd(200, 0, restarts=1), True),  # RequeueExitHold: runs once released
+        (0, JobEnd(0, 15), True),  # slurmctld not asked: kept, the reaper decides later
+        (None, JobEnd(0, 15, restarts=3), False),  # Torque: no count; the mark decides
+    ],
 )
-def test_the_epilog_keeps_the_checkpoints_of_a_job_the_scheduler_requeued(
-    site: Site, lv: Libvirt, prolog_saw: int | None, slurmctld_says: int | None, kept: bool
+def test_the_epilog_keeps_the_checkpoints_of_a_job_that_runs_again(
+    site: Site, lv: Libvirt, prolog_saw: int | None, end: JobEnd, kept: bool
 ) -> None:
-    """A SIGUSR2 checkpoint (``--continue``), then the job's run ends: kept for the next run
-    only if slurmctld counts one run more than the Prolog saw (``scontrol requeue``,
-    preemption); else (the job ended, or no count is known) removed."""
+    """A SIGUSR2 checkpoint (``--continue``), then the job's run ends: kept (and marked)
+    for the next run if the job runs again, else removed."""
     code, _, err = site.vmbatch("checkpoint", JOB)
     assert code == 0, err
     store = StateStore(site.state_dir)
@@ -154,7 +161,7 @@ def test_the_epilog_keeps_the_checkpoints_of_a_job_the_scheduler_requeued(
 
     def ask() -> JobEnd:
         asked.append(JOB)
-        return JobEnd(0, 15, "slurmctld", restarts=slurmctld_says)
+        return end
 
     cfg = _cfg(site)
     batch.finish(cfg, JOB, end=ask, account=True)
@@ -162,6 +169,7 @@ def test_the_epilog_keeps_the_checkpoints_of_a_job_the_scheduler_requeued(
     assert checkpoint.requeued(cfg, JOB) == kept  # the next prologue restores it
     assert len(asked) == 1  # slurmctld asked once, for the accounting and the requeue both
     assert store.read(JOB) is None
+    assert [p.name for p in (site.root / "ckpt").iterdir()] == ([JOB] if kept else [])
 
 
 def test_the_reaper_keeps_checkpoints_and_cleanup_of_a_job_drops_them(
@@ -173,6 +181,7 @@ def test_the_reaper_keeps_checkpoints_and_cleanup_of_a_job_drops_them(
     rec = StateStore(site.state_dir).read(JOB)
     batch.finish(cfg, JOB, rec, checkpoints="keep", if_unchanged=True)
     assert (site.root / "ckpt" / JOB / "1").is_dir()  # a job may be requeued: not its call
+    assert checkpoint.requeued(cfg, JOB)  # marked: the reaper's own pass decides
     code, _, err = site.vmbatch("cleanup", JOB)
     assert code == 0, err
     assert not (site.root / "ckpt" / JOB).exists()

@@ -304,26 +304,30 @@ def test_a_whole_pass_reaps_only_what_no_live_job_owns(tmp_path: Path, test_uri:
 def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
     tmp_path: Path, test_uri: str
 ) -> None:
-    """The epilogue of a requeued job, or the reaper after a node failure, keeps the job's
-    checkpoints for its next run; they go once Slurm says the job ended (cancelled while
-    it waited) or forgot it, never while it waits or runs, and never a Torque job's."""
+    """Checkpoints kept for a job's next run (the ``requeue`` mark) go once Slurm says the
+    job ended (cancelled while it waited) or forgot it; never while it waits or runs,
+    never a Torque job's, never unmarked ones (a running job's: no query for them)."""
     cfg = _cfg(tmp_path, test_uri)
     says = {
         "80": Verdict(False, "job CANCELLED in Slurm"),
         "81": Verdict(False, "job PENDING in Slurm (requeued)", waiting=True),
-        "82": Verdict(True, "job RUNNING in Slurm"),  # running on another node
-        "84": Verdict(None, "slurmctld down"),
+        "82": Verdict(True, "job RUNNING in Slurm"),  # restored on another node
         "86": Verdict(False, "job no longer known to Slurm"),
+        "89": Verdict(None, "slurmctld down"),  # SchedulerQuery asks no more after this
     }
-    for job_id, scheduler in [(j, "slurm") for j in says] + [("83", "torque"), ("85", "slurm")]:
+    jobs = [(j, "slurm", True) for j in says]
+    jobs += [("83", "torque", True), ("84", "slurm", False), ("85", "slurm", True)]
+    for job_id, scheduler, marked in jobs:
         gen = cfg.checkpoint.dir / job_id / "1"
         gen.mkdir(parents=True)
         (gen / "manifest.json").write_text(f'{{"job_id": "{job_id}", "scheduler": "{scheduler}"}}')
-        (cfg.checkpoint.dir / job_id / "requeue").write_text("kept\n")
+        if marked:
+            (cfg.checkpoint.dir / job_id / "requeue").write_text("kept\n")
         if job_id != "85":  # 85 changed within the grace
             _old(cfg.checkpoint.dir / job_id)
     # 87: a take that never finished (no manifest says whose): left alone.
     (cfg.checkpoint.dir / "87" / ".tmp-1-99").mkdir(parents=True)
+    (cfg.checkpoint.dir / "87" / "requeue").write_text("kept\n")
     _old(cfg.checkpoint.dir / "87")
     asked: list[str] = []
 
@@ -331,11 +335,12 @@ def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
         asked.append(f"{kind} {job_id}")
         return says[job_id]
 
+    everything = sorted(p.name for p in cfg.checkpoint.dir.iterdir())
     with Connection(LibvirtConfig(uri=test_uri)) as conn:
         dry = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, dry_run=True, now=NOW)
-        assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == [
-            str(n) for n in range(80, 88)
-        ]
+        assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == everything
+        quick = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, now=NOW, checkpoints=False)
+        assert quick.removed == [] and asked == [f"slurm {j}" for j in sorted(says)]
         report = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, now=NOW)
     assert [ln.split(":")[0] for ln in dry.removed] == [
         "checkpoints of job 80", "checkpoints of job 86"]  # fmt: skip
@@ -344,16 +349,10 @@ def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
         f"checkpoints of job 86: {cfg.checkpoint.dir / '86'} removed"
         " (job no longer known to Slurm)",
     ]
-    assert report.undecided == ["checkpoints of job 84: left alone: slurmctld down"]
+    assert report.undecided == ["checkpoints of job 89: left alone: slurmctld down"]
     assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == [
-        "81",
-        "82",
-        "83",
-        "84",
-        "85",
-        "87",
-    ]
-    assert sorted(set(asked)) == ["slurm 80", "slurm 81", "slurm 82", "slurm 84", "slurm 86"]
+        "81", "82", "83", "84", "85", "87", "89"]  # fmt: skip
+    assert sorted(set(asked)) == [f"slurm {j}" for j in sorted(says)]
 
 
 def test_a_second_reaper_does_nothing(tmp_path: Path, test_uri: str) -> None:

@@ -843,8 +843,9 @@ def finish(
       VM was stopped for a checkpoint (the ``requeue`` mark), or the scheduler requeued
       the job (Slurm: slurmctld's restart count, in ``end``, is above the one its Prolog
       had: ``scontrol requeue``, preemption with ``PreemptMode=REQUEUE``, ``RequeueExit``);
-    - ``"keep"`` (the reaper, which cannot tell a requeue from an end: it removes the
-      checkpoints of ended jobs by themselves, :func:`vmbatch.reaper.reap`);
+    - ``"keep"`` (the reaper, for Slurm jobs: it cannot tell a requeue from an end): kept
+      and marked; the reaper removes marked checkpoints once Slurm says the job ended
+      (:func:`vmbatch.reaper.reap`);
     - ``"drop"`` (an admin's ``vmbatch cleanup JOB``): removed in any case.
     """
     store = StateStore(cfg.batch.state_dir)
@@ -858,6 +859,8 @@ def finish(
         if checkpoints == "drop":
             checkpoint.clear_requeue(cfg, job_id)
         elif checkpoints == "keep":
+            if checkpoint.job_base(cfg, job_id).is_dir():
+                checkpoint.mark_requeue(cfg, job_id)  # for the reaper's own pass
             return True
         elif _requeued(cfg, job_id, record, end):
             checkpoint.mark_requeue(cfg, job_id)
@@ -868,22 +871,36 @@ def finish(
 def _requeued(
     cfg: Config, job_id: str, record: Record | None, end: JobEnd | Callable[[], JobEnd] | None
 ) -> bool:
-    """Whether the scheduler requeued the job (only asked if it has checkpoints): slurmctld
-    counts a run more than the job's Prolog saw. ``_job_requeue_op`` in
-    src/slurmctld/job_mgr.c (Slurm 22.05) increments the count before the job's nodes are
-    told to end it, so the Epilog that follows already sees it."""
+    """Whether the job runs again (only asked if it has checkpoints), as Slurm 22.05 says it
+    to the Epilog (src/slurmctld/job_mgr.c):
+
+    - ``scontrol requeue``, preemption with ``PreemptMode=REQUEUE``, a failed launch:
+      ``_job_requeue_op`` counts the run before the job's nodes are told to end it, so the
+      Epilog's ``SLURM_JOB_RESTART_COUNT`` (from the kill message's credential) and
+      ``squeue``'s ``RestartCnt`` are one above the Prolog's;
+    - ``RequeueExit``/``RequeueExitHold``: counted only after every Epilog ended
+      (``job_hold_requeue`` from ``cleanup_completing``), so the starter's exit status
+      tells: ``[batch].requeue_exit`` or ``hold_exit`` (a held job runs again once
+      released);
+    - nothing known (slurmctld unreachable, no count in the environment): kept, and left to
+      the reaper, which removes them once Slurm says the job ended (a checkpoint lost is
+      the job's work lost; one kept too long is disk, for a while).
+    """
     if record is None or record.restarts is None or end is None:
         return False
     if not checkpoint.job_base(cfg, job_id).is_dir():
         return False
     told = _job_end(job_id, end)
-    if told.restarts is None or told.restarts <= record.restarts:
+    vmbatch_requeue = {cfg.batch.requeue_exit, cfg.batch.hold_exit} - {0}
+    if told.restarts is not None and told.restarts > record.restarts:
+        why = f"the scheduler requeued it (run {told.restarts + 1}, was {record.restarts + 1})"
+    elif told.exit_status in vmbatch_requeue:
+        why = f"its run ended with exit status {told.exit_status}, for a requeue"
+    elif told.restarts is None:
+        why = "the scheduler did not say whether it requeued it; the reaper decides later"
+    else:
         return False
-    log.info(
-        "the scheduler requeued the job (run %d, was %d): its checkpoints stay for its next run",
-        told.restarts + 1,
-        record.restarts + 1,
-    )
+    log.info("job %s runs again: %s; its checkpoints stay for its next run", job_id, why)
     return True
 
 

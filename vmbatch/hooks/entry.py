@@ -23,6 +23,7 @@ against the password database.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -155,7 +156,9 @@ def _reap_quickly(cfg: config.Config) -> None:
 
     try:
         report = reaper.reap(
-            cfg, scheduler_check=lambda _s, _j: reaper.Verdict(True, "left to the timer")
+            cfg,
+            scheduler_check=lambda _s, _j: reaper.Verdict(True, "left to the timer"),
+            checkpoints=False,
         )
     except Exception as exc:  # noqa: BLE001 - housekeeping must not fail the job
         log.warning("the reaper's pass before the prologue failed: %s", exc)
@@ -614,7 +617,8 @@ def run_epilogue(argv: Sequence[str], env: Mapping[str, str]) -> int:
 
 def _slurm_job_end(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> JobEnd:
     """The job's end as slurmctld reports it (``scontrol show job``'s ``ExitCode``), else as
-    the Epilog's environment has it (:mod:`vmbatch.hooks.accounting`, "Exit status")."""
+    the Epilog's environment has it (:mod:`vmbatch.hooks.accounting`, "Exit status"). Its
+    restart count is the higher of the two (a requeue may land after the kill message)."""
     told = slurm.epilog_end(env)
     try:
         end = slurm.job_end(cfg, job_id, env)
@@ -637,7 +641,8 @@ def _slurm_job_end(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> J
             told.exit_status,
             told.exit_signal,
         )
-    return end
+    counts = [n for n in (end.restarts, told.restarts if told else None) if n is not None]
+    return dataclasses.replace(end, restarts=max(counts)) if counts else end
 
 
 def _slurm_epilog_needed(cfg: config.Config, job_id: str, env: Mapping[str, str]) -> bool:

@@ -366,14 +366,17 @@ def resume(cfg: Config, node: str, env: Mapping[str, str]) -> None:
 
 
 def epilog_end(env: Mapping[str, str]) -> JobEnd | None:
-    """The job's end as the Epilog's environment has it: ``SLURM_JOB_EXIT_CODE2``
-    (``exit:signal``, ``prep_script_slurmd.c``). Set when slurmctld sent the kill message:
+    """The job's end as the Epilog's environment has it (``prep_script_slurmd.c``):
+    ``SLURM_JOB_EXIT_CODE2`` (``exit:signal``), set when slurmctld sent the kill message:
     for a job cancelled while it ran, before the job's own status was known (``0:0``);
-    :func:`job_end` asks slurmctld instead."""
+    :func:`job_end` asks slurmctld instead. ``SLURM_JOB_RESTART_COUNT``, from the kill
+    message's credential: a requeue that ends this run is already counted in it."""
     m = re.fullmatch(r"([0-9]+):([0-9]+)", env.get("SLURM_JOB_EXIT_CODE2", ""))
     if m is None:
         return None
-    return JobEnd(int(m[1]), int(m[2]), "epilog environment")
+    count = env.get("SLURM_JOB_RESTART_COUNT", "")
+    restarts = int(count) if count.isdigit() and len(count) < 10 else None
+    return JobEnd(int(m[1]), int(m[2]), "epilog environment", restarts=restarts)
 
 
 def decode_exit_code(raw: int) -> tuple[int, int]:
