@@ -25,6 +25,8 @@ How libvirt 9.0 constrains it (docs/research/suspend-checkpoint-migrate.md, sect
 - The restore's XML is the save file's own (``virDomainSaveImageGetXMLDesc``) without
   ``<memtune>`` and pinned to the job's CPUs now (:func:`vmbatch.libvirt.domain.restore_xml`);
   a VM restored in the job's next run must fit that run's allocation (:func:`fits`).
+- A ``--continue`` whose process dies after the restore leaves a paused QEMU without its
+  memory limit and SSH forward: the node agent finishes it (:func:`make_whole`).
 
 Crash safety: a checkpoint is written into ``.tmp-<gen>-<pid>/``, each file fsynced, the
 manifest last, then renamed to ``<gen>`` and the parent fsynced (rename(2) is atomic); older
@@ -454,20 +456,50 @@ def _continue(
     jobdir: state.JobDir,
 ) -> int:
     """Run the VM on from ``checkpoint``'s save, on the job directory's own disks (pinned
-    to the job's CPUs, as the record names them)."""
+    to the job's CPUs, as the record names them), and make it whole (:func:`make_whole`)."""
     name = record.domain
     cpus = parse_cpu_list(record.cpus) if record.cpus else frozenset()
     conn.restore(
         checkpoint.memory, restore_xml(conn.saved_xml(checkpoint.memory), cpus=cpus),
         timeout=cfg.checkpoint.timeout,
     )  # fmt: skip
+    # A new QEMU, paused, without the memory limit and the SSH forward: a process killed
+    # from here on leaves it to the agent (Agent._cut_off_checkpoint -> make_whole).
+    faults.point(cfg, "checkpoint.restored")
+    port = make_whole(cfg, store, conn, record, jobdir)
+    log.info("VM %s runs on from checkpoint %d, SSH on port %d", name, checkpoint.generation, port)
+    return port
+
+
+def make_whole(
+    cfg: Config,
+    store: StateStore,
+    conn: Connection,
+    record: Record,
+    jobdir: state.JobDir | None = None,
+) -> int:
+    """Give the job's VM, restored from a save by a checkpoint (:func:`_continue`), what
+    the save does not hold, and let it run; return its SSH port. Each step may already
+    have been done (the agent finishes a checkpoint whose process died somewhere in here):
+
+    - the record's memory hard limit, set live (setting it again is harmless);
+    - a loopback forward to the guest's SSH port, unless QEMU already has one (``info
+      usernet``): libslirp does not save runtime ``hostfwd`` rules, so a restored QEMU
+      starts with none;
+    - that port in root's copy of the login (``keys/login.json``, ``vmbatch ssh``) and in
+      root's pause note, where the job's starter finds it and reconnects;
+    - the ``checkpoint`` pause dropped: the VM continues unless another reason holds it.
+    """
+    name = record.domain
+    jobdir = jobdir or state.JobDir(cfg.paths.job_dir, record.job_id)
     if record.memory_limit_mib:
         conn.limit_memory(name, record.memory_limit_mib)
-    port = conn.forward_port(name, cfg.ssh.port)
+    port = conn.ssh_port(name, cfg.ssh.port)
+    if port is None:
+        port = conn.forward_port(name, cfg.ssh.port)
     _update_login(jobdir, port)
     pausing.tell_starter(cfg, record, True, port=port)
     pausing.drop(cfg, store, conn, record, pausing.CHECKPOINT)
-    log.info("VM %s runs on from checkpoint %d, SSH on port %d", name, checkpoint.generation, port)
     return port
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import BatchSite
+from tests.system.conftest import BatchSite, running_agent
 from tests.system.test_limits import QEMU, _thread_cpus
 from tests.system.test_suspend import stop_under_a_pbs_mom, under_a_pbs_mom
 from tests.system.test_torque import BIN, Mom
 from vmbatch import checkpoint, config
+from vmbatch.hooks.jobstate import StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
 from vmbatch.libvirt.domain import domain_name
 from vmbatch.reaper import find_qemus
@@ -204,11 +205,33 @@ def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kil
         # Its first lines are the ones the stopped VM had written: replayed, not rerun.
         assert c.wait_lines(stopped_at + 3)[:stopped_at] == b.lines()[:stopped_at]
 
-        # --continue on a restored VM; the job completes, its output whole and once.
-        _generation(bs.site.vmbatch("checkpoint", "--continue", mom.job_id))
-        status, err = c.finish()
-        assert status == 3, err
-        assert _counted(c.lines(), run) == list(range(1, COUNT + 1))
+        # --continue on a restored VM, its process SIGKILLed right after libvirt restored
+        # the VM: a new QEMU, paused, without the memory limit and the SSH forward (QEMU
+        # saves neither), whose port the starter never heard of.
+        _arm(bs, "checkpoint.restored")
+        killed = bs.site.vmbatch("checkpoint", "--continue", mom.job_id)
+        _arm(bs, None)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        assert libvirt_conn.ssh_port(name, cfg.ssh.port) is None
+        assert _hard_limit_kib(libvirt_conn, name) >= 2**40  # unlimited
+        # The node agent settles it: the VM made whole, and the job completes, its output
+        # whole and once.
+        with running_agent(bs.site) as agent_log:
+            deadline = time.monotonic() + 60
+            while b"cut-off checkpoint taken back" not in agent_log.read_bytes():
+                assert time.monotonic() < deadline, agent_log.read_text()
+                time.sleep(0.1)  # polling with a deadline: the agent's next sweep
+            port = libvirt_conn.ssh_port(name, cfg.ssh.port)
+            assert port is not None, agent_log.read_text()
+            record = StateStore(bs.state_dir).read(mom.job_id)
+            assert record is not None and record.memory_limit_mib, record
+            assert _hard_limit_kib(libvirt_conn, name) == record.memory_limit_mib * 1024
+            assert UserDir(bs.user_dir, mom.job_id).read_note().port == port
+            status, err = c.finish()
+            assert status == 3, err
+            assert _counted(c.lines(), run) == list(range(1, COUNT + 1))
+            ssh = bs.site.vmbatch("ssh", mom.job_id, "--", "echo", "ssh-ok")  # root's login
+            assert (ssh.returncode, ssh.stdout) == (0, b"ssh-ok\n"), ssh.stderr.decode()
         assert _pinning(libvirt_conn, name) == "1"
         assert mom.epilogue(3).returncode == 0
         assert not base.exists()  # the job ended for good: its checkpoints went with it
@@ -265,6 +288,11 @@ def _pinning(conn: Connection, name: str) -> str | None:
 def _qemu_pid(bs: BatchSite, name: str) -> int:
     (pid,) = [q.pid for q in find_qemus(bs.site.job_dir, QEMU) if q.name == name]
     return pid
+
+
+def _hard_limit_kib(conn: Connection, name: str) -> int:
+    """The domain's memory hard limit (libvirt's memory cgroup), KiB; 2**53-1 unlimited."""
+    return int(conn.raw.lookupByName(name).memoryParameters(0)["hard_limit"])
 
 
 def killed_pid(res: subprocess.CompletedProcess[bytes]) -> int:

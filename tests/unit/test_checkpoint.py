@@ -39,6 +39,8 @@ class Libvirt:
         self.calls: list[tuple[str, Any]] = []
         #: The XML each restore was given.
         self.restored: list[str] = []
+        #: QEMU's loopback forwards (host port, guest port).
+        self.forwards: list[tuple[int, int]] = []
 
 
 #: The save file's XML: the running domain's, pinned to CPUs 5-6 of the run it was saved
@@ -78,12 +80,14 @@ def lv(monkeypatch: pytest.MonkeyPatch) -> Libvirt:
 
     def forward(self: Any, name: str, port: int) -> int:
         seen.calls.append(("forward", name))
+        seen.forwards.append((2222, port))
         return 2222
 
     monkeypatch.setattr(connection.Connection, "save", save)
     monkeypatch.setattr(connection.Connection, "restore", restore)
     monkeypatch.setattr(connection.Connection, "saved_xml", lambda self, path: SAVED)
     monkeypatch.setattr(connection.Connection, "forward_port", forward)
+    monkeypatch.setattr(connection.Connection, "forwards", lambda self, name: seen.forwards)
     monkeypatch.setattr(
         connection.Connection, "limit_memory",
         lambda self, name, mib: seen.calls.append(("limit", mib)),
