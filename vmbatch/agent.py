@@ -281,10 +281,17 @@ class Agent:
         """A checkpoint whose process died (``vmbatch checkpoint`` killed, the agent's
         request thread gone with a crash): it holds the job's lock for its whole length,
         so a free lock with the ``checkpoint`` reason still recorded means nobody will
-        take the reason back, and the job's starter would wait for the VM forever. The VM
-        continues if it is still there; if the save had ended it, the starter is told that
-        the VM stopped (it exits with [batch].requeue_exit) and the job's checkpoints are
-        kept for its next run, which restores the newest complete one."""
+        take the reason back, and the job's starter would wait for the VM forever.
+
+        If the VM is still there it is made whole and continues
+        (:func:`vmbatch.checkpoint.make_whole`): it may be the QEMU the checkpoint had just
+        restored from its save (``--continue``), which lacks the memory limit and the SSH
+        forward until they are set again, and whose new port the starter must be told. If
+        the save had ended it, the starter is told that the VM stopped (it exits with
+        [batch].requeue_exit) and the job's checkpoints are kept for its next run, which
+        restores the newest complete one."""
+        from vmbatch import checkpoint
+
         try:
             with logsetup.job(record.job_id), self.store.exclusive(record.job_id, wait=0.0):
                 current = self.store.read(record.job_id)
@@ -292,10 +299,10 @@ class Agent:
                     return []
                 if conn.status(current.domain) is not None:
                     log.warning("a checkpoint was cut off (its process died); the VM continues")
-                    pausing.drop(self.cfg, self.store, conn, current, pausing.CHECKPOINT)
-                    return [f"job {record.job_id}: cut-off checkpoint taken back"]
-                from vmbatch import checkpoint
-
+                    port = checkpoint.make_whole(self.cfg, self.store, conn, current)
+                    return [
+                        f"job {record.job_id}: cut-off checkpoint taken back, SSH on port {port}"
+                    ]
                 log.error(
                     "a checkpoint was cut off after the VM was saved: the job ends here and"
                     " its next run restores its newest complete checkpoint"

@@ -23,7 +23,10 @@ How libvirt 9.0 constrains it (docs/research/suspend-checkpoint-migrate.md, sect
   keeps only guestfwd sockets), publish the new port in the pause note
   (:attr:`UserDir.paused_note`) and drop the pause.
 - The restore's XML is the save file's own (``virDomainSaveImageGetXMLDesc``) without
-  ``<memtune>`` (:func:`vmbatch.libvirt.domain.restore_xml`).
+  ``<memtune>`` and pinned to the job's CPUs now (:func:`vmbatch.libvirt.domain.restore_xml`);
+  a VM restored in the job's next run must fit that run's allocation (:func:`fits`).
+- A ``--continue`` whose process dies after the restore leaves a paused QEMU without its
+  memory limit and SSH forward: the node agent finishes it (:func:`make_whole`).
 
 Crash safety: a checkpoint is written into ``.tmp-<gen>-<pid>/``, each file fsynced, the
 manifest last, then renamed to ``<gen>`` and the parent fsynced (rename(2) is atomic); older
@@ -66,12 +69,21 @@ from vmbatch.errors import (
     CheckpointError,
     CheckpointRefusedError,
     LibvirtTimeoutError,
+    LibvirtUnavailableError,
     VmBatchError,
 )
 from vmbatch.guest import ssh
 from vmbatch.hooks.jobstate import Record, StateStore
+from vmbatch.job import JobSpec
 from vmbatch.libvirt.connection import Connection
-from vmbatch.libvirt.domain import backing_files, machine_type, read_files, restore_xml
+from vmbatch.libvirt.domain import (
+    backing_files,
+    machine_type,
+    read_files,
+    read_size,
+    restore_xml,
+)
+from vmbatch.limits import parse_cpu_list
 
 log = logging.getLogger(__name__)
 
@@ -445,19 +457,51 @@ def _continue(
     checkpoint: Checkpoint,
     jobdir: state.JobDir,
 ) -> int:
-    """Run the VM on from ``checkpoint``'s save, on the job directory's own disks."""
+    """Run the VM on from ``checkpoint``'s save, on the job directory's own disks (pinned
+    to the job's CPUs, as the record names them), and make it whole (:func:`make_whole`)."""
     name = record.domain
+    cpus = parse_cpu_list(record.cpus) if record.cpus else frozenset()
     conn.restore(
-        checkpoint.memory, restore_xml(conn.saved_xml(checkpoint.memory)),
+        checkpoint.memory, restore_xml(conn.saved_xml(checkpoint.memory), cpus=cpus),
         timeout=cfg.checkpoint.timeout,
     )  # fmt: skip
+    # A new QEMU, paused, without the memory limit and the SSH forward: a process killed
+    # from here on leaves it to the agent (Agent._cut_off_checkpoint -> make_whole).
+    faults.point(cfg, "checkpoint.restored")
+    port = make_whole(cfg, store, conn, record, jobdir)
+    log.info("VM %s runs on from checkpoint %d, SSH on port %d", name, checkpoint.generation, port)
+    return port
+
+
+def make_whole(
+    cfg: Config,
+    store: StateStore,
+    conn: Connection,
+    record: Record,
+    jobdir: state.JobDir | None = None,
+) -> int:
+    """Give the job's VM, restored from a save by a checkpoint (:func:`_continue`), what
+    the save does not hold, and let it run; return its SSH port. Each step may already
+    have been done (the agent finishes a checkpoint whose process died somewhere in here):
+
+    - the record's memory hard limit, set live (setting it again is harmless);
+    - a loopback forward to the guest's SSH port, unless QEMU already has one (``info
+      usernet``): libslirp does not save runtime ``hostfwd`` rules, so a restored QEMU
+      starts with none;
+    - that port in root's copy of the login (``keys/login.json``, ``vmbatch ssh``) and in
+      root's pause note, where the job's starter finds it and reconnects;
+    - the ``checkpoint`` pause dropped: the VM continues unless another reason holds it.
+    """
+    name = record.domain
+    jobdir = jobdir or state.JobDir(cfg.paths.job_dir, record.job_id)
     if record.memory_limit_mib:
         conn.limit_memory(name, record.memory_limit_mib)
-    port = conn.forward_port(name, cfg.ssh.port)
+    port = conn.ssh_port(name, cfg.ssh.port)
+    if port is None:
+        port = conn.forward_port(name, cfg.ssh.port)
     _update_login(jobdir, port)
     pausing.tell_starter(cfg, record, True, port=port)
     pausing.drop(cfg, store, conn, record, pausing.CHECKPOINT)
-    log.info("VM %s runs on from checkpoint %d, SSH on port %d", name, checkpoint.generation, port)
     return port
 
 
@@ -562,6 +606,29 @@ def verify(path: Path, job_id: str, generation: int, qemu_version: str) -> str |
 # -- restoring -------------------------------------------------------------------------------
 
 
+def fits(saved_xml: str, spec: JobSpec) -> None:
+    """Refuse (CheckpointRefusedError) a saved VM larger than the job's run now: more
+    vCPUs or more memory than ``spec`` gives it (:func:`vmbatch.hooks.batch.job_spec`
+    sizes it from the job's allocation on this node). A requeued job may get fewer CPUs
+    or less memory than the run it was checkpointed in, and a restored VM keeps its size
+    (:func:`vmbatch.libvirt.domain.restore_xml`): it would use more than the scheduler
+    gave the job. A smaller VM fits (it uses less than its allocation)."""
+    vcpus, memory = read_size(saved_xml)
+    want_vcpus = spec.vcpus if spec.vcpus is not None else vcpus
+    want_memory = spec.memory if spec.memory is not None else memory
+    if vcpus > want_vcpus or memory > want_memory:
+        raise CheckpointRefusedError(
+            f"its VM has {_vcpus(vcpus)} and {memory} MiB of memory, more than this run of"
+            f" the job is given: {_vcpus(want_vcpus)} and {want_memory} MiB (from its"
+            " allocation here); a restored VM keeps its size",
+            hint="request at least the resources of the run that took the checkpoint",
+        )
+
+
+def _vcpus(n: int) -> str:
+    return f"{n} vCPU" if n == 1 else f"{n} vCPUs"
+
+
 @contextlib.contextmanager
 def _as_checkpoint_error(checkpoint: Checkpoint) -> Iterator[None]:
     """A file that cannot be copied or read while restoring: the checkpoint's fault."""
@@ -586,12 +653,17 @@ def _cleanup_on_error(conn: Connection, name: str, jobdir: state.JobDir) -> Iter
 
 
 def restore(
-    cfg: Config, checkpoint: Checkpoint, conn: Connection, *, name: str
+    cfg: Config, checkpoint: Checkpoint, conn: Connection, *, name: str, spec: JobSpec
 ) -> tuple[ssh.Endpoint, paramiko.SSHClient]:
     """Make the job directory from ``checkpoint`` (disks and keys copied, reflinked where
     possible) and start the saved VM from it, running, with a new SSH forward; wait until
     it answers SSH. Return the job user's endpoint and a logged-in client. On failure the
-    domain and the job directory are removed again."""
+    domain and the job directory are removed again.
+
+    The job's run now (``spec``, sized from its allocation here) may differ from the one
+    the checkpoint was taken in: the saved VM must fit it (:func:`fits`; it cannot shrink:
+    libvirt keeps its vCPUs and memory), it is pinned to ``spec.cpus`` (or not pinned),
+    not to its old allocation's CPUs, and held to ``spec.memory_limit``."""
     jobdir = state.JobDir(cfg.paths.job_dir, checkpoint.job_id)
     if str(jobdir.path) != checkpoint.manifest.get("jobdir"):
         raise CheckpointRefusedError(
@@ -599,6 +671,18 @@ def restore(
             f" disks in {checkpoint.manifest.get('jobdir')}, here they go to {jobdir.path}",
             hint="give every node the same [paths].job_dir",
         )
+    try:
+        saved = conn.saved_xml(checkpoint.memory)
+    except (LibvirtUnavailableError, LibvirtTimeoutError):
+        raise
+    except VmBatchError as exc:
+        raise CheckpointError(
+            f"libvirt could not read checkpoint {checkpoint.generation} of job"
+            f" {checkpoint.job_id}: {exc.message}"
+        ) from exc
+    with _as_checkpoint_error(checkpoint):
+        fits(saved, spec)
+        dxml = restore_xml(saved, cpus=spec.cpus)
     jobdir.create()
     with _cleanup_on_error(conn, name, jobdir), _as_checkpoint_error(checkpoint):
         for rel in checkpoint.manifest["files"]:
@@ -607,18 +691,16 @@ def restore(
             elif rel.startswith("keys/"):
                 copy_file(checkpoint.path / rel, jobdir.keys / Path(rel).name)
         try:
-            conn.restore(
-                checkpoint.memory, restore_xml(conn.saved_xml(checkpoint.memory)),
-                timeout=cfg.checkpoint.timeout,
-            )  # fmt: skip
+            conn.restore(checkpoint.memory, dxml, timeout=cfg.checkpoint.timeout)
+        except (LibvirtUnavailableError, LibvirtTimeoutError):
+            raise  # the node's fault, not the checkpoint's: the job is requeued, it stays
         except VmBatchError as exc:
             raise CheckpointError(
                 f"libvirt could not restore checkpoint {checkpoint.generation} of job"
                 f" {checkpoint.job_id}: {exc.message}"
             ) from exc
-        limit = checkpoint.manifest.get("memory_limit_mib")
-        if isinstance(limit, int) and limit > 0:
-            conn.limit_memory(name, limit)
+        if spec.memory_limit:
+            conn.limit_memory(name, spec.memory_limit)
         port = conn.forward_port(name, cfg.ssh.port)
         conn.resume(name)
         info = json.loads(jobdir.login.read_bytes())

@@ -4,10 +4,15 @@ hooks called as pbs_mom calls them (tests/system/test_torque.py's ``Mom``).
 The job counts in the guest's memory (a shell variable) and prints a random run id first:
 a job restored from a checkpoint goes on with the same run id and counter, while one
 started afresh would print a new id and count from 1 again.
+
+Each run of the job gets its host CPUs from a pbs_mom cpuset the test makes (a cgroup v1
+cpuset, as pbs_mom makes one): a run restored from a checkpoint is pinned to its own
+allocation's CPUs, not to those of the run that was saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,15 +20,22 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.system.conftest import BatchSite, SlurmSite
+import pytest
+
+from tests.system.conftest import BatchSite, SlurmSite, running_agent
 from tests.system.slurmhooks import vmbatch_cluster
+from tests.system.test_limits import QEMU, _thread_cpus
 from tests.system.test_suspend import stop_under_a_pbs_mom, under_a_pbs_mom
 from tests.system.test_torque import BIN, Mom
 from vmbatch import checkpoint, config
+from vmbatch.hooks.jobstate import StateStore, UserDir
 from vmbatch.libvirt.connection import Connection
+from vmbatch.libvirt.domain import domain_name
+from vmbatch.reaper import find_qemus
 from vmbatch.state import safe_job_id
 
 COUNT = 60
@@ -115,15 +127,22 @@ def _counted(lines: list[str], run: str) -> list[int]:
 
 
 def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kill(
-    batch_site: BatchSite, libvirt_conn: Connection, tmp_path: Path
+    batch_site: BatchSite,
+    libvirt_conn: Connection,
+    tmp_path: Path,
+    torque_cpuset: Callable[[str], Path],
 ) -> None:
     bs = batch_site
     mom = Mom(bs, counter())
     cfg = config.load(bs.site.config, honour_env=False)
     base = bs.checkpoints / safe_job_id(mom.job_id)
+    name = domain_name(mom.job_id)
+    cpus = torque_cpuset(mom.job_id)
     starters: list[Starter] = []
     try:
+        cpus.write_text("0")  # the job's first run has host CPU 0 (pbs_mom's cpuset)
         assert mom.prologue().returncode == 0
+        assert _pinning(libvirt_conn, name) == "0"
         a = Starter(mom, tmp_path / "a.out")
         starters.append(a)
         run = a.wait_lines(4)[0]
@@ -159,10 +178,14 @@ def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kil
         assert mom.epilogue(256 + signal.SIGKILL).returncode == 0
         assert {p.name for p in base.iterdir()} == {str(gen1), "requeue"}
 
-        # The next run restores checkpoint 1: same run, counting on from where it was.
+        # The next run restores checkpoint 1: same run, counting on from where it was, on
+        # the CPU of this run's allocation, not on the one it was saved on.
+        cpus.write_text("1")
         pro = mom.prologue()
         assert pro.returncode == 0, pro.stderr.decode()
         assert f"restored from checkpoint {gen1}".encode() in pro.stderr, pro.stderr.decode()
+        assert _pinning(libvirt_conn, name) == "1"
+        assert set(_thread_cpus(_qemu_pid(bs, name)).values()) == {frozenset({1})}
         b = Starter(mom, tmp_path / "b.out")
         starters.append(b)
         counted = _counted(b.wait_lines(at + 8), run)
@@ -183,11 +206,34 @@ def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kil
         # Its first lines are the ones the stopped VM had written: replayed, not rerun.
         assert c.wait_lines(stopped_at + 3)[:stopped_at] == b.lines()[:stopped_at]
 
-        # --continue on a restored VM; the job completes, its output whole and once.
-        _generation(bs.site.vmbatch("checkpoint", "--continue", mom.job_id))
-        status, err = c.finish()
-        assert status == 3, err
-        assert _counted(c.lines(), run) == list(range(1, COUNT + 1))
+        # --continue on a restored VM, its process SIGKILLed right after libvirt restored
+        # the VM: a new QEMU, paused, without the memory limit and the SSH forward (QEMU
+        # saves neither), whose port the starter never heard of.
+        _arm(bs, "checkpoint.restored")
+        killed = bs.site.vmbatch("checkpoint", "--continue", mom.job_id)
+        _arm(bs, None)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        assert libvirt_conn.ssh_port(name, cfg.ssh.port) is None
+        assert _hard_limit_kib(libvirt_conn, name) >= 2**40  # unlimited
+        # The node agent settles it: the VM made whole, and the job completes, its output
+        # whole and once.
+        with running_agent(bs.site) as agent_log:
+            deadline = time.monotonic() + 60
+            while b"cut-off checkpoint taken back" not in agent_log.read_bytes():
+                assert time.monotonic() < deadline, agent_log.read_text()
+                time.sleep(0.1)  # polling with a deadline: the agent's next sweep
+            port = libvirt_conn.ssh_port(name, cfg.ssh.port)
+            assert port is not None, agent_log.read_text()
+            record = StateStore(bs.state_dir).read(mom.job_id)
+            assert record is not None and record.memory_limit_mib, record
+            assert _hard_limit_kib(libvirt_conn, name) == record.memory_limit_mib * 1024
+            assert UserDir(bs.user_dir, mom.job_id).read_note().port == port
+            status, err = c.finish()
+            assert status == 3, err
+            assert _counted(c.lines(), run) == list(range(1, COUNT + 1))
+            ssh = bs.site.vmbatch("ssh", mom.job_id, "--", "echo", "ssh-ok")  # root's login
+            assert (ssh.returncode, ssh.stdout) == (0, b"ssh-ok\n"), ssh.stderr.decode()
+        assert _pinning(libvirt_conn, name) == "1"
         assert mom.epilogue(3).returncode == 0
         assert not base.exists()  # the job ended for good: its checkpoints went with it
     finally:
@@ -199,6 +245,55 @@ def test_checkpoints_continue_stop_and_restore_the_jobs_memory_and_survive_a_kil
         if base.exists():
             (base / "requeue").unlink(missing_ok=True)
             bs.site.vmbatch("cleanup", mom.job_id)
+
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+@pytest.fixture
+def torque_cpuset() -> Iterator[Callable[[str], Path]]:
+    """Makes pbs_mom's cpuset for a job as pbs_mom does: the cgroup v1 cpuset
+    ``torque/<job id>`` (:func:`vmbatch.hooks.torque.cpuset_files`); returns its
+    ``cpuset.cpus``, which the test writes before each run (that run's allocation). Only
+    read by the prologue: no process is put into it. Removed afterwards."""
+    if not (CPUSET / "cpuset.cpus").is_file():
+        pytest.fail("needs a cgroup v1 cpuset hierarchy at /sys/fs/cgroup/cpuset")
+    parent = CPUSET / "torque"
+    made = not parent.exists()
+    jobs: list[Path] = []
+
+    def make(job_id: str) -> Path:
+        parent.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):  # a child's CPUs must be its parent's
+            if not (parent / knob).read_text().strip():
+                (parent / knob).write_text((CPUSET / knob).read_text())
+        jobs.append(parent / job_id)
+        jobs[-1].mkdir()
+        return jobs[-1] / "cpuset.cpus"
+
+    yield make
+    for job in jobs:
+        job.rmdir()
+    if made:
+        with contextlib.suppress(OSError):  # another test's job cpuset may be in it
+            parent.rmdir()
+
+
+def _pinning(conn: Connection, name: str) -> str | None:
+    """The running domain's ``<vcpu cpuset>`` (None: not pinned)."""
+    vcpu = ET.fromstring(conn.xml(name)).find("vcpu")
+    assert vcpu is not None
+    return vcpu.get("cpuset")
+
+
+def _qemu_pid(bs: BatchSite, name: str) -> int:
+    (pid,) = [q.pid for q in find_qemus(bs.site.job_dir, QEMU) if q.name == name]
+    return pid
+
+
+def _hard_limit_kib(conn: Connection, name: str) -> int:
+    """The domain's memory hard limit (libvirt's memory cgroup), KiB; 2**53-1 unlimited."""
+    return int(conn.raw.lookupByName(name).memoryParameters(0)["hard_limit"])
 
 
 def killed_pid(res: subprocess.CompletedProcess[bytes]) -> int:

@@ -86,6 +86,10 @@ SCENARIOS: dict[str, Scenario] = {
     "starter.job_started": _s("starter", *_BOOTING, USERDIR),
     # The VM was saved (so gone), its files copied, no manifest yet.
     "checkpoint.files_written": _s("checkpoint", LOCK, RECORD, MARKER, JOBDIR, USERDIR, CHECKPOINT),
+    # The checkpoint complete, the VM restored from it (paused), nothing set on it yet.
+    "checkpoint.restored": _s(
+        "checkpoint", LOCK, RECORD, MARKER, JOBDIR, USERDIR, CHECKPOINT, DOMAIN, PROCESS
+    ),
     "teardown.destroyed": _s("epilogue", LOCK, RECORD, MARKER, JOBDIR, USERDIR),
     "teardown.jobdir_removed": _s("epilogue", LOCK, RECORD, MARKER, USERDIR),
     "finish.userdir_removed": _s("epilogue", LOCK, RECORD, MARKER),

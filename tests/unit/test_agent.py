@@ -10,6 +10,7 @@ tests/system/test_suspend.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -209,11 +210,15 @@ def test_only_the_jobs_own_starter_or_root_may_ask_for_its_checkpoint(
     assert taken == ["42", "42"]
 
 
-def test_a_checkpoint_cut_off_by_its_process_dying_is_settled(site: Site, tmp_path: Path) -> None:
+def test_a_checkpoint_cut_off_by_its_process_dying_is_settled(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`vmbatch checkpoint` holds the job's lock throughout; the `checkpoint` pause reason
-    with a free lock means its process died: the agent continues the VM, or, if the save
-    had ended the VM, tells the starter it stopped and keeps the checkpoints."""
+    with a free lock means its process died: the agent makes the VM whole and continues
+    it, or, if the save had ended the VM, tells the starter it stopped and keeps the
+    checkpoints. (The test driver has no QEMU monitor: the forwards are stand-ins.)"""
     from vmbatch import config
+    from vmbatch.state import JobDir
 
     with site.config.open("a") as fh:
         fh.write(f'[checkpoint]\ndir = "{tmp_path / "checkpoints"}"\n')
@@ -221,22 +226,53 @@ def test_a_checkpoint_cut_off_by_its_process_dying_is_settled(site: Site, tmp_pa
     store = StateStore(site.state_dir)
     proc = tmp_path / "proc"
     proc.mkdir()
+    jobdir = JobDir(cfg.paths.job_dir, "42")
+    jobdir.keys.mkdir(parents=True)
+    jobdir.login.write_text('{"port": 1111, "user": "alice"}\n')
+    forwards: list[tuple[int, int]] = []
+    limits: list[int] = []
+
+    def forward(self: Connection, name: str, guest: int) -> int:
+        forwards.append((2222, guest))
+        return 2222
+
+    monkeypatch.setattr(Connection, "forwards", lambda self, name: list(forwards))
+    monkeypatch.setattr(Connection, "forward_port", forward)
+    monkeypatch.setattr(Connection, "limit_memory", lambda self, name, mib: limits.append(mib))
     sweeper = agent.Agent(cfg, proc=proc)
     rec = Record(job_id="42", scheduler="slurm", user="alice", uid=ALICE, phase=READY,
-                 domain=domain_name("42"), pauses=(pausing.CHECKPOINT,))  # fmt: skip
+                 domain=domain_name("42"), pauses=(pausing.CHECKPOINT,),
+                 memory_limit_mib=600)  # fmt: skip
+    userdir = UserDir(site.user_dir, "42")
     with Connection(cfg.libvirt) as conn:
         store.write(rec)
         with store.exclusive("42"):  # the checkpoint still runs: left alone
             assert sweeper.sweep(conn) == []
+        # Cut off right after the restore: a paused QEMU without limit and SSH forward.
         conn.suspend(domain_name("42"))
-        assert sweeper.sweep(conn) == ["job 42: cut-off checkpoint taken back"]
+        done = sweeper.sweep(conn)
+        assert done == ["job 42: cut-off checkpoint taken back, SSH on port 2222"]
         assert (status := conn.status(domain_name("42"))) and status.state == "running"
         assert (after := store.read("42")) is not None and after.pauses == ()
+        assert limits == [600] and forwards == [(2222, cfg.ssh.port)]
+        assert json.loads(jobdir.login.read_bytes())["port"] == 2222  # `vmbatch ssh`
+        note = userdir.read_note()
+        assert (note.paused, note.port, note.stopped) == (False, 2222, False)  # the starter
+        # Cut off after the forward was added, before the starter heard of it: not a
+        # second forward, the one there is told.
+        forwards[:] = [(3333, cfg.ssh.port)]
+        store.write(rec)
+        conn.suspend(domain_name("42"))
+        done = sweeper.sweep(conn)
+        assert done == ["job 42: cut-off checkpoint taken back, SSH on port 3333"]
+        assert forwards == [(3333, cfg.ssh.port)] and limits == [600, 600]
+        assert userdir.read_note().port == 3333
+        assert json.loads(jobdir.login.read_bytes())["port"] == 3333
         # The save had ended the VM: the starter is told it stopped, the checkpoints stay.
         store.write(dataclasses.replace(rec, domain="vmbatch-gone"))
         assert sweeper.sweep(conn) == ["job 42: cut-off checkpoint; its VM is gone, job requeued"]
-        note = UserDir(site.user_dir, "42").read_note()
-        assert note.stopped and UserDir(site.user_dir, "42").read_paused()[0] is False
+        note = userdir.read_note()
+        assert note.stopped and userdir.read_paused()[0] is False
         assert (tmp_path / "checkpoints" / "42" / "requeue").exists()
 
 

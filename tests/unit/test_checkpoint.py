@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import stat
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import pytest
 
 from tests.unit.test_ops import Site, domain_xml
 from vmbatch import __version__, checkpoint, config
-from vmbatch.errors import CheckpointRefusedError, LibvirtError
+from vmbatch.errors import CheckpointRefusedError, LibvirtError, LibvirtUnavailableError
 from vmbatch.hooks import batch
 from vmbatch.hooks.accounting import JobEnd
 from vmbatch.hooks.jobstate import READY, StateStore, UserDir
@@ -35,6 +38,19 @@ class Libvirt:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        #: The XML each restore was given.
+        self.restored: list[str] = []
+        #: QEMU's loopback forwards (host port, guest port).
+        self.forwards: list[tuple[int, int]] = []
+
+
+#: The save file's XML: the running domain's, pinned to CPUs 5-6 of the run it was saved
+#: in, with its memory limit (a live setting that the save keeps).
+SAVED = (
+    domain_xml(JOB, "alice", Path("/j"))
+    .replace("<vcpu>2</vcpu>", "<vcpu placement='static' cpuset='5-6'>2</vcpu>", 1)
+    .replace("</memory>", "</memory><memtune><hard_limit unit='KiB'>1</hard_limit></memtune>", 1)
+)
 
 
 @pytest.fixture
@@ -47,7 +63,7 @@ def site(tmp_path: Path) -> Site:
     jobdir.overlay.write_bytes(b"overlay" * 1000)
     (jobdir.keys / "login.json").write_text('{"port": 1111, "user": "alice"}\n')
     s.record(JOB, domain=domain_name(JOB), phase=READY, jobdir=str(jobdir.path),
-             memory_limit_mib=600)  # fmt: skip
+             memory_limit_mib=600, cpus="1", uid=4711)  # fmt: skip
     return s
 
 
@@ -61,14 +77,18 @@ def lv(monkeypatch: pytest.MonkeyPatch) -> Libvirt:
 
     def restore(self: Any, path: Path, xml: str, *, timeout: float) -> None:
         seen.calls.append(("restore", path.name))
+        seen.restored.append(xml)
+
+    def forward(self: Any, name: str, port: int) -> int:
+        seen.calls.append(("forward", name))
+        seen.forwards.append((2222, port))
+        return 2222
 
     monkeypatch.setattr(connection.Connection, "save", save)
     monkeypatch.setattr(connection.Connection, "restore", restore)
-    monkeypatch.setattr(connection.Connection, "saved_xml", lambda self, path: "<domain/>")
-    monkeypatch.setattr(
-        connection.Connection, "forward_port", lambda self, name, port: seen.calls.append(
-            ("forward", name)) or 2222,
-    )  # fmt: skip
+    monkeypatch.setattr(connection.Connection, "saved_xml", lambda self, path: SAVED)
+    monkeypatch.setattr(connection.Connection, "forward_port", forward)
+    monkeypatch.setattr(connection.Connection, "forwards", lambda self, name: seen.forwards)
     monkeypatch.setattr(
         connection.Connection, "limit_memory",
         lambda self, name, mib: seen.calls.append(("limit", mib)),
@@ -92,6 +112,9 @@ def test_checkpoint_continue_writes_a_verified_generation_and_runs_the_vm_on(
     assert f"checkpoint 1 of job {JOB} in " in out and "runs on, SSH on port 2222" in out
     assert lv.calls == [("save", domain_name(JOB)), ("restore", "memory.save"),
                         ("limit", 600), ("forward", domain_name(JOB))]  # fmt: skip
+    # Restored on the job's CPUs (its record's), without the saved memory limit.
+    (restored,) = lv.restored
+    assert read_pinning(restored) == "1" and "memtune" not in restored
     base = site.root / "ckpt" / JOB
     gen = base / "1"
     assert sorted(str(p.relative_to(gen)) for p in gen.rglob("*")) == [
@@ -388,13 +411,16 @@ def test_the_starter_logs_in_on_the_port_of_the_note_and_trusts_a_paused_vm(
 
 
 def test_restore_xml_drops_the_memory_limit_and_keeps_the_rest() -> None:
-    xml = domain_xml(JOB, "alice", Path("/j")).replace(
-        "</memory>", "</memory><memtune><hard_limit unit='KiB'>1</hard_limit></memtune>", 1
-    )
-    out = restore_xml(xml)
+    out = restore_xml(SAVED, cpus={5, 6})
     assert "memtune" not in out and "hard_limit" not in out
     assert "vmbatch:job" in out and "qemu:commandline" in out
-    assert restore_xml(out) == out
+    assert restore_xml(out, cpus={5, 6}) == out
+
+
+def read_pinning(xml: str) -> str | None:
+    vcpu = ET.fromstring(xml).find("vcpu")
+    assert vcpu is not None
+    return vcpu.get("cpuset")
 
 
 # -- the prologue's side ---------------------------------------------------------------------
@@ -440,3 +466,101 @@ def test_a_refused_checkpoint_starts_the_job_afresh_by_default(site: Site) -> No
     assert batch._restored(cfg, spec, None) is None
     assert not checkpoint.requeued(cfg, JOB)  # its end removes them
     assert sorted(p.name for p in (site.root / "ckpt" / JOB).iterdir()) == ["3"]
+
+
+def _spec(**kw: Any) -> JobSpec:
+    """This run of the job, as ``job_spec`` sizes it from its allocation here."""
+    alice = JobUser("alice", 4711, 4711, "alice", "/home/alice")
+    base: dict[str, Any] = {"job_id": JOB, "user": "alice", "image": "demo", "argv": (),
+                            "vcpus": 2, "memory": 512, "identity": alice}  # fmt: skip
+    return JobSpec(**{**base, **kw})
+
+
+@pytest.fixture
+def requeued(site: Site, lv: Libvirt, monkeypatch: pytest.MonkeyPatch) -> config.Config:
+    """The job checkpointed with --stop (a VM of 2 vCPUs and 512 MiB pinned to CPUs 5-6,
+    its record's limit 600 MiB), its epilogue run: its next run may restore it."""
+    jobdir = JobDir(site.job_dir, JOB)
+    info = {"port": 1111, "user": "alice", "host_key": "ssh-ed25519 AAAA host"}
+    jobdir.login.write_text(json.dumps(info))
+    jobdir.user_key.write_text("PRIVATE KEY")
+    code, _, err = site.vmbatch("checkpoint", "--stop", JOB)
+    assert code == 0, err
+    shutil.rmtree(jobdir.path)  # the epilogue's teardown
+    lv.calls.clear()
+    monkeypatch.setattr(
+        batch, "resolve", lambda cfg, name, **kw: type("Image", (), {
+            "path": Path("/base.qcow2"), "cached": False, "name": name})(),
+    )  # fmt: skip
+    return _cfg(site)
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        (_spec(vcpus=1), "1 vCPU and 512 MiB"),
+        (_spec(memory=511), "2 vCPUs and 511 MiB"),
+    ],
+)
+def test_a_saved_vm_larger_than_the_jobs_allocation_now_is_refused(
+    requeued: config.Config, lv: Libvirt, spec: JobSpec, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requeued job may get fewer CPUs or less memory than the run that took its
+    checkpoint; the restored VM keeps its size, so it is refused, naming both sizes."""
+    reason = (
+        "checkpoint 1: its VM has 2 vCPUs and 512 MiB of memory, more than this run of the"
+        f" job is given: {why} (from its allocation here)"
+    )
+    assert batch._restored(requeued, spec, None) is None  # on_bad = "fresh": boots afresh
+    assert reason in caplog.text and "starts afresh" in caplog.text
+    assert lv.calls == []  # nothing restored
+    assert not JobDir(requeued.paths.job_dir, JOB).path.exists()  # nothing made either
+    hold = dataclasses.replace(
+        requeued, checkpoint=dataclasses.replace(requeued.checkpoint, on_bad="hold")
+    )
+    with pytest.raises(CheckpointRefusedError, match=re.escape(reason)):
+        batch._restored(hold, spec, None)
+    assert checkpoint.requeued(hold, JOB)  # kept for the admin
+
+
+def test_a_restored_vm_gets_the_cpus_and_memory_limit_of_the_jobs_run_now(
+    requeued: config.Config, lv: Libvirt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinned to the new allocation's CPUs (not 5-6 of the saved run), held to the new
+    run's memory limit (not the 600 MiB the checkpoint's run had); a smaller VM fits."""
+    monkeypatch.setattr(checkpoint.ssh, "wait_for_ssh", lambda *a, **kw: "client")
+    cp = checkpoint.newest_valid(requeued, JOB).checkpoint
+    assert cp is not None
+    name = domain_name(JOB)
+    spec = _spec(vcpus=4, memory=1024, cpus=frozenset({0, 2}), memory_limit=1300)
+    with connection.Connection(requeued.libvirt) as conn:
+        endpoint, client = checkpoint.restore(requeued, cp, conn, name=name, spec=spec)
+    assert (endpoint.port, client) == (2222, "client")
+    assert lv.calls == [("restore", "memory.save"), ("limit", 1300), ("forward", name)]
+    (restored,) = lv.restored
+    assert read_pinning(restored) == "0,2" and "memtune" not in restored
+    # Not pinned where this run is not.
+    shutil.rmtree(JobDir(requeued.paths.job_dir, JOB).path)
+    with connection.Connection(requeued.libvirt) as conn:
+        checkpoint.restore(requeued, cp, conn, name=name, spec=_spec(memory_limit=None))
+    assert read_pinning(lv.restored[-1]) is None
+    assert [c for c in lv.calls if c[0] == "limit"] == [("limit", 1300)]  # none: no limit
+
+
+def test_libvirtd_failing_during_a_restore_is_the_nodes_fault_and_keeps_the_checkpoint(
+    requeued: config.Config, lv: Libvirt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A libvirtd that does not answer while a checkpoint is restored: raised as such (the
+    job is requeued by the node's failure policy), not as a bad checkpoint (which would
+    start the job afresh or hold it); the job directory goes, the checkpoint stays."""
+    cp = checkpoint.newest_valid(requeued, JOB).checkpoint
+    assert cp is not None
+
+    def down(self: Any, path: Path, xml: str, *, timeout: float) -> None:
+        raise LibvirtUnavailableError("libvirt could not connect")
+
+    monkeypatch.setattr(connection.Connection, "restore", down)
+    with connection.Connection(requeued.libvirt) as conn, pytest.raises(LibvirtUnavailableError):
+        checkpoint.restore(requeued, cp, conn, name=domain_name(JOB), spec=_spec())
+    assert not JobDir(requeued.paths.job_dir, JOB).path.exists()
+    assert checkpoint.newest_valid(requeued, JOB).checkpoint == cp

@@ -15,6 +15,8 @@ from vmbatch.libvirt.domain import (
     build_xml,
     domain_name,
     read_metadata,
+    read_size,
+    restore_xml,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -180,3 +182,57 @@ def test_pinning_and_the_translation_cache() -> None:
     kvm = ET.fromstring(build_xml(_spec(domain_type="kvm", tb_cache_mib=64)))
     assert kvm.find("features/tcg") is None  # no translation under KVM
     assert root.find("memtune") is None  # set live: see Connection.create
+
+
+def _saved(cputune: str) -> str:
+    """A running domain's XML as a save file holds it: pinned to CPUs 5-6 of the job's
+    earlier allocation, its live memory limit in ``<memtune>``, and ``cputune``."""
+    xml = build_xml(_spec(cpuset=(5, 6)))
+    extra = "<memtune><hard_limit unit='KiB'>700000</hard_limit></memtune>" + cputune
+    return xml.replace("</vcpu>", "</vcpu>" + extra, 1)
+
+
+def test_restore_xml_pins_to_the_new_allocation_and_drops_the_old_pins(test_uri: str) -> None:
+    pins = "<vcpupin vcpu='0' cpuset='5'/><vcpupin vcpu='1' cpuset='6'/><emulatorpin cpuset='5-6'/>"
+    saved = _saved(f"<cputune><shares>2048</shares>{pins}</cputune>")
+    out = ET.fromstring(restore_xml(saved, cpus=frozenset({2, 0})))
+    vcpu = out.find("vcpu")
+    assert vcpu is not None and vcpu.attrib == {"placement": "static", "cpuset": "0,2"}
+    cputune = out.find("cputune")
+    assert cputune is not None and [el.tag for el in cputune] == ["shares"]  # not a pin: kept
+    assert out.find("memtune") is None  # set live after the restore
+    # Not pinned where the job's run now is not; a <cputune> of pins only goes whole.
+    bare = ET.fromstring(restore_xml(_saved(f"<cputune>{pins}</cputune>"), cpus=()))
+    assert bare.find("vcpu").attrib == {}  # type: ignore[union-attr]
+    assert bare.find("cputune") is None
+    # Everything else, the guest ABI libvirt checks (vCPUs, memory, devices), is the save's.
+    for tree in (out, bare):
+        for tag in ("vcpu", "cputune", "memtune"):
+            for el in tree.findall(tag):
+                tree.remove(el)
+    original = ET.fromstring(saved)
+    for tag in ("vcpu", "cputune", "memtune"):
+        for el in original.findall(tag):
+            original.remove(el)
+    assert ET.tostring(out) == ET.tostring(bare) == ET.tostring(original)
+    assert read_size(restore_xml(saved, cpus={1})) == read_size(saved) == (2, 256)
+    # libvirt takes it as a definition.
+    conn = libvirt.open(test_uri)
+    try:
+        conn.createXML(restore_xml(saved, cpus={0, 1}), 0).destroy()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("memory", "mib"),
+    [
+        ("<memory unit='KiB'>262144</memory>", 256),
+        ("<memory>262144</memory>", 256),  # KiB by default
+        ("<memory unit='GiB'>2</memory>", 2048),
+        ("<memory unit='b'>1073741824</memory>", 1024),
+    ],
+)
+def test_read_size_reads_vcpus_and_memory_in_mib(memory: str, mib: int) -> None:
+    xml = f"<domain><vcpu placement='static' cpuset='1'>3</vcpu>{memory}</domain>"
+    assert read_size(xml) == (3, mib)

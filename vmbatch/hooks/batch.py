@@ -382,7 +382,9 @@ def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.
     """The job's VM restored from its newest valid checkpoint (:mod:`vmbatch.checkpoint`),
     or None: there is none, and the job boots afresh. A checkpoint that does not verify or
     restore is logged with its reason; then the job boots afresh (``[checkpoint].on_bad =
-    "fresh"``) or CheckpointRefusedError holds it (``"hold"``: the checkpoints are kept)."""
+    "fresh"``) or CheckpointRefusedError holds it (``"hold"``: the checkpoints are kept).
+    The restored VM gets this run's allocation (``spec``: its CPUs, its memory limit), and
+    one larger than ``spec`` is refused (:func:`vmbatch.checkpoint.fits`)."""
     job_id = spec.job_id
     if not checkpoint.job_base(cfg, job_id).is_dir():
         return None
@@ -412,7 +414,7 @@ def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.
                 raise CheckpointRefusedError(
                     f"its overlay is on {wanted}, but image {spec.image} is now {image.path}"
                 )
-            endpoint, client = checkpoint.restore(cfg, cp, live, name=name)
+            endpoint, client = checkpoint.restore(cfg, cp, live, name=name, spec=spec)
         except (LibvirtUnavailableError, LibvirtTimeoutError):
             # The node's fault, not the checkpoint's: the job is requeued (the node's
             # failure policy) and its checkpoints stay for the next run.

@@ -470,11 +470,18 @@ class Connection:
         out = self.monitor(name, f"hostfwd_add {NETDEV_ID} tcp:127.0.0.1:0-:{guest_port}")
         if out.strip():
             raise PortForwardError(f"QEMU refused the SSH port forward for {name}: {out.strip()}")
-        table = self.monitor(name, "info usernet")
-        ports = [int(m.group(1)) for m in _HOSTFWD.finditer(table) if int(m.group(2)) == guest_port]
+        ports = [host for host, guest in self.forwards(name) if guest == guest_port]
         if not ports:
-            raise PortForwardError(f"QEMU shows no SSH port forward for {name}: {table!r}")
+            raise PortForwardError(f"QEMU shows no SSH port forward for {name}")
         return ports[-1]
+
+    def forwards(self, name: str) -> list[tuple[int, int]]:
+        """The domain's loopback TCP forwards as (host port, guest port), oldest first:
+        the ``HOST_FORWARD`` rows of QEMU's ``info usernet`` on 127.0.0.1 (a read-write
+        connection's monitor command). A QEMU that libvirt restored from a save has none
+        until one is added (:meth:`forward_port`): QEMU does not save runtime forwards."""
+        table = self.monitor(name, "info usernet")
+        return [(int(m.group(1)), int(m.group(2))) for m in _HOSTFWD.finditer(table)]
 
     def list_vmbatch(self) -> list[DomainInfo]:
         """Every running domain whose name has our prefix, with its job metadata."""
@@ -612,8 +619,7 @@ class Connection:
     def ssh_port(self, name: str, guest_port: int) -> int | None:
         """The loopback port QEMU forwards to ``guest_port`` (``info usernet``; needs a
         read-write connection); None if there is none."""
-        table = self.monitor(name, "info usernet")
-        ports = [int(m.group(1)) for m in _HOSTFWD.finditer(table) if int(m.group(2)) == guest_port]
+        ports = [host for host, guest in self.forwards(name) if guest == guest_port]
         return ports[-1] if ports else None
 
     def open_console(

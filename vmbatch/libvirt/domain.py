@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -406,19 +407,72 @@ def migration_xml(xml: str, moves: dict[Path, Path], hosted_for: str = "") -> st
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def restore_xml(xml: str) -> str:
+def restore_xml(xml: str, *, cpus: Collection[int]) -> str:
     """The XML to restore a saved domain with (``virDomainRestoreFlags``' ``dxml``): the
-    saved image's own XML (``virDomainSaveImageGetXMLDesc``) without ``<memtune>``, which
-    the live memory limit put there (:meth:`Connection.create` sets it live; in the XML it
-    would make libvirt raise QEMU's ``RLIMIT_MEMLOCK`` at start, which fails here). The
-    limit is set live again after the restore. Only host-side settings may differ from the
-    saved domain (libvirt checks ABI stability, ``qemuSaveImageUpdateDef``)."""
+    saved image's own XML (``virDomainSaveImageGetXMLDesc``) with what belonged to the
+    allocation it was saved under replaced by the job's allocation now.
+
+    - ``<memtune>`` goes: the live memory limit put it there, and in the XML it would make
+      libvirt raise QEMU's ``RLIMIT_MEMLOCK`` at start, which fails here
+      (:meth:`Connection.create`). The caller sets the limit live after the restore.
+    - CPU pinning: ``<vcpu cpuset>`` is set to ``cpus`` (the job's host CPUs now; empty:
+      not pinned) and the pins of ``<cputune>`` (``vcpupin``, ``emulatorpin``,
+      ``iothreadpin``) go, so that a job requeued onto other CPUs (or another node) does
+      not run on the CPUs of its previous allocation.
+
+    Only host-side settings may differ from the saved domain: libvirt parses ``dxml`` and
+    checks it against the saved definition with ``virDomainDefCheckABIStability``
+    (``qemuSaveImageUpdateDef``, src/qemu/qemu_saveimage.c, libvirt 9.0). That check
+    compares the vCPU count and each vCPU's state and order
+    (``virDomainDefVcpuCheckAbiStability``), the memory sizes
+    (``virDomainMemtuneCheckABIStability``: initial, current, maximum, slots), NUMA,
+    features, CPU model, clock, the devices; not ``<vcpu cpuset>`` (``def->cpumask``),
+    ``<cputune>`` or ``<memtune>``, which are placement and limits, not guest ABI
+    (src/conf/domain_conf.c, ``virDomainDefCheckABIStabilityFlags``). The guest's size
+    therefore cannot change here: see :func:`read_size`."""
     root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
     for memtune in root.findall("memtune"):
         root.remove(memtune)
+    vcpu = root.find("vcpu")
+    if vcpu is not None:
+        for attr in ("placement", "cpuset"):
+            vcpu.attrib.pop(attr, None)
+        if cpus:
+            vcpu.set("placement", "static")
+            vcpu.set("cpuset", cpu_list(tuple(cpus)))
+    for cputune in root.findall("cputune"):
+        for pin in [el for el in cputune if el.tag in _PINS]:
+            cputune.remove(pin)
+        if len(cputune) == 0:
+            root.remove(cputune)
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     ET.register_namespace("qemu", QEMU_NS)
     return ET.tostring(root, encoding="unicode")
+
+
+#: ``<cputune>`` children that pin threads to host CPUs
+#: (https://libvirt.org/formatdomain.html#cpu-tuning).
+_PINS = frozenset({"vcpupin", "emulatorpin", "iothreadpin"})
+
+#: Bytes per ``unit`` of a libvirt memory size
+#: (https://libvirt.org/formatdomain.html#memory-allocation).
+_UNIT_BYTES = {"b": 1, "bytes": 1, "KB": 10**3, "k": 2**10, "KiB": 2**10, "MB": 10**6,
+               "M": 2**20, "MiB": 2**20, "GB": 10**9, "G": 2**30, "GiB": 2**30,
+               "TB": 10**12, "T": 2**40, "TiB": 2**40}  # fmt: skip
+
+
+def read_size(xml: str) -> tuple[int, int]:
+    """(vCPUs, memory in MiB) of a domain's XML: ``<vcpu>``'s count (its maximum, the vCPU
+    threads QEMU has) and ``<memory>`` (https://libvirt.org/formatdomain.html#memory-allocation,
+    ``unit`` defaulting to KiB). A saved VM keeps both: libvirt refuses a restore XML that
+    changes them (:func:`restore_xml`)."""
+    root = ET.fromstring(xml)  # noqa: S314 - XML comes from our own libvirtd, not a user
+    vcpus = int((root.findtext("vcpu") or "1").strip())
+    memory = root.find("memory")
+    text = (memory.text or "").strip() if memory is not None else ""
+    if memory is None or not text:
+        raise ValueError("the domain XML has no <memory>")
+    return vcpus, int(text) * _UNIT_BYTES[memory.get("unit", "KiB")] // 2**20
 
 
 def machine_type(xml: str) -> str:
