@@ -345,6 +345,9 @@ def _take_locked(
             "machine": machine_type(xml),
             "memory_limit_mib": record.memory_limit_mib,
             "then": then,
+            # Which run of the job it was taken in (Slurm's restart count; None: unknown):
+            # a later run may restore it without the requeue mark (a node failure).
+            "restarts": record.restarts,
             "time": time.time(),
             "host": socket.gethostname(),
             "boot_id": state.boot_id(),
@@ -734,9 +737,9 @@ def restore(
 # -- the job's end ---------------------------------------------------------------------------
 
 
-def owner(base: Path) -> tuple[str, str] | None:
-    """The job id and scheduler a job's checkpoint directory is of, from its newest
-    finished generation's manifest (not verified: only read); None if none has one."""
+def _newest_manifest(base: Path) -> dict[str, Any] | None:
+    """The newest finished generation's manifest in a job's checkpoint directory, read but
+    not verified; None if none has one."""
     try:
         names = [p.name for p in base.iterdir() if p.is_dir()]
     except OSError:
@@ -746,9 +749,25 @@ def owner(base: Path) -> tuple[str, str] | None:
             manifest = json.loads((base / str(generation) / MANIFEST).read_bytes())
         except (OSError, ValueError):
             continue
-        if isinstance(manifest, dict) and isinstance(manifest.get("job_id"), str):
-            return manifest["job_id"], str(manifest.get("scheduler") or "")
+        if isinstance(manifest, dict):
+            return manifest
     return None
+
+
+def owner(base: Path) -> tuple[str, str] | None:
+    """The job id and scheduler a job's checkpoint directory is of (its newest manifest);
+    None if no finished checkpoint says."""
+    manifest = _newest_manifest(base)
+    if manifest is None or not isinstance(manifest.get("job_id"), str):
+        return None
+    return manifest["job_id"], str(manifest.get("scheduler") or "")
+
+
+def taken_in(base: Path) -> int | None:
+    """The run (Slurm's restart count) the newest checkpoint was taken in; None: unknown."""
+    manifest = _newest_manifest(base)
+    taken = manifest.get("restarts") if manifest is not None else None
+    return taken if isinstance(taken, int) and not isinstance(taken, bool) else None
 
 
 def requeued(cfg: Config, job_id: str) -> bool:

@@ -431,7 +431,9 @@ def _bad_checkpoint(site: Site) -> config.Config:
     base = site.root / "ckpt" / JOB
     (base / "3").mkdir(parents=True)
     (base / ".tmp-4-77").mkdir()
-    return _cfg(site)
+    cfg = _cfg(site)
+    checkpoint.mark_requeue(cfg, JOB)  # its previous run said it runs again
+    return cfg
 
 
 def test_a_refused_checkpoint_holds_the_job_and_is_kept_for_the_admin(site: Site) -> None:
@@ -518,6 +520,7 @@ def test_a_saved_vm_larger_than_the_jobs_allocation_now_is_refused(
     hold = dataclasses.replace(
         requeued, checkpoint=dataclasses.replace(requeued.checkpoint, on_bad="hold")
     )
+    checkpoint.mark_requeue(hold, JOB)  # as if requeued again (the fresh start cleared it)
     with pytest.raises(CheckpointRefusedError, match=re.escape(reason)):
         batch._restored(hold, spec, None)
     assert checkpoint.requeued(hold, JOB)  # kept for the admin
@@ -564,3 +567,42 @@ def test_libvirtd_failing_during_a_restore_is_the_nodes_fault_and_keeps_the_chec
         checkpoint.restore(requeued, cp, conn, name=domain_name(JOB), spec=_spec())
     assert not JobDir(requeued.paths.job_dir, JOB).path.exists()
     assert checkpoint.newest_valid(requeued, JOB).checkpoint == cp
+
+
+@pytest.mark.parametrize(
+    ("marked", "taken_in", "restarts", "restored"),
+    [
+        (True, 0, 1, True),  # --stop, or a requeue the Epilog saw
+        (True, None, None, True),  # Torque: the mark alone
+        (False, 0, 1, True),  # Slurm: a later run (its node failed: no Epilog said so)
+        (False, 2, 3, True),
+        (False, 0, 0, False),  # the same run count: a job id that came back
+        (False, 3, 0, False),  # ids restarted: the new job's count is lower
+        (False, None, 1, False),  # no count in the manifest: nothing says it is this job's
+        (False, 0, None, False),  # Torque without the mark
+    ],
+)
+def test_only_a_later_run_of_the_same_job_restores_its_checkpoint(
+    requeued: config.Config,
+    lv: Libvirt,
+    monkeypatch: pytest.MonkeyPatch,
+    marked: bool,
+    taken_in: int | None,
+    restarts: int | None,
+    restored: bool,
+) -> None:
+    """Leftovers under a job id that came back are never handed to the new job (even the
+    same user's): removed, and the job boots afresh."""
+    monkeypatch.setattr(checkpoint.ssh, "wait_for_ssh", lambda *a, **kw: "client")
+    base = requeued.checkpoint.dir / JOB
+    manifest = next(base.glob("*/manifest.json"))
+    data = json.loads(manifest.read_bytes())
+    data["restarts"] = taken_in
+    manifest.write_text(json.dumps(data))  # its checksum is not in itself: still valid
+    if not marked:
+        checkpoint.clear_requeue(requeued, JOB)
+    guest = batch._restored(requeued, _spec(), None, restarts)
+    assert (guest is not None) == restored
+    assert base.exists() == restored
+    if guest is not None:
+        guest.conn.close()

@@ -289,7 +289,7 @@ def _prologue_locked(
             mode = keep_mode(cfg, kept_record, JobEnd(exit_status=1))
             return mode if mode is not None and _keep_room(cfg, store, bj.job_id) else None
 
-        guest = _restored(cfg, spec, conn) or lifecycle.start_vm(
+        guest = _restored(cfg, spec, conn, record.restarts) or lifecycle.start_vm(
             cfg, spec, conn, timer=lifecycle.PhaseTimer(timings), keep=keep
         )
         faults.point(cfg, "prologue.vm_started")
@@ -378,15 +378,29 @@ def _prologue_locked(
     return None
 
 
-def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.Guest | None:
+def _restored(
+    cfg: Config, spec: JobSpec, conn: Connection | None, restarts: int | None = None
+) -> lifecycle.Guest | None:
     """The job's VM restored from its newest valid checkpoint (:mod:`vmbatch.checkpoint`),
     or None: there is none, and the job boots afresh. A checkpoint that does not verify or
     restore is logged with its reason; then the job boots afresh (``[checkpoint].on_bad =
     "fresh"``) or CheckpointRefusedError holds it (``"hold"``: the checkpoints are kept).
     The restored VM gets this run's allocation (``spec``: its CPUs, its memory limit), and
-    one larger than ``spec`` is refused (:func:`vmbatch.checkpoint.fits`)."""
+    one larger than ``spec`` is refused (:func:`vmbatch.checkpoint.fits`).
+
+    Only checkpoints of an earlier run of this very job are looked at (:func:`_stale`;
+    ``restarts``: Slurm's ``SLURM_JOB_RESTART_COUNT`` of this run); others are removed."""
     job_id = spec.job_id
     if not checkpoint.job_base(cfg, job_id).is_dir():
+        return None
+    stale = _stale(cfg, job_id, restarts)
+    if stale is not None:
+        log.warning(
+            "checkpoints in %s not restored and removed: %s",
+            checkpoint.job_base(cfg, job_id),
+            stale,
+        )
+        checkpoint.discard(cfg, job_id)
         return None
     found = checkpoint.newest_valid(cfg, job_id)
     for refusal in found.refused:
@@ -458,6 +472,29 @@ def _restored(cfg: Config, spec: JobSpec, conn: Connection | None) -> lifecycle.
     log.warning("job %s starts afresh, not from its checkpoint: %s", job_id, why)
     checkpoint.clear_requeue(cfg, job_id)
     return None
+
+
+def _stale(cfg: Config, job_id: str, restarts: int | None) -> str | None:
+    """Why the job's checkpoint directory is not for this run to restore (None: it is).
+
+    It is if the job's previous run said it runs again (the ``requeue`` mark: a
+    ``--stop``, a requeue its Epilog saw, a held restore, the reaper after a node failure),
+    or, on Slurm, if the checkpoint was taken in an earlier run of this job: this run's
+    restart count is above the one in its newest manifest (a node failure whose node did
+    not come back to say so). Anything else is a leftover under a job id that came back
+    (a scheduler's ids restart): never handed to the new job, even the same user's."""
+    if checkpoint.requeued(cfg, job_id):
+        return None
+    taken = checkpoint.taken_in(checkpoint.job_base(cfg, job_id))
+    if restarts is not None and taken is not None and restarts > taken:
+        return None
+    if restarts is None:
+        return "the job's previous run did not say it runs again (no requeue mark)"
+    return (
+        f"the job's previous run did not say it runs again (no requeue mark), and this run"
+        f" (restart count {restarts}) is not later than the checkpoint's"
+        f" ({'unknown' if taken is None else taken}): a job id that came back"
+    )
 
 
 def keep_request(cfg: Config, bj: BatchJob) -> str:
