@@ -90,6 +90,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MEMORY = "memory.save"
 REQUEUE = "requeue"
+#: Prefix of a job's checkpoint directory being removed (:func:`discard`).
+GONE = ".gone-"
 FORMAT = 1
 #: ioctl(2) FICLONE (linux/fs.h): the destination shares the source's blocks (btrfs, XFS).
 _FICLONE = 0x40049409
@@ -798,7 +800,7 @@ def discard(cfg: Config, job_id: str) -> bool:
     if requeued(cfg, job_id):
         log.info("checkpoints of job %s kept in %s for its next run", job_id, base)
         return False
-    gone = base.with_name(f".gone-{base.name}-{os.getpid()}")
+    gone = base.with_name(f"{GONE}{base.name}-{os.getpid()}")
     try:
         base.rename(gone)
     except OSError as exc:

@@ -66,6 +66,7 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -869,6 +870,7 @@ class _Reap:
         (a running job's) are not looked at, so a shared ``[checkpoint].dir`` costs no
         query per running job. Torque jobs' are left to ``vmbatch cleanup JOB`` (pbs_mom
         knows only its own node's jobs: a requeued job elsewhere looks gone)."""
+        self._gone_checkpoints()
         for path in _subdirs(self.cfg.checkpoint.dir):
             if not (path / checkpoint.REQUEUE).exists():
                 continue
@@ -901,6 +903,27 @@ class _Reap:
                         self.report.failed.append(f"{subject}: could not remove {path}")
             except JobBusyError:
                 self.report.skipped.append(f"{subject}: left alone: a hook holds the job")
+
+    def _gone_checkpoints(self) -> None:
+        """What a removal left (:func:`vmbatch.checkpoint.discard` renames a job's
+        directory to ``.gone-*`` first; on NFS a file still open elsewhere stays as a
+        ``.nfs*`` file and keeps the directory): tried again once older than the grace."""
+        try:
+            gone = [p for p in self.cfg.checkpoint.dir.glob(checkpoint.GONE + "*") if p.is_dir()]
+        except OSError:
+            return
+        for path in sorted(gone):
+            if path.is_symlink() or self.now - _mtime(path) < self.cfg.batch.reap_grace:
+                continue
+            subject = f"checkpoint left-overs {path.name}"
+            if self.dry:
+                self.report.remove(subject, "", f"remove {path}", "removed checkpoints")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                self.report.failed.append(f"{subject}: could not remove {path}")
+            else:
+                self.report.remove(subject, f"{path} removed", "", "removed checkpoints")
 
     def _sweep_cache(self) -> None:
         try:

@@ -325,6 +325,11 @@ def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
             (cfg.checkpoint.dir / job_id / "requeue").write_text("kept\n")
         if job_id != "85":  # 85 changed within the grace
             _old(cfg.checkpoint.dir / job_id)
+    # What an earlier removal left (an NFS file open elsewhere): tried again after the grace.
+    for left in (".gone-77-123", ".gone-78-456"):
+        (cfg.checkpoint.dir / left / "1").mkdir(parents=True)
+        (cfg.checkpoint.dir / left / "1" / ".nfs0001").write_text("x")
+    _old(cfg.checkpoint.dir / ".gone-77-123")
     # 87: a take that never finished (no manifest says whose): left alone.
     (cfg.checkpoint.dir / "87" / ".tmp-1-99").mkdir(parents=True)
     (cfg.checkpoint.dir / "87" / "requeue").write_text("kept\n")
@@ -343,15 +348,18 @@ def test_checkpoints_of_jobs_that_ended_for_good_go_and_a_requeued_jobs_stay(
         assert quick.removed == [] and asked == [f"slurm {j}" for j in sorted(says)]
         report = reaper.reap(cfg, scheduler_check=scheduler, conn=conn, now=NOW)
     assert [ln.split(":")[0] for ln in dry.removed] == [
-        "checkpoints of job 80", "checkpoints of job 86"]  # fmt: skip
+        "checkpoint left-overs .gone-77-123", "checkpoints of job 80", "checkpoints of job 86"
+    ]  # fmt: skip
     assert report.removed == [
+        f"checkpoint left-overs .gone-77-123: {cfg.checkpoint.dir / '.gone-77-123'} removed"
+        " (removed checkpoints)",
         f"checkpoints of job 80: {cfg.checkpoint.dir / '80'} removed (job CANCELLED in Slurm)",
         f"checkpoints of job 86: {cfg.checkpoint.dir / '86'} removed"
         " (job no longer known to Slurm)",
     ]
     assert report.undecided == ["checkpoints of job 89: left alone: slurmctld down"]
     assert sorted(p.name for p in cfg.checkpoint.dir.iterdir()) == [
-        "81", "82", "83", "84", "85", "87", "89"]  # fmt: skip
+        ".gone-78-456", "81", "82", "83", "84", "85", "87", "89"]  # fmt: skip
     assert sorted(set(asked)) == [f"slurm {j}" for j in sorted(says)]
 
 
