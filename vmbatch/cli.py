@@ -856,7 +856,8 @@ def cleanup(ctx: click.Context, job_ids: tuple[str, ...], stale: bool, dry_run: 
     thing removed goes to stdout: "job 42: domain vmbatch-42 destroyed, ... (job no longer
     known to Slurm)". What is left alone although it looks stale goes to stderr, with the
     reason. Nothing of a job that still runs is ever touched (docs/admin-guide.md,
-    "Reaper").
+    "Reaper"). A Slurm job's checkpoints outlive its other files (it may have been
+    requeued); they go once squeue says the job ended.
 
     \b
     Examples:
