@@ -53,6 +53,9 @@ by a new prologue is kept), then in-use markers. Besides, independent of jobs:
   always has its tag file already (it is written before the appliance starts). The
   appliance of a job that is gone is stopped even when libvirt does not answer.
 - The image cache's left-overs of dead fetchers (:meth:`vmbatch.images.cache.ImageCache.sweep`).
+- Kept checkpoints (``[checkpoint].dir``): a Slurm job's are kept and marked when its
+  other files go (it may have been requeued), and removed once Slurm says the job ended
+  (:meth:`_Reap._checkpoints`); never from the prologue's quick pass.
 
 vmbatch reserves no ports (QEMU's forward binds port 0 and the kernel picks one), so there
 is nothing of that kind to reap. Only one reaper runs at a time per job directory (a

@@ -879,9 +879,9 @@ def finish(
     The job's checkpoints (:mod:`vmbatch.checkpoint`) go last, as ``checkpoints`` says:
 
     - ``"job_end"`` (the epilogue): removed, unless the job's next run restores one: its
-      VM was stopped for a checkpoint (the ``requeue`` mark), or the scheduler requeued
-      the job (Slurm: slurmctld's restart count, in ``end``, is above the one its Prolog
-      had: ``scontrol requeue``, preemption with ``PreemptMode=REQUEUE``, ``RequeueExit``);
+      VM was stopped for a checkpoint (the ``requeue`` mark), or on Slurm the job runs
+      again as ``end`` tells (:func:`_requeued`: a higher restart count, a requeue exit
+      status, or nothing known); then they are kept and marked;
     - ``"keep"`` (the reaper, for Slurm jobs: it cannot tell a requeue from an end): kept
       and marked; the reaper removes marked checkpoints once Slurm says the job ended
       (:func:`vmbatch.reaper.reap`);
