@@ -510,14 +510,16 @@ def make_whole(
     return port
 
 
-def _update_login(jobdir: state.JobDir, port: int) -> None:
-    """Root's copy of the guest's login (``keys/login.json``, ``vmbatch ssh``) with ``port``."""
+def _update_login(jobdir: state.JobDir, port: int) -> dict[str, Any] | None:
+    """Root's copy of the guest's login (``keys/login.json``, ``vmbatch ssh``) with ``port``;
+    the login, or None if there is none that can be read."""
     try:
         info = json.loads(jobdir.login.read_bytes())
     except (OSError, ValueError):
-        return
+        return None
     info["port"] = port
     jobdir.write(jobdir.login, (json.dumps(info, sort_keys=True) + "\n").encode())
+    return dict(info)
 
 
 # -- finding and verifying -------------------------------------------------------------------
@@ -708,9 +710,9 @@ def restore(
             conn.limit_memory(name, spec.memory_limit)
         port = conn.forward_port(name, cfg.ssh.port)
         conn.resume(name)
-        info = json.loads(jobdir.login.read_bytes())
-        info["port"] = port
-        jobdir.write(jobdir.login, (json.dumps(info, sort_keys=True) + "\n").encode())
+        info = _update_login(jobdir, port)
+        if info is None:
+            raise ValueError(f"its copy of the guest's login {jobdir.login} is unreadable")
         endpoint = ssh.Endpoint(
             port=port,
             user=str(info["user"]),

@@ -100,10 +100,6 @@ def tell_starter(
         log.warning("could not write the pause note %s: %s", userdir.paused_note, exc)
 
 
-def _note(cfg: Config, record: Record, paused: bool) -> None:
-    tell_starter(cfg, record, paused, new_pause=paused)
-
-
 def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason: str) -> Record:
     """Pause the job's VM for ``reason`` (no-op for the domain if already paused for
     another); return the written record."""
@@ -119,7 +115,7 @@ def add(cfg: Config, store: StateStore, conn: Connection, record: Record, reason
         )
     )
     if first:
-        _note(cfg, record, True)
+        tell_starter(cfg, record, True, new_pause=True)
     if first_vm:
         conn.suspend(record.domain)
         log.info("VM paused (%s)", reason)
@@ -144,7 +140,7 @@ def drop(
     if reason in NOTE_ONLY or vm_paused(left):
         record = store.write(dataclasses.replace(record, pauses=left))
         if not left:
-            _note(cfg, record, False)
+            tell_starter(cfg, record, False)
         elif vm_paused(left):
             log.info("%s pause over; VM stays paused (%s)", reason, ", ".join(left))
         return record
@@ -152,7 +148,7 @@ def drop(
     paused = time.time() - (record.paused_at or time.time())
     record = store.write(dataclasses.replace(record, pauses=left, paused_at=None))
     if not left:
-        _note(cfg, record, False)
+        tell_starter(cfg, record, False)
     log.info("VM running again after %.1fs paused (%s pause over)", paused, reason)
     if clock_in_background:
         context = contextvars.copy_context()  # its lines name the job too
